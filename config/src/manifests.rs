@@ -1,0 +1,1 @@
+//! Reading Kubernetes objects from multi-document YAML files or directories of them.

@@ -1,0 +1,106 @@
+//! The desired state: what the data plane must do, independent of where it came from
+//! (Kubernetes API or manifest files). Produced by `translate`, compiled by the data plane.
+
+use serde::Serialize;
+use std::fmt;
+use std::net::IpAddr;
+
+/// `namespace/name` of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn ip_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardingMode {
+    /// DNAT to the endpoint and SNAT to the appliance's own address: works with any backend.
+    #[default]
+    #[serde(rename = "fullnat")]
+    FullNat,
+    /// Encapsulate in IP-in-IP to the endpoint, which decapsulates and answers the client directly.
+    DsrIpip,
+}
+
+impl fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForwardingMode::FullNat => "fullnat",
+            ForwardingMode::DsrIpip => "dsr-ipip",
+        })
+    }
+}
+
+/// Endpoint condition as EndpointSlice reports it (KEP-1672).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointState {
+    /// `ready`: takes new flows.
+    Ready,
+    /// `serving` and `terminating`: keeps its established flows; takes new ones only when no
+    /// endpoint of the service is ready (the same fallback kube-proxy applies).
+    Terminating,
+    /// Neither ready nor serving: established flows are kept by conntrack, nothing new.
+    NotReady,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: EndpointState,
+    /// Relative Maglev weight (1 unless configured).
+    pub weight: u32,
+    /// Where it came from, for humans: pod name (targetRef) or hostname if present.
+    pub target: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClientIpAffinity {
+    pub timeout_seconds: u32,
+}
+
+/// One L4 virtual service: a VIP, a port and a protocol, and where its flows go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VipService {
+    pub service: ObjectRef,
+    /// `spec.ports[].name` (empty for a single unnamed port).
+    pub port_name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub mode: ForwardingMode,
+    pub affinity: Option<ClientIpAffinity>,
+    /// Sorted by (addr, port) so that equal inputs give equal tables.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything the data plane must serve, sorted by (vip, protocol, port).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DesiredState {
+    pub services: Vec<VipService>,
+}

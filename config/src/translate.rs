@@ -1,0 +1,1 @@
+//! Services + EndpointSlices + bootstrap -> DesiredState, with validation.

@@ -1,0 +1,4 @@
+//! L4 load balancing: Maglev, per-core conntrack, FullNAT and DSR IP-in-IP rewrites.
+
+pub mod conntrack;
+pub mod maglev;

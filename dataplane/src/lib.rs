@@ -1,0 +1,14 @@
+//! Fulcrum's data plane: packet I/O, wire formats, L4 load balancing and the worker loop.
+//!
+//! The fast path is per core and share-nothing: no locks, no allocation, no syscalls and no
+//! shared atomic read-modify-write per packet.
+
+pub mod l4;
+pub mod neigh;
+pub mod packet;
+pub mod pcap;
+pub mod port;
+pub mod snapshot;
+pub mod stats;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,133 @@
+//! Packet buffers: the one abstraction the fast path needs over DPDK mbufs and in-memory buffers.
+//!
+//! A buffer is a fixed room with headroom in front (like an mbuf's `data_off`) so that
+//! encapsulation can grow a packet at the front without copying it.
+
+/// Bytes reserved in front of the packet, as DPDK's RTE_PKTMBUF_HEADROOM.
+pub const HEADROOM: usize = 128;
+/// Total room per buffer, as DPDK's default mbuf data room.
+pub const BUF_SIZE: usize = 2048 + HEADROOM;
+
+pub trait PacketBuf {
+    /// The packet's bytes.
+    fn data(&self) -> &[u8];
+    fn data_mut(&mut self) -> &mut [u8];
+    /// Grows the packet at the front by `n` bytes (uninitialised contents); false if there is
+    /// not enough headroom.
+    fn prepend(&mut self, n: usize) -> bool;
+    /// Removes `n` bytes from the front; false if the packet is shorter.
+    fn adj(&mut self, n: usize) -> bool;
+    /// Sets the length, growing into tailroom (zero-filled not guaranteed) or shrinking;
+    /// false if it does not fit.
+    fn set_len(&mut self, len: usize) -> bool;
+    fn len(&self) -> usize {
+        self.data().len()
+    }
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An in-memory buffer laid out like an mbuf. For tests, benches and the in-memory port.
+pub struct HeapBuf {
+    room: Box<[u8; BUF_SIZE]>,
+    off: u16,
+    len: u16,
+}
+
+impl HeapBuf {
+    pub fn new() -> Self {
+        HeapBuf { room: Box::new([0u8; BUF_SIZE]), off: HEADROOM as u16, len: 0 }
+    }
+
+    /// A buffer holding a copy of `bytes` after the standard headroom.
+    /// Panics if `bytes` does not fit, which only a test or generator can cause.
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut b = HeapBuf::new();
+        b.fill(bytes);
+        b
+    }
+
+    /// Replaces the contents with `bytes`, resetting the headroom (recycling a buffer).
+    pub fn fill(&mut self, bytes: &[u8]) {
+        assert!(bytes.len() <= BUF_SIZE - HEADROOM, "packet of {} bytes does not fit a buffer", bytes.len());
+        self.off = HEADROOM as u16;
+        self.len = bytes.len() as u16;
+        self.room[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Resets to an empty packet after the standard headroom.
+    pub fn reset(&mut self) {
+        self.off = HEADROOM as u16;
+        self.len = 0;
+    }
+}
+
+impl Default for HeapBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for HeapBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HeapBuf({} bytes)", self.len)
+    }
+}
+
+impl PacketBuf for HeapBuf {
+    #[inline]
+    fn data(&self) -> &[u8] {
+        &self.room[self.off as usize..(self.off + self.len) as usize]
+    }
+    #[inline]
+    fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.room[self.off as usize..(self.off + self.len) as usize]
+    }
+    #[inline]
+    fn prepend(&mut self, n: usize) -> bool {
+        if n > self.off as usize {
+            return false;
+        }
+        self.off -= n as u16;
+        self.len += n as u16;
+        true
+    }
+    #[inline]
+    fn adj(&mut self, n: usize) -> bool {
+        if n > self.len as usize {
+            return false;
+        }
+        self.off += n as u16;
+        self.len -= n as u16;
+        true
+    }
+    #[inline]
+    fn set_len(&mut self, len: usize) -> bool {
+        if self.off as usize + len > BUF_SIZE {
+            return false;
+        }
+        self.len = len as u16;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepend_and_adj_move_the_front() {
+        let mut b = HeapBuf::from_slice(&[1, 2, 3]);
+        assert!(b.prepend(2));
+        b.data_mut()[..2].copy_from_slice(&[9, 9]);
+        assert_eq!(b.data(), &[9, 9, 1, 2, 3]);
+        assert!(b.adj(2));
+        assert_eq!(b.data(), &[1, 2, 3]);
+        assert!(!b.prepend(HEADROOM + 1));
+        assert!(!b.adj(4));
+        assert!(b.set_len(1));
+        assert_eq!(b.data(), &[1]);
+        assert!(!b.set_len(BUF_SIZE));
+    }
+}

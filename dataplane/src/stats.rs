@@ -1,0 +1,149 @@
+//! Per-core counters. Each worker owns its `CoreStats` and only it writes them: plain integers,
+//! no atomics on the fast path. Readers (the control thread, the bench) take copies.
+
+use serde::Serialize;
+
+macro_rules! drop_reasons {
+    ($($variant:ident => $name:literal,)*) => {
+        /// Why a packet was dropped. Every drop is counted under exactly one reason.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum DropReason { $($variant,)* }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
+            pub const COUNT: usize = [$($name,)*].len();
+            /// Stable snake_case name, used in metrics and JSON.
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    EthTruncated => "eth_truncated",
+    VlanTruncated => "vlan_truncated",
+    UnsupportedEthertype => "unsupported_ethertype",
+    NotOurMac => "not_our_mac",
+    ArpMalformed => "arp_malformed",
+    ArpNotForUs => "arp_not_for_us",
+    Ipv4Malformed => "ipv4_malformed",
+    Ipv4BadChecksum => "ipv4_bad_checksum",
+    Ipv6Malformed => "ipv6_malformed",
+    Ipv4Fragment => "ipv4_fragment",
+    Ipv6ExtensionHeader => "ipv6_extension_header",
+    TcpMalformed => "tcp_malformed",
+    UdpMalformed => "udp_malformed",
+    IcmpMalformed => "icmp_malformed",
+    IcmpUnhandled => "icmp_unhandled",
+    NdpMalformed => "ndp_malformed",
+    NotForUs => "not_for_us",
+    UnknownVipPort => "unknown_vip_port",
+    UnsupportedProtocol => "unsupported_protocol",
+    NoBackend => "no_backend",
+    NoFlow => "no_flow",
+    ConntrackFull => "conntrack_full",
+    SnatPortsExhausted => "snat_ports_exhausted",
+    NeighborUnresolved => "neighbor_unresolved",
+    NoRoute => "no_route",
+    TooBigForEncap => "too_big_for_encap",
+    TxFull => "tx_full",
+}
+
+/// Packets and bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+impl Counter {
+    #[inline]
+    pub fn add(&mut self, bytes: usize) {
+        self.packets += 1;
+        self.bytes += bytes as u64;
+    }
+}
+
+/// One worker's counters.
+#[derive(Clone, Debug, Default)]
+pub struct CoreStats {
+    pub rx: Counter,
+    pub tx: Counter,
+    pub drops: [u64; DropReason::COUNT],
+    pub arp_replies: u64,
+    pub ndp_replies: u64,
+    pub echo_replies: u64,
+    pub icmp_errors_forwarded: u64,
+    /// Conntrack: flows now held, inserted, removed on timeout, evicted while still live.
+    pub ct_flows: u64,
+    pub ct_inserts: u64,
+    pub ct_expired: u64,
+    pub ct_evictions: u64,
+    /// Indexed like the snapshot's services.
+    pub per_vip: Vec<Counter>,
+    /// Indexed like the snapshot's backends (all services' backends in one array).
+    pub per_backend: Vec<Counter>,
+}
+
+impl CoreStats {
+    #[inline]
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+    /// Resizes the per-VIP/per-backend arrays for a new snapshot (at switch time, never per packet).
+    pub fn resize(&mut self, vips: usize, backends: usize) {
+        self.per_vip.resize(vips, Counter::default());
+        self.per_backend.resize(backends, Counter::default());
+    }
+    /// Adds another core's counters into this one (for totals).
+    pub fn merge(&mut self, o: &CoreStats) {
+        self.rx.packets += o.rx.packets;
+        self.rx.bytes += o.rx.bytes;
+        self.tx.packets += o.tx.packets;
+        self.tx.bytes += o.tx.bytes;
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += b;
+        }
+        self.arp_replies += o.arp_replies;
+        self.ndp_replies += o.ndp_replies;
+        self.echo_replies += o.echo_replies;
+        self.icmp_errors_forwarded += o.icmp_errors_forwarded;
+        self.ct_flows += o.ct_flows;
+        self.ct_inserts += o.ct_inserts;
+        self.ct_expired += o.ct_expired;
+        self.ct_evictions += o.ct_evictions;
+        self.resize(self.per_vip.len().max(o.per_vip.len()), self.per_backend.len().max(o.per_backend.len()));
+        for (a, b) in self.per_vip.iter_mut().zip(&o.per_vip) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        }
+        for (a, b) in self.per_backend.iter_mut().zip(&o.per_backend) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        }
+    }
+    /// JSON with drops by name (only non-zero ones).
+    pub fn to_json(&self) -> serde_json::Value {
+        let drops: serde_json::Map<String, serde_json::Value> = DropReason::ALL
+            .iter()
+            .filter(|r| self.dropped(**r) > 0)
+            .map(|r| (r.name().to_string(), self.dropped(*r).into()))
+            .collect();
+        serde_json::json!({
+            "rx": self.rx, "tx": self.tx, "drops": drops,
+            "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
+            "echo_replies": self.echo_replies, "icmp_errors_forwarded": self.icmp_errors_forwarded,
+            "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
+                          "expired": self.ct_expired, "evictions": self.ct_evictions},
+            "per_vip": self.per_vip, "per_backend": self.per_backend,
+        })
+    }
+}
