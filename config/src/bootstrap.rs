@@ -217,6 +217,354 @@ impl Bootstrap {
 
     /// Parses and validates bootstrap YAML; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Bootstrap, ConfigError> {
-        todo!("config helper: parse {path:?} {}", text.len())
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let boot: Bootstrap = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let err = ConfigError::new(path, strip_path_prefix(&e.into_inner().to_string(), &field));
+            if field.is_empty() || field == "." {
+                err
+            } else {
+                err.field(field)
+            }
+        })?;
+        boot.validate().map_err(|(field, msg)| ConfigError::new(path, msg).field(field))?;
+        Ok(boot)
+    }
+
+    /// Checks what the types alone cannot; returns the offending field and a message.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn fail<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, (String, String)> {
+            Err((field.into(), msg.into()))
+        }
+        if self.ports.is_empty() {
+            return fail("ports", "at least one port is required");
+        }
+        for (i, port) in self.ports.iter().enumerate() {
+            let f = |name: &str| format!("ports[{i}].{name}");
+            if port.name.trim().is_empty() {
+                return fail(f("name"), "must not be empty");
+            }
+            if let Some(j) = self.ports[..i].iter().position(|p| p.name == port.name) {
+                return fail(f("name"), format!("duplicate port name {:?} (also ports[{j}])", port.name));
+            }
+            if port.device.trim().is_empty() {
+                return fail(f("device"), "must not be empty");
+            }
+            if port.mac.0 == [0; 6] {
+                return fail(f("mac"), "must not be 00:00:00:00:00:00");
+            }
+            if port.mac.0[0] & 1 != 0 {
+                return fail(f("mac"), format!("{} is a multicast address; a port needs a unicast MAC", port.mac));
+            }
+            if port.ipv4.is_none() && port.ipv6.is_none() {
+                return fail(f("ipv4"), "a port needs an ipv4 or an ipv6 address (or both)");
+            }
+            if let Some(net) = port.ipv4 {
+                let edge = net.addr() == net.network() || net.addr() == net.broadcast();
+                if net.prefix_len() == 32 || (edge && net.prefix_len() < 31) {
+                    return fail(f("ipv4"), format!("{net} is not a host address with an on-link prefix"));
+                }
+            }
+            if let Some(net) = port.ipv6 {
+                if net.prefix_len() == 128 {
+                    return fail(f("ipv6"), format!("{net} needs an on-link prefix shorter than /128"));
+                }
+            }
+            let min_mtu = if port.ipv6.is_some() { 1280 } else { 576 };
+            if port.mtu < min_mtu {
+                let why = if port.ipv6.is_some() { "IPv6 requires at least 1280" } else { "IPv4 requires at least 576" };
+                return fail(f("mtu"), format!("{} is too small: {why}", port.mtu));
+            }
+            if let Some(gw) = port.next_hop.ipv4 {
+                match port.ipv4 {
+                    None => return fail(f("next_hop.ipv4"), format!("{gw} given but the port has no ipv4 address")),
+                    Some(net) if !net.contains(&gw) => {
+                        return fail(f("next_hop.ipv4"), format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()))
+                    }
+                    Some(net) if net.addr() == gw => {
+                        return fail(f("next_hop.ipv4"), format!("{gw} is the port's own address"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(gw) = port.next_hop.ipv6 {
+                let link_local = (gw.segments()[0] & 0xffc0) == 0xfe80;
+                match port.ipv6 {
+                    None => return fail(f("next_hop.ipv6"), format!("{gw} given but the port has no ipv6 address")),
+                    Some(net) if !link_local && !net.contains(&gw) => {
+                        return fail(f("next_hop.ipv6"), format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()))
+                    }
+                    Some(net) if net.addr() == gw => {
+                        return fail(f("next_hop.ipv6"), format!("{gw} is the port's own address"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some(mac) = port.next_hop.mac {
+                if mac.0 == [0; 6] || mac.0[0] & 1 != 0 {
+                    return fail(f("next_hop.mac"), format!("{mac} is not a unicast MAC address"));
+                }
+            }
+        }
+        if self.workers.cores.is_empty() {
+            return fail("workers.cores", "at least one core is required");
+        }
+        for (i, c) in self.workers.cores.iter().enumerate() {
+            if let Some(j) = self.workers.cores[..i].iter().position(|d| d == c) {
+                return fail(format!("workers.cores[{i}]"), format!("core {c} is listed twice (also workers.cores[{j}])"));
+            }
+        }
+        if self.vip_pools.is_empty() {
+            return fail("vip_pools", "at least one VIP pool is required");
+        }
+        for (i, pool) in self.vip_pools.iter().enumerate() {
+            if pool.name.trim().is_empty() {
+                return fail(format!("vip_pools[{i}].name"), "must not be empty");
+            }
+            if let Some(j) = self.vip_pools[..i].iter().position(|p| p.name == pool.name) {
+                return fail(
+                    format!("vip_pools[{i}].name"),
+                    format!("duplicate pool name {:?} (also vip_pools[{j}])", pool.name),
+                );
+            }
+            if pool.cidrs.is_empty() {
+                return fail(format!("vip_pools[{i}].cidrs"), format!("pool {:?} has no CIDRs", pool.name));
+            }
+            for (k, cidr) in pool.cidrs.iter().enumerate() {
+                for (j, other) in self.vip_pools[..=i].iter().enumerate() {
+                    let upto = if j == i { k } else { other.cidrs.len() };
+                    for (l, o) in other.cidrs[..upto].iter().enumerate() {
+                        if overlaps(cidr, o) {
+                            return fail(
+                                format!("vip_pools[{i}].cidrs[{k}]"),
+                                format!(
+                                    "{cidr} of pool {:?} overlaps {o} of pool {:?} (vip_pools[{j}].cidrs[{l}])",
+                                    pool.name, other.name
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let cap = self.conntrack.capacity;
+        if cap == 0 {
+            return fail("conntrack.capacity", "must be greater than 0");
+        }
+        let t = &self.conntrack.timeouts;
+        for (name, v) in [
+            ("tcp_syn", t.tcp_syn),
+            ("tcp_established", t.tcp_established),
+            ("tcp_fin", t.tcp_fin),
+            ("tcp_closed", t.tcp_closed),
+            ("udp", t.udp),
+        ] {
+            if v == 0 {
+                return fail(format!("conntrack.timeouts.{name}"), "must be greater than 0 seconds");
+            }
+        }
+        let size = self.maglev.table_size;
+        if size >= MAX_TABLE_SIZE {
+            return fail("maglev.table_size", format!("{size} is too large: must be below {MAX_TABLE_SIZE} (2^24)"));
+        }
+        if !is_prime(size) {
+            return fail("maglev.table_size", format!("{size} is not prime (Maglev needs a prime table size, e.g. 65537)"));
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml_ng prefixes its messages with the (partial) path it knows; the error already names
+/// the full field, so drop the repetition.
+pub(crate) fn strip_path_prefix(msg: &str, field: &str) -> String {
+    if let Some((head, rest)) = msg.split_once(": ") {
+        if !head.is_empty() && field.starts_with(head) && !head.contains(' ') {
+            return rest.to_string();
+        }
+    }
+    msg.to_string()
+}
+
+/// Upper bound (exclusive) for `maglev.table_size`.
+pub const MAX_TABLE_SIZE: u32 = 1 << 24;
+
+/// Whether two prefixes share at least one address (of the same family).
+pub fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Trial division; fine for table sizes below 2^24.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while d.saturating_mul(d) <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LAB: &str = include_str!("../examples/bootstrap.yaml");
+
+    fn parse(text: &str) -> Result<Bootstrap, ConfigError> {
+        Bootstrap::parse(Path::new("boot.yaml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("must be rejected").to_string()
+    }
+
+    /// The lab file with one substitution applied (which must match).
+    fn lab_with(from: &str, to: &str) -> String {
+        assert!(LAB.contains(from), "test bug: {from:?} not in the lab file");
+        LAB.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn lab_file_parses() {
+        let b = parse(LAB).unwrap();
+        assert_eq!(b.ports.len(), 1);
+        let p = &b.ports[0];
+        assert_eq!(p.device, "net_af_xdp0,iface=veth-lb");
+        assert_eq!(p.mac, MacAddr([0x02, 0xf1, 0, 0, 0, 1]));
+        assert_eq!(p.ipv4, Some("10.10.0.2/24".parse().unwrap()));
+        assert_eq!(p.next_hop.ipv6, Some("fd00:10::1".parse().unwrap()));
+        assert_eq!(b.workers.cores, vec![0]);
+        assert_eq!(b.vip_pools[0].cidrs.len(), 2);
+        assert_eq!(b.conntrack.capacity, 65536);
+        assert_eq!(b.conntrack.timeouts.tcp_established, 600);
+        assert_eq!(b.conntrack.timeouts.udp, 30, "unset timeouts keep their defaults");
+        assert_eq!(b.maglev.table_size, 65537);
+        assert_eq!(b.forwarding.default_mode, ForwardingMode::FullNat);
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let b = parse(
+            "ports: [{name: p, device: d, mac: '02:00:00:00:00:01', ipv4: 192.0.2.1/24}]\n\
+             workers: {cores: [1, 2]}\nvip_pools: [{name: a, cidrs: [198.51.100.0/24]}]\n",
+        )
+        .unwrap();
+        assert_eq!(b.ports[0].mtu, 1500);
+        assert_eq!(b.maglev.table_size, 65537);
+        assert_eq!(b.conntrack.capacity, 1 << 20);
+        assert_eq!(b.forwarding.dsr_source_v4, "172.16.0.0/16".parse::<Ipv4Net>().unwrap());
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let e = err(&lab_with("    mtu: 1500\n", "    mtu: 1500\n    speed: 10G\n"));
+        assert!(e.starts_with("boot.yaml: "), "{e}");
+        assert!(e.contains("unknown field `speed`"), "{e}");
+        assert!(e.contains("field ports[0]"), "{e}");
+        let e = err(&lab_with("maglev:", "magleve:"));
+        assert!(e.contains("unknown field `magleve`"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_line() {
+        let e = err(&lab_with("02:f1:00:00:00:01", "02:f1:00:00:00"));
+        assert!(e.contains("field ports[0].mac"), "{e}");
+        assert!(e.contains("six hex octets"), "{e}");
+        assert!(e.contains("at line 5"), "{e}");
+        assert!(!e.contains(": ports[0]: "), "path not repeated: {e}");
+        let e = err(&lab_with("10.20.0.0/24", "10.20.0.0/33"));
+        assert!(e.contains("field vip_pools[0].cidrs[0]"), "{e}");
+        let e = err(&lab_with("cores: [0]", "cores: [zero]"));
+        assert!(e.contains("field workers.cores[0]"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_key() {
+        let e = err("ports: []\nvip_pools: []\n");
+        assert!(e.contains("missing field `workers`"), "{e}");
+    }
+
+    #[test]
+    fn broken_yaml_has_a_location() {
+        let e = err("ports: [\n  {name: a\n");
+        assert!(e.starts_with("boot.yaml: "), "{e}");
+        assert!(e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn validation_rules() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            ("ports:\n  - name: lab0", "ports: []\n_x:\n  - name: lab0", "", "unknown field `_x`"),
+            ("    ipv4: 10.10.0.2/24\n    ipv6: fd00:10::2/64\n", "", "ports[0].ipv4", "ipv4 or an ipv6"),
+            ("cores: [0]", "cores: []", "workers.cores", "at least one core"),
+            ("cores: [0]", "cores: [0, 3, 0]", "workers.cores[2]", "listed twice"),
+            ("vip_pools:\n  - name: lab", "vip_pools:\n  - name: a\n    cidrs: [10.20.0.128/25]\n  - name: lab", "vip_pools[1].cidrs[0]", "overlaps 10.20.0.128/25 of pool \"a\""),
+            ("      - fd00:20::/120", "      - fd00:20::/120\n      - fd00:20::80/121", "vip_pools[0].cidrs[2]", "overlaps fd00:20::/120"),
+            ("table_size: 65537", "table_size: 65536", "maglev.table_size", "not prime"),
+            ("table_size: 65537", "table_size: 1", "maglev.table_size", "not prime"),
+            ("table_size: 65537", "table_size: 16777259", "maglev.table_size", "too large"),
+            ("capacity: 65536", "capacity: 0", "conntrack.capacity", "greater than 0"),
+            ("tcp_established: 600", "tcp_fin: 0", "conntrack.timeouts.tcp_fin", "greater than 0"),
+            ("mtu: 1500", "mtu: 1200", "ports[0].mtu", "1280"),
+            ("      ipv4: 10.10.0.1\n", "      ipv4: 10.11.0.1\n", "ports[0].next_hop.ipv4", "not on-link"),
+            ("      ipv6: fd00:10::1\n", "      ipv6: fd00:11::1\n", "ports[0].next_hop.ipv6", "not on-link"),
+            ("      ipv4: 10.10.0.1\n", "      ipv4: 10.10.0.2\n", "ports[0].next_hop.ipv4", "own address"),
+            ("02:f1:00:00:00:01", "03:f1:00:00:00:01", "ports[0].mac", "multicast"),
+            ("vip_pools:\n  - name: lab\n    cidrs:", "vip_pools:\n  - name: lab\n    cidrs: [10.30.0.0/24]\n  - name: lab\n    cidrs:", "vip_pools[1].name", "duplicate pool name"),
+        ];
+        for (from, to, field, msg) in cases {
+            let e = err(&lab_with(from, to));
+            if !field.is_empty() {
+                assert!(e.contains(&format!(": field {field}: ")), "{to:?}: {e}");
+            }
+            assert!(e.contains(msg), "{to:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn v4_only_port_accepts_small_mtu_and_link_local_v6_gateway_is_on_link() {
+        let text = lab_with("    ipv6: fd00:10::2/64\n", "").replace("      ipv6: fd00:10::1\n", "");
+        let b = parse(&text.replace("mtu: 1500", "mtu: 576")).unwrap();
+        assert_eq!(b.ports[0].mtu, 576);
+        assert!(parse(&text.replace("mtu: 1500", "mtu: 575")).is_err());
+        let b = parse(&lab_with("      ipv6: fd00:10::1\n", "      ipv6: fe80::1\n")).unwrap();
+        assert_eq!(b.ports[0].next_hop.ipv6, Some("fe80::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn duplicate_port_names() {
+        let two = "ports:\n  - {name: a, device: d0, mac: '02:00:00:00:00:01', ipv4: 192.0.2.1/24}\n  \
+                   - {name: a, device: d1, mac: '02:00:00:00:00:02', ipv4: 192.0.3.1/24}\n\
+                   workers: {cores: [0]}\nvip_pools: [{name: p, cidrs: [198.51.100.0/24]}]\n";
+        let e = err(two);
+        assert!(e.contains("field ports[1].name: duplicate port name \"a\""), "{e}");
+    }
+
+    #[test]
+    fn primes() {
+        let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, vec![2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65537) && is_prime(16777213) && !is_prime(65535) && !is_prime(25));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn overlap_is_symmetric_and_matches_brute_force(a in 0u32..256, al in 24u8..=32, b in 0u32..256, bl in 24u8..=32) {
+            let na = IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | a), al).unwrap().trunc());
+            let nb = IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 | b), bl).unwrap().trunc());
+            let brute = (0u32..256).any(|x| {
+                let ip = std::net::IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | x));
+                na.contains(&ip) && nb.contains(&ip)
+            });
+            proptest::prop_assert_eq!(overlaps(&na, &nb), brute);
+            proptest::prop_assert_eq!(overlaps(&nb, &na), brute);
+        }
     }
 }
