@@ -1,1 +1,679 @@
-//! TODO
+//! The appliance's L2/L3 presence on a link: its addresses and routes ([`Interface`]), a
+//! fixed-capacity neighbour table ([`NeighborTable`]), answering ARP, NDP and ICMP echo for its
+//! own addresses and VIPs, and building the ARP/NDP packets it originates.
+//!
+//! Slow path, but it runs on the worker: it never panics on any input, never allocates per
+//! packet (the table is preallocated), and rewrites replies in place in the received buffer.
+//!
+//! Conventions (the golden fixtures in `tests/fixtures/` encode the same):
+//! - Replies keep any 802.1Q tag of the request and carry no Ethernet padding: the frame is cut
+//!   (or grown) to exactly the reply's length; the NIC pads to the minimum on the wire.
+//! - ARP replies and echo replies go back to the MAC the request came from; NDP advertisements
+//!   go to the solicitor's source link-layer address option if any, else to the frame's source.
+//! - A Neighbor Advertisement's IPv6 source is the target address it advertises (so a VIP is
+//!   advertised from the VIP); its hop limit is 255. Echo replies have TTL / hop limit 64.
+
+use crate::packet::PacketBuf;
+use crate::stats::{CoreStats, DropReason};
+use crate::wire::ether::{self, L2Info, ETHERTYPE_ARP, ETHERTYPE_IPV6, ETH_HLEN};
+use crate::wire::ndp;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, Ipv4Packet,
+    NdiscNeighborFlags, NdiscRepr,
+};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+const ARP_LEN: usize = 28;
+const IPV4_HLEN: usize = 20;
+const IPV6_HLEN: usize = 40;
+/// ICMPv6 NS/NA header: type, code, checksum, flags/reserved, target.
+const ND_HLEN: usize = 24;
+/// Source/target link-layer address option for Ethernet.
+const LLADDR_OPT_LEN: usize = 8;
+const PROTO_ICMP: u8 = 1;
+const PROTO_ICMPV6: u8 = 58;
+const BROADCAST: [u8; 6] = [0xff; 6];
+
+/// The appliance's presence on one port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub mac: [u8; 6],
+    /// Own IPv4 address and on-link prefix length.
+    pub ipv4: Option<(Ipv4Addr, u8)>,
+    pub ipv6: Option<(Ipv6Addr, u8)>,
+    /// EUI-64 link-local address derived from `mac`.
+    pub ipv6_link_local: Ipv6Addr,
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+    pub mtu: u16,
+}
+
+fn v4_on_link(net: (Ipv4Addr, u8), dst: Ipv4Addr) -> bool {
+    let len = net.1.min(32) as u32;
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    u32::from(net.0) & mask == u32::from(dst) & mask
+}
+
+fn v6_on_link(net: (Ipv6Addr, u8), dst: Ipv6Addr) -> bool {
+    let len = net.1.min(128) as u32;
+    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+    u128::from(net.0) & mask == u128::from(dst) & mask
+}
+
+impl Interface {
+    pub fn from_config(p: &fulcrum_config::bootstrap::PortConfig) -> Interface {
+        let mac = p.mac.0;
+        Interface {
+            mac,
+            ipv4: p.ipv4.map(|n| (n.addr(), n.prefix_len())),
+            ipv6: p.ipv6.map(|n| (n.addr(), n.prefix_len())),
+            ipv6_link_local: ndp::eui64_link_local(mac),
+            next_hop_v4: p.next_hop.ipv4,
+            next_hop_v6: p.next_hop.ipv6,
+            mtu: p.mtu,
+        }
+    }
+
+    /// Whether `ip` is one of the port's own addresses (IPv4, IPv6 or the link-local).
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.ipv4.is_some_and(|(o, _)| o == a),
+            IpAddr::V6(a) => a == self.ipv6_link_local || self.ipv6.is_some_and(|(o, _)| o == a),
+        }
+    }
+
+    /// The neighbour to send to for `dst`: `dst` itself when on-link (inside the port's prefix,
+    /// or IPv6 link-local), else the next hop of that family; `None` when there is no route.
+    pub fn route(&self, dst: IpAddr) -> Option<IpAddr> {
+        match dst {
+            IpAddr::V4(d) => {
+                if self.ipv4.is_some_and(|n| v4_on_link(n, d)) {
+                    Some(dst)
+                } else {
+                    self.next_hop_v4.map(IpAddr::V4)
+                }
+            }
+            IpAddr::V6(d) => {
+                if ndp::is_link_local(d) || self.ipv6.is_some_and(|n| v6_on_link(n, d)) {
+                    Some(dst)
+                } else {
+                    self.next_hop_v6.map(IpAddr::V6)
+                }
+            }
+        }
+    }
+}
+
+/// What to do with a packet after the neighbour code looked at it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The buffer was rewritten in place as a reply: send it.
+    Tx,
+    Drop(DropReason),
+    /// Learned something (or nothing to do); nothing to send, not a drop.
+    Consumed,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    ip: IpAddr,
+    mac: Option<[u8; 6]>,
+    is_static: bool,
+    /// When the MAC was last learned or confirmed.
+    updated_ms: u64,
+    /// When a solicitation was last asked for; `None` never.
+    solicited_ms: Option<u64>,
+}
+
+/// Fixed-capacity neighbour table (IPv4 and IPv6). Entries are never removed, so an index
+/// handed out by [`NeighborTable::index_of`] stays valid and a flow can cache it.
+/// Lookups go through an open-addressed index (linear probing, no deletions).
+pub struct NeighborTable {
+    entries: Vec<Entry>,
+    /// Slots hold entry index + 1; 0 is empty. Power-of-two length, at least 2x capacity.
+    slots: Vec<u16>,
+    capacity: usize,
+}
+
+impl NeighborTable {
+    /// The index returned when the table is full: it never resolves and never solicits.
+    pub const NONE: u16 = u16::MAX;
+    /// Minimum interval between two solicitations for the same neighbour.
+    pub const SOLICIT_INTERVAL_MS: u64 = 1000;
+
+    /// A table for up to `capacity` neighbours (capped at 65534), all memory allocated now.
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, u16::MAX as usize - 1);
+        let nslots = (capacity * 2).next_power_of_two();
+        NeighborTable { entries: Vec::with_capacity(capacity), slots: vec![0; nslots], capacity }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn hash(ip: IpAddr) -> u64 {
+        let (a, b) = match ip {
+            IpAddr::V4(a) => (u32::from(a) as u64, 4u64),
+            IpAddr::V6(a) => {
+                let v = u128::from(a);
+                ((v as u64) ^ ((v >> 64) as u64), 6u64)
+            }
+        };
+        let x = (a ^ b.rotate_left(59)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^ (x >> 29)
+    }
+
+    /// Entry index of `ip`, or the empty slot where it would go.
+    fn find(&self, ip: IpAddr) -> Result<u16, usize> {
+        let mask = self.slots.len() - 1;
+        let mut s = Self::hash(ip) as usize & mask;
+        loop {
+            match self.slots[s] {
+                0 => return Err(s),
+                i if self.entries[(i - 1) as usize].ip == ip => return Ok(i - 1),
+                _ => s = (s + 1) & mask,
+            }
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, mac: Option<[u8; 6]>, is_static: bool, now_ms: u64) -> u16 {
+        match self.find(ip) {
+            Ok(i) => i,
+            Err(slot) => {
+                if self.entries.len() >= self.capacity {
+                    return Self::NONE;
+                }
+                let i = self.entries.len() as u16;
+                self.entries.push(Entry { ip, mac, is_static, updated_ms: now_ms, solicited_ms: None });
+                self.slots[slot] = i + 1;
+                i
+            }
+        }
+    }
+
+    /// Adds (or overrides with) a static entry that learning never changes; returns its index
+    /// ([`Self::NONE`] when full).
+    pub fn add_static(&mut self, ip: IpAddr, mac: [u8; 6]) -> u16 {
+        let i = self.insert(ip, Some(mac), true, 0);
+        if let Some(e) = self.entries.get_mut(i as usize) {
+            e.mac = Some(mac);
+            e.is_static = true;
+        }
+        i
+    }
+
+    /// Records that `ip` is at `mac` (creating the entry if there is room). Static entries,
+    /// unspecified/multicast IPs and multicast/zero MACs are left alone.
+    pub fn learn(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) {
+        if ip.is_unspecified() || ip.is_multicast() || mac[0] & 1 != 0 || mac == [0; 6] {
+            return;
+        }
+        if let IpAddr::V4(a) = ip {
+            if a.is_broadcast() {
+                return;
+            }
+        }
+        let i = self.insert(ip, Some(mac), false, now_ms);
+        if let Some(e) = self.entries.get_mut(i as usize) {
+            if !e.is_static {
+                e.mac = Some(mac);
+                e.updated_ms = now_ms;
+            }
+        }
+    }
+
+    /// Whether there is an entry for `ip`, resolved or not.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.find(ip).is_ok()
+    }
+
+    pub fn lookup(&self, ip: IpAddr) -> Option<[u8; 6]> {
+        self.find(ip).ok().and_then(|i| self.mac_at(i))
+    }
+
+    /// Gets or creates (unresolved) the entry of `ip`; its index is stable for the table's
+    /// lifetime. [`Self::NONE`] when the table is full.
+    pub fn index_of(&mut self, ip: IpAddr) -> u16 {
+        self.insert(ip, None, false, 0)
+    }
+
+    pub fn mac_at(&self, idx: u16) -> Option<[u8; 6]> {
+        self.entries.get(idx as usize).and_then(|e| e.mac)
+    }
+
+    /// True at most once per second per unresolved neighbour: the caller then sends a
+    /// solicitation. Always false for resolved entries and [`Self::NONE`].
+    pub fn should_solicit(&mut self, idx: u16, now_ms: u64) -> bool {
+        let Some(e) = self.entries.get_mut(idx as usize) else { return false };
+        if e.mac.is_some() {
+            return false;
+        }
+        match e.solicited_ms {
+            Some(t) if now_ms.saturating_sub(t) < Self::SOLICIT_INTERVAL_MS => false,
+            _ => {
+                e.solicited_ms = Some(now_ms);
+                true
+            }
+        }
+    }
+
+    /// The address of entry `idx` (`0.0.0.0` for [`Self::NONE`] or an index never handed out).
+    pub fn ip_at(&self, idx: u16) -> IpAddr {
+        self.entries.get(idx as usize).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |e| e.ip)
+    }
+}
+
+fn mac6(b: &[u8]) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&b[..6]);
+    m
+}
+
+fn v4(b: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(b[0], b[1], b[2], b[3])
+}
+
+fn v6(b: &[u8]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&b[..16]);
+    Ipv6Addr::from(o)
+}
+
+fn is_unicast_mac(m: [u8; 6]) -> bool {
+    m[0] & 1 == 0 && m != [0; 6]
+}
+
+/// Writes an Ethernet/IPv4 ARP body at `arp` (28 bytes).
+fn write_arp(arp: &mut [u8], op: ArpOperation, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: op,
+        source_hardware_addr: smoltcp::wire::EthernetAddress(sha),
+        source_protocol_addr: spa,
+        target_hardware_addr: smoltcp::wire::EthernetAddress(tha),
+        target_protocol_addr: tpa,
+    };
+    repr.emit(&mut ArpPacket::new_unchecked(&mut arp[..ARP_LEN]));
+}
+
+/// Answers or learns from an ARP packet (see the module conventions).
+///
+/// - Request for our IPv4 or a VIP: reply in place from `iface.mac`, learn the sender.
+/// - Reply or gratuitous ARP (sender == target): learn when we already have an entry for the
+///   sender or it is addressed to us, then `Consumed`.
+/// - Anything else: `Drop(ArpNotForUs)`; truncated or not Ethernet/IPv4: `Drop(ArpMalformed)`.
+pub fn handle_arp<B: PacketBuf>(
+    buf: &mut B,
+    l2: &L2Info,
+    iface: &Interface,
+    is_vip: &dyn Fn(IpAddr) -> bool,
+    neigh: &mut NeighborTable,
+    now_ms: u64,
+    stats: &mut CoreStats,
+) -> Verdict {
+    let frame = buf.data();
+    let Some(body) = frame.get(l2.l3_off..) else { return Verdict::Drop(DropReason::ArpMalformed) };
+    if l2.ethertype != ETHERTYPE_ARP || l2.l3_off < ETH_HLEN {
+        return Verdict::Drop(DropReason::ArpMalformed);
+    }
+    let Ok(pkt) = ArpPacket::new_checked(body) else { return Verdict::Drop(DropReason::ArpMalformed) };
+    let Ok(ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr: sha,
+        source_protocol_addr: spa,
+        target_hardware_addr: tha,
+        target_protocol_addr: tpa,
+    }) = ArpRepr::parse(&pkt)
+    else {
+        return Verdict::Drop(DropReason::ArpMalformed);
+    };
+    let (sha, tha) = (sha.0, tha.0);
+    if !is_unicast_mac(sha) {
+        return Verdict::Drop(DropReason::ArpMalformed);
+    }
+    let own = iface.ipv4.map(|(a, _)| a);
+    // Never learn (or answer) a claim to our own address.
+    if Some(spa) == own {
+        return Verdict::Drop(DropReason::ArpNotForUs);
+    }
+    let for_us = Some(tpa) == own || (!tpa.is_unspecified() && is_vip(IpAddr::V4(tpa)));
+    let sender = IpAddr::V4(spa);
+    match operation {
+        ArpOperation::Request if for_us && spa != tpa => {
+            if !spa.is_unspecified() {
+                neigh.learn(sender, sha, now_ms);
+            }
+            let l3 = l2.l3_off;
+            if !buf.set_len(l3 + ARP_LEN) {
+                return Verdict::Drop(DropReason::ArpMalformed);
+            }
+            let f = buf.data_mut();
+            ether::set_macs(f, sha, iface.mac);
+            write_arp(&mut f[l3..], ArpOperation::Reply, iface.mac, tpa, sha, spa);
+            stats.arp_replies += 1;
+            Verdict::Tx
+        }
+        ArpOperation::Request | ArpOperation::Reply => {
+            let gratuitous = spa == tpa;
+            let addressed = operation == ArpOperation::Reply && (Some(tpa) == own || tha == iface.mac);
+            if (gratuitous || operation == ArpOperation::Reply) && (addressed || neigh.contains(sender)) {
+                neigh.learn(sender, sha, now_ms);
+                Verdict::Consumed
+            } else {
+                Verdict::Drop(DropReason::ArpNotForUs)
+            }
+        }
+        _ => Verdict::Drop(DropReason::ArpNotForUs),
+    }
+}
+
+/// Checks an IPv4 header at `ip`; returns (header length, total length).
+fn check_ipv4(ip: &[u8]) -> Result<(usize, usize), DropReason> {
+    if ip.len() < IPV4_HLEN || ip[0] >> 4 != 4 {
+        return Err(DropReason::Ipv4Malformed);
+    }
+    let ihl = (ip[0] & 0x0f) as usize * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    if ihl < IPV4_HLEN || ihl > ip.len() || total < ihl || total > ip.len() {
+        return Err(DropReason::Ipv4Malformed);
+    }
+    if !Ipv4Packet::new_unchecked(&ip[..total]).verify_checksum() {
+        return Err(DropReason::Ipv4BadChecksum);
+    }
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Err(DropReason::Ipv4Fragment);
+    }
+    Ok((ihl, total))
+}
+
+/// Answers an ICMPv4 echo request addressed to our address or a VIP with an echo reply in
+/// place (addresses swapped, TTL 64, checksums recomputed, sent back to the source MAC).
+/// Other types: `Drop(IcmpUnhandled)`; bad ICMP length/checksum: `Drop(IcmpMalformed)`;
+/// bad IPv4 header: `Ipv4Malformed` / `Ipv4BadChecksum` / `Ipv4Fragment`.
+pub fn handle_icmpv4_local<B: PacketBuf>(buf: &mut B, l2: &L2Info, stats: &mut CoreStats) -> Verdict {
+    let l3 = l2.l3_off;
+    let Some(ip) = buf.data().get(l3..) else { return Verdict::Drop(DropReason::Ipv4Malformed) };
+    if l3 < ETH_HLEN {
+        return Verdict::Drop(DropReason::Ipv4Malformed);
+    }
+    let (ihl, total) = match check_ipv4(ip) {
+        Ok(v) => v,
+        Err(r) => return Verdict::Drop(r),
+    };
+    if ip[9] != PROTO_ICMP {
+        return Verdict::Drop(DropReason::UnsupportedProtocol);
+    }
+    let icmp = &ip[ihl..total];
+    if icmp.len() < 8 {
+        return Verdict::Drop(DropReason::IcmpMalformed);
+    }
+    if !Icmpv4Packet::new_unchecked(icmp).verify_checksum() {
+        return Verdict::Drop(DropReason::IcmpMalformed);
+    }
+    if icmp[0] != 8 || icmp[1] != 0 {
+        return Verdict::Drop(DropReason::IcmpUnhandled);
+    }
+    if !buf.set_len(l3 + total) {
+        return Verdict::Drop(DropReason::Ipv4Malformed);
+    }
+    let f = buf.data_mut();
+    let (dst, src) = (ether::dst_mac(f), ether::src_mac(f));
+    ether::set_macs(f, src, dst);
+    let ip = &mut f[l3..];
+    let (s, d) = (v4(&ip[12..16]), v4(&ip[16..20]));
+    ip[12..16].copy_from_slice(&d.octets());
+    ip[16..20].copy_from_slice(&s.octets());
+    ip[8] = 64;
+    Ipv4Packet::new_unchecked(&mut ip[..ihl]).fill_checksum();
+    let icmp = &mut ip[ihl..total];
+    icmp[0] = 0;
+    Icmpv4Packet::new_unchecked(icmp).fill_checksum();
+    stats.echo_replies += 1;
+    Verdict::Tx
+}
+
+/// Writes an IPv6 header (traffic class and flow label 0).
+fn write_ipv6(ip: &mut [u8], payload_len: u16, next: u8, hop_limit: u8, src: Ipv6Addr, dst: Ipv6Addr) {
+    ip[0..4].copy_from_slice(&[0x60, 0, 0, 0]);
+    ip[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    ip[6] = next;
+    ip[7] = hop_limit;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+}
+
+/// Writes a Neighbor Advertisement or Solicitation with a link-layer address option
+/// (source for NS, target for NA) into `icmp` (32 bytes) and fills its checksum.
+fn write_nd(icmp: &mut [u8], msg: Icmpv6Message, flags: NdiscNeighborFlags, target: Ipv6Addr, mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) {
+    let icmp = &mut icmp[..ND_HLEN + LLADDR_OPT_LEN];
+    let lladdr = Some(smoltcp::wire::RawHardwareAddress::from_bytes(&mac));
+    let repr = if msg == Icmpv6Message::NeighborSolicit {
+        NdiscRepr::NeighborSolicit { target_addr: target, lladdr }
+    } else {
+        NdiscRepr::NeighborAdvert { flags, target_addr: target, lladdr }
+    };
+    let mut pkt = Icmpv6Packet::new_unchecked(&mut *icmp);
+    repr.emit(&mut pkt);
+    pkt.fill_checksum(&src, &dst);
+}
+
+/// Handles ICMPv6 whose destination is ours, a VIP, all-nodes or a solicited-node group:
+///
+/// - Neighbor Solicitation (hop limit 255, code 0, valid options, else `Drop(NdpMalformed)`)
+///   for our address, link-local or a VIP: learn the solicitor's link-layer address, answer with
+///   a Neighbor Advertisement in place (flags S|O, or only O for DAD from `::` which goes to
+///   ff02::1; target link-layer address option; hop limit 255). NS for another target:
+///   `Drop(IcmpUnhandled)`.
+/// - NA / RA / RS: learn (NA: only for neighbours we have an entry for or NAs addressed to us),
+///   then `Consumed`.
+/// - Echo request to our address or a VIP: echo reply in place (hop limit 64).
+/// - Anything else: `Drop(IcmpUnhandled)`.
+pub fn handle_icmpv6_local<B: PacketBuf>(
+    buf: &mut B,
+    l2: &L2Info,
+    iface: &Interface,
+    is_vip: &dyn Fn(IpAddr) -> bool,
+    neigh: &mut NeighborTable,
+    now_ms: u64,
+    stats: &mut CoreStats,
+) -> Verdict {
+    let l3 = l2.l3_off;
+    let frame = buf.data();
+    let Some(ip) = frame.get(l3..) else { return Verdict::Drop(DropReason::Ipv6Malformed) };
+    if l3 < ETH_HLEN || l2.ethertype != ETHERTYPE_IPV6 || ip.len() < IPV6_HLEN || ip[0] >> 4 != 6 {
+        return Verdict::Drop(DropReason::Ipv6Malformed);
+    }
+    let plen = u16::from_be_bytes([ip[4], ip[5]]) as usize;
+    if IPV6_HLEN + plen > ip.len() {
+        return Verdict::Drop(DropReason::Ipv6Malformed);
+    }
+    if ip[6] != PROTO_ICMPV6 {
+        return Verdict::Drop(DropReason::Ipv6ExtensionHeader);
+    }
+    let hop_limit = ip[7];
+    let (src, dst) = (v6(&ip[8..24]), v6(&ip[24..40]));
+    let icmp = &ip[IPV6_HLEN..IPV6_HLEN + plen];
+    if icmp.len() < 4 {
+        return Verdict::Drop(DropReason::IcmpMalformed);
+    }
+    let pkt = Icmpv6Packet::new_unchecked(icmp);
+    if !pkt.verify_checksum(&src, &dst) {
+        return Verdict::Drop(DropReason::IcmpMalformed);
+    }
+    let msg = pkt.msg_type();
+    let frame_src = ether::src_mac(frame);
+    let is_nd = matches!(
+        msg,
+        Icmpv6Message::RouterSolicit
+            | Icmpv6Message::RouterAdvert
+            | Icmpv6Message::NeighborSolicit
+            | Icmpv6Message::NeighborAdvert
+            | Icmpv6Message::Redirect
+    );
+    if is_nd {
+        // RFC 4861 §6.1, §7.1: hop limit 255, code 0, well-formed options.
+        if hop_limit != 255 || pkt.msg_code() != 0 {
+            return Verdict::Drop(DropReason::NdpMalformed);
+        }
+        let Ok(pkt) = Icmpv6Packet::new_checked(icmp) else { return Verdict::Drop(DropReason::NdpMalformed) };
+        let Ok(repr) = NdiscRepr::parse(&pkt) else { return Verdict::Drop(DropReason::NdpMalformed) };
+        let ll = |a: Option<smoltcp::wire::RawHardwareAddress>| {
+            a.filter(|a| a.len() == 6).map(|a| mac6(a.as_bytes())).filter(|m| is_unicast_mac(*m))
+        };
+        return match repr {
+            NdiscRepr::NeighborSolicit { target_addr, lladdr } => {
+                let dad = src.is_unspecified();
+                if target_addr.is_multicast()
+                    || (dad && (lladdr.is_some() || !ndp::is_solicited_node(dst)))
+                {
+                    return Verdict::Drop(DropReason::NdpMalformed);
+                }
+                let target = IpAddr::V6(target_addr);
+                if !(iface.owns(target) || is_vip(target)) {
+                    return Verdict::Drop(DropReason::IcmpUnhandled);
+                }
+                let sll = ll(lladdr);
+                if !dad {
+                    if let Some(m) = sll {
+                        neigh.learn(IpAddr::V6(src), m, now_ms);
+                    }
+                }
+                let (to_ip, to_mac, flags) = if dad {
+                    (ndp::ALL_NODES, ndp::ALL_NODES_MAC, NdiscNeighborFlags::OVERRIDE)
+                } else {
+                    let to_mac = sll.unwrap_or(frame_src);
+                    if !is_unicast_mac(to_mac) {
+                        return Verdict::Drop(DropReason::NdpMalformed);
+                    }
+                    (src, to_mac, NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE)
+                };
+                let ilen = ND_HLEN + LLADDR_OPT_LEN;
+                if !buf.set_len(l3 + IPV6_HLEN + ilen) {
+                    return Verdict::Drop(DropReason::NdpMalformed);
+                }
+                let f = buf.data_mut();
+                ether::set_macs(f, to_mac, iface.mac);
+                let ip = &mut f[l3..];
+                write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, target_addr, to_ip);
+                write_nd(&mut ip[IPV6_HLEN..], Icmpv6Message::NeighborAdvert, flags, target_addr, iface.mac, target_addr, to_ip);
+                stats.ndp_replies += 1;
+                Verdict::Tx
+            }
+            NdiscRepr::NeighborAdvert { target_addr, lladdr, .. } => {
+                let target = IpAddr::V6(target_addr);
+                if let Some(m) = ll(lladdr) {
+                    if !iface.owns(target) && (neigh.contains(target) || iface.owns(IpAddr::V6(dst))) {
+                        neigh.learn(target, m, now_ms);
+                    }
+                }
+                Verdict::Consumed
+            }
+            NdiscRepr::RouterSolicit { lladdr } | NdiscRepr::RouterAdvert { lladdr, .. } => {
+                if let (false, Some(m)) = (src.is_unspecified(), ll(lladdr)) {
+                    neigh.learn(IpAddr::V6(src), m, now_ms);
+                }
+                Verdict::Consumed
+            }
+            NdiscRepr::Redirect { .. } => Verdict::Drop(DropReason::IcmpUnhandled),
+        };
+    }
+    if msg != Icmpv6Message::EchoRequest {
+        return Verdict::Drop(DropReason::IcmpUnhandled);
+    }
+    if icmp.len() < 8 {
+        return Verdict::Drop(DropReason::IcmpMalformed);
+    }
+    let d = IpAddr::V6(dst);
+    if !(iface.owns(d) || is_vip(d)) || src.is_multicast() || src.is_unspecified() {
+        return Verdict::Drop(DropReason::IcmpUnhandled);
+    }
+    if !buf.set_len(l3 + IPV6_HLEN + plen) {
+        return Verdict::Drop(DropReason::Ipv6Malformed);
+    }
+    let f = buf.data_mut();
+    let (fd, fs) = (ether::dst_mac(f), ether::src_mac(f));
+    ether::set_macs(f, fs, fd);
+    let ip = &mut f[l3..];
+    ip[8..24].copy_from_slice(&dst.octets());
+    ip[24..40].copy_from_slice(&src.octets());
+    ip[7] = 64;
+    let mut pkt = Icmpv6Packet::new_unchecked(&mut ip[IPV6_HLEN..IPV6_HLEN + plen]);
+    pkt.set_msg_type(Icmpv6Message::EchoReply);
+    pkt.fill_checksum(&dst, &src);
+    stats.echo_replies += 1;
+    Verdict::Tx
+}
+
+/// Writes an untagged Ethernet header and sets the buffer's length; false if it does not fit.
+fn start_frame<B: PacketBuf>(buf: &mut B, len: usize, dst: [u8; 6], src: [u8; 6], ethertype: u16) -> bool {
+    if !buf.set_len(len) {
+        return false;
+    }
+    let f = buf.data_mut();
+    if f.len() < len {
+        return false;
+    }
+    ether::set_macs(f, dst, src);
+    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    true
+}
+
+/// A broadcast ARP request for `target` from the port's IPv4 address (untagged, 42 bytes).
+/// False when the port has no IPv4 address or the buffer is too small.
+pub fn build_arp_request<B: PacketBuf>(buf: &mut B, iface: &Interface, target: Ipv4Addr) -> bool {
+    let Some((own, _)) = iface.ipv4 else { return false };
+    if !start_frame(buf, ETH_HLEN + ARP_LEN, BROADCAST, iface.mac, ETHERTYPE_ARP) {
+        return false;
+    }
+    write_arp(&mut buf.data_mut()[ETH_HLEN..], ArpOperation::Request, iface.mac, own, [0; 6], target);
+    true
+}
+
+/// A gratuitous ARP announcement for `ip` (request, sender = target = `ip`, broadcast, RFC 5227
+/// style), e.g. when taking over a VIP.
+pub fn gratuitous_arp<B: PacketBuf>(buf: &mut B, iface: &Interface, ip: Ipv4Addr) -> bool {
+    if !start_frame(buf, ETH_HLEN + ARP_LEN, BROADCAST, iface.mac, ETHERTYPE_ARP) {
+        return false;
+    }
+    write_arp(&mut buf.data_mut()[ETH_HLEN..], ArpOperation::Request, iface.mac, ip, [0; 6], ip);
+    true
+}
+
+/// A Neighbor Solicitation for `target` to its solicited-node group, with a source link-layer
+/// address option, hop limit 255. The source is the link-local address for link-local targets
+/// (or when the port has no global IPv6), else the port's IPv6 address. Untagged, 86 bytes.
+pub fn build_neighbor_solicitation<B: PacketBuf>(buf: &mut B, iface: &Interface, target: Ipv6Addr) -> bool {
+    let src = match iface.ipv6 {
+        Some((a, _)) if !ndp::is_link_local(target) => a,
+        _ => iface.ipv6_link_local,
+    };
+    let group = ndp::solicited_node(target);
+    let ilen = ND_HLEN + LLADDR_OPT_LEN;
+    if !start_frame(buf, ETH_HLEN + IPV6_HLEN + ilen, ndp::multicast_mac(group), iface.mac, ETHERTYPE_IPV6) {
+        return false;
+    }
+    let ip = &mut buf.data_mut()[ETH_HLEN..];
+    write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, src, group);
+    write_nd(&mut ip[IPV6_HLEN..], Icmpv6Message::NeighborSolicit, NdiscNeighborFlags::empty(), target, iface.mac, src, group);
+    true
+}
+
+/// An unsolicited Neighbor Advertisement for `ip` to ff02::1 (flags O only, target link-layer
+/// address option, source `ip`, hop limit 255), e.g. when taking over a VIP. 86 bytes.
+pub fn unsolicited_na<B: PacketBuf>(buf: &mut B, iface: &Interface, ip: Ipv6Addr) -> bool {
+    let ilen = ND_HLEN + LLADDR_OPT_LEN;
+    if !start_frame(buf, ETH_HLEN + IPV6_HLEN + ilen, ndp::ALL_NODES_MAC, iface.mac, ETHERTYPE_IPV6) {
+        return false;
+    }
+    let h = &mut buf.data_mut()[ETH_HLEN..];
+    write_ipv6(h, ilen as u16, PROTO_ICMPV6, 255, ip, ndp::ALL_NODES);
+    write_nd(&mut h[IPV6_HLEN..], Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::OVERRIDE, ip, iface.mac, ip, ndp::ALL_NODES);
+    true
+}
+
+#[cfg(test)]
+mod tests {}
