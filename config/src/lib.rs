@@ -11,4 +11,6 @@ pub mod translate;
 
 pub use bootstrap::Bootstrap;
 pub use error::ConfigError;
+pub use manifests::{Objects, Source, Sourced};
 pub use model::DesiredState;
+pub use translate::{load_desired, translate};

@@ -1,1 +1,503 @@
 //! Services + EndpointSlices + bootstrap -> DesiredState, with validation.
+//!
+//! Pure and deterministic: the same objects give the same state, whatever order they came in.
+//! Every error names the file, the document, the object and the field.
+
+use crate::bootstrap::{Bootstrap, VipPool};
+use crate::error::ConfigError;
+use crate::manifests::{self, object_name, Objects, Source, Sourced};
+use crate::model::{
+    ClientIpAffinity, DesiredState, Endpoint, EndpointState, ForwardingMode, ObjectRef, Protocol, VipService,
+};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::Path;
+
+/// Requested VIPs, comma-separated, at most one per address family.
+pub const ANNOTATION_LB_IPS: &str = "fulcrum.io/load-balancer-ips";
+/// `fullnat` or `dsr-ipip`.
+pub const ANNOTATION_FORWARDING: &str = "fulcrum.io/forwarding";
+/// Services with the same value may share a VIP (on different ports).
+pub const ANNOTATION_SHARED_IP: &str = "fulcrum.io/allow-shared-ip";
+/// The label tying an EndpointSlice to its Service.
+pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// Kubernetes' maximum for it (1 day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86400;
+
+/// Reads manifests (a file or a directory) and translates them.
+pub fn load_desired(boot: &Bootstrap, manifests: &Path) -> Result<DesiredState, ConfigError> {
+    translate(boot, &manifests::load(manifests)?)
+}
+
+/// A `type: LoadBalancer` Service being translated.
+struct Lb<'a> {
+    source: &'a Source,
+    id: ObjectRef,
+    service: &'a Service,
+    spec: &'a ServiceSpec,
+    /// The VIPs and the field each came from.
+    vips: Vec<(IpAddr, String)>,
+}
+
+impl Lb<'_> {
+    fn err(&self, field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        self.source.error(message).object(format!("Service {}", self.id)).field(field)
+    }
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.service.metadata.annotations.as_ref()?.get(key).map(|s| s.trim())
+    }
+    fn where_(&self) -> String {
+        format!("Service {} ({})", self.id, self.source)
+    }
+}
+
+fn annotation_field(key: &str) -> String {
+    format!("metadata.annotations[{key:?}]")
+}
+
+fn namespace(ns: &Option<String>) -> String {
+    ns.clone().unwrap_or_else(|| "default".to_string())
+}
+
+fn family(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+fn describe_pools(pools: &[VipPool]) -> String {
+    let list: Vec<String> = pools
+        .iter()
+        .map(|p| format!("{}: {}", p.name, p.cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")))
+        .collect();
+    format!("VIP pools: {}", list.join("; "))
+}
+
+fn in_pools(boot: &Bootstrap, ip: &IpAddr) -> bool {
+    boot.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
+}
+
+/// Translates everything; the result is sorted by (vip, protocol, port).
+pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, ConfigError> {
+    let mut lbs = Vec::new();
+    for s in &objects.services {
+        let Some(spec) = s.object.spec.as_ref() else { continue };
+        if spec.type_.as_deref() != Some("LoadBalancer") {
+            continue;
+        }
+        let meta = &s.object.metadata;
+        let id = ObjectRef { namespace: namespace(&meta.namespace), name: meta.name.clone().unwrap_or_default() };
+        let lb = Lb { source: &s.source, id, service: &s.object, spec, vips: Vec::new() };
+        if lb.id.name.is_empty() {
+            return Err(lb.err("metadata.name", "a Service needs a name"));
+        }
+        lbs.push(lb);
+    }
+    lbs.sort_by(|a, b| a.id.cmp(&b.id));
+    for w in lbs.windows(2) {
+        if w[0].id == w[1].id {
+            return Err(w[1].err("metadata.name", format!("defined twice: also in {}", w[0].source)));
+        }
+    }
+
+    assign_vips(boot, &mut lbs)?;
+
+    // Slices by (namespace, service name).
+    let mut slices: BTreeMap<(String, String), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
+    for s in &objects.endpoint_slices {
+        let meta = &s.object.metadata;
+        if let Some(svc) = meta.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) {
+            slices.entry((namespace(&meta.namespace), svc.clone())).or_default().push(s);
+        }
+    }
+
+    let mut out: Vec<VipService> = Vec::new();
+    // (vip, protocol, port) -> (index into lbs, port index)
+    let mut claimed: BTreeMap<(IpAddr, Protocol, u16), (usize, usize)> = BTreeMap::new();
+    for (li, lb) in lbs.iter().enumerate() {
+        let mode = forwarding_mode(boot, lb)?;
+        let affinity = affinity(lb)?;
+        let svc_slices = slices.get(&(lb.id.namespace.clone(), lb.id.name.clone())).map(Vec::as_slice).unwrap_or(&[]);
+        let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
+        if ports.is_empty() {
+            return Err(lb.err("spec.ports", "a LoadBalancer Service needs at least one port"));
+        }
+        for (pi, sp) in ports.iter().enumerate() {
+            let (protocol, port) = service_port(lb, pi, sp)?;
+            for (vip, _) in &lb.vips {
+                if let Some(&(lj, pj)) = claimed.get(&(*vip, protocol, port)) {
+                    let what = format!("{vip} {}/{port}", proto_name(protocol));
+                    let msg = if lj == li {
+                        format!("{what} is claimed twice by this Service (also spec.ports[{pj}])")
+                    } else {
+                        format!("{what} is already served by {} (spec.ports[{pj}])", lbs[lj].where_())
+                    };
+                    return Err(lb.err(format!("spec.ports[{pi}]"), msg));
+                }
+                claimed.insert((*vip, protocol, port), (li, pi));
+                out.push(VipService {
+                    service: lb.id.clone(),
+                    port_name: sp.name.clone().unwrap_or_default(),
+                    vip: *vip,
+                    port,
+                    protocol,
+                    mode,
+                    affinity: affinity.clone(),
+                    endpoints: endpoints(lb, pi, sp, protocol, vip.is_ipv6(), svc_slices)?,
+                });
+            }
+        }
+    }
+    check_shared_ips(&lbs)?;
+    out.sort_by(|a, b| (a.vip, a.protocol, a.port).cmp(&(b.vip, b.protocol, b.port)));
+    Ok(DesiredState { services: out })
+}
+
+/// Explicit requests first (spec.loadBalancerIP, then the annotation), then addresses remembered
+/// in status, then allocation from the pools for the rest, in namespace/name order.
+fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> {
+    // address -> index of the first Service holding it
+    let mut taken: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for i in 0..lbs.len() {
+        let lb = &lbs[i];
+        let mut vips: Vec<(IpAddr, String)> = Vec::new();
+        let lb_ip = lb.spec.load_balancer_ip.as_deref().map(str::trim).filter(|s| !s.is_empty());
+        let requested: Vec<(&str, String)> = if let Some(ip) = lb_ip {
+            vec![(ip, "spec.loadBalancerIP".to_string())]
+        } else if let Some(list) = lb.annotation(ANNOTATION_LB_IPS) {
+            let field = annotation_field(ANNOTATION_LB_IPS);
+            list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| (s, field.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        for (text, field) in requested {
+            let ip: IpAddr = text
+                .parse()
+                .map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
+            if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
+                return Err(lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip))));
+            }
+            if !in_pools(boot, &ip) {
+                return Err(lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools))));
+            }
+            vips.push((ip, field));
+        }
+        for (ip, _) in &vips {
+            taken.entry(*ip).or_insert(i);
+        }
+        lbs[i].vips = vips;
+    }
+    // Addresses in status (from an earlier allocation) are kept when still valid and free.
+    for i in 0..lbs.len() {
+        if !lbs[i].vips.is_empty() {
+            continue;
+        }
+        let lb = &lbs[i];
+        let ingress = lb.service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let mut vips: Vec<(IpAddr, String)> = Vec::new();
+        for (k, ing) in ingress.into_iter().flatten().enumerate() {
+            let Some(ip) = ing.ip.as_deref().and_then(|s| s.trim().parse::<IpAddr>().ok()) else { continue };
+            let free = taken.get(&ip).is_none_or(|&j| shareable(&lbs[j], lb));
+            if free && in_pools(boot, &ip) && !vips.iter().any(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
+                vips.push((ip, format!("status.loadBalancer.ingress[{k}].ip")));
+            }
+        }
+        for (ip, _) in &vips {
+            taken.entry(*ip).or_insert(i);
+        }
+        lbs[i].vips = vips;
+    }
+    // The appliance's own addresses are never handed out.
+    let own: BTreeSet<IpAddr> = boot
+        .ports
+        .iter()
+        .flat_map(|p| [p.ipv4.map(|n| IpAddr::V4(n.addr())), p.ipv6.map(|n| IpAddr::V6(n.addr()))])
+        .flatten()
+        .collect();
+    for i in 0..lbs.len() {
+        if !lbs[i].vips.is_empty() {
+            continue;
+        }
+        let (want, required) = wanted_families(&lbs[i])?;
+        let mut vips = Vec::new();
+        for v6 in want {
+            match allocate(boot, v6, |ip| taken.contains_key(ip) || own.contains(ip)) {
+                Some(ip) => {
+                    taken.insert(ip, i);
+                    vips.push((ip, "spec.loadBalancerIP".to_string()));
+                }
+                None if required || vips.is_empty() => {
+                    let fam = if v6 { "IPv6" } else { "IPv4" };
+                    return Err(lbs[i].err(
+                        "spec.loadBalancerIP",
+                        format!("no address requested and no free {fam} address left ({})", describe_pools(&boot.vip_pools)),
+                    ));
+                }
+                None => {} // PreferDualStack: one family is enough
+            }
+        }
+        lbs[i].vips = vips;
+    }
+    Ok(())
+}
+
+/// Families to allocate (false = IPv4, true = IPv6) from `spec.ipFamilies`/`ipFamilyPolicy`, and
+/// whether all of them are required.
+fn wanted_families(lb: &Lb<'_>) -> Result<(Vec<bool>, bool), ConfigError> {
+    let mut fams = Vec::new();
+    for (k, f) in lb.spec.ip_families.iter().flatten().enumerate() {
+        match f.as_str() {
+            "IPv4" => fams.push(false),
+            "IPv6" => fams.push(true),
+            other => return Err(lb.err(format!("spec.ipFamilies[{k}]"), format!("{other:?} is not IPv4 or IPv6"))),
+        }
+    }
+    let policy = lb.spec.ip_family_policy.as_deref().unwrap_or("SingleStack");
+    let dual = match policy {
+        "SingleStack" => false,
+        "PreferDualStack" | "RequireDualStack" => true,
+        other => {
+            return Err(lb.err(
+                "spec.ipFamilyPolicy",
+                format!("{other:?} is not one of SingleStack, PreferDualStack, RequireDualStack"),
+            ))
+        }
+    };
+    if fams.is_empty() {
+        fams.push(false);
+    }
+    if dual && fams.len() == 1 {
+        let other = !fams[0];
+        fams.push(other);
+    }
+    if !dual {
+        fams.truncate(1);
+    }
+    Ok((fams, policy != "PreferDualStack"))
+}
+
+/// The first free address of the family, pool by pool, CIDR by CIDR. IPv4 skips network and
+/// broadcast addresses; IPv6 skips the subnet-router anycast address (host part zero).
+fn allocate(boot: &Bootstrap, v6: bool, is_taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+    for pool in &boot.vip_pools {
+        for cidr in &pool.cidrs {
+            let found = match cidr {
+                ipnet::IpNet::V4(n) if !v6 => n.hosts().map(IpAddr::V4).find(|ip| !is_taken(ip)),
+                ipnet::IpNet::V6(n) if v6 => {
+                    let skip = usize::from(n.prefix_len() < 127);
+                    n.hosts().skip(skip).map(IpAddr::V6).find(|ip| !is_taken(ip))
+                }
+                _ => None,
+            };
+            if found.is_some() {
+                return found;
+            }
+        }
+    }
+    None
+}
+
+/// Whether `b` may use an address `a` already has: both carry the same shared-IP annotation.
+fn shareable(a: &Lb<'_>, b: &Lb<'_>) -> bool {
+    match (a.annotation(ANNOTATION_SHARED_IP), b.annotation(ANNOTATION_SHARED_IP)) {
+        (Some(x), Some(y)) => !x.is_empty() && x == y,
+        _ => false,
+    }
+}
+
+fn check_shared_ips(lbs: &[Lb<'_>]) -> Result<(), ConfigError> {
+    let mut first: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for (i, lb) in lbs.iter().enumerate() {
+        for (ip, field) in &lb.vips {
+            match first.get(ip) {
+                None => {
+                    first.insert(*ip, i);
+                }
+                Some(&j) if !shareable(&lbs[j], lb) => {
+                    return Err(lb.err(
+                        field,
+                        format!(
+                            "address {ip} taken by {} ({}); Services may share a VIP only when both carry the \
+                             annotation {ANNOTATION_SHARED_IP} with the same value",
+                            lbs[j].id, lbs[j].source
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn forwarding_mode(boot: &Bootstrap, lb: &Lb<'_>) -> Result<ForwardingMode, ConfigError> {
+    match lb.annotation(ANNOTATION_FORWARDING) {
+        None => Ok(boot.forwarding.default_mode),
+        Some("fullnat") => Ok(ForwardingMode::FullNat),
+        Some("dsr-ipip") => Ok(ForwardingMode::DsrIpip),
+        Some(other) => Err(lb.err(
+            annotation_field(ANNOTATION_FORWARDING),
+            format!("{other:?} is not a forwarding mode; allowed values: fullnat, dsr-ipip"),
+        )),
+    }
+}
+
+fn affinity(lb: &Lb<'_>) -> Result<Option<ClientIpAffinity>, ConfigError> {
+    match lb.spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let t = lb
+                .spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Ok(Some(ClientIpAffinity { timeout_seconds: DEFAULT_AFFINITY_TIMEOUT })),
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT as i32).contains(&t) => {
+                    Ok(Some(ClientIpAffinity { timeout_seconds: t as u32 }))
+                }
+                Some(t) => Err(lb.err(
+                    "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                    format!("{t} is out of range 1..={MAX_AFFINITY_TIMEOUT}"),
+                )),
+            }
+        }
+        Some(other) => Err(lb.err("spec.sessionAffinity", format!("{other:?} is not one of None, ClientIP"))),
+    }
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Err("SCTP is not supported (TCP and UDP are)".to_string()),
+        other => Err(format!("{other:?} is not one of TCP, UDP")),
+    }
+}
+
+fn service_port(lb: &Lb<'_>, i: usize, sp: &ServicePort) -> Result<(Protocol, u16), ConfigError> {
+    let protocol = parse_protocol(sp.protocol.as_deref()).map_err(|m| lb.err(format!("spec.ports[{i}].protocol"), m))?;
+    let port = u16::try_from(sp.port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(|| lb.err(format!("spec.ports[{i}].port"), format!("{} is not a port number (1-65535)", sp.port)))?;
+    Ok((protocol, port))
+}
+
+fn rank(s: EndpointState) -> u8 {
+    match s {
+        EndpointState::Ready => 2,
+        EndpointState::Terminating => 1,
+        EndpointState::NotReady => 0,
+    }
+}
+
+/// The endpoints of Service port `pi` for one VIP family, from the Service's slices.
+fn endpoints(
+    lb: &Lb<'_>,
+    pi: usize,
+    sp: &ServicePort,
+    protocol: Protocol,
+    v6: bool,
+    slices: &[&Sourced<EndpointSlice>],
+) -> Result<Vec<Endpoint>, ConfigError> {
+    let name = sp.name.as_deref().unwrap_or("");
+    let ip_slices: Vec<&Sourced<EndpointSlice>> =
+        slices.iter().copied().filter(|s| matches!(s.object.address_type.as_str(), "IPv4" | "IPv6")).collect();
+    // Slices that list ports (placeholder slices of Services without endpoints list none).
+    let with_ports: Vec<&Sourced<EndpointSlice>> =
+        ip_slices.iter().copied().filter(|s| s.object.ports.as_ref().is_some_and(|p| !p.is_empty())).collect();
+    let matches = |p: &k8s_openapi::api::discovery::v1::EndpointPort| {
+        p.name.as_deref().unwrap_or("") == name && parse_protocol(p.protocol.as_deref()).ok() == Some(protocol)
+    };
+    if !with_ports.is_empty() && !with_ports.iter().any(|s| s.object.ports.iter().flatten().any(matches)) {
+        let searched: Vec<String> = with_ports
+            .iter()
+            .map(|s| {
+                let ports: Vec<String> = s
+                    .object
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| {
+                        let port = p.port.map_or("-".to_string(), |n| n.to_string());
+                        format!("{:?} {}/{port}", p.name.as_deref().unwrap_or(""), p.protocol.as_deref().unwrap_or("TCP"))
+                    })
+                    .collect();
+                format!("{} [{}] ({})", object_name("EndpointSlice", &s.object.metadata), ports.join(", "), s.source)
+            })
+            .collect();
+        return Err(lb.err(
+            format!("spec.ports[{pi}].name"),
+            format!(
+                "no EndpointSlice port named {name:?} with protocol {}; searched {}",
+                proto_name(protocol),
+                searched.join("; ")
+            ),
+        ));
+    }
+
+    let want = if v6 { "IPv6" } else { "IPv4" };
+    let mut best: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for s in ip_slices.iter().filter(|s| s.object.address_type == want) {
+        let slice_err = |field: String, msg: String| {
+            s.source.error(msg).object(object_name("EndpointSlice", &s.object.metadata)).field(field)
+        };
+        for (k, p) in s.object.ports.iter().flatten().enumerate() {
+            if !matches(p) {
+                continue;
+            }
+            // kube-proxy ignores ports without a number as well.
+            let Some(n) = p.port else { continue };
+            let port = u16::try_from(n)
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| slice_err(format!("ports[{k}].port"), format!("{n} is not a port number (1-65535)")))?;
+            for (j, ep) in s.object.endpoints.iter().enumerate() {
+                let Some(text) = ep.addresses.first() else {
+                    return Err(slice_err(format!("endpoints[{j}].addresses"), "an endpoint needs an address".into()));
+                };
+                let addr: IpAddr = text.trim().parse().map_err(|_| {
+                    slice_err(format!("endpoints[{j}].addresses[0]"), format!("{text:?} is not an IP address"))
+                })?;
+                if addr.is_ipv6() != v6 {
+                    return Err(slice_err(
+                        format!("endpoints[{j}].addresses[0]"),
+                        format!("{addr} is not an {want} address (addressType is {want})"),
+                    ));
+                }
+                let c = ep.conditions.clone().unwrap_or_default();
+                let state = if c.ready.unwrap_or(true) {
+                    EndpointState::Ready
+                } else if c.serving == Some(true) && c.terminating == Some(true) {
+                    EndpointState::Terminating
+                } else {
+                    EndpointState::NotReady
+                };
+                let target = ep.target_ref.as_ref().and_then(|r| r.name.clone()).or_else(|| ep.hostname.clone());
+                let e = Endpoint { addr, port, state, weight: 1, target };
+                match best.get(&(addr, port)) {
+                    Some(old) if rank(old.state) >= rank(state) => {}
+                    _ => {
+                        best.insert((addr, port), e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(best.into_values().collect())
+}
