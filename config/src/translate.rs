@@ -501,3 +501,307 @@ fn endpoints(
     }
     Ok(best.into_values().collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot() -> Bootstrap {
+        Bootstrap::parse(Path::new("b.yaml"), include_str!("../examples/bootstrap.yaml")).unwrap()
+    }
+
+    fn run_with(boot: &Bootstrap, docs: &[String]) -> Result<DesiredState, ConfigError> {
+        translate(boot, &Objects::parse(Path::new("t.yaml"), &docs.join("---\n")).unwrap())
+    }
+
+    fn run(docs: &[String]) -> Result<DesiredState, ConfigError> {
+        run_with(&boot(), docs)
+    }
+
+    fn err(docs: &[String]) -> String {
+        run(docs).expect_err("must be rejected").to_string()
+    }
+
+    /// A LoadBalancer Service in namespace `demo`; `meta` and `spec` are extra YAML flow entries.
+    fn svc(name: &str, meta: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo{meta}}}\n\
+             spec: {{type: LoadBalancer{spec}}}\n"
+        )
+    }
+
+    fn slice(name: &str, service: &str, family: &str, ports: &str, endpoints: &str) -> String {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: demo, \
+             labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: {ports}\n\
+             endpoints: {endpoints}\n"
+        )
+    }
+
+    fn vips(state: &DesiredState) -> Vec<(String, String, u16)> {
+        state.services.iter().map(|s| (s.service.to_string(), s.vip.to_string(), s.port)).collect()
+    }
+
+    const HTTP: &str = ", ports: [{name: http, port: 80, targetPort: 8080}]";
+
+    #[test]
+    fn allocation_is_ordered_stable_and_skips_requested_addresses() {
+        let docs = vec![
+            svc("b", "", HTTP),
+            svc("a", "", HTTP),
+            svc("c", "", &format!(", loadBalancerIP: 10.20.0.1{HTTP}")),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: z}\nspec: {ports: [{port: 80}]}\n".to_string(),
+        ];
+        let want = vec![
+            ("demo/c".to_string(), "10.20.0.1".to_string(), 80),
+            ("demo/a".to_string(), "10.20.0.2".to_string(), 80),
+            ("demo/b".to_string(), "10.20.0.3".to_string(), 80),
+        ];
+        assert_eq!(vips(&run(&docs).unwrap()), want);
+        let mut reversed = docs.clone();
+        reversed.reverse();
+        assert_eq!(vips(&run(&reversed).unwrap()), want);
+    }
+
+    #[test]
+    fn allocation_by_family_and_from_status() {
+        let docs = vec![
+            svc("v6", "", &format!(", ipFamilies: [IPv6]{HTTP}")),
+            svc("dual", "", &format!(", ipFamilyPolicy: RequireDualStack{HTTP}")),
+            format!("{}status: {{loadBalancer: {{ingress: [{{ip: 10.20.0.77}}]}}}}\n", svc("kept", "", HTTP)),
+            format!("{}status: {{loadBalancer: {{ingress: [{{ip: 192.0.2.1}}]}}}}\n", svc("stale", "", HTTP)),
+        ];
+        let got = vips(&run(&docs).unwrap());
+        let want: Vec<(String, String, u16)> = [
+            ("demo/dual", "10.20.0.1"),
+            ("demo/stale", "10.20.0.2"),
+            ("demo/kept", "10.20.0.77"),
+            ("demo/dual", "fd00:20::1"),
+            ("demo/v6", "fd00:20::2"),
+        ]
+        .iter()
+        .map(|(s, v)| (s.to_string(), v.to_string(), 80))
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn exhausted_pool_is_an_error() {
+        let mut b = boot();
+        b.vip_pools[0].cidrs = vec!["10.20.0.4/31".parse().unwrap()];
+        let docs: Vec<String> = ["a", "b", "c"].iter().map(|n| svc(n, "", HTTP)).collect();
+        let e = run_with(&b, &docs).unwrap_err().to_string();
+        assert!(e.contains("Service demo/c: field spec.loadBalancerIP: no address requested and no free IPv4"), "{e}");
+        assert_eq!(vips(&run_with(&b, &docs[..2]).unwrap())[1].1, "10.20.0.5");
+    }
+
+    #[test]
+    fn requested_vip_outside_pools() {
+        let e = err(&[svc("web", "", &format!(", loadBalancerIP: 10.30.0.1{HTTP}"))]);
+        assert_eq!(
+            e,
+            "t.yaml: document 1: Service demo/web: field spec.loadBalancerIP: 10.30.0.1 is outside every VIP pool \
+             (VIP pools: lab: 10.20.0.0/24, fd00:20::/120)"
+        );
+        let e = err(&[svc("web", ", annotations: {fulcrum.io/load-balancer-ips: 'fd00:30::1'}", HTTP)]);
+        assert!(e.contains("field metadata.annotations[\"fulcrum.io/load-balancer-ips\"]: fd00:30::1 is outside"), "{e}");
+        let e = err(&[svc("web", ", annotations: {fulcrum.io/load-balancer-ips: '10.20.0.1,10.20.0.2'}", HTTP)]);
+        assert!(e.contains("at most one VIP per family"), "{e}");
+        let e = err(&[svc("web", "", &format!(", loadBalancerIP: nope{HTTP}"))]);
+        assert!(e.contains("\"nope\" is not an IP address"), "{e}");
+    }
+
+    #[test]
+    fn ports_protocols_and_sctp() {
+        let spec = ", loadBalancerIP: 10.20.0.9, ports: [{name: a, port: 53, protocol: UDP}, {name: b, port: 53}]";
+        let s = run(&[svc("dns", "", spec)]).unwrap();
+        let got: Vec<_> = s.services.iter().map(|v| (v.protocol, v.port, v.port_name.as_str())).collect();
+        assert_eq!(got, vec![(Protocol::Tcp, 53, "b"), (Protocol::Udp, 53, "a")]);
+        let e = err(&[
+            svc("x", "", HTTP),
+            svc("dns", "", ", ports: [{name: a, port: 53, protocol: UDP}, {name: b, port: 9, protocol: SCTP}]"),
+        ]);
+        assert_eq!(
+            e,
+            "t.yaml: document 2: Service demo/dns: field spec.ports[1].protocol: SCTP is not supported (TCP and UDP are)"
+        );
+        let e = err(&[svc("dup", "", ", ports: [{name: a, port: 80}, {name: b, port: 80}]")]);
+        assert!(e.contains("field spec.ports[1]: 10.20.0.1 TCP/80 is claimed twice by this Service (also spec.ports[0])"), "{e}");
+        let e = err(&[svc("none", "", "")]);
+        assert!(e.contains("field spec.ports: a LoadBalancer Service needs at least one port"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_conditions_dedup_and_order() {
+        let ports = "[{name: http, port: 8080}]";
+        let docs = vec![
+            svc("web", "", HTTP),
+            slice(
+                "web-1",
+                "web",
+                "IPv4",
+                ports,
+                "[{addresses: [10.0.0.9], conditions: {ready: false, serving: true, terminating: true}, \
+                  targetRef: {name: pod-9}},\
+                  {addresses: [10.0.0.3], conditions: {}, hostname: h3},\
+                  {addresses: [10.0.0.5], conditions: {ready: false, serving: false, terminating: true}},\
+                  {addresses: [10.0.0.7], conditions: {ready: false, serving: true, terminating: false}}]",
+            ),
+            slice(
+                "web-2",
+                "web",
+                "IPv4",
+                ports,
+                "[{addresses: [10.0.0.9], conditions: {ready: true}, targetRef: {name: pod-9b}},\
+                  {addresses: [10.0.0.3], conditions: {ready: false}}]",
+            ),
+            slice("web-fqdn", "web", "FQDN", ports, "[{addresses: [web.example]}]"),
+            slice("other", "not-web", "IPv4", ports, "[{addresses: [10.9.9.9]}]"),
+        ];
+        let s = run(&docs).unwrap();
+        assert_eq!(s.services.len(), 1);
+        let eps: Vec<_> = s.services[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.port, e.state, e.weight, e.target.clone()))
+            .collect();
+        use EndpointState::*;
+        assert_eq!(
+            eps,
+            vec![
+                ("10.0.0.3".into(), 8080, Ready, 1, Some("h3".into())),
+                ("10.0.0.5".into(), 8080, NotReady, 1, None),
+                ("10.0.0.7".into(), 8080, NotReady, 1, None),
+                ("10.0.0.9".into(), 8080, Ready, 1, Some("pod-9b".into())),
+            ]
+        );
+        // Without the ready copy in web-2, 10.0.0.9 is terminating.
+        let mut only_first = docs.clone();
+        only_first.remove(2);
+        let s = run(&only_first).unwrap();
+        let e9 = s.services[0].endpoints.iter().find(|e| e.addr.to_string() == "10.0.0.9").unwrap();
+        assert_eq!((e9.state, e9.target.as_deref()), (Terminating, Some("pod-9")));
+    }
+
+    #[test]
+    fn port_names_must_match_some_slice() {
+        let e = err(&[
+            svc("web", "", HTTP),
+            slice("web-1", "web", "IPv4", "[{name: web, port: 8080}]", "[{addresses: [10.0.0.1]}]"),
+            slice("web-2", "web", "IPv4", "[{name: http, port: 8080, protocol: UDP}]", "[{addresses: [10.0.0.2]}]"),
+        ]);
+        assert!(e.starts_with("t.yaml: document 1: Service demo/web: field spec.ports[0].name: no EndpointSlice port named \"http\" with protocol TCP; searched EndpointSlice demo/web-1 [\"web\" TCP/8080] (t.yaml: document 2); EndpointSlice demo/web-2"), "{e}");
+        // No slices at all, or only a placeholder without ports: valid, no endpoints.
+        assert!(run(&[svc("web", "", HTTP)]).unwrap().services[0].endpoints.is_empty());
+        let placeholder = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: p, namespace: demo, \
+                           labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []\nports: null\n";
+        assert!(run(&[svc("web", "", HTTP), placeholder.to_string()]).unwrap().services[0].endpoints.is_empty());
+        // Unnamed service port matches an unnamed or empty-named slice port; a slice in another
+        // namespace does not count.
+        let other_ns = slice("x", "web", "IPv4", "[{name: zzz, port: 1}]", "[]").replace("namespace: demo", "namespace: prod");
+        for p in ["[{port: 8080}]", "[{name: '', port: 8080}]"] {
+            let s = run(&[
+                svc("web", "", ", ports: [{port: 80}]"),
+                slice("w", "web", "IPv4", p, "[{addresses: [10.0.0.1]}]"),
+                other_ns.clone(),
+            ])
+            .unwrap();
+            assert_eq!(s.services[0].endpoints[0].port, 8080, "{p}");
+            assert_eq!(s.services[0].port_name, "");
+        }
+    }
+
+    #[test]
+    fn dual_stack_endpoints_follow_the_vip_family() {
+        let docs = vec![
+            svc("api", ", annotations: {fulcrum.io/load-balancer-ips: 'fd00:20::5, 10.20.0.5'}", HTTP),
+            slice("a4", "api", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.1]}]"),
+            slice("a6", "api", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::2']}, {addresses: ['fd00::1']}]"),
+        ];
+        let s = run(&docs).unwrap();
+        assert_eq!(s.services.len(), 2);
+        assert_eq!(s.services[0].vip.to_string(), "10.20.0.5");
+        assert_eq!(s.services[0].endpoints.len(), 1);
+        assert_eq!(s.services[1].vip.to_string(), "fd00:20::5");
+        let v6: Vec<_> = s.services[1].endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(v6, ["fd00::1", "fd00::2"]);
+        let mut bad = docs.clone();
+        bad[2] = bad[2].replace("fd00::2", "10.1.1.1");
+        let e = err(&bad);
+        assert!(e.contains("EndpointSlice demo/a6: field endpoints[0].addresses[0]: 10.1.1.1 is not an IPv6 address"), "{e}");
+    }
+
+    #[test]
+    fn affinity_and_forwarding() {
+        let s = run(&[svc("a", ", annotations: {fulcrum.io/forwarding: dsr-ipip}", &format!(", sessionAffinity: ClientIP{HTTP}"))]).unwrap();
+        assert_eq!(s.services[0].affinity, Some(ClientIpAffinity { timeout_seconds: 10800 }));
+        assert_eq!(s.services[0].mode, ForwardingMode::DsrIpip);
+        let with_t = |t: i64| {
+            run(&[svc("a", "", &format!(", sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}{HTTP}"))])
+        };
+        assert_eq!(with_t(86400).unwrap().services[0].affinity, Some(ClientIpAffinity { timeout_seconds: 86400 }));
+        for t in [0, 86401] {
+            let e = with_t(t).unwrap_err().to_string();
+            assert!(e.contains("field spec.sessionAffinityConfig.clientIP.timeoutSeconds: "), "{e}");
+        }
+        let e = err(&[svc("a", ", annotations: {fulcrum.io/forwarding: dsr}", HTTP)]);
+        assert!(
+            e.ends_with("Service demo/a: field metadata.annotations[\"fulcrum.io/forwarding\"]: \"dsr\" is not a forwarding mode; allowed values: fullnat, dsr-ipip"),
+            "{e}"
+        );
+        let mut b = boot();
+        b.forwarding.default_mode = ForwardingMode::DsrIpip;
+        let s = run_with(&b, &[svc("a", "", HTTP), svc("f", ", annotations: {fulcrum.io/forwarding: fullnat}", HTTP)]).unwrap();
+        assert_eq!(s.services[0].mode, ForwardingMode::DsrIpip);
+        assert_eq!(s.services[0].affinity, None);
+        assert_eq!(s.services[1].mode, ForwardingMode::FullNat);
+    }
+
+    #[test]
+    fn overlapping_and_shared_vips() {
+        let ip = |p: u16| format!(", loadBalancerIP: 10.20.0.10, ports: [{{port: {p}}}]");
+        let e = err(&[svc("a", "", &ip(80)), svc("b", "", &ip(80))]);
+        assert!(e.starts_with("t.yaml: document 2: Service demo/b: field spec.ports[0]: 10.20.0.10 TCP/80 is already served by Service demo/a (t.yaml: document 1)"), "{e}");
+        let e = err(&[svc("a", "", &ip(80)), svc("b", "", &ip(443))]);
+        assert!(e.contains("Service demo/b: field spec.loadBalancerIP: address 10.20.0.10 taken by demo/a"), "{e}");
+        let shared = |v: &str| format!(", annotations: {{fulcrum.io/allow-shared-ip: {v}}}");
+        let s = run(&[svc("a", &shared("k"), &ip(80)), svc("b", &shared("k"), &ip(443))]).unwrap();
+        assert_eq!(vips(&s), [("demo/a".into(), "10.20.0.10".into(), 80), ("demo/b".into(), "10.20.0.10".into(), 443)]);
+        let e = err(&[svc("a", &shared("k"), &ip(80)), svc("b", &shared("j"), &ip(443))]);
+        assert!(e.contains("taken by demo/a"), "{e}");
+        // Same key but the same port: still a conflict.
+        let e = err(&[svc("a", &shared("k"), &ip(80)), svc("b", &shared("k"), &ip(80))]);
+        assert!(e.contains("already served by Service demo/a"), "{e}");
+    }
+
+    #[test]
+    fn namespace_defaults_and_duplicates() {
+        let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\n";
+        let s = run(&[doc.to_string()]).unwrap();
+        assert_eq!(s.services[0].service, ObjectRef { namespace: "default".into(), name: "web".into() });
+        let e = err(&[doc.to_string(), doc.to_string()]);
+        assert!(e.contains("document 2: Service default/web: field metadata.name: defined twice: also in t.yaml: document 1"), "{e}");
+    }
+
+    fn order_docs() -> Vec<String> {
+        vec![
+            svc("a", "", HTTP),
+            svc("b", "", &format!(", ipFamilyPolicy: PreferDualStack{HTTP}")),
+            svc("c", "", &format!(", loadBalancerIP: 10.20.0.2{HTTP}")),
+            slice("a-1", "a", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1], conditions: {ready: false}}]"),
+            slice("a-2", "a", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.1]}]"),
+            slice("b-6", "b", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::1']}]"),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn document_order_does_not_matter(docs in proptest::prelude::Strategy::prop_shuffle(proptest::strategy::Just(order_docs()))) {
+            let base = run(&order_docs()).unwrap();
+            proptest::prop_assert_eq!(base.services.len(), 4);
+            let a = &base.services[0];
+            proptest::prop_assert_eq!((a.vip.to_string(), a.endpoints[0].state), ("10.20.0.1".to_string(), EndpointState::Ready));
+            proptest::prop_assert_eq!(run(&docs).unwrap(), base);
+        }
+    }
+}
