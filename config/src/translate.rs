@@ -155,12 +155,13 @@ pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, Co
         }
     }
     check_shared_ips(&lbs)?;
-    out.sort_by(|a, b| (a.vip, a.protocol, a.port).cmp(&(b.vip, b.protocol, b.port)));
+    out.sort_by_key(|v| (v.vip, v.protocol, v.port));
     Ok(DesiredState { services: out })
 }
 
 /// Explicit requests first (spec.loadBalancerIP, then the annotation), then addresses remembered
 /// in status, then allocation from the pools for the rest, in namespace/name order.
+#[allow(clippy::needless_range_loop)] // lbs[i] is replaced while the others are read
 fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> {
     // address -> index of the first Service holding it
     let mut taken: BTreeMap<IpAddr, usize> = BTreeMap::new();
