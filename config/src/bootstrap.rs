@@ -272,14 +272,18 @@ impl Bootstrap {
             }
             let min_mtu = if port.ipv6.is_some() { 1280 } else { 576 };
             if port.mtu < min_mtu {
-                let why = if port.ipv6.is_some() { "IPv6 requires at least 1280" } else { "IPv4 requires at least 576" };
+                let why =
+                    if port.ipv6.is_some() { "IPv6 requires at least 1280" } else { "IPv4 requires at least 576" };
                 return fail(f("mtu"), format!("{} is too small: {why}", port.mtu));
             }
             if let Some(gw) = port.next_hop.ipv4 {
                 match port.ipv4 {
                     None => return fail(f("next_hop.ipv4"), format!("{gw} given but the port has no ipv4 address")),
                     Some(net) if !net.contains(&gw) => {
-                        return fail(f("next_hop.ipv4"), format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()))
+                        return fail(
+                            f("next_hop.ipv4"),
+                            format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()),
+                        )
                     }
                     Some(net) if net.addr() == gw => {
                         return fail(f("next_hop.ipv4"), format!("{gw} is the port's own address"))
@@ -292,7 +296,10 @@ impl Bootstrap {
                 match port.ipv6 {
                     None => return fail(f("next_hop.ipv6"), format!("{gw} given but the port has no ipv6 address")),
                     Some(net) if !link_local && !net.contains(&gw) => {
-                        return fail(f("next_hop.ipv6"), format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()))
+                        return fail(
+                            f("next_hop.ipv6"),
+                            format!("{gw} is not on-link: outside the port's prefix {}", net.trunc()),
+                        )
                     }
                     Some(net) if net.addr() == gw => {
                         return fail(f("next_hop.ipv6"), format!("{gw} is the port's own address"))
@@ -311,7 +318,10 @@ impl Bootstrap {
         }
         for (i, c) in self.workers.cores.iter().enumerate() {
             if let Some(j) = self.workers.cores[..i].iter().position(|d| d == c) {
-                return fail(format!("workers.cores[{i}]"), format!("core {c} is listed twice (also workers.cores[{j}])"));
+                return fail(
+                    format!("workers.cores[{i}]"),
+                    format!("core {c} is listed twice (also workers.cores[{j}])"),
+                );
             }
         }
         if self.vip_pools.is_empty() {
@@ -368,7 +378,10 @@ impl Bootstrap {
             return fail("maglev.table_size", format!("{size} is too large: must be below {MAX_TABLE_SIZE} (2^24)"));
         }
         if !is_prime(size) {
-            return fail("maglev.table_size", format!("{size} is not prime (Maglev needs a prime table size, e.g. 65537)"));
+            return fail(
+                "maglev.table_size",
+                format!("{size} is not prime (Maglev needs a prime table size, e.g. 65537)"),
+            );
         }
         Ok(())
     }
@@ -506,8 +519,18 @@ mod tests {
             ("    ipv4: 10.10.0.2/24\n    ipv6: fd00:10::2/64\n", "", "ports[0].ipv4", "ipv4 or an ipv6"),
             ("cores: [0]", "cores: []", "workers.cores", "at least one core"),
             ("cores: [0]", "cores: [0, 3, 0]", "workers.cores[2]", "listed twice"),
-            ("vip_pools:\n  - name: lab", "vip_pools:\n  - name: a\n    cidrs: [10.20.0.128/25]\n  - name: lab", "vip_pools[1].cidrs[0]", "overlaps 10.20.0.128/25 of pool \"a\""),
-            ("      - fd00:20::/120", "      - fd00:20::/120\n      - fd00:20::80/121", "vip_pools[0].cidrs[2]", "overlaps fd00:20::/120"),
+            (
+                "vip_pools:\n  - name: lab",
+                "vip_pools:\n  - name: a\n    cidrs: [10.20.0.128/25]\n  - name: lab",
+                "vip_pools[1].cidrs[0]",
+                "overlaps 10.20.0.128/25 of pool \"a\"",
+            ),
+            (
+                "      - fd00:20::/120",
+                "      - fd00:20::/120\n      - fd00:20::80/121",
+                "vip_pools[0].cidrs[2]",
+                "overlaps fd00:20::/120",
+            ),
             ("table_size: 65537", "table_size: 65536", "maglev.table_size", "not prime"),
             ("table_size: 65537", "table_size: 1", "maglev.table_size", "not prime"),
             ("table_size: 65537", "table_size: 16777259", "maglev.table_size", "too large"),
@@ -518,7 +541,12 @@ mod tests {
             ("      ipv6: fd00:10::1\n", "      ipv6: fd00:11::1\n", "ports[0].next_hop.ipv6", "not on-link"),
             ("      ipv4: 10.10.0.1\n", "      ipv4: 10.10.0.2\n", "ports[0].next_hop.ipv4", "own address"),
             ("02:f1:00:00:00:01", "03:f1:00:00:00:01", "ports[0].mac", "multicast"),
-            ("vip_pools:\n  - name: lab\n    cidrs:", "vip_pools:\n  - name: lab\n    cidrs: [10.30.0.0/24]\n  - name: lab\n    cidrs:", "vip_pools[1].name", "duplicate pool name"),
+            (
+                "vip_pools:\n  - name: lab\n    cidrs:",
+                "vip_pools:\n  - name: lab\n    cidrs: [10.30.0.0/24]\n  - name: lab\n    cidrs:",
+                "vip_pools[1].name",
+                "duplicate pool name",
+            ),
         ];
         for (from, to, field, msg) in cases {
             let e = err(&lab_with(from, to));

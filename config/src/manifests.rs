@@ -60,11 +60,7 @@ pub struct Objects {
 
 /// `Kind namespace/name` as errors name objects; the namespace defaults to `default`.
 pub fn object_name(kind: &str, meta: &ObjectMeta) -> String {
-    format!(
-        "{kind} {}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref().unwrap_or("<unnamed>")
-    )
+    format!("{kind} {}/{}", meta.namespace.as_deref().unwrap_or("default"), meta.name.as_deref().unwrap_or("<unnamed>"))
 }
 
 /// Reads a YAML file, or every `*.yaml`/`*.yml` file of a directory (not recursive, sorted by name).
@@ -123,7 +119,9 @@ impl Objects {
         let text = |key: &str| -> Result<String, ConfigError> {
             match map.get(key) {
                 Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-                Some(other) => Err(source.error(format!("must be a non-empty string, found {}", type_name(other))).field(at(key))),
+                Some(other) => {
+                    Err(source.error(format!("must be a non-empty string, found {}", type_name(other))).field(at(key)))
+                }
                 None => Err(source.error("missing: every object needs apiVersion and kind").field(at(key))),
             }
         };
@@ -262,13 +260,17 @@ fn endpoint_slice_v1beta1_to_v1(mut value: Value, source: &Source, prefix: &str)
         let field = |f: &str| format!("{prefix}endpoints[{i}].{f}");
         if ep.contains_key("deprecatedTopology") || ep.contains_key("zone") {
             let f = if ep.contains_key("zone") { "zone" } else { "deprecatedTopology" };
-            return Err(source.error(format!("unknown field {f:?} (not a discovery.k8s.io/v1beta1 field)")).field(field(f)));
+            return Err(source
+                .error(format!("unknown field {f:?} (not a discovery.k8s.io/v1beta1 field)"))
+                .field(field(f)));
         }
         let mut topology = match ep.remove("topology") {
             None | Some(Value::Null) => continue,
             Some(Value::Object(t)) => t,
             Some(other) => {
-                return Err(source.error(format!("must be a mapping, found {}", type_name(&other))).field(field("topology")))
+                return Err(source
+                    .error(format!("must be a mapping, found {}", type_name(&other)))
+                    .field(field("topology")))
             }
         };
         if let Some(host) = topology.remove("kubernetes.io/hostname") {
@@ -301,7 +303,9 @@ mod tests {
 
     #[test]
     fn multi_document_with_empty_documents() {
-        let text = format!("---\n# only a comment\n---\n{SVC}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n");
+        let text = format!(
+            "---\n# only a comment\n---\n{SVC}---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n"
+        );
         let o = parse(&text).unwrap();
         assert_eq!(o.services.len(), 1);
         let s = &o.services[0];
@@ -324,8 +328,14 @@ mod tests {
         let o = parse(text).unwrap();
         assert_eq!(o.secrets.len(), 1);
         assert_eq!(o.secrets[0].object.data.as_ref().unwrap()["tls.crt"].0, b"ABC");
-        assert_eq!(o.ingress_classes[0].object.spec.as_ref().unwrap().controller.as_deref(), Some("fulcrum.io/ingress"));
-        assert_eq!(o.ingresses[0].object.spec.as_ref().unwrap().rules.as_ref().unwrap()[0].host.as_deref(), Some("a.example"));
+        assert_eq!(
+            o.ingress_classes[0].object.spec.as_ref().unwrap().controller.as_deref(),
+            Some("fulcrum.io/ingress")
+        );
+        assert_eq!(
+            o.ingresses[0].object.spec.as_ref().unwrap().rules.as_ref().unwrap()[0].host.as_deref(),
+            Some("a.example")
+        );
         assert!(o.services.is_empty() && o.skipped.is_empty());
     }
 

@@ -178,14 +178,16 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> 
             Vec::new()
         };
         for (text, field) in requested {
-            let ip: IpAddr = text
-                .parse()
-                .map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
+            let ip: IpAddr = text.parse().map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
             if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
-                return Err(lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip))));
+                return Err(
+                    lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip)))
+                );
             }
             if !in_pools(boot, &ip) {
-                return Err(lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools))));
+                return Err(
+                    lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools)))
+                );
             }
             vips.push((ip, field));
         }
@@ -200,7 +202,8 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> 
             continue;
         }
         let lb = &lbs[i];
-        let ingress = lb.service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ingress =
+            lb.service.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
         let mut vips: Vec<(IpAddr, String)> = Vec::new();
         for (k, ing) in ingress.into_iter().flatten().enumerate() {
             let Some(ip) = ing.ip.as_deref().and_then(|s| s.trim().parse::<IpAddr>().ok()) else { continue };
@@ -237,7 +240,10 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> 
                     let fam = if v6 { "IPv6" } else { "IPv4" };
                     return Err(lbs[i].err(
                         "spec.loadBalancerIP",
-                        format!("no address requested and no free {fam} address left ({})", describe_pools(&boot.vip_pools)),
+                        format!(
+                            "no address requested and no free {fam} address left ({})",
+                            describe_pools(&boot.vip_pools)
+                        ),
                     ));
                 }
                 None => {} // PreferDualStack: one family is enough
@@ -391,11 +397,11 @@ fn parse_protocol(p: Option<&str>) -> Result<Protocol, String> {
 }
 
 fn service_port(lb: &Lb<'_>, i: usize, sp: &ServicePort) -> Result<(Protocol, u16), ConfigError> {
-    let protocol = parse_protocol(sp.protocol.as_deref()).map_err(|m| lb.err(format!("spec.ports[{i}].protocol"), m))?;
-    let port = u16::try_from(sp.port)
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| lb.err(format!("spec.ports[{i}].port"), format!("{} is not a port number (1-65535)", sp.port)))?;
+    let protocol =
+        parse_protocol(sp.protocol.as_deref()).map_err(|m| lb.err(format!("spec.ports[{i}].protocol"), m))?;
+    let port = u16::try_from(sp.port).ok().filter(|&p| p != 0).ok_or_else(|| {
+        lb.err(format!("spec.ports[{i}].port"), format!("{} is not a port number (1-65535)", sp.port))
+    })?;
     Ok((protocol, port))
 }
 
@@ -436,7 +442,11 @@ fn endpoints(
                     .flatten()
                     .map(|p| {
                         let port = p.port.map_or("-".to_string(), |n| n.to_string());
-                        format!("{:?} {}/{port}", p.name.as_deref().unwrap_or(""), p.protocol.as_deref().unwrap_or("TCP"))
+                        format!(
+                            "{:?} {}/{port}",
+                            p.name.as_deref().unwrap_or(""),
+                            p.protocol.as_deref().unwrap_or("TCP")
+                        )
                     })
                     .collect();
                 format!("{} [{}] ({})", object_name("EndpointSlice", &s.object.metadata), ports.join(", "), s.source)
@@ -605,7 +615,10 @@ mod tests {
              (VIP pools: lab: 10.20.0.0/24, fd00:20::/120)"
         );
         let e = err(&[svc("web", ", annotations: {fulcrum.io/load-balancer-ips: 'fd00:30::1'}", HTTP)]);
-        assert!(e.contains("field metadata.annotations[\"fulcrum.io/load-balancer-ips\"]: fd00:30::1 is outside"), "{e}");
+        assert!(
+            e.contains("field metadata.annotations[\"fulcrum.io/load-balancer-ips\"]: fd00:30::1 is outside"),
+            "{e}"
+        );
         let e = err(&[svc("web", ", annotations: {fulcrum.io/load-balancer-ips: '10.20.0.1,10.20.0.2'}", HTTP)]);
         assert!(e.contains("at most one VIP per family"), "{e}");
         let e = err(&[svc("web", "", &format!(", loadBalancerIP: nope{HTTP}"))]);
@@ -627,7 +640,10 @@ mod tests {
             "t.yaml: document 2: Service demo/dns: field spec.ports[1].protocol: SCTP is not supported (TCP and UDP are)"
         );
         let e = err(&[svc("dup", "", ", ports: [{name: a, port: 80}, {name: b, port: 80}]")]);
-        assert!(e.contains("field spec.ports[1]: 10.20.0.1 TCP/80 is claimed twice by this Service (also spec.ports[0])"), "{e}");
+        assert!(
+            e.contains("field spec.ports[1]: 10.20.0.1 TCP/80 is claimed twice by this Service (also spec.ports[0])"),
+            "{e}"
+        );
         let e = err(&[svc("none", "", "")]);
         assert!(e.contains("field spec.ports: a LoadBalancer Service needs at least one port"), "{e}");
     }
@@ -699,7 +715,8 @@ mod tests {
         assert!(run(&[svc("web", "", HTTP), placeholder.to_string()]).unwrap().services[0].endpoints.is_empty());
         // Unnamed service port matches an unnamed or empty-named slice port; a slice in another
         // namespace does not count.
-        let other_ns = slice("x", "web", "IPv4", "[{name: zzz, port: 1}]", "[]").replace("namespace: demo", "namespace: prod");
+        let other_ns =
+            slice("x", "web", "IPv4", "[{name: zzz, port: 1}]", "[]").replace("namespace: demo", "namespace: prod");
         for p in ["[{port: 8080}]", "[{name: '', port: 8080}]"] {
             let s = run(&[
                 svc("web", "", ", ports: [{port: 80}]"),
@@ -717,7 +734,13 @@ mod tests {
         let docs = vec![
             svc("api", ", annotations: {fulcrum.io/load-balancer-ips: 'fd00:20::5, 10.20.0.5'}", HTTP),
             slice("a4", "api", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.1]}]"),
-            slice("a6", "api", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::2']}, {addresses: ['fd00::1']}]"),
+            slice(
+                "a6",
+                "api",
+                "IPv6",
+                "[{name: http, port: 8080}]",
+                "[{addresses: ['fd00::2']}, {addresses: ['fd00::1']}]",
+            ),
         ];
         let s = run(&docs).unwrap();
         assert_eq!(s.services.len(), 2);
@@ -729,16 +752,30 @@ mod tests {
         let mut bad = docs.clone();
         bad[2] = bad[2].replace("fd00::2", "10.1.1.1");
         let e = err(&bad);
-        assert!(e.contains("EndpointSlice demo/a6: field endpoints[0].addresses[0]: 10.1.1.1 is not an IPv6 address"), "{e}");
+        assert!(
+            e.contains("EndpointSlice demo/a6: field endpoints[0].addresses[0]: 10.1.1.1 is not an IPv6 address"),
+            "{e}"
+        );
     }
 
     #[test]
     fn affinity_and_forwarding() {
-        let s = run(&[svc("a", ", annotations: {fulcrum.io/forwarding: dsr-ipip}", &format!(", sessionAffinity: ClientIP{HTTP}"))]).unwrap();
+        let s = run(&[svc(
+            "a",
+            ", annotations: {fulcrum.io/forwarding: dsr-ipip}",
+            &format!(", sessionAffinity: ClientIP{HTTP}"),
+        )])
+        .unwrap();
         assert_eq!(s.services[0].affinity, Some(ClientIpAffinity { timeout_seconds: 10800 }));
         assert_eq!(s.services[0].mode, ForwardingMode::DsrIpip);
         let with_t = |t: i64| {
-            run(&[svc("a", "", &format!(", sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}{HTTP}"))])
+            run(&[svc(
+                "a",
+                "",
+                &format!(
+                    ", sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}{HTTP}"
+                ),
+            )])
         };
         assert_eq!(with_t(86400).unwrap().services[0].affinity, Some(ClientIpAffinity { timeout_seconds: 86400 }));
         for t in [0, 86401] {
@@ -752,7 +789,8 @@ mod tests {
         );
         let mut b = boot();
         b.forwarding.default_mode = ForwardingMode::DsrIpip;
-        let s = run_with(&b, &[svc("a", "", HTTP), svc("f", ", annotations: {fulcrum.io/forwarding: fullnat}", HTTP)]).unwrap();
+        let s = run_with(&b, &[svc("a", "", HTTP), svc("f", ", annotations: {fulcrum.io/forwarding: fullnat}", HTTP)])
+            .unwrap();
         assert_eq!(s.services[0].mode, ForwardingMode::DsrIpip);
         assert_eq!(s.services[0].affinity, None);
         assert_eq!(s.services[1].mode, ForwardingMode::FullNat);
@@ -777,11 +815,17 @@ mod tests {
 
     #[test]
     fn namespace_defaults_and_duplicates() {
-        let doc = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\n";
+        let doc =
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, ports: [{port: 80}]}\n";
         let s = run(&[doc.to_string()]).unwrap();
         assert_eq!(s.services[0].service, ObjectRef { namespace: "default".into(), name: "web".into() });
         let e = err(&[doc.to_string(), doc.to_string()]);
-        assert!(e.contains("document 2: Service default/web: field metadata.name: defined twice: also in t.yaml: document 1"), "{e}");
+        assert!(
+            e.contains(
+                "document 2: Service default/web: field metadata.name: defined twice: also in t.yaml: document 1"
+            ),
+            "{e}"
+        );
     }
 
     fn order_docs() -> Vec<String> {
@@ -789,7 +833,13 @@ mod tests {
             svc("a", "", HTTP),
             svc("b", "", &format!(", ipFamilyPolicy: PreferDualStack{HTTP}")),
             svc("c", "", &format!(", loadBalancerIP: 10.20.0.2{HTTP}")),
-            slice("a-1", "a", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1], conditions: {ready: false}}]"),
+            slice(
+                "a-1",
+                "a",
+                "IPv4",
+                "[{name: http, port: 8080}]",
+                "[{addresses: [10.0.0.2]}, {addresses: [10.0.0.1], conditions: {ready: false}}]",
+            ),
             slice("a-2", "a", "IPv4", "[{name: http, port: 8080}]", "[{addresses: [10.0.0.1]}]"),
             slice("b-6", "b", "IPv6", "[{name: http, port: 8080}]", "[{addresses: ['fd00::1']}]"),
         ]

@@ -144,6 +144,9 @@ fn broken_cases_fail_with_their_expected_message() {
             Err(e) => e.to_string(),
         };
         assert!(message.contains(expect), "{name}: error {message:?} does not contain {expect:?}");
-        assert!(message.starts_with(&file.display().to_string()), "{name}: error does not start with its file: {message}");
+        assert!(
+            message.starts_with(&file.display().to_string()),
+            "{name}: error does not start with its file: {message}"
+        );
     }
 }
