@@ -336,7 +336,7 @@ mod tests {
     use crate::packet::HeapBuf;
     use crate::port::MemoryPort;
     use crate::stats::CoreStats;
-    use crate::wire::ether::{parse_l2, ETHERTYPE_ARP, ETHERTYPE_IPV6};
+    use crate::wire::ether::{parse_l2, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
     use std::path::PathBuf;
 
@@ -480,12 +480,12 @@ mod tests {
         }
     }
 
-    /// The committed golden fixtures read back, and the ARP/NDP ones (which only `neigh` is
+    /// The committed golden fixtures read back, and the ARP/NDP/ping ones (which only `neigh` is
     /// involved in) replayed through the handlers: a cross-check of scapy against our code.
     /// The full replay of every fixture through the worker lives with the worker.
     #[test]
     fn fixtures_read_back_and_neighbour_cases_match() {
-        for case in ["arp", "ndp"] {
+        for case in ["arp", "ndp", "ping_vip"] {
             let input = read_pcap(&fixture(&format!("{case}.in.pcap"))).unwrap();
             let want = read_pcap(&fixture(&format!("{case}.out.pcap"))).unwrap();
             let drops = std::fs::read_to_string(fixture(&format!("{case}.drops"))).unwrap();
@@ -503,6 +503,7 @@ mod tests {
                 let l2 = parse_l2(f).unwrap();
                 let v = match l2.ethertype {
                     ETHERTYPE_ARP => neigh::handle_arp(&mut b, &l2, &iface, &is_vip, &mut neigh, 0, &mut stats),
+                    ETHERTYPE_IPV4 => neigh::handle_icmpv4_local(&mut b, &l2, &mut stats),
                     ETHERTYPE_IPV6 => neigh::handle_icmpv6_local(&mut b, &l2, &iface, &is_vip, &mut neigh, 0, &mut stats),
                     et => panic!("{case}: unexpected ethertype {et:#x}"),
                 };
