@@ -18,8 +18,8 @@ use crate::stats::{CoreStats, DropReason};
 use crate::wire::ether::{self, L2Info, ETHERTYPE_ARP, ETHERTYPE_IPV6, ETH_HLEN};
 use crate::wire::ndp;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, Ipv4Packet,
-    NdiscNeighborFlags, NdiscRepr,
+    ArpOperation, ArpPacket, ArpRepr, Icmpv4Packet, Icmpv6Message, Icmpv6Packet, Ipv4Packet, NdiscNeighborFlags,
+    NdiscRepr,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -448,7 +448,15 @@ fn write_ipv6(ip: &mut [u8], payload_len: u16, next: u8, hop_limit: u8, src: Ipv
 
 /// Writes a Neighbor Advertisement or Solicitation with a link-layer address option
 /// (source for NS, target for NA) into `icmp` (32 bytes) and fills its checksum.
-fn write_nd(icmp: &mut [u8], msg: Icmpv6Message, flags: NdiscNeighborFlags, target: Ipv6Addr, mac: [u8; 6], src: Ipv6Addr, dst: Ipv6Addr) {
+fn write_nd(
+    icmp: &mut [u8],
+    msg: Icmpv6Message,
+    flags: NdiscNeighborFlags,
+    target: Ipv6Addr,
+    mac: [u8; 6],
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+) {
     let icmp = &mut icmp[..ND_HLEN + LLADDR_OPT_LEN];
     let lladdr = Some(smoltcp::wire::RawHardwareAddress::from_bytes(&mac));
     let repr = if msg == Icmpv6Message::NeighborSolicit {
@@ -527,9 +535,7 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
         return match repr {
             NdiscRepr::NeighborSolicit { target_addr, lladdr } => {
                 let dad = src.is_unspecified();
-                if target_addr.is_multicast()
-                    || (dad && (lladdr.is_some() || !ndp::is_solicited_node(dst)))
-                {
+                if target_addr.is_multicast() || (dad && (lladdr.is_some() || !ndp::is_solicited_node(dst))) {
                     return Verdict::Drop(DropReason::NdpMalformed);
                 }
                 let target = IpAddr::V6(target_addr);
@@ -559,7 +565,15 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
                 ether::set_macs(f, to_mac, iface.mac);
                 let ip = &mut f[l3..];
                 write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, target_addr, to_ip);
-                write_nd(&mut ip[IPV6_HLEN..], Icmpv6Message::NeighborAdvert, flags, target_addr, iface.mac, target_addr, to_ip);
+                write_nd(
+                    &mut ip[IPV6_HLEN..],
+                    Icmpv6Message::NeighborAdvert,
+                    flags,
+                    target_addr,
+                    iface.mac,
+                    target_addr,
+                    to_ip,
+                );
                 stats.ndp_replies += 1;
                 Verdict::Tx
             }
@@ -658,7 +672,15 @@ pub fn build_neighbor_solicitation<B: PacketBuf>(buf: &mut B, iface: &Interface,
     }
     let ip = &mut buf.data_mut()[ETH_HLEN..];
     write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, src, group);
-    write_nd(&mut ip[IPV6_HLEN..], Icmpv6Message::NeighborSolicit, NdiscNeighborFlags::empty(), target, iface.mac, src, group);
+    write_nd(
+        &mut ip[IPV6_HLEN..],
+        Icmpv6Message::NeighborSolicit,
+        NdiscNeighborFlags::empty(),
+        target,
+        iface.mac,
+        src,
+        group,
+    );
     true
 }
 
@@ -671,7 +693,15 @@ pub fn unsolicited_na<B: PacketBuf>(buf: &mut B, iface: &Interface, ip: Ipv6Addr
     }
     let h = &mut buf.data_mut()[ETH_HLEN..];
     write_ipv6(h, ilen as u16, PROTO_ICMPV6, 255, ip, ndp::ALL_NODES);
-    write_nd(&mut h[IPV6_HLEN..], Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::OVERRIDE, ip, iface.mac, ip, ndp::ALL_NODES);
+    write_nd(
+        &mut h[IPV6_HLEN..],
+        Icmpv6Message::NeighborAdvert,
+        NdiscNeighborFlags::OVERRIDE,
+        ip,
+        iface.mac,
+        ip,
+        ndp::ALL_NODES,
+    );
     true
 }
 
@@ -908,12 +938,19 @@ mod tests {
     fn arp_request_for_own_ip_and_vip_is_answered() {
         for (target, vlan) in [("10.10.0.2", None), ("10.20.0.10", None), ("10.20.0.10", Some(100u16))] {
             let mut c = Ctx::new();
-            let mut req = eth(BROADCAST, GW_MAC, vlan, ETHERTYPE_ARP, &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], target));
+            let mut req = eth(
+                BROADCAST,
+                GW_MAC,
+                vlan,
+                ETHERTYPE_ARP,
+                &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], target),
+            );
             req.resize(req.len() + 18, 0); // Ethernet padding, trimmed in the reply
             let (v, out) = c.arp(&req);
             assert_eq!(v, Verdict::Tx);
             let l3 = if vlan.is_some() { 18 } else { 14 };
-            let want = eth(GW_MAC, MAC, vlan, ETHERTYPE_ARP, &arp(ArpOperation::Reply, MAC, target, GW_MAC, "10.10.0.1"));
+            let want =
+                eth(GW_MAC, MAC, vlan, ETHERTYPE_ARP, &arp(ArpOperation::Reply, MAC, target, GW_MAC, "10.10.0.1"));
             assert_eq!(out, want);
             assert_eq!(out.len(), l3 + 28);
             assert_eq!(parse_l2(&out).unwrap().vlan, vlan);
@@ -925,49 +962,98 @@ mod tests {
     #[test]
     fn arp_probe_is_answered_without_learning() {
         let mut c = Ctx::new();
-        let req = eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, PEER_MAC, "0.0.0.0", [0; 6], "10.10.0.2"));
+        let req = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, PEER_MAC, "0.0.0.0", [0; 6], "10.10.0.2"),
+        );
         let (v, out) = c.arp(&req);
         assert_eq!(v, Verdict::Tx);
-        assert_eq!(out, eth(PEER_MAC, MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, MAC, "10.10.0.2", PEER_MAC, "0.0.0.0")));
+        assert_eq!(
+            out,
+            eth(PEER_MAC, MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, MAC, "10.10.0.2", PEER_MAC, "0.0.0.0"))
+        );
         assert!(c.neigh.is_empty());
     }
 
     #[test]
     fn arp_not_for_us_and_learning() {
         let mut c = Ctx::new();
-        let other = eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, PEER_MAC, "10.10.0.7", [0; 6], "10.10.0.99"));
+        let other = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, PEER_MAC, "10.10.0.7", [0; 6], "10.10.0.99"),
+        );
         assert_eq!(c.arp(&other).0, Verdict::Drop(DropReason::ArpNotForUs));
         assert!(c.neigh.is_empty(), "requests for others do not create entries");
 
         // A reply to our request: learned.
-        let reply = eth(MAC, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, PEER_MAC, "10.10.0.7", MAC, "10.10.0.2"));
+        let reply =
+            eth(MAC, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, PEER_MAC, "10.10.0.7", MAC, "10.10.0.2"));
         assert_eq!(c.arp(&reply).0, Verdict::Consumed);
         assert_eq!(c.neigh.lookup(ip4("10.10.0.7").into()), Some(PEER_MAC));
 
         // Gratuitous ARP for a known neighbour: updated. For an unknown one: not ours.
-        let garp = eth(BROADCAST, GW_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, GW_MAC, "10.10.0.7", [0; 6], "10.10.0.7"));
+        let garp = eth(
+            BROADCAST,
+            GW_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, GW_MAC, "10.10.0.7", [0; 6], "10.10.0.7"),
+        );
         assert_eq!(c.arp(&garp).0, Verdict::Consumed);
         assert_eq!(c.neigh.lookup(ip4("10.10.0.7").into()), Some(GW_MAC));
-        let garp2 = eth(BROADCAST, GW_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, GW_MAC, "10.10.0.8", BROADCAST, "10.10.0.8"));
+        let garp2 = eth(
+            BROADCAST,
+            GW_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Reply, GW_MAC, "10.10.0.8", BROADCAST, "10.10.0.8"),
+        );
         assert_eq!(c.arp(&garp2).0, Verdict::Drop(DropReason::ArpNotForUs));
         assert_eq!(c.neigh.lookup(ip4("10.10.0.8").into()), None);
 
         // A pending (unresolved) entry gets resolved by a reply addressed elsewhere.
         let i = c.neigh.index_of(ip4("10.10.0.9").into());
-        let r = eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Reply, PEER_MAC, "10.10.0.9", BROADCAST, "10.10.0.9"));
+        let r = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Reply, PEER_MAC, "10.10.0.9", BROADCAST, "10.10.0.9"),
+        );
         assert_eq!(c.arp(&r).0, Verdict::Consumed);
         assert_eq!(c.neigh.mac_at(i), Some(PEER_MAC));
 
         // Someone claiming our address is never learned nor answered.
-        let claim = eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, PEER_MAC, "10.10.0.2", [0; 6], "10.10.0.2"));
+        let claim = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, PEER_MAC, "10.10.0.2", [0; 6], "10.10.0.2"),
+        );
         assert_eq!(c.arp(&claim).0, Verdict::Drop(DropReason::ArpNotForUs));
         assert_eq!(c.neigh.lookup(ip4("10.10.0.2").into()), None);
 
         // Malformed: wrong protocol type, multicast sender.
         let mut bad = arp(ArpOperation::Request, PEER_MAC, "10.10.0.7", [0; 6], "10.10.0.2");
         bad[2] = 0x86;
-        assert_eq!(c.arp(&eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &bad)).0, Verdict::Drop(DropReason::ArpMalformed));
-        let mc = eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, BROADCAST, "10.10.0.7", [0; 6], "10.10.0.2"));
+        assert_eq!(
+            c.arp(&eth(BROADCAST, PEER_MAC, None, ETHERTYPE_ARP, &bad)).0,
+            Verdict::Drop(DropReason::ArpMalformed)
+        );
+        let mc = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, BROADCAST, "10.10.0.7", [0; 6], "10.10.0.2"),
+        );
         assert_eq!(c.arp(&mc).0, Verdict::Drop(DropReason::ArpMalformed));
         assert_eq!(c.stats.arp_replies, 0);
     }
@@ -1019,24 +1105,35 @@ mod tests {
         let mut ip = echo4("198.51.100.7", "10.20.0.10", 8, b"x");
         ip[2..4].copy_from_slice(&200u16.to_be_bytes());
         Ipv4Packet::new_unchecked(&mut ip[..20]).fill_checksum();
-        assert_eq!(icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0, Verdict::Drop(DropReason::Ipv4Malformed));
+        assert_eq!(
+            icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0,
+            Verdict::Drop(DropReason::Ipv4Malformed)
+        );
         let mut ip = echo4("198.51.100.7", "10.20.0.10", 8, b"x");
         ip[6] = 0x20; // MF
         Ipv4Packet::new_unchecked(&mut ip[..20]).fill_checksum();
-        assert_eq!(icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0, Verdict::Drop(DropReason::Ipv4Fragment));
+        assert_eq!(
+            icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0,
+            Verdict::Drop(DropReason::Ipv4Fragment)
+        );
         // ICMP shorter than 8 bytes inside a valid IPv4 packet.
         let mut ip = echo4("198.51.100.7", "10.20.0.10", 8, b"");
         ip.truncate(24);
         ip[2..4].copy_from_slice(&24u16.to_be_bytes());
         Ipv4Packet::new_unchecked(&mut ip[..20]).fill_checksum();
-        assert_eq!(icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0, Verdict::Drop(DropReason::IcmpMalformed));
+        assert_eq!(
+            icmp4(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &ip), &mut st).0,
+            Verdict::Drop(DropReason::IcmpMalformed)
+        );
         assert_eq!(st.echo_replies, 0);
     }
 
     #[test]
     fn ns_for_own_vip_and_link_local_gets_na() {
         let iface = iface();
-        for (target, vlan) in [(ip6("fd00:10::2"), None), (ip6("fd00:20::10"), Some(100)), (iface.ipv6_link_local, None)] {
+        for (target, vlan) in
+            [(ip6("fd00:10::2"), None), (ip6("fd00:20::10"), Some(100)), (iface.ipv6_link_local, None)]
+        {
             let mut c = Ctx::new();
             let src = ip6("fd00:10::1");
             let req = eth(
@@ -1053,7 +1150,15 @@ mod tests {
             assert_eq!(out.len(), l2.l3_off + 72);
             // The exact expected frame.
             let mut na = vec![0u8; 32];
-            write_nd(&mut na, Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE, target, MAC, target, src);
+            write_nd(
+                &mut na,
+                Icmpv6Message::NeighborAdvert,
+                NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE,
+                target,
+                MAC,
+                target,
+                src,
+            );
             let mut ip = vec![0u8; 40];
             write_ipv6(&mut ip, 32, PROTO_ICMPV6, 255, target, src);
             ip.extend_from_slice(&na);
@@ -1128,7 +1233,10 @@ mod tests {
         let src = ip6("fd00:10::1");
         let f = |hop, icmp: &[u8], dst| eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(src, dst, hop, icmp));
         assert_eq!(c.icmp6(&f(64, &ns(t, Some(GW_MAC)), t)).0, Verdict::Drop(DropReason::NdpMalformed));
-        assert_eq!(c.icmp6(&f(255, &ns(ip6("fd00:10::99"), Some(GW_MAC)), t)).0, Verdict::Drop(DropReason::IcmpUnhandled));
+        assert_eq!(
+            c.icmp6(&f(255, &ns(ip6("fd00:10::99"), Some(GW_MAC)), t)).0,
+            Verdict::Drop(DropReason::IcmpUnhandled)
+        );
         assert_eq!(c.icmp6(&f(255, &ns(ip6("ff02::1"), Some(GW_MAC)), t)).0, Verdict::Drop(DropReason::NdpMalformed));
         // Option of length 0.
         let mut z = ns(t, Some(GW_MAC));
@@ -1152,7 +1260,15 @@ mod tests {
         // Unsolicited NA to all-nodes for an unknown neighbour: not learned.
         let other = ip6("fd00:10::8");
         let mut na = vec![0u8; 32];
-        write_nd(&mut na, Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::OVERRIDE, other, PEER_MAC, other, ndp::ALL_NODES);
+        write_nd(
+            &mut na,
+            Icmpv6Message::NeighborAdvert,
+            NdiscNeighborFlags::OVERRIDE,
+            other,
+            PEER_MAC,
+            other,
+            ndp::ALL_NODES,
+        );
         let f2 = eth(ndp::ALL_NODES_MAC, PEER_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(other, ndp::ALL_NODES, 255, &na));
         assert_eq!(c.icmp6(&f2).0, Verdict::Consumed);
         assert_eq!(c.neigh.lookup(other.into()), None);
@@ -1191,13 +1307,17 @@ mod tests {
         assert_eq!(out, want);
         assert_eq!(c.stats.echo_replies, 1);
         // To an address that is not ours (e.g. all-nodes): not answered.
-        let mc = eth(ndp::ALL_NODES_MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(client, ndp::ALL_NODES, 60, &echo6(128)));
+        let mc =
+            eth(ndp::ALL_NODES_MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(client, ndp::ALL_NODES, 60, &echo6(128)));
         assert_eq!(c.icmp6(&mc).0, Verdict::Drop(DropReason::IcmpUnhandled));
         let reply = eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(client, vip, 60, &echo6(129)));
         assert_eq!(c.icmp6(&reply).0, Verdict::Drop(DropReason::IcmpUnhandled));
         let mut ext = ipv6_icmp(client, vip, 60, &echo6(128));
         ext[6] = 0;
-        assert_eq!(c.icmp6(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ext)).0, Verdict::Drop(DropReason::Ipv6ExtensionHeader));
+        assert_eq!(
+            c.icmp6(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ext)).0,
+            Verdict::Drop(DropReason::Ipv6ExtensionHeader)
+        );
         let mut long = ipv6_icmp(client, vip, 60, &echo6(128));
         long[5] += 1;
         assert_eq!(c.icmp6(&eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &long)).0, Verdict::Drop(DropReason::Ipv6Malformed));
@@ -1208,7 +1328,16 @@ mod tests {
         let i = iface();
         let mut b = HeapBuf::new();
         assert!(build_arp_request(&mut b, &i, ip4("10.10.0.1")));
-        assert_eq!(b.data(), &eth(BROADCAST, MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, MAC, "10.10.0.2", [0; 6], "10.10.0.1"))[..]);
+        assert_eq!(
+            b.data(),
+            &eth(
+                BROADCAST,
+                MAC,
+                None,
+                ETHERTYPE_ARP,
+                &arp(ArpOperation::Request, MAC, "10.10.0.2", [0; 6], "10.10.0.1")
+            )[..]
+        );
         // The other side answers our request; we learn from its reply.
         let mut c = Ctx::new();
         c.iface = Interface { mac: GW_MAC, ipv4: Some((ip4("10.10.0.1"), 24)), ..iface() };
@@ -1220,7 +1349,16 @@ mod tests {
 
         let mut b = HeapBuf::new();
         assert!(gratuitous_arp(&mut b, &i, ip4("10.20.0.10")));
-        assert_eq!(b.data(), &eth(BROADCAST, MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, MAC, "10.20.0.10", [0; 6], "10.20.0.10"))[..]);
+        assert_eq!(
+            b.data(),
+            &eth(
+                BROADCAST,
+                MAC,
+                None,
+                ETHERTYPE_ARP,
+                &arp(ArpOperation::Request, MAC, "10.20.0.10", [0; 6], "10.20.0.10")
+            )[..]
+        );
         let no_v4 = Interface { ipv4: None, ..iface() };
         assert!(!build_arp_request(&mut b, &no_v4, ip4("10.10.0.1")));
 
@@ -1234,7 +1372,8 @@ mod tests {
         assert_eq!(v6(&f[22..38]), ip6("fd00:10::2"));
         assert_eq!(v6(&f[38..54]), ip6("ff02::1:ff00:1"));
         let mut peer = Ctx::new();
-        peer.iface = Interface { mac: GW_MAC, ipv6: Some((gw, 64)), ipv6_link_local: ndp::eui64_link_local(GW_MAC), ..iface() };
+        peer.iface =
+            Interface { mac: GW_MAC, ipv6: Some((gw, 64)), ipv6_link_local: ndp::eui64_link_local(GW_MAC), ..iface() };
         let (v, na) = peer.icmp6(&f);
         assert_eq!(v, Verdict::Tx);
         assert_eq!(peer.neigh.lookup(ip6("fd00:10::2").into()), Some(MAC));
@@ -1271,12 +1410,30 @@ mod tests {
     fn truncated_and_corrupted_inputs_never_panic() {
         let t = ip6("fd00:10::2");
         let frames = vec![
-            eth(BROADCAST, GW_MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], "10.10.0.2")),
-            eth(BROADCAST, GW_MAC, Some(100), ETHERTYPE_ARP, &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], "10.20.0.10")),
+            eth(
+                BROADCAST,
+                GW_MAC,
+                None,
+                ETHERTYPE_ARP,
+                &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], "10.10.0.2"),
+            ),
+            eth(
+                BROADCAST,
+                GW_MAC,
+                Some(100),
+                ETHERTYPE_ARP,
+                &arp(ArpOperation::Request, GW_MAC, "10.10.0.1", [0; 6], "10.20.0.10"),
+            ),
             eth(MAC, GW_MAC, None, ETHERTYPE_IPV4, &echo4("198.51.100.7", "10.20.0.10", 8, b"hello")),
             eth(MAC, GW_MAC, Some(100), ETHERTYPE_IPV4, &echo4("198.51.100.7", "10.20.0.10", 8, b"")),
             eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(ip6("fd00:10::1"), t, 255, &ns(t, Some(GW_MAC)))),
-            eth(MAC, GW_MAC, Some(7), ETHERTYPE_IPV6, &ipv6_icmp(Ipv6Addr::UNSPECIFIED, ndp::solicited_node(t), 255, &ns(t, None))),
+            eth(
+                MAC,
+                GW_MAC,
+                Some(7),
+                ETHERTYPE_IPV6,
+                &ipv6_icmp(Ipv6Addr::UNSPECIFIED, ndp::solicited_node(t), 255, &ns(t, None)),
+            ),
             eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(ip6("2001:db8::7"), t, 64, &echo6(128))),
         ];
         let mut c = Ctx::new();
