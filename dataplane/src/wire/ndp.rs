@@ -33,9 +33,7 @@ pub fn multicast_mac(group: Ipv6Addr) -> [u8; 6] {
 /// `ff:fe` in the middle, RFC 4291 appendix A).
 #[inline]
 pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
-    Ipv6Addr::from([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5],
-    ])
+    Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5]])
 }
 
 /// `fe80::/10`.
@@ -56,10 +54,7 @@ mod tests {
         assert!(!is_solicited_node(ALL_NODES));
         assert_eq!(multicast_mac(solicited_node(a)), [0x33, 0x33, 0xff, 0x02, 0, 3]);
         assert_eq!(multicast_mac(ALL_NODES), ALL_NODES_MAC);
-        assert_eq!(
-            eui64_link_local([0x02, 0xf1, 0, 0, 0, 1]),
-            "fe80::f1:ff:fe00:1".parse::<Ipv6Addr>().unwrap()
-        );
+        assert_eq!(eui64_link_local([0x02, 0xf1, 0, 0, 0, 1]), "fe80::f1:ff:fe00:1".parse::<Ipv6Addr>().unwrap());
         assert!(is_link_local("fe80::1".parse().unwrap()));
         assert!(!is_link_local("fd00::1".parse().unwrap()));
     }
