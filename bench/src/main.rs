@@ -1,1 +1,40 @@
-fn main() {}
+//! Fulcrum's benchmarks and traffic generators. Every result is one JSON line on stdout.
+
+use clap::{Parser, Subcommand};
+
+mod l4;
+mod report;
+
+#[derive(Parser, Debug)]
+#[command(name = "fulcrum-bench", version, about = "Fulcrum benchmarks: one JSON line per result")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// L4 load balancing on one core over in-memory buffers: SYN path, then established flows.
+    L4(l4::L4Args),
+}
+
+/// Pins the calling thread to `core` (default: the last core) and returns the core used.
+pub fn pin(core: Option<usize>) -> Option<usize> {
+    let ids = core_affinity::get_core_ids()?;
+    let id = match core {
+        Some(c) => *ids.iter().find(|i| i.id == c)?,
+        None => *ids.last()?,
+    };
+    core_affinity::set_for_current(id).then_some(id.id)
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::L4(a) => l4::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("fulcrum-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,352 @@
-//! TODO
+//! The compiled, immutable tables the workers read: VIP lookup, per-service Maglev tables and
+//! backends. Built off the data path from a `DesiredState`; a new one replaces the old whole.
+
+use crate::l4::hash::mix64;
+use crate::l4::maglev::{MaglevInput, MaglevTable};
+use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::model::{DesiredState, EndpointState, ForwardingMode, ObjectRef};
+use serde::Serialize;
+use std::net::IpAddr;
+use std::ops::Range;
+
+/// Forwarding mode as stored in flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[repr(u8)]
+pub enum Mode {
+    FullNat = 0,
+    DsrIpip = 1,
+}
+
+impl From<ForwardingMode> for Mode {
+    fn from(m: ForwardingMode) -> Mode {
+        match m {
+            ForwardingMode::FullNat => Mode::FullNat,
+            ForwardingMode::DsrIpip => Mode::DsrIpip,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceEntry {
+    pub service: ObjectRef,
+    pub port_name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub mode: Mode,
+    /// ClientIP session affinity timeout, if any.
+    pub affinity_ms: Option<u32>,
+    /// This service's backends: a range of `Snapshot::backends`.
+    pub backends: Range<u32>,
+    /// True when no endpoint is ready and the table was built from serving, terminating ones
+    /// (kube-proxy's fallback), so that a rolling update never black-holes new connections.
+    pub terminating_fallback: bool,
+    /// Slot -> offset within `backends`.
+    #[serde(skip)]
+    pub maglev: MaglevTable,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendEntry {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub state: EndpointState,
+    pub weight: u32,
+    pub target: Option<String>,
+    /// Slots this backend holds in its service's Maglev table.
+    pub maglev_slots: u32,
+}
+
+/// Which service a (VIP, protocol, port) is, found with one probe in the common case.
+/// Written by hand because this runs per packet: std's SipHash HashMap costs ~20 ns here.
+#[derive(Clone, Debug, Default)]
+struct VipTable {
+    slots: Vec<VipSlot>,
+    mask: usize,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct VipSlot {
+    /// IPv4 as ::ffff:a.b.c.d.
+    ip: u128,
+    /// proto << 16 | port; 0 for the "this address is a VIP" marker.
+    pp: u32,
+    /// Service index, or `ANY_PORT` for the marker.
+    svc: u16,
+    used: bool,
+}
+
+const ANY_PORT: u16 = u16::MAX;
+
+#[inline(always)]
+fn ip_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().into(),
+        IpAddr::V6(a) => a.into(),
+    }
+}
+
+/// The same for an IPv4 address as a u32 (the fast path has it in that form).
+#[inline(always)]
+pub fn v4_u128(a: u32) -> u128 {
+    0xffff_0000_0000u128 | a as u128
+}
+
+impl VipTable {
+    fn new(entries: &[(u128, u32, u16)]) -> Self {
+        let n = (entries.len() * 2).next_power_of_two().max(8);
+        let mut t = VipTable { slots: vec![VipSlot::default(); n], mask: n - 1 };
+        for &(ip, pp, svc) in entries {
+            let mut i = Self::hash(ip, pp) as usize & t.mask;
+            while t.slots[i].used {
+                if t.slots[i].ip == ip && t.slots[i].pp == pp {
+                    break; // duplicate marker
+                }
+                i = (i + 1) & t.mask;
+            }
+            t.slots[i] = VipSlot { ip, pp, svc, used: true };
+        }
+        t
+    }
+
+    #[inline(always)]
+    fn hash(ip: u128, pp: u32) -> u64 {
+        mix64((ip as u64) ^ ((ip >> 64) as u64).rotate_left(29) ^ ((pp as u64) << 40) ^ pp as u64)
+    }
+
+    #[inline(always)]
+    fn get(&self, ip: u128, pp: u32) -> Option<u16> {
+        let mut i = Self::hash(ip, pp) as usize & self.mask;
+        loop {
+            let s = &self.slots[i];
+            if !s.used {
+                return None;
+            }
+            if s.ip == ip && s.pp == pp {
+                return Some(s.svc);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub maglev_size: u32,
+    pub services: Vec<ServiceEntry>,
+    pub backends: Vec<BackendEntry>,
+    vips: VipTable,
+}
+
+/// What `lookup` found for a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VipMatch {
+    Service(u16),
+    /// The address is a VIP, but not on this protocol and port.
+    OtherPort,
+    NotVip,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("too many services ({0}); at most 65534 VIP:port entries per snapshot")]
+    TooManyServices(usize),
+    #[error("service {service} has {backends} endpoints; the Maglev table size {m} must exceed that (ideally 100x)")]
+    TableTooSmall { service: String, backends: usize, m: u32 },
+}
+
+impl Snapshot {
+    /// An empty snapshot: every VIP unknown.
+    pub fn empty() -> Snapshot {
+        Snapshot { generation: 0, maglev_size: 65537, services: vec![], backends: vec![], vips: VipTable::new(&[]) }
+    }
+
+    pub fn compile(boot: &Bootstrap, state: &DesiredState, generation: u64) -> Result<Snapshot, CompileError> {
+        let m = boot.maglev.table_size;
+        if state.services.len() >= ANY_PORT as usize {
+            return Err(CompileError::TooManyServices(state.services.len()));
+        }
+        let mut services = Vec::with_capacity(state.services.len());
+        let mut backends = Vec::new();
+        let mut vip_entries = Vec::new();
+        for (si, s) in state.services.iter().enumerate() {
+            let start = backends.len() as u32;
+            let ready = s.endpoints.iter().any(|e| e.state == EndpointState::Ready);
+            let takes_new = |st: EndpointState| {
+                if ready {
+                    st == EndpointState::Ready
+                } else {
+                    st == EndpointState::Terminating
+                }
+            };
+            let keys: Vec<Vec<u8>> = s.endpoints.iter().map(|e| format!("{}:{}", e.addr, e.port).into_bytes()).collect();
+            let inputs: Vec<MaglevInput> = s
+                .endpoints
+                .iter()
+                .zip(&keys)
+                .map(|(e, k)| MaglevInput { key: k, weight: if takes_new(e.state) { e.weight } else { 0 } })
+                .collect();
+            let live = inputs.iter().filter(|i| i.weight > 0).count();
+            if live >= m as usize {
+                return Err(CompileError::TableTooSmall { service: s.service.to_string(), backends: live, m });
+            }
+            let maglev = MaglevTable::build(&inputs, m);
+            let mut slots = vec![0u32; s.endpoints.len()];
+            for &b in maglev.slots() {
+                slots[b as usize] += 1;
+            }
+            for (e, n) in s.endpoints.iter().zip(slots) {
+                backends.push(BackendEntry {
+                    addr: e.addr,
+                    port: e.port,
+                    state: e.state,
+                    weight: e.weight,
+                    target: e.target.clone(),
+                    maglev_slots: n,
+                });
+            }
+            let proto = s.protocol.ip_number();
+            vip_entries.push((ip_u128(s.vip), ((proto as u32) << 16) | s.port as u32, si as u16));
+            vip_entries.push((ip_u128(s.vip), 0, ANY_PORT));
+            services.push(ServiceEntry {
+                service: s.service.clone(),
+                port_name: s.port_name.clone(),
+                vip: s.vip,
+                port: s.port,
+                proto,
+                mode: s.mode.into(),
+                affinity_ms: s.affinity.as_ref().map(|a| a.timeout_seconds.saturating_mul(1000)),
+                backends: start..backends.len() as u32,
+                terminating_fallback: !ready && live > 0,
+                maglev,
+            });
+        }
+        Ok(Snapshot { generation, maglev_size: m, services, backends, vips: VipTable::new(&vip_entries) })
+    }
+
+    /// Per packet: which service a destination (as ::ffff:v4 or v6 u128) and port are.
+    #[inline(always)]
+    pub fn lookup(&self, dst: u128, proto: u8, port: u16) -> VipMatch {
+        match self.vips.get(dst, ((proto as u32) << 16) | port as u32) {
+            Some(s) => VipMatch::Service(s),
+            None if self.vips.get(dst, 0).is_some() => VipMatch::OtherPort,
+            None => VipMatch::NotVip,
+        }
+    }
+
+    /// Whether an address is a VIP of any service (ARP/NDP and ping answer for it).
+    #[inline]
+    pub fn is_vip(&self, ip: IpAddr) -> bool {
+        self.vips.get(ip_u128(ip), 0).is_some()
+    }
+
+    /// The compiled tables as JSON (`fulcrum snapshot`). With `full_tables`, every Maglev slot.
+    pub fn to_json(&self, full_tables: bool) -> serde_json::Value {
+        let services: Vec<serde_json::Value> = self
+            .services
+            .iter()
+            .map(|s| {
+                let bs = &self.backends[s.backends.start as usize..s.backends.end as usize];
+                let mut v = serde_json::json!({
+                    "service": s.service.to_string(),
+                    "port_name": s.port_name,
+                    "vip": s.vip,
+                    "port": s.port,
+                    "protocol": if s.proto == 6 { "TCP" } else { "UDP" },
+                    "mode": match s.mode { Mode::FullNat => "fullnat", Mode::DsrIpip => "dsr-ipip" },
+                    "session_affinity_timeout_s": s.affinity_ms.map(|ms| ms / 1000),
+                    "terminating_fallback": s.terminating_fallback,
+                    "maglev_fingerprint": format!("{:016x}", fingerprint(s.maglev.slots())),
+                    "backends": bs,
+                });
+                if full_tables {
+                    v["maglev_table"] = serde_json::json!(s.maglev.slots());
+                }
+                v
+            })
+            .collect();
+        serde_json::json!({
+            "generation": self.generation,
+            "maglev_table_size": self.maglev_size,
+            "services": services,
+        })
+    }
+}
+
+fn fingerprint(slots: &[u32]) -> u64 {
+    slots.iter().fold(0x1234_5678u64, |h, &s| mix64(h ^ s as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_config::model::*;
+    use std::net::Ipv4Addr;
+
+    fn boot() -> Bootstrap {
+        let yaml = r#"
+ports: [{name: p0, device: "net_null0", mac: "02:00:00:00:00:01", ipv4: 10.0.0.2/24}]
+workers: {cores: [0]}
+vip_pools: [{name: a, cidrs: [10.20.0.0/24]}]
+maglev: {table_size: 1009}
+"#;
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    fn svc(eps: &[(u8, EndpointState)]) -> VipService {
+        VipService {
+            service: ObjectRef { namespace: "default".into(), name: "web".into() },
+            port_name: "http".into(),
+            vip: "10.20.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            mode: ForwardingMode::FullNat,
+            affinity: None,
+            endpoints: eps
+                .iter()
+                .map(|&(i, st)| Endpoint {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 30, 0, i)),
+                    port: 8080,
+                    state: st,
+                    weight: 1,
+                    target: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn lookup_by_vip_proto_port() {
+        let st = DesiredState { services: vec![svc(&[(1, EndpointState::Ready)])] };
+        let s = Snapshot::compile(&boot(), &st, 1).unwrap();
+        let vip = v4_u128(u32::from(Ipv4Addr::new(10, 20, 0, 10)));
+        assert_eq!(s.lookup(vip, 6, 80), VipMatch::Service(0));
+        assert_eq!(s.lookup(vip, 17, 80), VipMatch::OtherPort);
+        assert_eq!(s.lookup(vip, 6, 81), VipMatch::OtherPort);
+        assert_eq!(s.lookup(v4_u128(1), 6, 80), VipMatch::NotVip);
+        assert!(s.is_vip("10.20.0.10".parse().unwrap()));
+        assert!(!s.is_vip("10.20.0.11".parse().unwrap()));
+    }
+
+    #[test]
+    fn terminating_endpoints_take_no_new_flows_unless_none_ready() {
+        use EndpointState::*;
+        let st = DesiredState { services: vec![svc(&[(1, Ready), (2, Terminating), (3, NotReady)])] };
+        let s = Snapshot::compile(&boot(), &st, 1).unwrap();
+        let slots: Vec<u32> = s.backends.iter().map(|b| b.maglev_slots).collect();
+        assert_eq!(slots, vec![1009, 0, 0]);
+        assert!(!s.services[0].terminating_fallback);
+
+        let st = DesiredState { services: vec![svc(&[(2, Terminating), (3, NotReady)])] };
+        let s = Snapshot::compile(&boot(), &st, 2).unwrap();
+        assert_eq!(s.backends[0].maglev_slots, 1009);
+        assert_eq!(s.backends[1].maglev_slots, 0);
+        assert!(s.services[0].terminating_fallback);
+
+        let st = DesiredState { services: vec![svc(&[(3, NotReady)])] };
+        let s = Snapshot::compile(&boot(), &st, 3).unwrap();
+        assert!(s.services[0].maglev.is_empty());
+    }
+}

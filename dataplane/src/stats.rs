@@ -43,6 +43,7 @@ drop_reasons! {
     UnsupportedProtocol => "unsupported_protocol",
     NoBackend => "no_backend",
     NoFlow => "no_flow",
+    WrongCore => "wrong_core",
     ConntrackFull => "conntrack_full",
     SnatPortsExhausted => "snat_ports_exhausted",
     NeighborUnresolved => "neighbor_unresolved",

@@ -1,0 +1,90 @@
+//! FullNAT source ports, partitioned per core: the port of a return packet names the core that
+//! owns its flow (DESIGN.md), so return traffic can be steered or handed to its owner.
+
+pub const FIRST_PORT: u16 = 1024;
+const PORTS: u32 = 65536 - FIRST_PORT as u32;
+
+/// One core's share of the SNAT port space, handed out round robin. A port is reused only for
+/// a different backend tuple: the caller checks the reverse key is free in conntrack.
+#[derive(Clone, Debug)]
+pub struct SnatPorts {
+    lo: u16,
+    hi: u16,
+    next: u16,
+}
+
+impl SnatPorts {
+    /// Core `core` of `cores`: an equal, contiguous slice of 1024..=65535.
+    pub fn for_core(core: u16, cores: u16) -> SnatPorts {
+        let (lo, hi) = range(core, cores);
+        SnatPorts { lo, hi, next: lo }
+    }
+
+    #[inline]
+    pub fn next(&mut self) -> u16 {
+        let p = self.next;
+        self.next = if p == self.hi { self.lo } else { p + 1 };
+        p
+    }
+
+    #[inline(always)]
+    pub fn owns(&self, port: u16) -> bool {
+        (self.lo..=self.hi).contains(&port)
+    }
+
+    pub fn range(&self) -> (u16, u16) {
+        (self.lo, self.hi)
+    }
+}
+
+fn range(core: u16, cores: u16) -> (u16, u16) {
+    let cores = cores.max(1) as u32;
+    let chunk = PORTS / cores;
+    let lo = FIRST_PORT as u32 + core as u32 * chunk;
+    let hi = if core as u32 + 1 == cores { 65535 } else { lo + chunk - 1 };
+    (lo as u16, hi as u16)
+}
+
+/// Which core owns a SNAT port (None below the SNAT range).
+pub fn owner(port: u16, cores: u16) -> Option<u16> {
+    if port < FIRST_PORT {
+        return None;
+    }
+    let cores = cores.max(1);
+    let chunk = PORTS / cores as u32;
+    Some((((port - FIRST_PORT) as u32 / chunk) as u16).min(cores - 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_cover_the_range_without_overlap() {
+        for cores in [1u16, 2, 3, 7, 16, 64] {
+            let mut expect = FIRST_PORT as u32;
+            for c in 0..cores {
+                let (lo, hi) = range(c, cores);
+                assert_eq!(lo as u32, expect);
+                assert!(hi >= lo);
+                assert_eq!(owner(lo, cores), Some(c));
+                assert_eq!(owner(hi, cores), Some(c));
+                expect = hi as u32 + 1;
+            }
+            assert_eq!(expect, 65536);
+        }
+        assert_eq!(owner(80, 4), None);
+    }
+
+    #[test]
+    fn round_robin_wraps_within_the_slice() {
+        let mut p = SnatPorts::for_core(1, 2);
+        let (lo, hi) = p.range();
+        assert_eq!(p.next(), lo);
+        assert_eq!(p.next(), lo + 1);
+        for _ in 0..(hi - lo - 1) {
+            p.next();
+        }
+        assert_eq!(p.next(), lo);
+    }
+}
