@@ -1,0 +1,308 @@
+//! `fulcrum check`: validate the bootstrap file (and manifests), then print what the appliance
+//! would be: the bootstrap summary and, with manifests, the VIP table of the compiled snapshot.
+
+use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::model::EndpointState;
+use fulcrum_dataplane::l4::conntrack::{Conntrack, TimeoutsMs};
+use fulcrum_dataplane::l4::snat::SnatPorts;
+use fulcrum_dataplane::snapshot::{BackendEntry, Mode, ServiceEntry, Snapshot};
+use serde_json::json;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Bootstrap file (YAML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Kubernetes manifests: a YAML file or a directory of them (Services, EndpointSlices).
+    #[arg(long, value_name = "PATH")]
+    pub manifests: Option<PathBuf>,
+    /// Print the result as one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: &Args) -> anyhow::Result<()> {
+    let (boot, snap) = match &a.manifests {
+        Some(m) => {
+            let (boot, _, snap) = super::compile(&a.config, m)?;
+            (boot, Some(snap))
+        }
+        None => (Bootstrap::load(&a.config)?, None),
+    };
+    let mem = ConntrackMemory::of(&boot)?;
+    if a.json {
+        let mut v = json!({
+            "config": a.config,
+            "bootstrap": boot,
+            "conntrack_memory": mem.to_json(),
+            "snat_ports": snat_ranges(&boot).iter().map(|(c, lo, hi)| json!({"core": c, "first": lo, "last": hi})).collect::<Vec<_>>(),
+        });
+        if let (Some(m), Some(s)) = (&a.manifests, &snap) {
+            v["manifests"] = json!(m);
+            v["vips"] = vip_json(s);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let mut out = String::new();
+        writeln!(out, "{}: ok", a.config.display())?;
+        bootstrap_summary(&mut out, &boot, &mem)?;
+        if let (Some(m), Some(s)) = (&a.manifests, &snap) {
+            let n_backends = s.backends.len();
+            writeln!(out)?;
+            writeln!(out, "{}: ok: {} VIP ports, {} backends", m.display(), s.services.len(), n_backends)?;
+            vip_table(&mut out, s)?;
+        }
+        print!("{out}");
+    }
+    Ok(())
+}
+
+/// What the per-core conntrack tables reserve, from the tables themselves (address space is
+/// reserved up front; pages are committed as flows use them).
+struct ConntrackMemory {
+    v4_per_core: usize,
+    v6_per_core: usize,
+    cores: usize,
+}
+
+impl ConntrackMemory {
+    fn of(boot: &Bootstrap) -> anyhow::Result<Self> {
+        let cap = boot.conntrack.capacity;
+        let t = TimeoutsMs::from_config(&boot.conntrack.timeouts);
+        // Same sizes as the worker builds (one IPv4 and one IPv6 table per core).
+        let v4 = Conntrack::<u32>::new(cap, t, 0)?.mapped_bytes();
+        let v6 = Conntrack::<u128>::new(cap, t, 0)?.mapped_bytes();
+        Ok(ConntrackMemory { v4_per_core: v4, v6_per_core: v6, cores: boot.workers.cores.len() })
+    }
+    fn per_core(&self) -> usize {
+        self.v4_per_core + self.v6_per_core
+    }
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "ipv4_bytes_per_core": self.v4_per_core,
+            "ipv6_bytes_per_core": self.v6_per_core,
+            "bytes_per_core": self.per_core(),
+            "bytes_total": self.per_core() * self.cores,
+        })
+    }
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.0} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn snat_ranges(boot: &Bootstrap) -> Vec<(usize, u16, u16)> {
+    let n = boot.workers.cores.len() as u16;
+    boot.workers
+        .cores
+        .iter()
+        .enumerate()
+        .map(|(i, &core)| {
+            let (lo, hi) = SnatPorts::for_core(i as u16, n).range();
+            (core, lo, hi)
+        })
+        .collect()
+}
+
+fn opt<T: std::fmt::Display>(o: &Option<T>) -> String {
+    o.as_ref().map_or("-".to_string(), |v| v.to_string())
+}
+
+fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) -> std::fmt::Result {
+    if !boot.eal_args.is_empty() {
+        writeln!(out, "  EAL args:   {}", boot.eal_args.join(" "))?;
+    }
+    for p in &boot.ports {
+        writeln!(out, "  port {}:  device {}  mac {}  mtu {}", p.name, p.device, p.mac, p.mtu)?;
+        writeln!(
+            out,
+            "    ipv4 {}  ipv6 {}  next hop {} / {}{}",
+            opt(&p.ipv4),
+            opt(&p.ipv6),
+            opt(&p.next_hop.ipv4),
+            opt(&p.next_hop.ipv6),
+            p.next_hop.mac.map(|m| format!(" (mac {m})")).unwrap_or_default()
+        )?;
+    }
+    let cores: Vec<String> = boot.workers.cores.iter().map(|c| c.to_string()).collect();
+    writeln!(
+        out,
+        "  workers:    {} on cores {}{}",
+        cores.len(),
+        cores.join(", "),
+        if boot.workers.idle_backoff { " (idle backoff)" } else { " (busy polling)" }
+    )?;
+    let snat: Vec<String> = snat_ranges(boot).iter().map(|(c, lo, hi)| format!("core {c}: {lo}-{hi}")).collect();
+    writeln!(out, "  SNAT ports: {}", snat.join(", "))?;
+    for pool in &boot.vip_pools {
+        let cidrs: Vec<String> = pool.cidrs.iter().map(|c| c.to_string()).collect();
+        writeln!(out, "  VIP pool {}: {}", pool.name, cidrs.join(", "))?;
+    }
+    let f = &boot.forwarding;
+    writeln!(
+        out,
+        "  forwarding: default {}; DSR outer sources {} / {}",
+        f.default_mode, f.dsr_source_v4, f.dsr_source_v6
+    )?;
+    let t = &boot.conntrack.timeouts;
+    writeln!(
+        out,
+        "  conntrack:  {} flows per core; reserves {} per core (IPv4 {} + IPv6 {}), {} for {} core(s)",
+        boot.conntrack.capacity,
+        mib(mem.per_core()),
+        mib(mem.v4_per_core),
+        mib(mem.v6_per_core),
+        mib(mem.per_core() * mem.cores),
+        mem.cores
+    )?;
+    writeln!(
+        out,
+        "    timeouts: tcp syn {}s, established {}s, fin {}s, closed {}s; udp {}s",
+        t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_closed, t.udp
+    )?;
+    writeln!(out, "  maglev:     table size {}", boot.maglev.table_size)
+}
+
+fn proto_name(p: u8) -> &'static str {
+    if p == 6 {
+        "TCP"
+    } else {
+        "UDP"
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::FullNat => "fullnat",
+        Mode::DsrIpip => "dsr-ipip",
+    }
+}
+
+fn state_name(s: EndpointState) -> &'static str {
+    match s {
+        EndpointState::Ready => "ready",
+        EndpointState::Terminating => "terminating",
+        EndpointState::NotReady => "not-ready",
+    }
+}
+
+fn backends<'a>(snap: &'a Snapshot, s: &ServiceEntry) -> &'a [BackendEntry] {
+    &snap.backends[s.backends.start as usize..s.backends.end as usize]
+}
+
+fn counts(bs: &[BackendEntry]) -> [usize; 3] {
+    let n = |st| bs.iter().filter(|b| b.state == st).count();
+    [n(EndpointState::Ready), n(EndpointState::Terminating), n(EndpointState::NotReady)]
+}
+
+fn service_name(s: &ServiceEntry) -> String {
+    if s.port_name.is_empty() {
+        s.service.to_string()
+    } else {
+        format!("{} ({})", s.service, s.port_name)
+    }
+}
+
+fn affinity(s: &ServiceEntry) -> String {
+    s.affinity_ms.map_or("-".to_string(), |ms| format!("ClientIP {}s", ms / 1000))
+}
+
+fn vip_table(out: &mut String, snap: &Snapshot) -> std::fmt::Result {
+    let header = ["VIP", "PORT", "MODE", "SERVICE (PORT NAME)", "AFFINITY", "READY", "TERMINATING", "NOT-READY"];
+    let rows: Vec<[String; 8]> = snap
+        .services
+        .iter()
+        .map(|s| {
+            let [r, t, n] = counts(backends(snap, s));
+            [
+                s.vip.to_string(),
+                format!("{}/{}", s.port, proto_name(s.proto)),
+                mode_name(s.mode).to_string(),
+                service_name(s),
+                affinity(s),
+                r.to_string(),
+                t.to_string(),
+                n.to_string(),
+            ]
+        })
+        .collect();
+    let mut w = header.map(str::len);
+    for r in &rows {
+        for (wi, c) in w.iter_mut().zip(r) {
+            *wi = (*wi).max(c.len());
+        }
+    }
+    let line = |out: &mut String, cells: &[&str]| -> std::fmt::Result {
+        let mut l = String::new();
+        for (i, (c, wi)) in cells.iter().zip(&w).enumerate() {
+            // Counts right-aligned, text left-aligned.
+            if i >= 5 {
+                write!(l, "{c:>wi$}  ")?;
+            } else {
+                write!(l, "{c:<wi$}  ")?;
+            }
+        }
+        writeln!(out, "{}", l.trim_end())
+    };
+    line(out, &header)?;
+    let m = snap.maglev_size as f64;
+    for (s, r) in snap.services.iter().zip(&rows) {
+        line(out, &r.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let bs = backends(snap, s);
+        if bs.is_empty() {
+            writeln!(out, "    (no endpoints: new flows to this VIP port are dropped)")?;
+        }
+        if s.terminating_fallback {
+            writeln!(out, "    (no ready endpoint: serving, terminating endpoints take new flows)")?;
+        }
+        for b in bs {
+            let addr = match b.addr {
+                std::net::IpAddr::V6(a) => format!("[{a}]:{}", b.port),
+                a => format!("{a}:{}", b.port),
+            };
+            writeln!(
+                out,
+                "    -> {addr:<24} {:<12} weight {:<3} maglev {:>5} slots ({:>5.1}%){}",
+                state_name(b.state),
+                b.weight,
+                b.maglev_slots,
+                100.0 * b.maglev_slots as f64 / m,
+                b.target.as_ref().map(|t| format!("  {t}")).unwrap_or_default()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn vip_json(snap: &Snapshot) -> serde_json::Value {
+    let m = snap.maglev_size as f64;
+    snap.services
+        .iter()
+        .map(|s| {
+            let bs = backends(snap, s);
+            let [r, t, n] = counts(bs);
+            json!({
+                "vip": s.vip,
+                "port": s.port,
+                "protocol": proto_name(s.proto),
+                "mode": mode_name(s.mode),
+                "service": s.service.to_string(),
+                "port_name": s.port_name,
+                "session_affinity_timeout_s": s.affinity_ms.map(|ms| ms / 1000),
+                "endpoints": {"ready": r, "terminating": t, "not_ready": n},
+                "terminating_fallback": s.terminating_fallback,
+                "backends": bs.iter().map(|b| json!({
+                    "addr": b.addr,
+                    "port": b.port,
+                    "state": state_name(b.state),
+                    "weight": b.weight,
+                    "target": b.target,
+                    "maglev_slots": b.maglev_slots,
+                    "maglev_share": b.maglev_slots as f64 / m,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}

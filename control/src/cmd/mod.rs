@@ -1,0 +1,21 @@
+//! The `fulcrum` subcommands, one module each, and what they share.
+
+pub mod check;
+pub mod snapshot;
+
+use anyhow::Context;
+use fulcrum_config::{Bootstrap, DesiredState};
+use fulcrum_dataplane::snapshot::Snapshot;
+use std::path::Path;
+
+/// Generation number of a snapshot compiled for inspection (the first one a run would publish).
+const FIRST_GENERATION: u64 = 1;
+
+/// Loads the bootstrap file, translates the manifests and compiles the snapshot.
+pub fn compile(config: &Path, manifests: &Path) -> anyhow::Result<(Bootstrap, DesiredState, Snapshot)> {
+    let boot = Bootstrap::load(config)?;
+    let state = fulcrum_config::load_desired(&boot, manifests)?;
+    let snap = Snapshot::compile(&boot, &state, FIRST_GENERATION)
+        .with_context(|| format!("{}: cannot compile the snapshot", manifests.display()))?;
+    Ok((boot, state, snap))
+}
