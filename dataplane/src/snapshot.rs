@@ -110,9 +110,13 @@ impl VipTable {
         t
     }
 
+    /// One multiply: keys are the operator's VIPs, at most half the slots are used, and an
+    /// unknown destination ends at the first empty slot, so a plain multiplicative hash does.
     #[inline(always)]
     fn hash(ip: u128, pp: u32) -> u64 {
-        mix64((ip as u64) ^ ((ip >> 64) as u64).rotate_left(29) ^ ((pp as u64) << 40) ^ pp as u64)
+        let x = ((ip as u64) ^ ((ip >> 64) as u64).rotate_left(29) ^ ((pp as u64) << 40) ^ pp as u64)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 32)
     }
 
     #[inline(always)]

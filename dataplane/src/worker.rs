@@ -191,8 +191,8 @@ struct Meta {
     tcp_flags: u8,
     hash: u64,
     cand: u32,
+    /// IPv4 key; IPv6 keys live in `Worker::keys6` (keeps this array small to initialise).
     key4: FlowKey<u32>,
-    key6: FlowKey<u128>,
 }
 
 /// ClientIP session affinity: which backend a client was last sent to, per service. Maglev on
@@ -215,6 +215,8 @@ pub struct Worker {
     own4: Option<u32>,
     own6: Option<u128>,
     affinity: Affinity,
+    /// IPv6 flow keys of the burst being processed, by packet index.
+    keys6: [FlowKey<u128>; BURST],
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
     /// Milliseconds, wrapping.
@@ -250,6 +252,7 @@ impl Worker {
             ct6,
             neigh,
             stats,
+            keys6: [FlowKey::default(); BURST],
             solicit: ArrayVec::new(),
             now: 0,
             now_ms: 0,
@@ -346,15 +349,18 @@ impl Worker {
         let mut meta = [Meta::default(); BURST];
 
         // Stage 1: classify, answer the slow-path protocols, hash and prefetch buckets.
+        let mut rx_bytes = 0;
         for i in 0..n {
-            self.stats.rx.add(rx[i].len());
-            meta[i] = self.classify(&mut rx[i]);
+            rx_bytes += rx[i].len() as u64;
+            self.classify(&mut rx[i], i, &mut meta[i]);
             match meta[i].class {
                 Class::Fwd4 { .. } | Class::Rev4 => self.ct4.prefetch_bucket(meta[i].hash),
                 Class::Fwd6 { .. } | Class::Rev6 => self.ct6.prefetch_bucket(meta[i].hash),
                 _ => {}
             }
         }
+        self.stats.rx.packets += n as u64;
+        self.stats.rx.bytes += rx_bytes;
         // Stage 2: signature match in the bucket, prefetch the flow record.
         for m in meta[..n].iter_mut() {
             m.cand = match m.class {
@@ -369,8 +375,8 @@ impl Worker {
             let c = match m.class {
                 Class::Fwd4 { svc } => self.forward::<u32, B>(&mut rx[i], &m, m.key4, svc),
                 Class::Rev4 => self.reverse::<u32>(rx[i].data_mut(), &m, m.key4),
-                Class::Fwd6 { svc } => self.forward::<u128, B>(&mut rx[i], &m, m.key6, svc),
-                Class::Rev6 => self.reverse::<u128>(rx[i].data_mut(), &m, m.key6),
+                Class::Fwd6 { svc } => self.forward::<u128, B>(&mut rx[i], &m, self.keys6[i], svc),
+                Class::Rev6 => self.reverse::<u128>(rx[i].data_mut(), &m, self.keys6[i]),
                 c => c,
             };
             meta[i].class = c;
@@ -386,8 +392,7 @@ impl Worker {
 
     /// Stage 1 for one packet.
     #[inline(always)]
-    fn classify<B: PacketBuf>(&mut self, buf: &mut B) -> Meta {
-        let mut m = Meta::default();
+    fn classify<B: PacketBuf>(&mut self, buf: &mut B, i: usize, m: &mut Meta) {
         let frame = buf.data();
         let l2 = match parse_l2(frame) {
             Ok(l2) => l2,
@@ -400,105 +405,118 @@ impl Worker {
         m.l3 = l2.l3_off as u16;
         match l2.ethertype {
             ETHERTYPE_IPV4 => self.classify_v4(buf, &l2, m),
-            ETHERTYPE_IPV6 => self.classify_v6(buf, &l2, m),
-            ETHERTYPE_ARP => {
-                let snap = self.snap.clone();
-                let is_vip = |ip| snap.is_vip(ip);
-                let v = neigh::handle_arp(buf, &l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats);
-                verdict(m, v)
-            }
+            ETHERTYPE_IPV6 => self.classify_v6(buf, &l2, m, i),
+            ETHERTYPE_ARP => verdict(m, self.arp(buf, &l2)),
             _ => drop(m, DropReason::UnsupportedEthertype),
         }
     }
 
     #[inline(always)]
-    fn classify_v4<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info, mut m: Meta) -> Meta {
+    fn classify_v4<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info, m: &mut Meta) {
         let l3 = l2.l3_off;
         let f = buf.data();
-        if f.len() < l3 + 20 {
-            return drop(m, DropReason::Ipv4Malformed);
-        }
-        let ip = &f[l3..];
+        let Some(ip) = f.get(l3..l3 + 20) else { return drop(m, DropReason::Ipv4Malformed) };
+        // A fixed-size view: one bounds check here, none per field below.
+        let ip: &[u8; 20] = ip.try_into().unwrap();
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         let tot = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-        if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || tot > ip.len() {
+        if ip[0] >> 4 != 4 || ihl < 20 || tot < ihl || tot > f.len() - l3 {
             return drop(m, DropReason::Ipv4Malformed);
         }
-        if checksum::fold(checksum::ones_sum(&ip[..ihl])) != 0xffff {
+        let csum_ok = if ihl == 20 { ipv4_header_checksum_ok(ip) } else { checksum_ok_generic(&f[l3..l3 + ihl]) };
+        if !csum_ok {
             return drop(m, DropReason::Ipv4BadChecksum);
         }
         let proto = ip[9];
         let src = u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]);
         let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
         let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
-        let ours = self.own4 == Some(dst);
-        if tot < ip.len() {
+        if l3 + tot < f.len() {
             // Ethernet padding: keep it out of rewrites and encapsulation.
             buf.set_len(l3 + tot);
         }
-        let f = buf.data();
         let l4 = l3 + ihl;
         m.l4 = l4 as u16;
-        match proto {
-            PROTO_TCP | PROTO_UDP => {
-                let min = if proto == PROTO_TCP { 20 } else { 8 };
-                let (malformed, avail) =
-                    (if proto == PROTO_TCP { DropReason::TcpMalformed } else { DropReason::UdpMalformed }, tot - ihl);
-                if frag != 0 {
-                    return drop(
-                        m,
-                        if ours || self.snap.is_vip(IpAddr::V4(dst.into())) {
-                            DropReason::Ipv4Fragment
-                        } else {
-                            DropReason::NotForUs
-                        },
-                    );
-                }
-                if avail < 4 {
-                    return drop(m, if ours || self.snap.is_vip(IpAddr::V4(dst.into())) { malformed } else { DropReason::NotForUs });
-                }
-                let sport = u16::from_be_bytes([f[l4], f[l4 + 1]]);
-                let dport = u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]);
-                let class = match self.snap.lookup(v4_u128(dst), proto, dport) {
-                    VipMatch::Service(svc) => Class::Fwd4 { svc },
-                    VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
-                    VipMatch::NotVip if ours => {
-                        if !self.snat4.owns(dport) {
-                            return drop(m, DropReason::WrongCore);
-                        }
-                        Class::Rev4
+        let seg = &buf.data()[l4..l3 + tot];
+        if (proto == PROTO_TCP || proto == PROTO_UDP) && frag == 0 && seg.len() >= 4 {
+            let sport = u16::from_be_bytes([seg[0], seg[1]]);
+            let dport = u16::from_be_bytes([seg[2], seg[3]]);
+            let class = match self.snap.lookup(v4_u128(dst), proto, dport) {
+                VipMatch::Service(svc) => Class::Fwd4 { svc },
+                VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
+                VipMatch::NotVip if self.own4 == Some(dst) => {
+                    if !self.snat4.owns(dport) {
+                        return drop(m, DropReason::WrongCore);
                     }
-                    VipMatch::NotVip => return drop(m, DropReason::NotForUs),
-                };
-                if let Err(r) = check_l4(f, l4, avail, proto, min, malformed) {
-                    return drop(m, r);
+                    Class::Rev4
                 }
-                if proto == PROTO_TCP {
-                    m.tcp_flags = f[l4 + 13];
-                }
-                m.key4 = FlowKey { src, dst, sport, dport, proto };
-                m.hash = self.ct4.hash(&m.key4);
-                m.class = class;
-                m
+                VipMatch::NotVip => return drop(m, DropReason::NotForUs),
+            };
+            match check_l4(seg, proto) {
+                Ok(flags) => m.tcp_flags = flags,
+                Err(r) => return drop(m, r),
             }
-            PROTO_ICMP if ours || self.snap.is_vip(IpAddr::V4(dst.into())) => {
-                if frag != 0 {
-                    return drop(m, DropReason::Ipv4Fragment);
-                }
-                if tot - ihl >= 1 && matches!(f[l4], 3 | 11 | 12) {
-                    let c = icmp_error::handle_v4(self, buf, l3, ihl);
-                    m.class = c;
-                    return m;
-                }
-                verdict(m, neigh::handle_icmpv4_local(buf, l2, &mut self.stats))
-            }
-            _ if ours || self.snap.is_vip(IpAddr::V4(dst.into())) => drop(m, DropReason::UnsupportedProtocol),
-            _ => drop(m, DropReason::NotForUs),
+            m.key4 = FlowKey { src, dst, sport, dport, proto };
+            m.hash = self.ct4.hash(&m.key4);
+            m.class = class;
+            return;
+        }
+        self.classify_v4_other(buf, l2, ihl, proto, dst, frag, seg.len(), m)
+    }
+
+    /// The rest of IPv4: fragments, truncated L4 headers, ICMP, other protocols.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn classify_v4_other<B: PacketBuf>(
+        &mut self,
+        buf: &mut B,
+        l2: &ether::L2Info,
+        ihl: usize,
+        proto: u8,
+        dst: u32,
+        frag: u16,
+        seg_len: usize,
+        m: &mut Meta,
+    ) {
+        let local = self.own4 == Some(dst) || self.snap.is_vip(IpAddr::V4(dst.into()));
+        if !local {
+            return drop(m, DropReason::NotForUs);
+        }
+        match proto {
+            PROTO_TCP | PROTO_UDP if frag != 0 => drop(m, DropReason::Ipv4Fragment),
+            PROTO_TCP if seg_len < 4 => drop(m, DropReason::TcpMalformed),
+            PROTO_UDP if seg_len < 4 => drop(m, DropReason::UdpMalformed),
+            PROTO_ICMP => self.icmp_v4(buf, l2, ihl, frag, m),
+            _ => drop(m, DropReason::UnsupportedProtocol),
         }
     }
 
-    #[inline(always)]
-    fn classify_v6<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info, mut m: Meta) -> Meta {
+    /// ARP: answered or learned from by the neighbour code.
+    #[inline(never)]
+    fn arp<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info) -> Verdict {
+        let snap = &self.snap;
+        let is_vip = |ip| snap.is_vip(ip);
+        neigh::handle_arp(buf, l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats)
+    }
+
+    /// ICMPv4 to a VIP or to us: errors about flows, else echo.
+    #[inline(never)]
+    fn icmp_v4<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info, ihl: usize, frag: u16, m: &mut Meta) {
+        let (l3, l4) = (l2.l3_off, l2.l3_off + ihl);
+        let f = buf.data();
+        let tot = u16::from_be_bytes([f[l3 + 2], f[l3 + 3]]) as usize;
+        if frag != 0 {
+            return drop(m, DropReason::Ipv4Fragment);
+        }
+        if tot - ihl >= 1 && matches!(f[l4], 3 | 11 | 12) {
+            m.class = icmp_error::handle_v4(self, buf, l3, ihl);
+            return;
+        }
+        verdict(m, neigh::handle_icmpv4_local(buf, l2, &mut self.stats))
+    }
+
+    #[inline(never)]
+    fn classify_v6<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info, m: &mut Meta, i: usize) {
         let l3 = l2.l3_off;
         let f = buf.data();
         if f.len() < l3 + 40 || f[l3] >> 4 != 6 {
@@ -522,7 +540,6 @@ impl Worker {
         m.l4 = l4 as u16;
         match nh {
             PROTO_TCP | PROTO_UDP => {
-                let min = if nh == PROTO_TCP { 20 } else { 8 };
                 let malformed = if nh == PROTO_TCP { DropReason::TcpMalformed } else { DropReason::UdpMalformed };
                 if plen < 4 {
                     return drop(m, if local { malformed } else { DropReason::NotForUs });
@@ -540,16 +557,14 @@ impl Worker {
                     }
                     VipMatch::NotVip => return drop(m, DropReason::NotForUs),
                 };
-                if let Err(r) = check_l4(f, l4, plen, nh, min, malformed) {
-                    return drop(m, r);
+                match check_l4(&f[l4..l4 + plen], nh) {
+                    Ok(flags) => m.tcp_flags = flags,
+                    Err(r) => return drop(m, r),
                 }
-                if nh == PROTO_TCP {
-                    m.tcp_flags = f[l4 + 13];
-                }
-                m.key6 = FlowKey { src, dst, sport, dport, proto: nh };
-                m.hash = self.ct6.hash(&m.key6);
+                let key = FlowKey { src, dst, sport, dport, proto: nh };
+                m.hash = self.ct6.hash(&key);
+                self.keys6[i] = key;
                 m.class = class;
-                m
             }
             PROTO_ICMPV6 => {
                 let multicast_for_us = dst_ip.segments()[0] == 0xff02
@@ -559,11 +574,10 @@ impl Worker {
                     return drop(m, DropReason::NotForUs);
                 }
                 if plen >= 1 && matches!(f[l4], 1..=4) && local {
-                    let c = icmp_error::handle_v6(self, buf, l3);
-                    m.class = c;
-                    return m;
+                    m.class = icmp_error::handle_v6(self, buf, l3);
+                    return;
                 }
-                let snap = self.snap.clone();
+                let snap = &self.snap;
                 let is_vip = |ip| snap.is_vip(ip);
                 let v = neigh::handle_icmpv6_local(
                     buf,
@@ -644,6 +658,7 @@ impl Worker {
     }
 
     /// Creates the flow for a miss: Maglev (or affinity) pick, SNAT port, neighbours, insert.
+    #[inline(never)]
     fn new_flow<A: Family>(&mut self, key: &FlowKey<A>, m: &Meta, svc: u16) -> Result<u32, DropReason> {
         let snap = self.snap.clone();
         let s = &snap.services[svc as usize];
@@ -800,6 +815,7 @@ impl Worker {
     }
 
     /// DSR: prepend an outer IP header to the backend; the inner packet is untouched.
+    #[inline(never)]
     fn encap<A: Family, B: PacketBuf>(&mut self, buf: &mut B, l3: usize, key: &FlowKey<A>, flow: &Flow<A>, mac: [u8; 6]) -> Class {
         let inner_len = buf.len() - l3;
         let outer = A::IP_HLEN;
@@ -883,38 +899,51 @@ impl Worker {
 }
 
 #[inline(always)]
-fn drop(mut m: Meta, r: DropReason) -> Meta {
+fn drop(m: &mut Meta, r: DropReason) {
     m.class = Class::Drop(r);
-    m
 }
 
-fn verdict(mut m: Meta, v: Verdict) -> Meta {
+fn verdict(m: &mut Meta, v: Verdict) {
     m.class = match v {
         Verdict::Tx => Class::Tx,
         Verdict::Drop(r) => Class::Drop(r),
         Verdict::Consumed => Class::Consumed,
     };
-    m
 }
 
-/// TCP: data offset within the segment; UDP: length field equal to the IP payload.
+fn checksum_ok_generic(h: &[u8]) -> bool {
+    checksum::fold(checksum::ones_sum(h)) == 0xffff
+}
+
+/// Verifies an IPv4 header checksum. The common 20-byte header is summed as five 32-bit words
+/// (one's-complement sums may use any word size, RFC 1071), a quarter of the generic loop's work.
 #[inline(always)]
-fn check_l4(f: &[u8], l4: usize, avail: usize, proto: u8, min: usize, malformed: DropReason) -> Result<(), DropReason> {
-    if avail < min {
-        return Err(malformed);
-    }
+fn ipv4_header_checksum_ok(h: &[u8; 20]) -> bool {
+    let w = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as u64;
+    let mut s = w(0) + w(4) + w(8) + w(12) + w(16);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    checksum::fold(s as u32) == 0xffff
+}
+
+/// Checks the L4 header within the IP payload `seg`: TCP's data offset, UDP's length field
+/// (equal to the payload). Returns the TCP flags (0 for UDP).
+#[inline(always)]
+fn check_l4(seg: &[u8], proto: u8) -> Result<u8, DropReason> {
     if proto == PROTO_TCP {
-        let doff = (f[l4 + 12] >> 4) as usize * 4;
-        if doff < 20 || doff > avail {
-            return Err(malformed);
+        let Some(h) = seg.get(..20) else { return Err(DropReason::TcpMalformed) };
+        let doff = (h[12] >> 4) as usize * 4;
+        if doff < 20 || doff > seg.len() {
+            return Err(DropReason::TcpMalformed);
         }
+        Ok(h[13])
     } else {
-        let ulen = u16::from_be_bytes([f[l4 + 4], f[l4 + 5]]) as usize;
-        if ulen != avail {
-            return Err(malformed);
+        let Some(h) = seg.get(..8) else { return Err(DropReason::UdpMalformed) };
+        if u16::from_be_bytes([h[4], h[5]]) as usize != seg.len() {
+            return Err(DropReason::UdpMalformed);
         }
+        Ok(0)
     }
-    Ok(())
 }
 
 /// Writes new addresses and ports and updates the checksums incrementally.

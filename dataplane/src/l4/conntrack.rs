@@ -14,7 +14,7 @@
 //! Written here rather than taken from a crate because none offers bounded, preallocated,
 //! prefetchable, two-key entries with per-state timeouts.
 
-use super::hash::mix64;
+use super::hash::{mix64, mum};
 use crate::mem::{prefetch, HugeArray, Zeroable};
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -93,15 +93,21 @@ pub struct FlowKey<A: Addr> {
 }
 
 impl<A: Addr> FlowKey<A> {
-    /// Seeded hash for the table (the seed keeps remote senders from choosing collisions).
+    /// Seeded hash for the table. The seed enters both factors of the multiply, so a remote
+    /// sender who does not know it cannot choose keys that collide (or zero a factor).
     #[inline(always)]
     pub fn hash(&self, seed: u64) -> u64 {
         let (s0, s1) = self.src.words();
         let (d0, d1) = self.dst.words();
         let ports = ((self.sport as u64) << 24) | ((self.dport as u64) << 8) | self.proto as u64;
-        let a = s0.rotate_left(32) ^ d0 ^ seed;
-        let b = s1 ^ d1.rotate_left(17) ^ ports.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        mix64(a ^ mix64(b))
+        // IPv4: src << 32 | dst exactly; IPv6: the high words folded in first.
+        let mut a = s0.rotate_left(32) ^ d0;
+        let mut b = ports;
+        if A::LEN == 16 {
+            a ^= mum(s1 ^ seed.rotate_left(11) ^ 0x2d35_8dcc_aa6c_78a5, d1 ^ 0x8bb8_4b93_962e_acc9);
+            b ^= (s1 >> 32) ^ (d1 << 40);
+        }
+        mix64(mum(a ^ seed ^ 0xa076_1d64_78bd_642f, b ^ seed.rotate_left(29) ^ 0xe703_7ed1_a0b4_28db))
     }
 }
 
@@ -143,8 +149,10 @@ pub mod tcp_flags {
 /// One tracked flow. The forward key is what the client sends; `rev` is what the backend
 /// sends back under FullNAT (src = backend, dst = SNAT address). Under DSR `rev` only holds the
 /// backend's address and port and is not indexed.
+/// Cache-line aligned: an IPv4 record is exactly one line (so one prefetch brings all of it),
+/// an IPv6 record two.
 #[derive(Clone, Copy, Debug, Default)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct Flow<A: Addr> {
     pub fwd: FlowKey<A>,
     pub rev: FlowKey<A>,
@@ -245,6 +253,28 @@ fn expired(deadline: u32, now: u32) -> bool {
     (now.wrapping_sub(deadline) as i32) >= 0
 }
 
+/// Bit i set when slot i's signature equals `sig`: all seven compared at once.
+#[inline(always)]
+fn sig_matches(b: &Bucket, sig: u32) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // SAFETY: SSE2 is part of x86_64; the two loads cover sig[0..7] and spill, 32 bytes
+        // inside the 64-byte bucket (repr(C)).
+        unsafe {
+            let p = b as *const Bucket as *const __m128i;
+            let k = _mm_set1_epi32(sig as i32);
+            let lo = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(_mm_loadu_si128(p), k)));
+            let hi = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(_mm_loadu_si128(p.add(1)), k)));
+            ((lo | (hi << 4)) & 0x7f) as u32
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (0..SLOTS).filter(|&i| b.sig[i] == sig).fold(0, |m, i| m | 1 << i)
+    }
+}
+
 #[inline(always)]
 fn sig_of(h: u64) -> u32 {
     ((h >> 32) as u32) | 1
@@ -331,15 +361,17 @@ impl<A: Addr> Conntrack<A> {
     #[inline(always)]
     pub fn candidate(&self, h: u64) -> u32 {
         let b = &self.buckets[self.primary(h)];
-        let sig = sig_of(h);
-        for i in 0..SLOTS {
-            if b.sig[i] == sig {
-                let slot = b.slot[i];
-                prefetch(&self.flows[(slot & !REV_BIT) as usize]);
-                return slot;
-            }
+        let hits = sig_matches(b, sig_of(h));
+        if hits == 0 {
+            return NO_CANDIDATE;
         }
-        NO_CANDIDATE
+        let slot = b.slot[hits.trailing_zeros() as usize];
+        let rec = &self.flows[(slot & !REV_BIT) as usize] as *const Flow<A>;
+        prefetch(rec);
+        if std::mem::size_of::<Flow<A>>() > 64 {
+            prefetch((rec as *const u8).wrapping_add(64));
+        }
+        slot
     }
 
     /// Stage 3: does the candidate slot hold `key`? Returns the flow index and direction.
@@ -486,8 +518,14 @@ impl<A: Addr> Conntrack<A> {
             return;
         }
         let a = self.alternative(h);
-        if self.buckets[a].sig.iter().all(|&s| s != 0) {
-            // Both full: evict the flow nearest its deadline from the alternative bucket
+        if self.buckets[a].sig.iter().all(|&s| s != 0) && self.relocate_one(p) {
+            let i = self.buckets[p].sig.iter().position(|&s| s == 0).expect("relocation freed a slot");
+            self.buckets[p].sig[i] = sig;
+            self.buckets[p].slot[i] = slot;
+            return;
+        }
+        if self.buckets[a].sig.iter().all(|&s| s != 0) && !self.relocate_one(a) {
+            // Both full and nothing movable: evict the flow nearest its deadline from the alternative bucket
             // (never the flow being placed, which cannot be there yet).
             let victim = (0..SLOTS)
                 .map(|i| self.buckets[a].slot[i] & !REV_BIT)
@@ -513,6 +551,32 @@ impl<A: Addr> Conntrack<A> {
         self.buckets[a].sig[i] = sig;
         self.buckets[a].slot[i] = slot;
         self.buckets[p].spill += 1;
+    }
+
+    /// Cuckoo step: moves one key out of full bucket `b` into its other bucket, if that has
+    /// room, keeping the spill counts right. Rare (both of a key's buckets full), so reading
+    /// the records to rehash their keys is fine.
+    fn relocate_one(&mut self, b: usize) -> bool {
+        for i in 0..SLOTS {
+            let slot = self.buckets[b].slot[i];
+            let f = &self.flows[(slot & !REV_BIT) as usize];
+            let key = if slot & REV_BIT == 0 { f.fwd } else { f.rev };
+            let h = self.hash(&key);
+            let (p, a) = (self.primary(h), self.alternative(h));
+            let other = if b == p { a } else { p };
+            if let Some(j) = self.buckets[other].sig.iter().position(|&s| s == 0) {
+                self.buckets[other].sig[j] = self.buckets[b].sig[i];
+                self.buckets[other].slot[j] = slot;
+                self.buckets[b].sig[i] = 0;
+                if b == p {
+                    self.buckets[p].spill += 1;
+                } else {
+                    self.buckets[p].spill -= 1;
+                }
+                return true;
+            }
+        }
+        false
     }
 
     fn unplace(&mut self, h: u64, slot: u32) {
@@ -629,6 +693,13 @@ mod tests {
         let h = ct.hash(k);
         let c = ct.candidate(h);
         ct.verify(c, k).or_else(|| if ct.needs_full_lookup(h, c) { ct.lookup(k, h) } else { None })
+    }
+
+    #[test]
+    fn records_fill_whole_cache_lines() {
+        assert_eq!(std::mem::size_of::<Flow<u32>>(), 64);
+        assert_eq!(std::mem::size_of::<Flow<u128>>(), 128);
+        assert_eq!(std::mem::size_of::<Bucket>(), 64);
     }
 
     #[test]

@@ -28,3 +28,10 @@ pub fn hash_bytes(bytes: &[u8], seed: u64) -> u64 {
 pub fn reduce(hash: u64, n: u32) -> u32 {
     ((hash as u128 * n as u128) >> 64) as u32
 }
+
+/// The folded 128-bit product (wyhash's "mum"): one multiply instruction mixes two words.
+#[inline(always)]
+pub fn mum(a: u64, b: u64) -> u64 {
+    let r = (a as u128) * (b as u128);
+    (r as u64) ^ ((r >> 64) as u64)
+}
