@@ -30,8 +30,13 @@ pub struct L4Args {
     /// Seconds of established-flow traffic.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// Forwarding mode of the VIP.
     #[arg(long, value_enum, default_value_t = ModeArg::Fullnat)]
     pub mode: ModeArg,
+    /// Send exactly this many established-flow packets instead of running for --seconds
+    /// (repeatable instruction counts under callgrind).
+    #[arg(long)]
+    pub packets: Option<u64>,
     /// Endpoints behind the VIP.
     #[arg(long, default_value_t = 100)]
     pub backends: u32,
@@ -106,9 +111,12 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut t_est = Timing::default();
     let chunk = 1u64 << 20;
-    while start.elapsed().as_secs_f64() < a.seconds {
+    let mut left = a.packets.unwrap_or(u64::MAX);
+    while left > 0 && (a.packets.is_some() || start.elapsed().as_secs_f64() < a.seconds) {
         let flows = a.flows as u64;
-        let t = drive(&mut w, &mut gen, &mut pool, chunk, |g, b, _| {
+        let n = chunk.min(left);
+        left -= n;
+        let t = drive(&mut w, &mut gen, &mut pool, n, |g, b, _| {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;

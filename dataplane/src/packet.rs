@@ -76,13 +76,20 @@ impl std::fmt::Debug for HeapBuf {
 }
 
 impl PacketBuf for HeapBuf {
-    #[inline]
+    #[inline(always)]
     fn data(&self) -> &[u8] {
-        &self.room[self.off as usize..(self.off + self.len) as usize]
+        let (off, end) = (self.off as usize, (self.off + self.len) as usize);
+        debug_assert!(end <= BUF_SIZE);
+        // SAFETY: every method that moves off/len keeps off + len <= BUF_SIZE. Unchecked
+        // because this runs several times per packet.
+        unsafe { self.room.get_unchecked(off..end) }
     }
-    #[inline]
+    #[inline(always)]
     fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.room[self.off as usize..(self.off + self.len) as usize]
+        let (off, end) = (self.off as usize, (self.off + self.len) as usize);
+        debug_assert!(end <= BUF_SIZE);
+        // SAFETY: as in data().
+        unsafe { self.room.get_unchecked_mut(off..end) }
     }
     #[inline]
     fn prepend(&mut self, n: usize) -> bool {

@@ -604,17 +604,9 @@ impl Worker {
         if hit.is_none() && (self.inserted_this_burst || A::ct_ref(self).needs_full_lookup(m.hash, m.cand)) {
             hit = A::ct_ref(self).lookup(&key, m.hash);
         }
-        let idx = match hit {
+        let flow = match hit {
             Some((idx, Dir::Fwd)) if !A::ct_ref(self).is_expired(idx, now) => {
-                let ct = A::ct(self);
-                let f = ct.flow_mut(idx);
-                let state = if key.proto == PROTO_TCP {
-                    tcp_next_state(f.state, &mut f.fins, Dir::Fwd, m.tcp_flags)
-                } else {
-                    FlowState::Udp
-                };
-                ct.touch(idx, state, now);
-                idx
+                A::ct(self).refresh(idx, Dir::Fwd, key.proto, m.tcp_flags, now)
             }
             stale => {
                 if let Some((idx, _)) = stale {
@@ -622,12 +614,11 @@ impl Worker {
                     A::ct(self).counters.expired += 1;
                 }
                 match self.new_flow::<A>(&key, m, svc) {
-                    Ok(idx) => idx,
+                    Ok(idx) => *A::ct_ref(self).flow(idx),
                     Err(r) => return Class::Drop(r),
                 }
             }
         };
-        let flow = *A::ct_ref(self).flow(idx);
         let len = buf.len();
         if let Some(c) = self.stats.per_vip.get_mut(flow.service as usize) {
             c.add(len);
@@ -768,16 +759,12 @@ impl Worker {
         if hit.is_none() && (self.inserted_this_burst || A::ct_ref(self).needs_full_lookup(m.hash, m.cand)) {
             hit = A::ct_ref(self).lookup(&key, m.hash);
         }
-        let idx = match hit {
-            Some((idx, Dir::Rev)) if !A::ct_ref(self).is_expired(idx, now) => idx,
+        let flow = match hit {
+            Some((idx, Dir::Rev)) if !A::ct_ref(self).is_expired(idx, now) => {
+                A::ct(self).refresh(idx, Dir::Rev, key.proto, m.tcp_flags, now)
+            }
             _ => return Class::Drop(DropReason::NoFlow),
         };
-        let ct = A::ct(self);
-        let fl = ct.flow_mut(idx);
-        let state =
-            if key.proto == PROTO_TCP { tcp_next_state(fl.state, &mut fl.fins, Dir::Rev, m.tcp_flags) } else { fl.state };
-        ct.touch(idx, state, now);
-        let flow = *A::ct_ref(self).flow(idx);
         if let Some(c) = self.stats.per_vip.get_mut(flow.service as usize) {
             c.add(f.len());
         }

@@ -431,6 +431,18 @@ impl<A: Addr> Conntrack<A> {
         expired(self.flows[idx as usize].deadline, now)
     }
 
+    /// A packet of a live flow in direction `dir`: advances the TCP state (UDP keeps its own),
+    /// pushes the deadline out and returns a copy of the record, all in one access.
+    #[inline(always)]
+    pub fn refresh(&mut self, idx: u32, dir: Dir, proto: u8, tcp_flags: u8, now: u32) -> Flow<A> {
+        let f = &mut self.flows[idx as usize];
+        if proto == 6 {
+            f.state = tcp_next_state(f.state, &mut f.fins, dir, tcp_flags);
+        }
+        f.deadline = now.wrapping_add(self.timeouts.0[f.state as usize]);
+        *f
+    }
+
     /// Moves a flow to `state` and pushes its deadline out.
     #[inline(always)]
     pub fn touch(&mut self, idx: u32, state: FlowState, now: u32) {
