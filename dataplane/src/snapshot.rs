@@ -135,6 +135,62 @@ impl VipTable {
     }
 }
 
+/// The IPv4 fast-path twin of `VipTable`: (address, protocol, port) packed in one u64, so a
+/// probe is one multiply and one compare.
+#[derive(Clone, Debug, Default)]
+struct Vip4Table {
+    /// (key, service); key 0 marks an empty slot (0.0.0.0 is never a VIP).
+    slots: Vec<(u64, u16)>,
+    shift: u32,
+}
+
+impl Vip4Table {
+    #[inline(always)]
+    fn key(addr: u32, pp: u32) -> u64 {
+        ((addr as u64) << 32) | pp as u64
+    }
+
+    #[inline(always)]
+    fn slot(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    fn new(entries: &[(u128, u32, u16)]) -> Self {
+        let v4: Vec<(u64, u16)> = entries
+            .iter()
+            .filter(|(ip, _, _)| ip >> 32 == 0xffff)
+            .map(|&(ip, pp, svc)| (Self::key(ip as u32, pp), svc))
+            .collect();
+        let n = (v4.len() * 2).next_power_of_two().max(8);
+        let mut t = Vip4Table { slots: vec![(0, 0); n], shift: 64 - n.trailing_zeros() };
+        for (k, svc) in v4 {
+            let mut i = t.slot(k);
+            while t.slots[i].0 != 0 && t.slots[i].0 != k {
+                i = (i + 1) & (n - 1);
+            }
+            t.slots[i] = (k, svc);
+        }
+        t
+    }
+
+    #[inline(always)]
+    fn get(&self, addr: u32, pp: u32) -> Option<u16> {
+        let k = Self::key(addr, pp);
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot(k);
+        loop {
+            let (sk, svc) = self.slots[i & mask];
+            if sk == k {
+                return Some(svc);
+            }
+            if sk == 0 {
+                return None;
+            }
+            i += 1;
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub generation: u64,
@@ -142,6 +198,7 @@ pub struct Snapshot {
     pub services: Vec<ServiceEntry>,
     pub backends: Vec<BackendEntry>,
     vips: VipTable,
+    vips4: Vip4Table,
 }
 
 /// What `lookup` found for a destination.
@@ -164,7 +221,7 @@ pub enum CompileError {
 impl Snapshot {
     /// An empty snapshot: every VIP unknown.
     pub fn empty() -> Snapshot {
-        Snapshot { generation: 0, maglev_size: 65537, services: vec![], backends: vec![], vips: VipTable::new(&[]) }
+        Snapshot { generation: 0, maglev_size: 65537, services: vec![], backends: vec![], vips: VipTable::new(&[]), vips4: Vip4Table::new(&[]) }
     }
 
     pub fn compile(boot: &Bootstrap, state: &DesiredState, generation: u64) -> Result<Snapshot, CompileError> {
@@ -227,7 +284,14 @@ impl Snapshot {
                 maglev,
             });
         }
-        Ok(Snapshot { generation, maglev_size: m, services, backends, vips: VipTable::new(&vip_entries) })
+        Ok(Snapshot {
+            generation,
+            maglev_size: m,
+            services,
+            backends,
+            vips: VipTable::new(&vip_entries),
+            vips4: Vip4Table::new(&vip_entries),
+        })
     }
 
     /// Per packet: which service a destination (as ::ffff:v4 or v6 u128) and port are.
@@ -236,6 +300,16 @@ impl Snapshot {
         match self.vips.get(dst, ((proto as u32) << 16) | port as u32) {
             Some(s) => VipMatch::Service(s),
             None if self.vips.get(dst, 0).is_some() => VipMatch::OtherPort,
+            None => VipMatch::NotVip,
+        }
+    }
+
+    /// `lookup` for an IPv4 destination (host order): the per-packet common case.
+    #[inline(always)]
+    pub fn lookup_v4(&self, dst: u32, proto: u8, port: u16) -> VipMatch {
+        match self.vips4.get(dst, ((proto as u32) << 16) | port as u32) {
+            Some(s) => VipMatch::Service(s),
+            None if self.vips4.get(dst, 0).is_some() => VipMatch::OtherPort,
             None => VipMatch::NotVip,
         }
     }
@@ -330,6 +404,10 @@ maglev: {table_size: 1009}
         assert_eq!(s.lookup(vip, 17, 80), VipMatch::OtherPort);
         assert_eq!(s.lookup(vip, 6, 81), VipMatch::OtherPort);
         assert_eq!(s.lookup(v4_u128(1), 6, 80), VipMatch::NotVip);
+        let vip4 = u32::from(Ipv4Addr::new(10, 20, 0, 10));
+        assert_eq!(s.lookup_v4(vip4, 6, 80), VipMatch::Service(0));
+        assert_eq!(s.lookup_v4(vip4, 17, 80), VipMatch::OtherPort);
+        assert_eq!(s.lookup_v4(vip4 + 1, 6, 80), VipMatch::NotVip);
         assert!(s.is_vip("10.20.0.10".parse().unwrap()));
         assert!(!s.is_vip("10.20.0.11".parse().unwrap()));
     }

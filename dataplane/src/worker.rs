@@ -441,7 +441,7 @@ impl Worker {
         if (proto == PROTO_TCP || proto == PROTO_UDP) && frag == 0 && seg.len() >= 4 {
             let sport = u16::from_be_bytes([seg[0], seg[1]]);
             let dport = u16::from_be_bytes([seg[2], seg[3]]);
-            let class = match self.snap.lookup(v4_u128(dst), proto, dport) {
+            let class = match self.snap.lookup_v4(dst, proto, dport) {
                 VipMatch::Service(svc) => Class::Fwd4 { svc },
                 VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
                 VipMatch::NotVip if self.own4 == Some(dst) => {
@@ -906,7 +906,9 @@ fn checksum_ok_generic(h: &[u8]) -> bool {
 /// (one's-complement sums may use any word size, RFC 1071), a quarter of the generic loop's work.
 #[inline(always)]
 fn ipv4_header_checksum_ok(h: &[u8; 20]) -> bool {
-    let w = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as u64;
+    // Summed in native byte order: the one's-complement sum is byte-order independent
+    // (RFC 1071 2.B) and the all-ones result reads the same either way.
+    let w = |i: usize| u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]) as u64;
     let mut s = w(0) + w(4) + w(8) + w(12) + w(16);
     s = (s & 0xffff_ffff) + (s >> 32);
     s = (s & 0xffff_ffff) + (s >> 32);

@@ -14,7 +14,7 @@
 //! Written here rather than taken from a crate because none offers bounded, preallocated,
 //! prefetchable, two-key entries with per-state timeouts.
 
-use super::hash::{mix64, mum};
+use super::hash::mum;
 use crate::mem::{prefetch, HugeArray, Zeroable};
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -107,7 +107,10 @@ impl<A: Addr> FlowKey<A> {
             a ^= mum(s1 ^ seed.rotate_left(11) ^ 0x2d35_8dcc_aa6c_78a5, d1 ^ 0x8bb8_4b93_962e_acc9);
             b ^= (s1 >> 32) ^ (d1 << 40);
         }
-        mix64(mum(a ^ seed ^ 0xa076_1d64_78bd_642f, b ^ seed.rotate_left(29) ^ 0xe703_7ed1_a0b4_28db))
+        // One 64x64->128 multiply of two seeded words mixes every input bit into the middle
+        // of the product (wyhash's core); the shift brings the high half into the bucket bits.
+        let x = mum(a ^ seed ^ 0xa076_1d64_78bd_642f, b ^ seed.rotate_left(29) ^ 0xe703_7ed1_a0b4_28db);
+        x ^ (x >> 29)
     }
 }
 
@@ -280,6 +283,9 @@ fn sig_of(h: u64) -> u32 {
     ((h >> 32) as u32) | 1
 }
 
+/// How far a deadline may lag behind "now + timeout" before a packet rewrites it.
+const REFRESH_SLACK_MS: i32 = 1000;
+
 /// Records examined per eviction attempt when the table is full.
 const EVICT_SCAN: u32 = 32;
 
@@ -433,13 +439,24 @@ impl<A: Addr> Conntrack<A> {
 
     /// A packet of a live flow in direction `dir`: advances the TCP state (UDP keeps its own),
     /// pushes the deadline out and returns a copy of the record, all in one access.
+    ///
+    /// The record is written only when the state changes or the deadline moves by a second or
+    /// more: with a million flows most records are cold, and a clean line costs one miss where
+    /// a dirty one costs a second transfer when it is written back. Timeouts are therefore
+    /// exact to within a second (they are configured in seconds).
     #[inline(always)]
     pub fn refresh(&mut self, idx: u32, dir: Dir, proto: u8, tcp_flags: u8, now: u32) -> Flow<A> {
         let f = &mut self.flows[idx as usize];
+        let (mut state, mut fins) = (f.state, f.fins);
         if proto == 6 {
-            f.state = tcp_next_state(f.state, &mut f.fins, dir, tcp_flags);
+            state = tcp_next_state(state, &mut fins, dir, tcp_flags);
         }
-        f.deadline = now.wrapping_add(self.timeouts.0[f.state as usize]);
+        let deadline = now.wrapping_add(self.timeouts.0[state as usize]);
+        if state != f.state || fins != f.fins || deadline.wrapping_sub(f.deadline) as i32 >= REFRESH_SLACK_MS {
+            f.state = state;
+            f.fins = fins;
+            f.deadline = deadline;
+        }
         *f
     }
 
