@@ -39,10 +39,12 @@ pub(crate) fn handle_v4<B: PacketBuf>(w: &mut Worker, buf: &mut B, l3: usize, ih
     if let Class::Tx = r {
         let f = buf.data_mut();
         // Quoted IPv4 header and outer header: full checksums (short, and not per packet).
-        f[e3 + 10..e3 + 12].copy_from_slice(&[0, 0]);
-        let c = checksum::checksum(&f[e3..e3 + eihl]);
-        f[e3 + 10..e3 + 12].copy_from_slice(&c.to_be_bytes());
+        // Only for a rewritten error: an encapsulated one is untouched, and its bytes have
+        // moved (e3 no longer points at the quoted header).
         if is_v4_header_here(f, l3) {
+            f[e3 + 10..e3 + 12].copy_from_slice(&[0, 0]);
+            let c = checksum::checksum(&f[e3..e3 + eihl]);
+            f[e3 + 10..e3 + 12].copy_from_slice(&c.to_be_bytes());
             f[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
             let c = checksum::checksum(&f[l3..l3 + ihl]);
             f[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
