@@ -283,9 +283,6 @@ fn sig_of(h: u64) -> u32 {
     ((h >> 32) as u32) | 1
 }
 
-/// How far a deadline may lag behind "now + timeout" before a packet rewrites it.
-const REFRESH_SLACK_MS: i32 = 1000;
-
 /// Records examined per eviction attempt when the table is full.
 const EVICT_SCAN: u32 = 32;
 
@@ -439,24 +436,13 @@ impl<A: Addr> Conntrack<A> {
 
     /// A packet of a live flow in direction `dir`: advances the TCP state (UDP keeps its own),
     /// pushes the deadline out and returns a copy of the record, all in one access.
-    ///
-    /// The record is written only when the state changes or the deadline moves by a second or
-    /// more: with a million flows most records are cold, and a clean line costs one miss where
-    /// a dirty one costs a second transfer when it is written back. Timeouts are therefore
-    /// exact to within a second (they are configured in seconds).
     #[inline(always)]
     pub fn refresh(&mut self, idx: u32, dir: Dir, proto: u8, tcp_flags: u8, now: u32) -> Flow<A> {
         let f = &mut self.flows[idx as usize];
-        let (mut state, mut fins) = (f.state, f.fins);
         if proto == 6 {
-            state = tcp_next_state(state, &mut fins, dir, tcp_flags);
+            f.state = tcp_next_state(f.state, &mut f.fins, dir, tcp_flags);
         }
-        let deadline = now.wrapping_add(self.timeouts.0[state as usize]);
-        if state != f.state || fins != f.fins || deadline.wrapping_sub(f.deadline) as i32 >= REFRESH_SLACK_MS {
-            f.state = state;
-            f.fins = fins;
-            f.deadline = deadline;
-        }
+        f.deadline = now.wrapping_add(self.timeouts.0[f.state as usize]);
         *f
     }
 
