@@ -29,7 +29,10 @@ fn fresh_worker() -> Worker {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.chunks(16).map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n")
+    b.chunks(16)
+        .map(|c| c.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Replays one case; returns (frames sent, drop reasons in order).
@@ -84,12 +87,36 @@ macro_rules! golden_cases {
     ($($name:ident),* $(,)?) => { $( #[test] fn $name() { golden(stringify!($name)); } )* };
 }
 
-golden_cases!(arp, ndp, ping_vip, tcp_fullnat, udp_fullnat, dsr_ipip, ipv6_fullnat, unknown_vip, vlan, malformed);
+golden_cases!(
+    arp,
+    ndp,
+    ping_vip,
+    tcp_fullnat,
+    udp_fullnat,
+    dsr_ipip,
+    ipv6_fullnat,
+    unknown_vip,
+    vlan,
+    malformed,
+    icmp_fullnat
+);
 
 /// Every fixture directory entry is covered by a test above (a new fixture cannot be forgotten).
 #[test]
 fn every_fixture_has_a_test() {
-    let known = ["arp", "ndp", "ping_vip", "tcp_fullnat", "udp_fullnat", "dsr_ipip", "ipv6_fullnat", "unknown_vip", "vlan", "malformed"];
+    let known = [
+        "arp",
+        "ndp",
+        "ping_vip",
+        "tcp_fullnat",
+        "udp_fullnat",
+        "dsr_ipip",
+        "ipv6_fullnat",
+        "unknown_vip",
+        "vlan",
+        "malformed",
+        "icmp_fullnat",
+    ];
     for e in std::fs::read_dir(fixtures()).unwrap() {
         let n = e.unwrap().file_name().into_string().unwrap();
         if let Some(case) = n.strip_suffix(".in.pcap") {
