@@ -1296,3 +1296,66 @@ fn every_bit_flip_is_sent_or_counted() {
         }
     }
 }
+
+// --- Ethernet padding, full transmit queues, counters --------------------------------------------
+
+#[test]
+fn ethernet_padding_stays_out_of_rewrites_and_encapsulation() {
+    let mut h = web();
+    // A 54-byte SYN padded to the 60-byte minimum as a NIC receives it.
+    let syn = tcp(CLIENT4, 40000, WEB_VIP, 80, SYN);
+    let mut f = syn.frame();
+    assert_eq!(f.len(), 54);
+    f.extend_from_slice(&[0xee; 6]);
+    let p = h.fwd(0, &f);
+    assert_eq!(p.frame, syn.at(LB4, 1024, WEB_EP, 8080).out_frame());
+    // UDP return traffic with padding: the UDP length and checksum cover only the datagram.
+    let ans = udp("10.30.0.12", 5353, LB4, 1025, b"a");
+    h.fwd(1, &udp(CLIENT4, 53000, "10.20.0.11", 53, b"q").frame());
+    let mut f = ans.frame();
+    f.extend_from_slice(&[0xee; 60 - 43]);
+    let r = h.fwd(2, &f);
+    assert_eq!(r.frame, ans.at("10.20.0.11", 53, CLIENT4, 53000).out_frame());
+    // DSR: the outer header covers the IP packet, not the padding.
+    let syn = tcp(CLIENT4, 40000, "10.20.0.12", 80, SYN);
+    let mut f = syn.frame();
+    f.extend_from_slice(&[0xee; 6]);
+    let p = h.fwd(3, &f);
+    assert_eq!(&p.l3[20..], &syn.l3()[..]);
+    // IPv6 with trailing bytes after the payload length.
+    let syn6 = tcp(CLIENT6, 41000, "fd00:20::10", 80, SYN);
+    let mut f = syn6.frame();
+    f.extend_from_slice(&[0xee; 8]);
+    let p = h.fwd(4, &f);
+    assert_eq!(p.frame, syn6.at(LB6, 1024, "fd00:30::11", 8080).out_frame());
+}
+
+#[test]
+fn full_transmit_queue_counts_tx_full() {
+    let mut h = web();
+    h.port.tx_limit = Some(1);
+    for i in 0..5u16 {
+        h.port.push_rx(&tcp(CLIENT4, 40000 + i, WEB_VIP, 80, SYN).frame());
+    }
+    h.w.poll(&mut h.port, 0);
+    assert_eq!(h.port.take_tx().len(), 1);
+    let s = &h.w.stats;
+    assert_eq!((s.rx.packets, s.tx.packets, s.dropped(DropReason::TxFull)), (5, 1, 4));
+    assert_eq!(s.tx.bytes, 54);
+}
+
+#[test]
+fn per_vip_and_per_backend_counters() {
+    let mut h = H::new(multi(&[(E1, Ready), (E2, Ready), (E3, Ready)], None));
+    let syns: Vec<Vec<u8>> = (0..300).map(|i| tcp(CLIENT4, 20000 + i, MULTI_VIP, 80, SYN).frame()).collect();
+    let out = h.fwd_all(0, &syns);
+    let snap = h.w.snapshot().clone();
+    let svc = snap.services.iter().position(|s| s.vip == ip(MULTI_VIP)).unwrap();
+    assert_eq!(h.w.stats.per_vip[svc].packets, 300);
+    assert_eq!(h.w.stats.per_vip[svc].bytes, 300 * 54);
+    for e in [E1, E2, E3] {
+        let bi = snap.backends.iter().position(|b| b.addr == ip(e)).unwrap();
+        let n = out.iter().filter(|p| p.dst == ip(e)).count() as u64;
+        assert_eq!(h.w.stats.per_backend[bi].packets, n, "{e}");
+    }
+}
