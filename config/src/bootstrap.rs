@@ -117,13 +117,23 @@ pub struct ConntrackConfig {
     /// Flows per worker core (both directions of a flow count once).
     #[serde(default = "default_capacity")]
     pub capacity: u32,
+    /// IPv6 flows per worker core; IPv6 records take two cache lines, so they get their own
+    /// bound. Default: a quarter of `capacity`.
+    #[serde(default)]
+    pub capacity_v6: Option<u32>,
     #[serde(default)]
     pub timeouts: Timeouts,
 }
 
+impl ConntrackConfig {
+    pub fn v6_capacity(&self) -> u32 {
+        self.capacity_v6.unwrap_or((self.capacity / 4).max(1))
+    }
+}
+
 impl Default for ConntrackConfig {
     fn default() -> Self {
-        ConntrackConfig { capacity: default_capacity(), timeouts: Timeouts::default() }
+        ConntrackConfig { capacity: default_capacity(), capacity_v6: None, timeouts: Timeouts::default() }
     }
 }
 

@@ -30,10 +30,15 @@ unsafe impl<T: Zeroable + Sync> Sync for HugeArray<T> {}
 const HUGE_PAGE: usize = 2 << 20;
 
 impl<T: Zeroable> HugeArray<T> {
-    /// Maps `len` zeroed elements. Memory is committed as it is first touched.
+    /// What `new(len)` maps, without mapping it.
+    pub fn bytes_for(len: usize) -> usize {
+        (len.max(1) * std::mem::size_of::<T>()).div_ceil(HUGE_PAGE) * HUGE_PAGE
+    }
+
+    /// Maps `len` zeroed elements, all pages faulted in (committed) before it returns.
     pub fn new(len: usize) -> std::io::Result<Self> {
         let len = len.max(1);
-        let bytes = (len * std::mem::size_of::<T>()).div_ceil(HUGE_PAGE) * HUGE_PAGE;
+        let bytes = Self::bytes_for(len);
         // SAFETY: anonymous private mapping, no file; checked for failure below.
         let p = unsafe {
             libc::mmap(
@@ -51,6 +56,15 @@ impl<T: Zeroable> HugeArray<T> {
         // Best effort: THP may be disabled; the table still works on small pages.
         // SAFETY: p..p+bytes is the mapping just created.
         unsafe { libc::madvise(p, bytes, libc::MADV_HUGEPAGE) };
+        // Fault every page in now, after the advice so they come as huge pages: a first touch
+        // on the fast path would be a trip into the kernel (and 2 MiB of zeroing) per page.
+        let base = p as *mut u8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: off < bytes, inside the mapping; a volatile write so it is not elided.
+            unsafe { std::ptr::write_volatile(base.add(off), 0) };
+            off += 4096;
+        }
         Ok(HugeArray { ptr: NonNull::new(p as *mut T).expect("mmap returned null"), len, bytes, _t: PhantomData })
     }
 

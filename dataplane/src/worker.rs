@@ -44,6 +44,7 @@ pub struct WorkerConfig {
     pub cores: u16,
     pub iface: Interface,
     pub ct_capacity: u32,
+    pub ct_capacity_v6: u32,
     pub timeouts: TimeoutsMs,
     /// DSR outer source prefix (network, host mask).
     pub dsr_src_v4: (u32, u32),
@@ -77,6 +78,7 @@ impl WorkerConfig {
             cores,
             iface: Interface::from_config(port),
             ct_capacity: boot.conntrack.capacity,
+            ct_capacity_v6: boot.conntrack.v6_capacity(),
             timeouts: TimeoutsMs::from_config(&boot.conntrack.timeouts),
             dsr_src_v4: (u32::from(f.dsr_source_v4.network()), host4),
             dsr_src_v6: (u128::from(f.dsr_source_v6.network()), host6),
@@ -215,6 +217,8 @@ pub struct Worker {
     own4: Option<u32>,
     own6: Option<u128>,
     affinity: Affinity,
+    /// The neighbour slots of the IPv4 and IPv6 next hops, once looked up.
+    next_hop_slot: (Option<(IpAddr, u16)>, Option<(IpAddr, u16)>),
     /// IPv6 flow keys of the burst being processed, by packet index.
     keys6: [FlowKey<u128>; BURST],
     /// Neighbours to solicit after this burst (indices into `neigh`).
@@ -230,10 +234,8 @@ pub struct Worker {
 impl Worker {
     pub fn new(cfg: WorkerConfig, snap: Arc<Snapshot>) -> std::io::Result<Worker> {
         let cap4 = cfg.ct_capacity;
-        // IPv6 records are two cache lines; most deployments carry far fewer v6 flows, and
-        // untouched capacity costs no memory (pages are committed as used).
         let ct4 = Conntrack::new(cap4, cfg.timeouts, cfg.seed)?;
-        let ct6 = Conntrack::new(cap4, cfg.timeouts, cfg.seed ^ 0x5555)?;
+        let ct6 = Conntrack::new(cfg.ct_capacity_v6, cfg.timeouts, cfg.seed ^ 0x5555)?;
         let mut neigh = NeighborTable::new(4096);
         for &(ip, mac) in &cfg.static_neighbors {
             neigh.add_static(ip, mac);
@@ -252,6 +254,7 @@ impl Worker {
             ct6,
             neigh,
             stats,
+            next_hop_slot: (None, None),
             keys6: [FlowKey::default(); BURST],
             solicit: ArrayVec::new(),
             now: 0,
@@ -264,6 +267,17 @@ impl Worker {
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
         self.stats.resize(snap.services.len(), snap.backends.len());
         self.snap = snap;
+    }
+
+    /// The current snapshot, borrowed apart from `self` so that the flow-creation path can
+    /// read it while updating tables: cloning the Arc there would be an atomic
+    /// read-modify-write on a line every worker shares, once per new flow.
+    #[inline(always)]
+    fn snap_ref<'a>(&self) -> &'a Snapshot {
+        // SAFETY: `self.snap` is replaced only by `set_snapshot(&mut self)`, between bursts; the
+        // reference is used only within the method that took it, which holds `&mut self`, so
+        // the Arc it points into stays alive and unchanged for as long as the reference is used.
+        unsafe { &*Arc::as_ptr(&self.snap) }
     }
 
     pub fn snapshot(&self) -> &Arc<Snapshot> {
@@ -651,7 +665,7 @@ impl Worker {
     /// Creates the flow for a miss: Maglev (or affinity) pick, SNAT port, neighbours, insert.
     #[inline(never)]
     fn new_flow<A: Family>(&mut self, key: &FlowKey<A>, m: &Meta, svc: u16) -> Result<u32, DropReason> {
-        let snap = self.snap.clone();
+        let snap = self.snap_ref();
         let s = &snap.services[svc as usize];
         let syn = m.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
         if key.proto == PROTO_TCP && s.mode == Mode::FullNat && !syn {
@@ -679,8 +693,7 @@ impl Worker {
         if flow.state == FlowState::Free {
             flow.state = FlowState::TcpEstablished;
         }
-        let route_b = self.cfg.iface.route(b.addr).ok_or(DropReason::NoRoute)?;
-        flow.neigh_fwd = self.neigh.index_of(route_b);
+        flow.neigh_fwd = self.neighbor_index(b.addr)?;
         match s.mode {
             Mode::FullNat => {
                 let own = A::own(self).ok_or(DropReason::NoRoute)?;
@@ -699,8 +712,7 @@ impl Worker {
                 }
                 flow.rev = rev;
                 flow.has_rev = true;
-                let route_c = self.cfg.iface.route(key.src.to_ip()).ok_or(DropReason::NoRoute)?;
-                flow.neigh_rev = self.neigh.index_of(route_c);
+                flow.neigh_rev = self.neighbor_index(key.src.to_ip())?;
                 let (old_a, new_a) = (addr_pair(key.src, key.dst), addr_pair(rev.dst, rev.src));
                 flow.ip_delta = Delta::between(&old_a.0[..old_a.1], &new_a.0[..new_a.1]).0;
                 let old_l4 = with_ports(old_a, key.sport, key.dport);
@@ -723,7 +735,7 @@ impl Worker {
         };
         let client = key.src.as_u128();
         let now = self.now;
-        let snap = self.snap.clone();
+        let snap = self.snap_ref();
         if let Some(&(addr, port, deadline)) = self.affinity.map.get(&(svc, client)) {
             if (now.wrapping_sub(deadline) as i32) < 0 {
                 // Still valid if that backend still takes new flows in this service.
@@ -786,6 +798,27 @@ impl Worker {
         );
         ether::set_macs(f, mac, self.cfg.iface.mac);
         Class::Tx
+    }
+
+    /// The neighbour-table slot for reaching `dst` (itself on-link, else the next hop). The
+    /// next hops' slots are remembered, so the common off-link case costs no table lookup.
+    fn neighbor_index(&mut self, dst: IpAddr) -> Result<u16, DropReason> {
+        let hop = self.cfg.iface.route(dst).ok_or(DropReason::NoRoute)?;
+        let cached = match hop {
+            IpAddr::V4(_) => &mut self.next_hop_slot.0,
+            IpAddr::V6(_) => &mut self.next_hop_slot.1,
+        };
+        if let Some((ip, idx)) = *cached {
+            if ip == hop {
+                return Ok(idx);
+            }
+        }
+        let idx = self.neigh.index_of(hop);
+        if Some(hop) == self.cfg.iface.next_hop_v4.map(IpAddr::V4) || Some(hop) == self.cfg.iface.next_hop_v6.map(IpAddr::V6)
+        {
+            *cached = Some((hop, idx));
+        }
+        Ok(idx)
     }
 
     #[inline(always)]

@@ -3,7 +3,7 @@
 
 use fulcrum_config::bootstrap::Bootstrap;
 use fulcrum_config::model::EndpointState;
-use fulcrum_dataplane::l4::conntrack::{Conntrack, TimeoutsMs};
+use fulcrum_dataplane::l4::conntrack::Conntrack;
 use fulcrum_dataplane::l4::snat::SnatPorts;
 use fulcrum_dataplane::snapshot::{BackendEntry, Mode, ServiceEntry, Snapshot};
 use serde_json::json;
@@ -59,8 +59,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the per-core conntrack tables reserve, from the tables themselves (address space is
-/// reserved up front; pages are committed as flows use them).
+/// What the per-core conntrack tables take, as the tables compute it (all of it is committed
+/// when a worker starts, so that no page fault happens on the fast path).
 struct ConntrackMemory {
     v4_per_core: usize,
     v6_per_core: usize,
@@ -69,11 +69,9 @@ struct ConntrackMemory {
 
 impl ConntrackMemory {
     fn of(boot: &Bootstrap) -> anyhow::Result<Self> {
-        let cap = boot.conntrack.capacity;
-        let t = TimeoutsMs::from_config(&boot.conntrack.timeouts);
         // Same sizes as the worker builds (one IPv4 and one IPv6 table per core).
-        let v4 = Conntrack::<u32>::new(cap, t, 0)?.mapped_bytes();
-        let v6 = Conntrack::<u128>::new(cap, t, 0)?.mapped_bytes();
+        let v4 = Conntrack::<u32>::bytes_for(boot.conntrack.capacity);
+        let v6 = Conntrack::<u128>::bytes_for(boot.conntrack.v6_capacity());
         Ok(ConntrackMemory { v4_per_core: v4, v6_per_core: v6, cores: boot.workers.cores.len() })
     }
     fn per_core(&self) -> usize {

@@ -287,11 +287,21 @@ fn sig_of(h: u64) -> u32 {
 const EVICT_SCAN: u32 = 32;
 
 impl<A: Addr> Conntrack<A> {
+    fn buckets_for(capacity: u32) -> usize {
+        (capacity as usize * 2 * 2).div_ceil(SLOTS).next_power_of_two().max(2)
+    }
+
+    /// The memory a table for `capacity` flows takes (all of it committed at creation).
+    pub fn bytes_for(capacity: u32) -> usize {
+        let capacity = capacity.clamp(1, REV_BIT - 1);
+        HugeArray::<Bucket>::bytes_for(Self::buckets_for(capacity)) + HugeArray::<Flow<A>>::bytes_for(capacity as usize)
+    }
+
     /// A table for `capacity` flows. Buckets are sized for at most ~50% slot load with both keys
     /// of every flow present.
     pub fn new(capacity: u32, timeouts: TimeoutsMs, seed: u64) -> std::io::Result<Self> {
         let capacity = capacity.clamp(1, REV_BIT - 1);
-        let nb = (capacity as usize * 2 * 2).div_ceil(SLOTS).next_power_of_two().max(2);
+        let nb = Self::buckets_for(capacity);
         Ok(Conntrack {
             buckets: HugeArray::new(nb)?,
             mask: nb - 1,
