@@ -4,7 +4,8 @@
 use crate::l4::hash::mix64;
 use crate::l4::maglev::{MaglevInput, MaglevTable};
 use fulcrum_config::bootstrap::Bootstrap;
-use fulcrum_config::model::{DesiredState, EndpointState, ForwardingMode, ObjectRef};
+use fulcrum_config::model::{DesiredState, EndpointState, ForwardingMode, ObjectRef, VipService};
+use std::collections::HashMap;
 use serde::Serialize;
 use std::net::IpAddr;
 use std::ops::Range;
@@ -28,6 +29,9 @@ impl From<ForwardingMode> for Mode {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ServiceEntry {
+    /// Counter slot (and ClientIP-affinity key), stable across snapshots like
+    /// `BackendEntry::stat_id`.
+    pub stat_id: u16,
     pub service: ObjectRef,
     pub port_name: String,
     pub vip: IpAddr,
@@ -49,6 +53,9 @@ pub struct ServiceEntry {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BackendEntry {
+    /// Counter slot: stable across snapshots for the same (service, port, address, port), so
+    /// flows created under an older snapshot count under the right backend.
+    pub stat_id: u32,
     pub addr: IpAddr,
     pub port: u16,
     pub state: EndpointState,
@@ -191,9 +198,39 @@ impl Vip4Table {
     }
 }
 
+/// Stable counter ids, kept by whoever compiles successive snapshots (the control thread), so
+/// that per-VIP and per-backend counters and affinity entries survive a table change. Ids are
+/// not reused: a backend that comes back gets its old id.
+#[derive(Clone, Debug, Default)]
+pub struct StatIds {
+    services: HashMap<(ObjectRef, String, IpAddr, u16, u8), u16>,
+    backends: HashMap<(ObjectRef, String, IpAddr, u16), u32>,
+}
+
+impl StatIds {
+    fn service(&mut self, s: &VipService, proto: u8) -> u16 {
+        let n = self.services.len();
+        // Past 65535 distinct VIP ports, the last slot is shared (counters only blur).
+        *self.services.entry((s.service.clone(), s.port_name.clone(), s.vip, s.port, proto)).or_insert(n.min(u16::MAX as usize) as u16)
+    }
+    fn backend(&mut self, s: &VipService, addr: IpAddr, port: u16) -> u32 {
+        let n = self.backends.len() as u32;
+        *self.backends.entry((s.service.clone(), s.port_name.clone(), addr, port)).or_insert(n)
+    }
+    /// Counter slots needed: (services, backends).
+    pub fn len(&self) -> (usize, usize) {
+        (self.services.len(), self.backends.len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.backends.is_empty()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub generation: u64,
+    /// Counter slots the workers need: (services, backends).
+    pub stat_slots: (usize, usize),
     pub maglev_size: u32,
     pub services: Vec<ServiceEntry>,
     pub backends: Vec<BackendEntry>,
@@ -221,10 +258,29 @@ pub enum CompileError {
 impl Snapshot {
     /// An empty snapshot: every VIP unknown.
     pub fn empty() -> Snapshot {
-        Snapshot { generation: 0, maglev_size: 65537, services: vec![], backends: vec![], vips: VipTable::new(&[]), vips4: Vip4Table::new(&[]) }
+        Snapshot {
+            generation: 0,
+            stat_slots: (0, 0),
+            maglev_size: 65537,
+            services: vec![],
+            backends: vec![],
+            vips: VipTable::new(&[]),
+            vips4: Vip4Table::new(&[]),
+        }
     }
 
+    /// Compiles a first snapshot (fresh counter ids).
     pub fn compile(boot: &Bootstrap, state: &DesiredState, generation: u64) -> Result<Snapshot, CompileError> {
+        Self::compile_with(boot, state, generation, &mut StatIds::default())
+    }
+
+    /// Compiles a snapshot that follows others: `ids` carries the counter ids over.
+    pub fn compile_with(
+        boot: &Bootstrap,
+        state: &DesiredState,
+        generation: u64,
+        ids: &mut StatIds,
+    ) -> Result<Snapshot, CompileError> {
         let m = boot.maglev.table_size;
         if state.services.len() >= ANY_PORT as usize {
             return Err(CompileError::TooManyServices(state.services.len()));
@@ -260,6 +316,7 @@ impl Snapshot {
             }
             for (e, n) in s.endpoints.iter().zip(slots) {
                 backends.push(BackendEntry {
+                    stat_id: ids.backend(s, e.addr, e.port),
                     addr: e.addr,
                     port: e.port,
                     state: e.state,
@@ -272,6 +329,7 @@ impl Snapshot {
             vip_entries.push((ip_u128(s.vip), ((proto as u32) << 16) | s.port as u32, si as u16));
             vip_entries.push((ip_u128(s.vip), 0, ANY_PORT));
             services.push(ServiceEntry {
+                stat_id: ids.service(s, proto),
                 service: s.service.clone(),
                 port_name: s.port_name.clone(),
                 vip: s.vip,
@@ -286,6 +344,7 @@ impl Snapshot {
         }
         Ok(Snapshot {
             generation,
+            stat_slots: ids.len(),
             maglev_size: m,
             services,
             backends,

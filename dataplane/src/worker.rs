@@ -241,7 +241,7 @@ impl Worker {
             neigh.add_static(ip, mac);
         }
         let mut stats = CoreStats::default();
-        stats.resize(snap.services.len(), snap.backends.len());
+        stats.resize(snap.stat_slots.0, snap.stat_slots.1);
         Ok(Worker {
             snat4: SnatPorts::for_core(cfg.core_index, cfg.cores),
             snat6: SnatPorts::for_core(cfg.core_index, cfg.cores),
@@ -265,7 +265,7 @@ impl Worker {
 
     /// Switches to a new snapshot; called between bursts. Established flows keep their backends.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
-        self.stats.resize(snap.services.len(), snap.backends.len());
+        self.stats.resize(snap.stat_slots.0, snap.stat_slots.1);
         self.snap = snap;
     }
 
@@ -674,7 +674,7 @@ impl Worker {
             // table. DSR creates it: Maglev sends it to the same backend as before.
             return Err(DropReason::NoFlow);
         }
-        let bi = self.pick_backend(s, svc, key).ok_or(DropReason::NoBackend)?;
+        let bi = self.pick_backend(s, key).ok_or(DropReason::NoBackend)?;
         let b = &snap.backends[bi as usize];
         let baddr = A::from_ip(b.addr).ok_or(DropReason::NoBackend)?;
         let mut flow = Flow::<A> {
@@ -686,8 +686,8 @@ impl Worker {
                 FlowState::Udp
             },
             mode: s.mode as u8,
-            service: svc,
-            backend: bi,
+            service: s.stat_id,
+            backend: b.stat_id,
             ..Default::default()
         };
         if flow.state == FlowState::Free {
@@ -729,14 +729,14 @@ impl Worker {
         Ok(idx)
     }
 
-    fn pick_backend<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, svc: u16, key: &FlowKey<A>) -> Option<u32> {
+    fn pick_backend<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, key: &FlowKey<A>) -> Option<u32> {
         let Some(timeout) = s.affinity_ms else {
             return s.maglev.pick(key.hash(MAGLEV_SEED)).map(|o| s.backends.start + o);
         };
         let client = key.src.as_u128();
         let now = self.now;
         let snap = self.snap_ref();
-        if let Some(&(addr, port, deadline)) = self.affinity.map.get(&(svc, client)) {
+        if let Some(&(addr, port, deadline)) = self.affinity.map.get(&(s.stat_id, client)) {
             if (now.wrapping_sub(deadline) as i32) < 0 {
                 // Still valid if that backend still takes new flows in this service.
                 let found = (s.backends.start..s.backends.end).find(|&i| {
@@ -744,7 +744,7 @@ impl Worker {
                     b.maglev_slots > 0 && b.port == port && ip_to_u128(b.addr) == addr
                 });
                 if let Some(i) = found {
-                    self.affinity.map.insert((svc, client), (addr, port, now.wrapping_add(timeout)));
+                    self.affinity.map.insert((s.stat_id, client), (addr, port, now.wrapping_add(timeout)));
                     return Some(i);
                 }
             }
@@ -758,7 +758,7 @@ impl Worker {
             self.affinity.map.retain(|_, v| (now.wrapping_sub(v.2) as i32) < 0);
         }
         if self.affinity.map.len() < self.affinity.capacity {
-            self.affinity.map.insert((svc, client), (ip_to_u128(b.addr), b.port, now.wrapping_add(timeout)));
+            self.affinity.map.insert((s.stat_id, client), (ip_to_u128(b.addr), b.port, now.wrapping_add(timeout)));
         }
         Some(bi)
     }

@@ -1359,3 +1359,36 @@ fn per_vip_and_per_backend_counters() {
         assert_eq!(h.w.stats.per_backend[bi].packets, n, "{e}");
     }
 }
+
+/// Counters follow backends across snapshots: a flow created under one snapshot keeps counting
+/// under its own backend after a switch that removes another backend and reorders the rest.
+#[test]
+fn counters_follow_backends_across_snapshot_switches() {
+    let services = |eps: &[(&str, EndpointState)]| multi(eps, None);
+    let boot = boot();
+    let mut ids = fulcrum_dataplane::snapshot::StatIds::default();
+    let first = Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E1, Ready), (E2, Ready), (E3, Ready)]) }, 1, &mut ids).unwrap();
+    let mut h = H::with(config(), vec![]);
+    h.w.set_snapshot(Arc::new(first));
+    let flows = one_flow_per_endpoint(&mut h, &[E1, E2, E3]);
+    let id_of = |snap: &Snapshot, e: &str| snap.backends.iter().find(|b| b.addr == ip(e)).unwrap().stat_id as usize;
+    let before = h.w.stats.per_backend.clone();
+    let id1 = id_of(h.w.snapshot(), E1);
+
+    // E1 removed: E2 and E3 move to other positions in the backend array.
+    let second = Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E2, Ready), (E3, Ready)]) }, 2, &mut ids).unwrap();
+    assert_ne!(second.backends.iter().position(|b| b.addr == ip(E2)), h.w.snapshot().backends.iter().position(|b| b.addr == ip(E2)));
+    h.w.set_snapshot(Arc::new(second));
+    let snap = h.w.snapshot().clone();
+    for e in [E1, E2, E3] {
+        let (cport, _) = flows[&ip(e)];
+        let p = h.fwd(10, &tcp(CLIENT4, cport, MULTI_VIP, 80, ACK).frame());
+        assert_eq!(p.dst, ip(e));
+    }
+    for e in [E2, E3] {
+        let id = id_of(&snap, e);
+        assert_eq!(h.w.stats.per_backend[id].packets, before[id].packets + 1, "{e} counted under its own slot");
+    }
+    // E1 is gone from the snapshot but its counter slot still takes its flow's packets.
+    assert_eq!(h.w.stats.per_backend[id1].packets, before[id1].packets + 1);
+}
