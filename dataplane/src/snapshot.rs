@@ -5,8 +5,8 @@ use crate::l4::hash::mix64;
 use crate::l4::maglev::{MaglevInput, MaglevTable};
 use fulcrum_config::bootstrap::Bootstrap;
 use fulcrum_config::model::{DesiredState, EndpointState, ForwardingMode, ObjectRef, VipService};
-use std::collections::HashMap;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
 
@@ -211,7 +211,10 @@ impl StatIds {
     fn service(&mut self, s: &VipService, proto: u8) -> u16 {
         let n = self.services.len();
         // Past 65535 distinct VIP ports, the last slot is shared (counters only blur).
-        *self.services.entry((s.service.clone(), s.port_name.clone(), s.vip, s.port, proto)).or_insert(n.min(u16::MAX as usize) as u16)
+        *self
+            .services
+            .entry((s.service.clone(), s.port_name.clone(), s.vip, s.port, proto))
+            .or_insert(n.min(u16::MAX as usize) as u16)
     }
     fn backend(&mut self, s: &VipService, addr: IpAddr, port: u16) -> u32 {
         let n = self.backends.len() as u32;
@@ -298,7 +301,8 @@ impl Snapshot {
                     st == EndpointState::Terminating
                 }
             };
-            let keys: Vec<Vec<u8>> = s.endpoints.iter().map(|e| format!("{}:{}", e.addr, e.port).into_bytes()).collect();
+            let keys: Vec<Vec<u8>> =
+                s.endpoints.iter().map(|e| format!("{}:{}", e.addr, e.port).into_bytes()).collect();
             let inputs: Vec<MaglevInput> = s
                 .endpoints
                 .iter()

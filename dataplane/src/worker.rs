@@ -169,6 +169,9 @@ impl Family for u128 {
     }
 }
 
+/// A neighbour's address and its slot in the neighbour table.
+type NeighborSlot = (IpAddr, u16);
+
 /// What stage 1 decided for a packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) enum Class {
@@ -178,10 +181,14 @@ pub(crate) enum Class {
     /// Nothing to send, nothing dropped (e.g. a learned ARP reply).
     Consumed,
     /// Client -> VIP, to service `svc`.
-    Fwd4 { svc: u16 },
+    Fwd4 {
+        svc: u16,
+    },
     /// Backend -> our address (FullNAT return).
     Rev4,
-    Fwd6 { svc: u16 },
+    Fwd6 {
+        svc: u16,
+    },
     Rev6,
 }
 
@@ -218,7 +225,7 @@ pub struct Worker {
     own6: Option<u128>,
     affinity: Affinity,
     /// The neighbour slots of the IPv4 and IPv6 next hops, once looked up.
-    next_hop_slot: (Option<(IpAddr, u16)>, Option<(IpAddr, u16)>),
+    next_hop_slot: (Option<NeighborSlot>, Option<NeighborSlot>),
     /// IPv6 flow keys of the burst being processed, by packet index.
     keys6: [FlowKey<u128>; BURST],
     /// Neighbours to solicit after this burst (indices into `neigh`).
@@ -700,7 +707,7 @@ impl Worker {
                 let mut rev = FlowKey { src: baddr, dst: own, sport: b.port, dport: 0, proto: key.proto };
                 let mut found = false;
                 for _ in 0..64 {
-                    rev.dport = A::snat(self).next();
+                    rev.dport = A::snat(self).take_next();
                     let h = A::ct_ref(self).hash(&rev);
                     if A::ct_ref(self).lookup(&rev, h).is_none() {
                         found = true;
@@ -814,7 +821,8 @@ impl Worker {
             }
         }
         let idx = self.neigh.index_of(hop);
-        if Some(hop) == self.cfg.iface.next_hop_v4.map(IpAddr::V4) || Some(hop) == self.cfg.iface.next_hop_v6.map(IpAddr::V6)
+        if Some(hop) == self.cfg.iface.next_hop_v4.map(IpAddr::V4)
+            || Some(hop) == self.cfg.iface.next_hop_v6.map(IpAddr::V6)
         {
             *cached = Some((hop, idx));
         }
@@ -836,7 +844,14 @@ impl Worker {
 
     /// DSR: prepend an outer IP header to the backend; the inner packet is untouched.
     #[inline(never)]
-    fn encap<A: Family, B: PacketBuf>(&mut self, buf: &mut B, l3: usize, key: &FlowKey<A>, flow: &Flow<A>, mac: [u8; 6]) -> Class {
+    fn encap<A: Family, B: PacketBuf>(
+        &mut self,
+        buf: &mut B,
+        l3: usize,
+        key: &FlowKey<A>,
+        flow: &Flow<A>,
+        mac: [u8; 6],
+    ) -> Class {
         let inner_len = buf.len() - l3;
         let outer = A::IP_HLEN;
         if inner_len + outer > self.cfg.iface.mtu as usize {
@@ -889,7 +904,6 @@ impl Worker {
 
     // --- used by the ICMP error path ---
 
-
     pub(crate) fn iface(&self) -> &Interface {
         &self.cfg.iface
     }
@@ -908,7 +922,12 @@ impl Worker {
         self.neighbor_mac(idx)
     }
 
-    pub(crate) fn encap_to_backend<A: Family, B: PacketBuf>(&mut self, buf: &mut B, l3: usize, flow: &Flow<A>) -> Class {
+    pub(crate) fn encap_to_backend<A: Family, B: PacketBuf>(
+        &mut self,
+        buf: &mut B,
+        l3: usize,
+        flow: &Flow<A>,
+    ) -> Class {
         let mac = match self.neighbor_mac(flow.neigh_fwd) {
             Ok(m) => m,
             Err(r) => return Class::Drop(r),
@@ -970,7 +989,15 @@ fn check_l4(seg: &[u8], proto: u8) -> Result<u8, DropReason> {
 
 /// Writes new addresses and ports and updates the checksums incrementally.
 #[inline(always)]
-fn rewrite<A: Family>(f: &mut [u8], l3: usize, l4: usize, proto: u8, to: (A, A, u16, u16), ip_delta: Delta, l4_delta: Delta) {
+fn rewrite<A: Family>(
+    f: &mut [u8],
+    l3: usize,
+    l4: usize,
+    proto: u8,
+    to: (A, A, u16, u16),
+    ip_delta: Delta,
+    l4_delta: Delta,
+) {
     let (src, dst, sport, dport) = to;
     src.write_be(&mut f[l3 + A::SRC_OFF..]);
     dst.write_be(&mut f[l3 + A::DST_OFF..]);

@@ -933,7 +933,7 @@ fn fullnat_checksums_valid_for_many_ports_and_payloads() {
     // different payloads, both families, checked from scratch in `parse`.
     let mut h = web();
     for i in 0..400u16 {
-        let payload: Vec<u8> = (0..(i % 37)).map(|k| (k as u16 * 31 + i) as u8).collect();
+        let payload: Vec<u8> = (0..(i % 37)).map(|k| (k * 31 + i) as u8).collect();
         let p = h.fwd(0, &udp(CLIENT4, 1 + i * 163, "10.20.0.11", 53, &payload).frame());
         let r = h.fwd(0, &udp("10.30.0.12", 5353, LB4, p.sport, &payload).frame());
         assert_eq!(r.dport, 1 + i * 163);
@@ -1367,7 +1367,13 @@ fn counters_follow_backends_across_snapshot_switches() {
     let services = |eps: &[(&str, EndpointState)]| multi(eps, None);
     let boot = boot();
     let mut ids = fulcrum_dataplane::snapshot::StatIds::default();
-    let first = Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E1, Ready), (E2, Ready), (E3, Ready)]) }, 1, &mut ids).unwrap();
+    let first = Snapshot::compile_with(
+        &boot,
+        &DesiredState { services: services(&[(E1, Ready), (E2, Ready), (E3, Ready)]) },
+        1,
+        &mut ids,
+    )
+    .unwrap();
     let mut h = H::with(config(), vec![]);
     h.w.set_snapshot(Arc::new(first));
     let flows = one_flow_per_endpoint(&mut h, &[E1, E2, E3]);
@@ -1376,8 +1382,13 @@ fn counters_follow_backends_across_snapshot_switches() {
     let id1 = id_of(h.w.snapshot(), E1);
 
     // E1 removed: E2 and E3 move to other positions in the backend array.
-    let second = Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E2, Ready), (E3, Ready)]) }, 2, &mut ids).unwrap();
-    assert_ne!(second.backends.iter().position(|b| b.addr == ip(E2)), h.w.snapshot().backends.iter().position(|b| b.addr == ip(E2)));
+    let second =
+        Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E2, Ready), (E3, Ready)]) }, 2, &mut ids)
+            .unwrap();
+    assert_ne!(
+        second.backends.iter().position(|b| b.addr == ip(E2)),
+        h.w.snapshot().backends.iter().position(|b| b.addr == ip(E2))
+    );
     h.w.set_snapshot(Arc::new(second));
     let snap = h.w.snapshot().clone();
     for e in [E1, E2, E3] {

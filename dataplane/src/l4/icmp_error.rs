@@ -5,6 +5,7 @@
 //!   is encapsulated to the backend like the flow;
 //! - an error sent to our own address is about a packet we sent to a backend (src = SNAT
 //!   address): it goes to the client, quoting the packet as the client sent it.
+//!
 //! Without this, path MTU discovery breaks through the load balancer.
 
 use super::conntrack::{Dir, FlowKey};

@@ -7,6 +7,7 @@
 //! every skip in 1..M generates a full permutation.
 
 use super::hash::{hash_bytes, reduce};
+pub use fulcrum_config::bootstrap::is_prime;
 
 /// Seeds for the two permutation hashes; fixed so that every appliance builds the same table.
 const OFFSET_SEED: u64 = 0x6d61_676c_6576_3031; // "maglev01"
@@ -84,23 +85,6 @@ impl MaglevTable {
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
     }
-}
-
-pub fn is_prime(n: u32) -> bool {
-    if n < 2 {
-        return false;
-    }
-    if n % 2 == 0 {
-        return n == 2;
-    }
-    let mut d = 3u32;
-    while (d as u64) * (d as u64) <= n as u64 {
-        if n % d == 0 {
-            return false;
-        }
-        d += 2;
-    }
-    true
 }
 
 #[cfg(test)]

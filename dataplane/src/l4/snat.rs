@@ -21,7 +21,7 @@ impl SnatPorts {
     }
 
     #[inline]
-    pub fn next(&mut self) -> u16 {
+    pub fn take_next(&mut self) -> u16 {
         let p = self.next;
         self.next = if p == self.hi { self.lo } else { p + 1 };
         p
@@ -80,11 +80,11 @@ mod tests {
     fn round_robin_wraps_within_the_slice() {
         let mut p = SnatPorts::for_core(1, 2);
         let (lo, hi) = p.range();
-        assert_eq!(p.next(), lo);
-        assert_eq!(p.next(), lo + 1);
+        assert_eq!(p.take_next(), lo);
+        assert_eq!(p.take_next(), lo + 1);
         for _ in 0..(hi - lo - 1) {
-            p.next();
+            p.take_next();
         }
-        assert_eq!(p.next(), lo);
+        assert_eq!(p.take_next(), lo);
     }
 }

@@ -48,11 +48,7 @@ pub fn update16(csum: u16, old: u16, new: u16) -> u16 {
 /// RFC 1624 update for a 32-bit field (e.g. an IPv4 address).
 #[inline]
 pub fn update32(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum as u32)
-        + (!(old >> 16) & 0xffff)
-        + (!old & 0xffff)
-        + (new >> 16)
-        + (new & 0xffff);
+    let sum = (!csum as u32) + (!(old >> 16) & 0xffff) + (!old & 0xffff) + (new >> 16) + (new & 0xffff);
     !fold(sum)
 }
 
@@ -116,8 +112,10 @@ mod tests {
     #[test]
     fn known_ipv4_header() {
         // RFC 1071-style example: header from Wikipedia's IPv4 checksum article.
-        let h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00,
-                 0x01, 0xc0, 0xa8, 0x00, 0xc7];
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+            0x00, 0xc7,
+        ];
         assert_eq!(checksum(&h), 0xb861);
         assert_eq!(update16(0xb861, 0x0073, 0x0073), 0xb861);
     }
