@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Creates the seed corpora under fuzz/corpus/ (gitignored) from the repository's fixtures:
+#   packet_path   one input per dataplane/tests/fixtures/*.in.pcap (all its frames, framed as
+#                 packet_path expects), raw and with the "fix checksums" flag, 1 and 2 cores
+#   packet_frame  every single frame of every *.in.pcap and *.out.pcap
+#   manifests     config/examples/manifests/*.yaml, config/examples/broken/*.yaml (not bootstrap-*),
+#                 dataplane/tests/fixtures/manifests.yaml
+#   bootstrap     config/examples/bootstrap.yaml, config/examples/broken/bootstrap-*.yaml,
+#                 dataplane/tests/fixtures/bootstrap.yaml
+# Idempotent: files are named by content hash; libFuzzer adds its own finds beside them.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(dirname "$here")"
+corpus="$here/corpus"
+mkdir -p "$corpus"/{packet_path,packet_frame,manifests,bootstrap}
+
+python3 - "$root" "$corpus" <<'PY'
+import glob, hashlib, os, struct, sys
+root, corpus = sys.argv[1], sys.argv[2]
+
+def put(target, data):
+    name = hashlib.sha1(data).hexdigest()
+    with open(os.path.join(corpus, target, name), "wb") as f:
+        f.write(data)
+
+def frames(path):
+    b = open(path, "rb").read()
+    magic = struct.unpack("<I", b[:4])[0]
+    end = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
+    off, out = 24, []
+    while off + 16 <= len(b):
+        _, _, incl, _ = struct.unpack(end + "IIII", b[off:off + 16])
+        off += 16
+        out.append(b[off:off + incl])
+        off += incl
+    return out
+
+fx = os.path.join(root, "dataplane/tests/fixtures")
+for p in sorted(glob.glob(os.path.join(fx, "*.in.pcap"))):
+    fs = frames(p)
+    body = b"".join(struct.pack(">H", len(f)) + f for f in fs)
+    # flags, burst size - 1, time step
+    for flags in (0, 1, 3, 7):
+        put("packet_path", bytes([flags, 31, 1]) + body)
+    put("packet_path", bytes([1, 0, 40]) + body)   # one frame per burst, ~25 s apart
+for p in sorted(glob.glob(os.path.join(fx, "*.pcap"))):
+    for f in frames(p):
+        put("packet_frame", f)
+
+cfg = os.path.join(root, "config/examples")
+for p in sorted(glob.glob(os.path.join(cfg, "manifests/*.yaml")) + glob.glob(os.path.join(cfg, "broken/*.yaml"))
+                + [os.path.join(fx, "manifests.yaml")]):
+    if not os.path.basename(p).startswith("bootstrap"):
+        put("manifests", open(p, "rb").read())
+for p in sorted([os.path.join(cfg, "bootstrap.yaml"), os.path.join(fx, "bootstrap.yaml")]
+                + glob.glob(os.path.join(cfg, "broken/bootstrap-*.yaml"))):
+    put("bootstrap", open(p, "rb").read())
+PY
+for t in packet_path packet_frame manifests bootstrap; do
+    echo "seed: $t: $(ls "$corpus/$t" | wc -l) files in fuzz/corpus/$t"
+done
