@@ -9,6 +9,7 @@ pub mod neigh;
 pub mod packet;
 pub mod pcap;
 pub mod port;
+pub mod runtime;
 pub mod snapshot;
 pub mod stats;
 pub mod wire;

@@ -50,6 +50,7 @@ drop_reasons! {
     NoRoute => "no_route",
     TooBigForEncap => "too_big_for_encap",
     TxFull => "tx_full",
+    HandoffFull => "handoff_full",
 }
 
 /// Packets and bytes.
@@ -77,6 +78,10 @@ pub struct CoreStats {
     pub ndp_replies: u64,
     pub echo_replies: u64,
     pub icmp_errors_forwarded: u64,
+    /// FullNAT return packets passed to the core that owns their SNAT port.
+    pub handed_off: u64,
+    /// Handed-off packets this core received from others.
+    pub handoff_received: u64,
     /// Conntrack: flows now held, inserted, removed on timeout, evicted while still live.
     pub ct_flows: u64,
     pub ct_inserts: u64,
@@ -117,6 +122,8 @@ impl CoreStats {
         self.ndp_replies += o.ndp_replies;
         self.echo_replies += o.echo_replies;
         self.icmp_errors_forwarded += o.icmp_errors_forwarded;
+        self.handed_off += o.handed_off;
+        self.handoff_received += o.handoff_received;
         self.ct_flows += o.ct_flows;
         self.ct_inserts += o.ct_inserts;
         self.ct_expired += o.ct_expired;
@@ -142,6 +149,7 @@ impl CoreStats {
             "rx": self.rx, "tx": self.tx, "drops": drops,
             "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
             "echo_replies": self.echo_replies, "icmp_errors_forwarded": self.icmp_errors_forwarded,
+            "handed_off": self.handed_off, "handoff_received": self.handoff_received,
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "per_vip": self.per_vip, "per_backend": self.per_backend,

@@ -12,7 +12,7 @@
 use crate::l4::conntrack::{tcp_flags, tcp_next_state, Addr, Conntrack, Dir, Flow, FlowKey, FlowState, TimeoutsMs};
 use crate::l4::hash::mix64;
 use crate::l4::icmp_error;
-use crate::l4::snat::SnatPorts;
+use crate::l4::snat::{self, SnatPorts};
 use crate::neigh::{self, Interface, NeighborTable, Verdict};
 use crate::packet::PacketBuf;
 use crate::port::{Burst, Port, BURST};
@@ -180,6 +180,8 @@ pub(crate) enum Class {
     Drop(DropReason),
     /// Nothing to send, nothing dropped (e.g. a learned ARP reply).
     Consumed,
+    /// FullNAT return traffic whose SNAT port belongs to another core: hand it to that core.
+    Handoff(u16),
     /// Client -> VIP, to service `svc`.
     Fwd4 {
         svc: u16,
@@ -308,19 +310,25 @@ impl Worker {
         if n > 0 {
             self.process_burst(now_ms, &mut rx, &mut tx);
             self.send(port, &mut tx);
-        } else {
-            self.now_ms = now_ms;
-            self.now = now_ms as u32;
         }
+        self.housekeeping(port, now_ms);
+        n
+    }
+
+    /// After the bursts of a loop iteration: solicit missing neighbours, reclaim a few expired
+    /// flows, refresh the conntrack gauges.
+    pub fn housekeeping<P: Port>(&mut self, port: &mut P, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.now = self.now_ms as u32;
         self.send_solicitations(port);
         let now = self.now;
         self.ct4.sweep(now, 8);
         self.ct6.sweep(now, 8);
         self.sync_ct_stats();
-        n
     }
 
-    fn send<P: Port>(&mut self, port: &mut P, tx: &mut Burst<P::Buf>) {
+    /// Hands `tx` to the port; what it does not take is dropped and counted as `tx_full`.
+    pub fn send<P: Port>(&mut self, port: &mut P, tx: &mut Burst<P::Buf>) {
         let mut lens = [0u32; BURST];
         for (l, b) in lens.iter_mut().zip(tx.iter()) {
             *l = b.len() as u32;
@@ -363,6 +371,18 @@ impl Worker {
     /// Processes one burst: every packet of `rx` is either moved to `tx` (in order) or dropped
     /// and counted. `tx` must have room for `rx.len()` packets.
     pub fn process_burst<B: PacketBuf>(&mut self, now_ms: u64, rx: &mut Burst<B>, tx: &mut Burst<B>) {
+        self.process_burst_handoff(now_ms, rx, tx, None)
+    }
+
+    /// `process_burst`, with FullNAT return traffic that belongs to another core moved to
+    /// `handoff` as (owner core, packet) instead of dropped as `wrong_core`.
+    pub fn process_burst_handoff<B: PacketBuf>(
+        &mut self,
+        now_ms: u64,
+        rx: &mut Burst<B>,
+        tx: &mut Burst<B>,
+        mut handoff: Option<&mut Burst<(u16, B)>>,
+    ) {
         self.now_ms = now_ms;
         self.now = now_ms as u32;
         self.inserted_this_burst = false;
@@ -406,6 +426,13 @@ impl Worker {
             match m.class {
                 Class::Tx => tx.push(buf),
                 Class::Drop(r) => self.stats.drop(r),
+                Class::Handoff(core) => match handoff.as_deref_mut() {
+                    Some(h) => {
+                        self.stats.handed_off += 1;
+                        h.push((core, buf));
+                    }
+                    None => self.stats.drop(DropReason::WrongCore),
+                },
                 _ => {}
             }
         }
@@ -467,7 +494,7 @@ impl Worker {
                 VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
                 VipMatch::NotVip if self.own4 == Some(dst) => {
                     if !self.snat4.owns(dport) {
-                        return drop(m, DropReason::WrongCore);
+                        return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
                     Class::Rev4
                 }
@@ -572,7 +599,7 @@ impl Worker {
                     VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
                     VipMatch::NotVip if ours => {
                         if !self.snat6.owns(dport) {
-                            return drop(m, DropReason::WrongCore);
+                            return handoff(m, snat::owner(dport, self.cfg.cores));
                         }
                         Class::Rev6
                     }
@@ -935,6 +962,15 @@ impl Worker {
         let key = flow.fwd;
         self.encap::<A, B>(buf, l3, &key, flow, mac)
     }
+}
+
+/// Return traffic for another core's SNAT port; below the SNAT range nobody owns it.
+#[cold]
+fn handoff(m: &mut Meta, owner: Option<u16>) {
+    m.class = match owner {
+        Some(c) => Class::Handoff(c),
+        None => Class::Drop(DropReason::NoFlow),
+    };
 }
 
 #[inline(always)]

@@ -1,0 +1,206 @@
+//! Worker threads: one per configured core, pinned, run to completion over their own port
+//! queue. They share three things, none of them per packet:
+//! - the published snapshot: a generation number read once per loop iteration (a plain load,
+//!   no read-modify-write), and, only when it changed, the new snapshot taken under a lock;
+//! - the stop flag, read once per iteration;
+//! - hand-off rings: FullNAT return traffic that RSS delivered to the wrong core goes to the
+//!   owner of its SNAT port through a single-producer single-consumer ring per pair of cores
+//!   (`rtrb`: wait-free, loads and stores only).
+//!
+//! Each worker copies its counters out every ~100 ms for the control thread to read.
+
+use crate::port::{Burst, Port, BURST};
+use crate::snapshot::Snapshot;
+use crate::stats::{CoreStats, DropReason};
+use crate::worker::{Worker, WorkerConfig};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Where the control thread publishes snapshots and workers pick them up.
+pub struct SnapshotCell {
+    generation: AtomicU64,
+    current: Mutex<Arc<Snapshot>>,
+}
+
+impl SnapshotCell {
+    pub fn new(s: Arc<Snapshot>) -> SnapshotCell {
+        SnapshotCell { generation: AtomicU64::new(s.generation), current: Mutex::new(s) }
+    }
+
+    /// Makes `s` current; workers switch at their next loop iteration. Never blocks a worker
+    /// for longer than an Arc clone.
+    pub fn publish(&self, s: Arc<Snapshot>) {
+        let g = s.generation;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        self.generation.store(g, Ordering::Release);
+    }
+
+    #[inline(always)]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What the workers share with the control thread.
+pub struct Shared {
+    pub snapshot: SnapshotCell,
+    pub stop: AtomicBool,
+    /// Each worker's latest counters.
+    pub stats: Vec<Mutex<CoreStats>>,
+    /// Generation each worker is running (for "all workers switched" checks).
+    pub running_generation: Vec<AtomicU64>,
+}
+
+impl Shared {
+    pub fn new(snapshot: Arc<Snapshot>, workers: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: SnapshotCell::new(snapshot),
+            stop: AtomicBool::new(false),
+            stats: (0..workers).map(|_| Mutex::new(CoreStats::default())).collect(),
+            running_generation: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+        })
+    }
+
+    /// The sum of every worker's last published counters.
+    pub fn total_stats(&self) -> CoreStats {
+        let mut t = CoreStats::default();
+        for s in &self.stats {
+            t.merge(&s.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+        t
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// How a worker waits when there is nothing to do.
+#[derive(Clone, Copy, Debug)]
+pub enum Idle {
+    /// Poll without pause (lowest latency, one core at 100%).
+    BusyPoll,
+    /// Sleep up to this long after a run of empty polls (labs, laptops).
+    Backoff(Duration),
+}
+
+/// One worker to start: its configuration, the CPU core to pin it to, and its port queue.
+pub struct WorkerSpec<P> {
+    pub config: WorkerConfig,
+    pub cpu: Option<usize>,
+    pub port: P,
+}
+
+/// Starts one thread per spec. Worker i hands return traffic for core j to ring (i, j).
+pub fn spawn<P>(specs: Vec<WorkerSpec<P>>, shared: Arc<Shared>, idle: Idle) -> std::io::Result<Vec<JoinHandle<()>>>
+where
+    P: Port + Send + 'static,
+    P::Buf: Send + 'static,
+{
+    let n = specs.len();
+    // producers[i][j] / consumers[j][i]: ring from worker i to worker j.
+    let mut producers: Vec<Vec<Option<rtrb::Producer<P::Buf>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut consumers: Vec<Vec<rtrb::Consumer<P::Buf>>> = (0..n).map(|_| Vec::new()).collect();
+    for (i, row) in producers.iter_mut().enumerate() {
+        for (j, slot) in row.iter_mut().enumerate() {
+            if i != j {
+                let (p, c) = rtrb::RingBuffer::new(4 * BURST);
+                *slot = Some(p);
+                consumers[j].push(c);
+            }
+        }
+    }
+    let mut handles = Vec::with_capacity(n);
+    for (i, (spec, (outs, ins))) in specs.into_iter().zip(producers.into_iter().zip(consumers)).enumerate() {
+        let worker = Worker::new(spec.config, shared.snapshot.current())?;
+        let shared = shared.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("fulcrum-w{i}"))
+            .spawn(move || run_worker(i, worker, spec.port, spec.cpu, outs, ins, shared, idle))?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_worker<P: Port>(
+    index: usize,
+    mut w: Worker,
+    mut port: P,
+    cpu: Option<usize>,
+    mut outs: Vec<Option<rtrb::Producer<P::Buf>>>,
+    mut ins: Vec<rtrb::Consumer<P::Buf>>,
+    shared: Arc<Shared>,
+    idle: Idle,
+) {
+    if let Some(c) = cpu {
+        if !core_affinity::set_for_current(core_affinity::CoreId { id: c }) {
+            eprintln!("fulcrum: worker {index}: could not pin to CPU {c}; running unpinned");
+        }
+    }
+    let start = Instant::now();
+    let mut generation = w.snapshot().generation;
+    shared.running_generation[index].store(generation, Ordering::Release);
+    let mut last_publish = 0u64;
+    let mut empty_polls = 0u32;
+    let mut rx: Burst<P::Buf> = Burst::new();
+    let mut tx: Burst<P::Buf> = Burst::new();
+    let mut handoff: Burst<(u16, P::Buf)> = Burst::new();
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now_ms = start.elapsed().as_millis() as u64 + 1;
+        let g = shared.snapshot.generation();
+        if g != generation {
+            w.set_snapshot(shared.snapshot.current());
+            generation = g;
+            shared.running_generation[index].store(g, Ordering::Release);
+        }
+        let mut work = port.rx_burst(&mut rx);
+        if work > 0 {
+            w.process_burst_handoff(now_ms, &mut rx, &mut tx, Some(&mut handoff));
+            w.send(&mut port, &mut tx);
+            for (core, buf) in handoff.drain(..) {
+                let pushed = outs.get_mut(core as usize).and_then(Option::as_mut).map(|p| p.push(buf).is_ok());
+                if pushed != Some(true) {
+                    w.stats.drop(DropReason::HandoffFull);
+                }
+            }
+        }
+        // Return traffic other cores received for our SNAT ports.
+        for c in ins.iter_mut() {
+            while !c.is_empty() {
+                while rx.len() < BURST {
+                    match c.pop() {
+                        Ok(b) => rx.push(b),
+                        Err(_) => break,
+                    }
+                }
+                work += rx.len();
+                w.stats.handoff_received += rx.len() as u64;
+                w.process_burst(now_ms, &mut rx, &mut tx);
+                w.send(&mut port, &mut tx);
+            }
+        }
+        w.housekeeping(&mut port, now_ms);
+        if now_ms >= last_publish + 100 {
+            last_publish = now_ms;
+            *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats.clone();
+        }
+        if work == 0 {
+            empty_polls = empty_polls.saturating_add(1);
+            if let Idle::Backoff(max) = idle {
+                if empty_polls > 64 {
+                    std::thread::sleep(max.min(Duration::from_micros(10 * (empty_polls as u64 - 64).min(100))));
+                }
+            }
+        } else {
+            empty_polls = 0;
+        }
+    }
+    *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats.clone();
+}
