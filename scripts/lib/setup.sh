@@ -1,6 +1,7 @@
 # Shared set-up for scripts/run.sh and scripts/test.sh (sourced, not run).
 # Installs, only when missing, what building Fulcrum needs on Debian/Ubuntu: a C toolchain (the
-# linker) and a Rust toolchain at least as new as the workspace's `rust-version`.
+# linker), DPDK 22.11's development files (dpdk, libdpdk-dev, libclang-dev) and a Rust toolchain
+# at least as new as the workspace's `rust-version`.
 
 set -euo pipefail
 
@@ -56,6 +57,8 @@ rustc_version() {
 ensure_toolchain() {
     # A C compiler/linker: rustc links through `cc`.
     command -v cc >/dev/null 2>&1 || apt_install build-essential
+    # DPDK 22.11 for fulcrum-dpdk (found through pkg-config libdpdk; bindgen needs libclang).
+    apt_install dpdk libdpdk-dev dpdk-dev pkg-config libclang-dev clang
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
     local min
     min="$(rust_min)"
