@@ -1,0 +1,33 @@
+/* Real functions for DPDK's static inlines, so that Rust can call them. Keep this tiny: the
+ * packet bytes and lengths are read in Rust through the offsets in shim.h. */
+#include "shim.h"
+
+_Static_assert(sizeof(((struct rte_mbuf *)0)->buf_addr) == sizeof(void *), "buf_addr is a pointer");
+_Static_assert(sizeof(((struct rte_mbuf *)0)->data_off) == 2, "data_off is u16");
+_Static_assert(sizeof(((struct rte_mbuf *)0)->nb_segs) == 2, "nb_segs is u16");
+_Static_assert(sizeof(((struct rte_mbuf *)0)->pkt_len) == 4, "pkt_len is u32");
+_Static_assert(sizeof(((struct rte_mbuf *)0)->data_len) == 2, "data_len is u16");
+_Static_assert(sizeof(((struct rte_mbuf *)0)->buf_len) == 2, "buf_len is u16");
+
+uint16_t fl_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n)
+{
+    return rte_eth_rx_burst(port, queue, pkts, n);
+}
+
+uint16_t fl_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n)
+{
+    return rte_eth_tx_burst(port, queue, pkts, n);
+}
+
+struct rte_mbuf *fl_pktmbuf_alloc(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
+void fl_pktmbuf_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
+char *fl_pktmbuf_prepend(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_prepend(m, len); }
+char *fl_pktmbuf_adj(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_adj(m, len); }
+char *fl_pktmbuf_append(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_append(m, len); }
+int fl_pktmbuf_trim(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_trim(m, len); }
+int fl_errno(void) { return rte_errno; }
+unsigned fl_lcore_id(void) { return rte_lcore_id(); }
+uint64_t fl_rdtsc(void) { return rte_rdtsc(); }
+uint64_t fl_get_tsc_hz(void) { return rte_get_tsc_hz(); }
+unsigned fl_mempool_avail_count(const struct rte_mempool *mp) { return rte_mempool_avail_count(mp); }
+uint64_t fl_rss_hf_default(void) { return RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP; }

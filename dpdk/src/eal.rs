@@ -1,0 +1,177 @@
+//! The Environment Abstraction Layer: initialised once per process, cleaned up when the last
+//! handle (the [`Eal`] itself, or a mempool or port made under it) is dropped.
+
+use crate::error::{Error, Result};
+use crate::ffi;
+use std::ffi::{CStr, CString};
+use std::os::raw::c_char;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+enum State {
+    Never,
+    Alive(Weak<EalInner>),
+    /// rte_eal_cleanup ran: DPDK 22.11 cannot be initialised again in this process.
+    Done,
+}
+
+static STATE: Mutex<State> = Mutex::new(State::Never);
+static KEPT: OnceLock<Eal> = OnceLock::new();
+
+pub(crate) struct EalInner {
+    runtime_dir: Option<PathBuf>,
+    cleaned: AtomicBool,
+}
+
+impl Drop for EalInner {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+impl EalInner {
+    fn cleanup(&self) {
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: called when the last handle is gone (no mempool or port made under this EAL
+        // remains), or at process exit.
+        unsafe { ffi::rte_eal_cleanup() };
+        if let Some(dir) = &self.runtime_dir {
+            // rte_eal_cleanup leaves the runtime directory (config, mp socket, telemetry socket).
+            if dir.exists() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            // The parent (/var/run/dpdk) stays: another process may be creating its own
+            // directory there right now.
+        }
+        *STATE.lock().unwrap_or_else(|e| e.into_inner()) = State::Done;
+    }
+}
+
+/// A handle on the initialised EAL. Clones share it; rte_eal_cleanup runs when the last
+/// handle (including those held by mempools and ports) is dropped, and the runtime directory
+/// (`/var/run/dpdk/<file-prefix>`) is removed.
+#[derive(Clone)]
+pub struct Eal {
+    pub(crate) inner: Arc<EalInner>,
+}
+
+impl std::fmt::Debug for Eal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Eal").field("runtime_dir", &self.inner.runtime_dir).finish()
+    }
+}
+
+extern "C" fn cleanup_at_exit() {
+    if let Some(eal) = KEPT.get() {
+        eal.inner.cleanup();
+    }
+}
+
+impl Eal {
+    /// Initialises the EAL with `args` as its command line, without the program name (e.g.
+    /// `["--no-huge", "-m", "256", "--no-pci", "--vdev=net_ring0"]`). Once per process: a
+    /// second call, even after the first handle was dropped, fails.
+    /// The calling thread becomes the EAL main lcore (pinned to it).
+    pub fn init(args: &[String]) -> Result<Eal> {
+        let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        match &*state {
+            State::Never => {}
+            _ => return Err(Error::AlreadyInitialised),
+        }
+        let mut owned = Vec::with_capacity(args.len() + 1);
+        owned.push(CString::new("fulcrum").unwrap());
+        for a in args {
+            owned.push(
+                CString::new(a.as_str()).map_err(|_| Error::Invalid(format!("EAL argument {a:?} holds a NUL byte")))?,
+            );
+        }
+        // rte_eal_init may permute argv: give it a scratch array of pointers into `owned`.
+        let mut argv: Vec<*mut c_char> = owned.iter().map(|s| s.as_ptr() as *mut c_char).collect();
+        // SAFETY: argv holds argc valid NUL-terminated strings that outlive the call.
+        let ret = unsafe { ffi::rte_eal_init(argv.len() as i32, argv.as_mut_ptr()) };
+        if ret < 0 {
+            let err = Error::from_errno(format!("rte_eal_init({})", args.join(" ")));
+            // EAL cannot be retried after a failed init either (it sets its run-once flag).
+            *state = State::Done;
+            return Err(err);
+        }
+        // SAFETY: returns a pointer to a static NUL-terminated string.
+        let dir = unsafe { ffi::rte_eal_get_runtime_dir() };
+        let runtime_dir = (!dir.is_null())
+            .then(|| PathBuf::from(unsafe { CStr::from_ptr(dir) }.to_string_lossy().into_owned()))
+            .filter(|p| !p.as_os_str().is_empty());
+        let inner = Arc::new(EalInner { runtime_dir, cleaned: AtomicBool::new(false) });
+        *state = State::Alive(Arc::downgrade(&inner));
+        Ok(Eal { inner })
+    }
+
+    /// The live EAL, if any (what mempools and ports hold on to).
+    pub fn current() -> Result<Eal> {
+        match &*STATE.lock().unwrap_or_else(|e| e.into_inner()) {
+            State::Alive(w) => w.upgrade().map(|inner| Eal { inner }).ok_or(Error::NotInitialised),
+            _ => Err(Error::NotInitialised),
+        }
+    }
+
+    /// Keeps the EAL for the rest of the process and cleans it up at exit (an `atexit` hook
+    /// runs rte_eal_cleanup and removes the runtime directory, whatever handles remain): for
+    /// an EAL shared through a `static` (tests), which Rust never drops.
+    pub fn keep_until_exit(self) -> &'static Eal {
+        let mut fresh = false;
+        let kept = KEPT.get_or_init(|| {
+            fresh = true;
+            self.clone()
+        });
+        if fresh {
+            // SAFETY: registers a plain extern "C" fn.
+            unsafe { libc::atexit(cleanup_at_exit) };
+        }
+        kept
+    }
+
+    /// The runtime directory (`/var/run/dpdk/<file-prefix>` as root), removed at cleanup.
+    pub fn runtime_dir(&self) -> Option<&std::path::Path> {
+        self.inner.runtime_dir.as_deref()
+    }
+
+    /// Ethernet ports available (probed vdevs and bound NICs).
+    pub fn port_count(&self) -> u16 {
+        // SAFETY: the EAL is initialised.
+        unsafe { ffi::rte_eth_dev_count_avail() }
+    }
+
+    /// Hot-plugs a device after init, e.g. `net_ring5` or `net_null2,size=128`.
+    pub fn probe(&self, devargs: &str) -> Result<()> {
+        let c = CString::new(devargs).map_err(|_| Error::Invalid(format!("devargs {devargs:?} holds a NUL byte")))?;
+        // SAFETY: c is a valid C string for the call.
+        crate::error::check(&format!("rte_dev_probe({devargs})"), unsafe { ffi::rte_dev_probe(c.as_ptr()) })
+    }
+}
+
+/// The calling thread's lcore id (`u32::MAX`, LCORE_ID_ANY, for a thread that is not an lcore).
+pub fn lcore_id() -> u32 {
+    // SAFETY: reads a thread-local.
+    unsafe { ffi::fl_lcore_id() }
+}
+
+/// The NUMA socket of the calling thread's lcore.
+pub fn socket_id() -> i32 {
+    // SAFETY: reads a thread-local.
+    unsafe { ffi::rte_socket_id() as i32 }
+}
+
+/// The time-stamp counter.
+#[inline]
+pub fn rdtsc() -> u64 {
+    // SAFETY: reads the TSC.
+    unsafe { ffi::fl_rdtsc() }
+}
+
+/// TSC ticks per second as the EAL measured them.
+pub fn tsc_hz() -> u64 {
+    // SAFETY: the EAL is initialised (0 otherwise).
+    unsafe { ffi::fl_get_tsc_hz() }
+}

@@ -1,0 +1,103 @@
+//! Packet-buffer pools (rte_pktmbuf_pool_create).
+
+use crate::eal::Eal;
+use crate::error::{Error, Result};
+use crate::ffi;
+use crate::mbuf::Mbuf;
+use std::ffi::CString;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+/// Any NUMA socket.
+pub const SOCKET_ANY: i32 = ffi::FL_SOCKET_ID_ANY;
+/// Data room per mbuf: headroom (128) + 2048, as DPDK's RTE_MBUF_DEFAULT_BUF_SIZE and
+/// `fulcrum_dataplane::packet::BUF_SIZE`.
+pub const MBUF_BUF_SIZE: u16 = ffi::FL_MBUF_DEFAULT_BUF_SIZE as u16;
+/// RTE_PKTMBUF_HEADROOM.
+pub const MBUF_HEADROOM: u16 = ffi::FL_PKTMBUF_HEADROOM as u16;
+
+struct PoolInner {
+    ptr: NonNull<ffi::rte_mempool>,
+    name: String,
+    size: u32,
+    _eal: Eal,
+}
+
+// SAFETY: a DPDK mempool is thread-safe (lock-free ring underneath; per-lcore caches are
+// per-thread).
+unsafe impl Send for PoolInner {}
+unsafe impl Sync for PoolInner {}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        // Freeing a pool with mbufs still out would leave them dangling: leak it instead.
+        // SAFETY: ptr is a live mempool.
+        let avail = unsafe { ffi::fl_mempool_avail_count(self.ptr.as_ptr()) };
+        if avail < self.size {
+            eprintln!(
+                "fulcrum-dpdk: mempool {} dropped with {} mbufs still in use: not freeing it",
+                self.name,
+                self.size - avail
+            );
+            return;
+        }
+        // SAFETY: no mbuf of this pool is in use and no port holds it (ports hold a Mempool).
+        unsafe { ffi::rte_mempool_free(self.ptr.as_ptr()) };
+    }
+}
+
+/// A pool of packet mbufs with the default data room (2176 bytes: 128 headroom + 2048).
+/// Clones share the pool; it is freed when the last clone and every port using it are gone.
+#[derive(Clone)]
+pub struct Mempool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Mempool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mempool({}, {} mbufs, {} available)", self.inner.name, self.inner.size, self.available())
+    }
+}
+
+impl Mempool {
+    /// Creates a pool of `n_mbufs` mbufs (best as 2^k - 1) with a per-lcore cache of `cache`
+    /// (0 for none; at most 512) on NUMA socket `socket` ([`SOCKET_ANY`] for any).
+    /// The name must be unique in the process.
+    pub fn new(name: &str, n_mbufs: u32, cache: u32, socket: i32) -> Result<Mempool> {
+        let eal = Eal::current()?;
+        let cname =
+            CString::new(name).map_err(|_| Error::Invalid(format!("mempool name {name:?} holds a NUL byte")))?;
+        // SAFETY: valid C string; the EAL is alive.
+        let ptr = unsafe { ffi::rte_pktmbuf_pool_create(cname.as_ptr(), n_mbufs, cache, 0, MBUF_BUF_SIZE, socket) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            Error::from_errno(format!("rte_pktmbuf_pool_create({name}, n={n_mbufs}, cache={cache}, socket={socket})"))
+        })?;
+        Ok(Mempool { inner: Arc::new(PoolInner { ptr, name: name.to_string(), size: n_mbufs, _eal: eal }) })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Mbufs in the pool.
+    pub fn size(&self) -> u32 {
+        self.inner.size
+    }
+
+    /// Mbufs not in use (in the pool or in a per-lcore cache): `size()` when nothing leaks.
+    pub fn available(&self) -> u32 {
+        // SAFETY: live mempool.
+        unsafe { ffi::fl_mempool_avail_count(self.inner.ptr.as_ptr()) }
+    }
+
+    /// A fresh mbuf: empty, data at the standard headroom. None when the pool is exhausted.
+    #[inline]
+    pub fn alloc(&self) -> Option<Mbuf> {
+        // SAFETY: live mempool; the mbuf returned (if any) is ours.
+        unsafe { Mbuf::from_raw(ffi::fl_pktmbuf_alloc(self.inner.ptr.as_ptr())) }
+    }
+
+    pub fn as_ptr(&self) -> *mut ffi::rte_mempool {
+        self.inner.ptr.as_ptr()
+    }
+}
