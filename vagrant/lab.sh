@@ -60,14 +60,22 @@ ensure_link() {
 
 pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
-# start NAME NS CMD...: in the background, own session, PID in $PID_DIR/NAME.pid; no-op if alive.
+# start NAME NS CMD...: in the background in its own session (a Ctrl-C in the caller's terminal
+# does not reach it); the process writes its own PID to $PID_DIR/NAME.pid before exec'ing the
+# command (ip netns exec execs too, so it is the server's PID). No-op if already running.
 start_bg() {
-    local name="$1" ns="$2" pid
+    local name="$1" ns="$2" pidf="$PID_DIR/$1.pid" i
     shift 2
-    if [ -s "$PID_DIR/$name.pid" ] && pid_alive "$(cat "$PID_DIR/$name.pid")"; then return 0; fi
-    setsid ip netns exec "$ns" "$@" </dev/null >"$LAB_DIR/$name.log" 2>&1 &
-    pid=$!
-    echo "$pid" >"$PID_DIR/$name.pid"
+    if [ -s "$pidf" ] && pid_alive "$(cat "$pidf")"; then return 0; fi
+    rm -f "$pidf"
+    # shellcheck disable=SC2016
+    setsid -f sh -c 'echo $$ >"$0.tmp" && mv "$0.tmp" "$0" && exec "$@"' "$pidf" \
+        ip netns exec "$ns" "$@" </dev/null >"$LAB_DIR/$name.log" 2>&1
+    for i in $(seq 1 50); do
+        [ -s "$pidf" ] && return 0
+        sleep 0.1
+    done
+    lab_die "$name did not start (see $LAB_DIR/$name.log)"
 }
 
 # Wait until TCP/UDP port is bound in ns.

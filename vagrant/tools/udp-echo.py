@@ -17,6 +17,7 @@ import sys
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 
 
 def main():
@@ -34,6 +35,9 @@ def main():
     s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     s6.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+    # A VIP is only a local route (no address on an interface): IPv6 refuses it as an
+    # IPV6_PKTINFO source unless the socket may use non-local addresses.
+    s6.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
     s6.bind(("::", a.port))
     for s in (s4, s6):
         s.setblocking(False)
