@@ -149,9 +149,11 @@ dsr_setup() {
     case "$mode" in
     tunnel)
         nsx "$ns" ip link show fl-ipip >/dev/null 2>&1 ||
-            nsx "$ns" ip link add fl-ipip type ipip local "$ip4"
+            nsx "$ns" ip link add fl-ipip type ipip local "$ip4" ||
+            lab_die "this kernel cannot create an ipip device: use FL_DSR_MODE=bpf"
         nsx "$ns" ip link show fl-ip6tnl >/dev/null 2>&1 ||
-            nsx "$ns" ip link add fl-ip6tnl type ip6tnl mode ip6ip6 local "$ip6"
+            nsx "$ns" ip link add fl-ip6tnl type ip6tnl mode ip6ip6 local "$ip6" ||
+            lab_die "this kernel cannot create an ip6tnl device: use FL_DSR_MODE=bpf"
         ns_sysctl "$ns" net.ipv4.conf.fl-ipip.rp_filter=0
         nsx "$ns" ip link set fl-ipip up
         nsx "$ns" ip link set fl-ip6tnl up
