@@ -57,8 +57,9 @@ rustc_version() {
 ensure_toolchain() {
     # A C compiler/linker: rustc links through `cc`.
     command -v cc >/dev/null 2>&1 || apt_install build-essential
-    # DPDK 22.11 for fulcrum-dpdk (found through pkg-config libdpdk; bindgen needs libclang).
-    apt_install dpdk libdpdk-dev dpdk-dev pkg-config libclang-dev clang
+    # DPDK 22.11 for fulcrum-dpdk (found through pkg-config libdpdk; bindgen needs libclang;
+    # libsystemd-dev completes what a static DPDK link needs).
+    apt_install dpdk libdpdk-dev dpdk-dev pkg-config libclang-dev clang libsystemd-dev
     [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
     local min
     min="$(rust_min)"
