@@ -1,5 +1,6 @@
 //! Finds DPDK through `pkg-config libdpdk`, compiles the C shim and generates the bindings.
-//! Links dynamically (see README.md: why not static).
+//! Links DPDK statically when `pkg-config --static libdpdk` can be satisfied, else dynamically
+//! (FULCRUM_DPDK_LINK=static|dynamic forces one).
 
 use std::env;
 use std::path::PathBuf;
@@ -11,15 +12,37 @@ On Debian/Ubuntu: apt-get install -y dpdk libdpdk-dev pkg-config libclang-dev";
 /// The raw `pkg-config --cflags libdpdk`: the pkg-config crate drops `-include rte_config.h`
 /// and `-march=...`, which the DPDK headers need.
 fn raw_cflags() -> Vec<String> {
+    pkg_config_raw(&["--cflags", "libdpdk"])
+}
+
+fn pkg_config_raw(args: &[&str]) -> Vec<String> {
     let pc = env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".into());
-    let out = Command::new(&pc)
-        .args(["--cflags", "libdpdk"])
-        .output()
-        .unwrap_or_else(|e| panic!("{MISSING}\n(running {pc}: {e})"));
+    let out = Command::new(&pc).args(args).output().unwrap_or_else(|e| panic!("{MISSING}\n(running {pc}: {e})"));
     if !out.status.success() {
-        panic!("{MISSING}\n({pc} --cflags libdpdk: {})", String::from_utf8_lossy(&out.stderr).trim());
+        panic!("{MISSING}\n({pc} {}: {})", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     String::from_utf8(out.stdout).expect("pkg-config output is UTF-8").split_whitespace().map(String::from).collect()
+}
+
+/// The `-lNAME` libraries of a link line that the C compiler cannot find (neither
+/// libNAME.so nor libNAME.a on its search path).
+fn missing_libs(args: &[String]) -> Vec<String> {
+    let cc = cc::Build::new().get_compiler();
+    let mut missing = Vec::new();
+    for name in args.iter().filter_map(|a| a.strip_prefix("-l")).filter(|n| !n.starts_with(':')) {
+        let found = ["so", "a"].iter().any(|ext| {
+            let file = format!("lib{name}.{ext}");
+            Command::new(cc.path())
+                .arg(format!("-print-file-name={file}"))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim() != file)
+                .unwrap_or(false)
+        });
+        if !found && !missing.contains(&format!("-l{name}")) {
+            missing.push(format!("-l{name}"));
+        }
+    }
+    missing
 }
 
 fn main() {
@@ -47,9 +70,41 @@ fn main() {
     }
     cc.compile("fulcrum_dpdk_shim");
 
-    // Now the link flags, after the shim (dynamic: the PMDs are loaded by the EAL as plugins from
-    // the path compiled into librte_eal, DPDK_PLUGIN_PATH).
-    pkg_config::Config::new().atleast_version("22.11").probe("libdpdk").unwrap_or_else(|e| panic!("{MISSING}\n({e})"));
+    // Now the link flags, after the shim. Static when every library `pkg-config --static`
+    // names can be found (FULCRUM_DPDK_LINK=static|dynamic forces one), else dynamic.
+    println!("cargo:rerun-if-env-changed=FULCRUM_DPDK_LINK");
+    let want = env::var("FULCRUM_DPDK_LINK").unwrap_or_default();
+    let static_args = pkg_config_raw(&["--static", "--libs", "libdpdk"]);
+    let missing = missing_libs(&static_args);
+    let link_static = match want.as_str() {
+        "static" => true,
+        "dynamic" => false,
+        _ => {
+            if !missing.is_empty() {
+                println!(
+                    "cargo:warning=fulcrum-dpdk: linking DPDK dynamically: a static link needs {} \
+                     (on Debian: libsystemd-dev provides -lsystemd)",
+                    missing.join(", ")
+                );
+            }
+            missing.is_empty()
+        }
+    };
+    println!("cargo:rustc-env=FULCRUM_DPDK_LINK={}", if link_static { "static" } else { "dynamic" });
+    if link_static {
+        // Every library and driver archive (drivers --whole-archive so that their constructors
+        // register them), then the system libraries they need: verbatim and in order, as link
+        // arguments, which rustc puts after the shim archive.
+        for arg in static_args {
+            println!("cargo:rustc-link-arg={arg}");
+        }
+    } else {
+        // The EAL loads the PMDs as plugins from the directory compiled into librte_eal.
+        pkg_config::Config::new()
+            .atleast_version("22.11")
+            .probe("libdpdk")
+            .unwrap_or_else(|e| panic!("{MISSING}\n({e})"));
+    }
 
     let bindings = bindgen::Builder::default()
         .header("shim/shim.h")

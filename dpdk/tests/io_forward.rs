@@ -82,11 +82,10 @@ fn ours(core: usize, secs: u64) -> (f64, u64) {
     let p1 = EthPort::open("net_null1", &conf, &pool).unwrap();
     let (mut q0, mut q1) = (p0.queue(0, 0).unwrap(), p1.queue(0, 0).unwrap());
     let mut b: Burst<Mbuf> = ArrayVec::new();
-    let mut fwd = 0u64;
     // Warm-up, then the measured run.
     for measured in [false, true] {
         let run = if measured { Duration::from_secs(secs) } else { Duration::from_millis(300) };
-        fwd = 0;
+        let mut fwd = 0u64;
         let start = Instant::now();
         loop {
             for _ in 0..1024 {
