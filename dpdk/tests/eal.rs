@@ -216,3 +216,31 @@ fn eal_init_twice_fails_and_runtime_dir_is_known() {
     assert!(dir.exists());
     assert!(matches!(Eal::init(&[]), Err(fulcrum_dpdk::Error::AlreadyInitialised)));
 }
+
+#[test]
+fn vdev_hotplugged_after_init_opens_and_queues_are_send() {
+    let (eal, _g) = eal();
+    fn is_send<T: Send>() {}
+    is_send::<fulcrum_dpdk::PortQueue>();
+    is_send::<Mbuf>();
+    eal.probe("net_ring_hotplug").unwrap();
+    let pool = Mempool::new("hotplug_pool", 255, 0, SOCKET_ANY).unwrap();
+    let port = EthPort::open("net_ring_hotplug", &one_queue(), &pool).unwrap();
+    let mut q = port.queue(0, 0).unwrap();
+    // A queue moves to a worker thread and works there.
+    let n = std::thread::spawn(move || {
+        let mut b: Burst<Mbuf> = ArrayVec::new();
+        let mut m = q.alloc().unwrap();
+        m.fill(&frame(1, 64));
+        b.push(m);
+        q.tx_burst(&mut b);
+        q.rx_burst(&mut b)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(n, 1);
+    drop(port);
+    assert_eq!(pool.available(), 255);
+    let e = eal.probe("net_bogus0").unwrap_err().to_string();
+    assert!(e.contains("rte_dev_probe(net_bogus0)"), "{e}");
+}
