@@ -28,6 +28,7 @@ pub const GOLDEN_PCAPS: &[(&str, &[u8])] = &[
     ("udp_fullnat", include_bytes!("../../dataplane/tests/fixtures/udp_fullnat.in.pcap")),
     ("ipv6_fullnat", include_bytes!("../../dataplane/tests/fixtures/ipv6_fullnat.in.pcap")),
     ("dsr_ipip", include_bytes!("../../dataplane/tests/fixtures/dsr_ipip.in.pcap")),
+    ("icmp_fullnat", include_bytes!("../../dataplane/tests/fixtures/icmp_fullnat.in.pcap")),
     ("vlan", include_bytes!("../../dataplane/tests/fixtures/vlan.in.pcap")),
     ("unknown_vip", include_bytes!("../../dataplane/tests/fixtures/unknown_vip.in.pcap")),
     ("malformed", include_bytes!("../../dataplane/tests/fixtures/malformed.in.pcap")),
