@@ -70,26 +70,22 @@ fn main() {
     }
     cc.compile("fulcrum_dpdk_shim");
 
-    // Now the link flags, after the shim. Static when every library `pkg-config --static`
-    // names can be found (FULCRUM_DPDK_LINK=static|dynamic forces one), else dynamic.
+    // Now the link flags, after the shim. Dynamic by default: `cargo:rustc-link-lib` is the only
+    // form that reaches the binaries of crates that depend on this one (the `fulcrum` binary);
+    // `cargo:rustc-link-arg`, which a whole-archive static link of the PMDs needs, applies to
+    // this crate's own tests and examples only. FULCRUM_DPDK_LINK=static links those statically
+    // (e.g. to carry one self-contained test binary to another machine).
     println!("cargo:rerun-if-env-changed=FULCRUM_DPDK_LINK");
     let want = env::var("FULCRUM_DPDK_LINK").unwrap_or_default();
-    let static_args = pkg_config_raw(&["--static", "--libs", "libdpdk"]);
+    let link_static = want == "static";
+    let static_args = if link_static { pkg_config_raw(&["--static", "--libs", "libdpdk"]) } else { Vec::new() };
     let missing = missing_libs(&static_args);
-    let link_static = match want.as_str() {
-        "static" => true,
-        "dynamic" => false,
-        _ => {
-            if !missing.is_empty() {
-                println!(
-                    "cargo:warning=fulcrum-dpdk: linking DPDK dynamically: a static link needs {} \
-                     (on Debian: libsystemd-dev provides -lsystemd)",
-                    missing.join(", ")
-                );
-            }
-            missing.is_empty()
-        }
-    };
+    if link_static && !missing.is_empty() {
+        println!(
+            "cargo:warning=fulcrum-dpdk: a static link needs {} (on Debian: libsystemd-dev provides -lsystemd)",
+            missing.join(", ")
+        );
+    }
     println!("cargo:rustc-env=FULCRUM_DPDK_LINK={}", if link_static { "static" } else { "dynamic" });
     if link_static {
         // Every library and driver archive (drivers --whole-archive so that their constructors

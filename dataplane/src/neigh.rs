@@ -394,7 +394,7 @@ fn check_ipv4(ip: &[u8]) -> Result<(usize, usize), DropReason> {
 /// place (addresses swapped, TTL 64, checksums recomputed, sent back to the source MAC).
 /// Other types: `Drop(IcmpUnhandled)`; bad ICMP length/checksum: `Drop(IcmpMalformed)`;
 /// bad IPv4 header: `Ipv4Malformed` / `Ipv4BadChecksum` / `Ipv4Fragment`.
-pub fn handle_icmpv4_local<B: PacketBuf>(buf: &mut B, l2: &L2Info, stats: &mut CoreStats) -> Verdict {
+pub fn handle_icmpv4_local<B: PacketBuf>(buf: &mut B, l2: &L2Info, own_mac: [u8; 6], stats: &mut CoreStats) -> Verdict {
     let l3 = l2.l3_off;
     let Some(ip) = buf.data().get(l3..) else { return Verdict::Drop(DropReason::Ipv4Malformed) };
     if l3 < ETH_HLEN {
@@ -421,8 +421,9 @@ pub fn handle_icmpv4_local<B: PacketBuf>(buf: &mut B, l2: &L2Info, stats: &mut C
         return Verdict::Drop(DropReason::Ipv4Malformed);
     }
     let f = buf.data_mut();
-    let (dst, src) = (ether::dst_mac(f), ether::src_mac(f));
-    ether::set_macs(f, src, dst);
+    // From our own MAC, never the request's destination MAC: that may be a group address.
+    let src = ether::src_mac(f);
+    ether::set_macs(f, src, own_mac);
     let ip = &mut f[l3..];
     let (s, d) = (v4(&ip[12..16]), v4(&ip[16..20]));
     ip[12..16].copy_from_slice(&d.octets());
@@ -609,8 +610,9 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
         return Verdict::Drop(DropReason::Ipv6Malformed);
     }
     let f = buf.data_mut();
-    let (fd, fs) = (ether::dst_mac(f), ether::src_mac(f));
-    ether::set_macs(f, fs, fd);
+    // From our own MAC, never the request's destination MAC: that may be a group address.
+    let fs = ether::src_mac(f);
+    ether::set_macs(f, fs, iface.mac);
     let ip = &mut f[l3..];
     ip[8..24].copy_from_slice(&dst.octets());
     ip[24..40].copy_from_slice(&src.octets());
@@ -828,7 +830,7 @@ mod tests {
     fn icmp4(f: &[u8], stats: &mut CoreStats) -> (Verdict, Vec<u8>) {
         let mut b = HeapBuf::from_slice(f);
         let l2 = parse_l2(f).unwrap();
-        let v = handle_icmpv4_local(&mut b, &l2, stats);
+        let v = handle_icmpv4_local(&mut b, &l2, MAC, stats);
         (v, b.data().to_vec())
     }
 
@@ -1450,7 +1452,7 @@ mod tests {
                 let mut b = HeapBuf::from_slice(f);
                 let v1 = handle_arp(&mut b, &l2, &c.iface, &vips, &mut c.neigh, 1, &mut c.stats);
                 let mut b = HeapBuf::from_slice(f);
-                let v2 = handle_icmpv4_local(&mut b, &l2, &mut st);
+                let v2 = handle_icmpv4_local(&mut b, &l2, MAC, &mut st);
                 let mut b = HeapBuf::from_slice(f);
                 let v3 = handle_icmpv6_local(&mut b, &l2, &c.iface, &vips, &mut c.neigh, 1, &mut c.stats);
                 if !complete {

@@ -503,7 +503,7 @@ mod tests {
                 let l2 = parse_l2(f).unwrap();
                 let v = match l2.ethertype {
                     ETHERTYPE_ARP => neigh::handle_arp(&mut b, &l2, &iface, &is_vip, &mut neigh, 0, &mut stats),
-                    ETHERTYPE_IPV4 => neigh::handle_icmpv4_local(&mut b, &l2, &mut stats),
+                    ETHERTYPE_IPV4 => neigh::handle_icmpv4_local(&mut b, &l2, iface.mac, &mut stats),
                     ETHERTYPE_IPV6 => {
                         neigh::handle_icmpv6_local(&mut b, &l2, &iface, &is_vip, &mut neigh, 0, &mut stats)
                     }

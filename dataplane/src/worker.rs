@@ -230,6 +230,9 @@ pub struct Worker {
     next_hop_slot: (Option<NeighborSlot>, Option<NeighborSlot>),
     /// IPv6 flow keys of the burst being processed, by packet index.
     keys6: [FlowKey<u128>; BURST],
+    /// Neighbours the snapshot's backends are reached through, still to resolve: solicited a
+    /// few per loop iteration, so that the first packet to a backend finds its MAC known.
+    to_resolve: Vec<u16>,
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
     /// Milliseconds, wrapping.
@@ -251,7 +254,7 @@ impl Worker {
         }
         let mut stats = CoreStats::default();
         stats.resize(snap.stat_slots.0, snap.stat_slots.1);
-        Ok(Worker {
+        let mut w = Worker {
             snat4: SnatPorts::for_core(cfg.core_index, cfg.cores),
             snat6: SnatPorts::for_core(cfg.core_index, cfg.cores),
             own4: cfg.iface.ipv4.map(|(a, _)| u32::from(a)),
@@ -265,17 +268,35 @@ impl Worker {
             stats,
             next_hop_slot: (None, None),
             keys6: [FlowKey::default(); BURST],
+            to_resolve: Vec::new(),
             solicit: ArrayVec::new(),
             now: 0,
             now_ms: 0,
             inserted_this_burst: false,
-        })
+        };
+        w.queue_backend_neighbors();
+        Ok(w)
     }
 
     /// Switches to a new snapshot; called between bursts. Established flows keep their backends.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
         self.stats.resize(snap.stat_slots.0, snap.stat_slots.1);
         self.snap = snap;
+        self.queue_backend_neighbors();
+    }
+
+    /// Queues the neighbours of every backend for resolution (the kernel would hold the first
+    /// packet while it resolves; we resolve ahead instead, so it is never dropped).
+    fn queue_backend_neighbors(&mut self) {
+        let snap = self.snap_ref();
+        self.to_resolve.clear();
+        for b in &snap.backends {
+            if let Ok(idx) = self.neighbor_index(b.addr) {
+                if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
+                    self.to_resolve.push(idx);
+                }
+            }
+        }
     }
 
     /// The current snapshot, borrowed apart from `self` so that the flow-creation path can
@@ -320,6 +341,12 @@ impl Worker {
     pub fn housekeeping<P: Port>(&mut self, port: &mut P, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.now = self.now_ms as u32;
+        while !self.solicit.is_full() {
+            let Some(idx) = self.to_resolve.pop() else { break };
+            if self.neigh.mac_at(idx).is_none() && self.neigh.should_solicit(idx, self.now_ms) {
+                self.solicit.push(idx);
+            }
+        }
         self.send_solicitations(port);
         let now = self.now;
         self.ct4.sweep(now, 8);
@@ -560,7 +587,7 @@ impl Worker {
             m.class = icmp_error::handle_v4(self, buf, l3, ihl);
             return;
         }
-        verdict(m, neigh::handle_icmpv4_local(buf, l2, &mut self.stats))
+        verdict(m, neigh::handle_icmpv4_local(buf, l2, self.cfg.iface.mac, &mut self.stats))
     }
 
     #[inline(never)]

@@ -1165,9 +1165,12 @@ fn unresolved_next_hop_solicits_then_flows() {
     let syn = tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).frame();
     let (sent, drops) = h.step(0, &syn);
     assert_eq!(drops, vec![DropReason::NeighborUnresolved]);
-    assert_eq!(sent.len(), 1, "one ARP request");
+    // Both next hops (every backend is behind them) are solicited at once, ahead of traffic:
+    // an ARP request for the IPv4 one and a neighbour solicitation for the IPv6 one.
+    assert_eq!(sent.len(), 2, "one ARP request, one neighbour solicitation");
     let want = eth([0xff; 6], LB_MAC, 0x0806, &arp(1, LB_MAC, LB4, [0; 6], GW4));
     assert_eq!(sent[0], want);
+    assert_eq!(parse(&sent[1]).l4()[0], 135, "neighbour solicitation");
     // Retransmissions within a second: dropped, no new request; at one second, another.
     for t in [1, 500, 999] {
         let (sent, drops) = h.step(t, &syn);
@@ -1402,4 +1405,21 @@ fn counters_follow_backends_across_snapshot_switches() {
     }
     // E1 is gone from the snapshot but its counter slot still takes its flow's packets.
     assert_eq!(h.w.stats.per_backend[id1].packets, before[id1].packets + 1);
+}
+
+/// Found by fuzzing (fuzz/regressions/packet_path/echo-reply-multicast-src-mac): a ping to a VIP
+/// sent to a group Ethernet address is answered from the port's own MAC, never from the group.
+#[test]
+fn echo_reply_to_a_group_address_comes_from_our_mac() {
+    let mut h = web();
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'];
+    let c = !fold(sum16(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut frame = eth([0xff; 6], GW_MAC, 0x0800, &ip_packet(ip(CLIENT4), ip(WEB_VIP), 1, &icmp, IPO));
+    let (sent, drops) = h.step(0, &frame);
+    assert!(drops.is_empty(), "{drops:?}");
+    assert_eq!(&sent[0][0..12], &[GW_MAC, LB_MAC].concat()[..]);
+    frame[0..6].copy_from_slice(&[0x65, 0x74, 0x61, 0, 0, 1]);
+    let (sent, _) = h.step(1, &frame);
+    assert_eq!(&sent[0][6..12], &LB_MAC);
 }

@@ -129,25 +129,13 @@ pub fn burst_and_check(worker: &mut Worker, now_ms: u64, frames: &[&[u8]]) -> Ve
     out
 }
 
-/// Known bugs found by these targets and not fixed yet, tolerated so that fuzzing can go past
-/// them (set `FULCRUM_FUZZ_STRICT=1` to fail on them; remove each once fixed):
-///
-/// * `regressions/packet_path/echo-reply-multicast-src-mac`: an ICMP echo request to a VIP sent
-///   to a multicast/broadcast Ethernet address (accepted by `Worker::classify`) is answered by
-///   `neigh::handle_icmpv4_local` swapping the MACs, so the reply's *source* MAC is that group
-///   address instead of the port's.
-pub fn tolerate_known_bugs() -> bool {
-    static T: OnceLock<bool> = OnceLock::new();
-    *T.get_or_init(|| std::env::var_os("FULCRUM_FUZZ_STRICT").is_none_or(|v| v.is_empty() || v == "0"))
-}
-
 /// Invariants of one frame the appliance sends.
 pub fn check_output(f: &[u8], mac: [u8; 6], inputs_valid: bool) {
     assert!(f.len() >= 14, "sent a frame of {} bytes", f.len());
     assert!(f.len() <= MAX_FRAME + fulcrum_dataplane::packet::HEADROOM, "sent a frame of {} bytes", f.len());
-    if !(tolerate_known_bugs() && f[6] & 1 == 1) {
-        assert_eq!(f[6..12], mac, "sent a frame whose source MAC is not the port's: {:02x?}", &f[..14.min(f.len())]);
-    }
+    // regressions/packet_path/echo-reply-multicast-src-mac: echo replies once copied a group
+    // destination address into their source MAC.
+    assert_eq!(f[6..12], mac, "sent a frame whose source MAC is not the port's: {:02x?}", &f[..14.min(f.len())]);
     let s = check_frame(f);
     assert!(!s.bad_ip_header, "sent an IPv4 header with a bad checksum: {:02x?}", f);
     if inputs_valid {
