@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd;
+mod serve;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +23,13 @@ enum Cmd {
     Check(cmd::check::Args),
     /// Compile the bootstrap file and manifests and print the compiled tables as JSON.
     Snapshot(cmd::snapshot::Args),
+    /// Run the appliance: DPDK on the bootstrap file's port, workers, manifests watched.
+    Run(cmd::run::Args),
+    /// The embedded default: the namespace lab, the appliance on DPDK, live traffic, a final JSON line.
+    Lab(cmd::lab::Args),
+    /// The lab's traffic generator (run by `fulcrum lab` inside the client namespace).
+    #[command(hide = true)]
+    LabClient(cmd::lab_client::Args),
 }
 
 fn main() {
@@ -29,6 +37,9 @@ fn main() {
     let result = match &cli.cmd {
         Cmd::Check(a) => cmd::check::run(a),
         Cmd::Snapshot(a) => cmd::snapshot::run(a),
+        Cmd::Run(a) => cmd::run::run(a),
+        Cmd::Lab(a) => cmd::lab::run(a),
+        Cmd::LabClient(a) => cmd::lab_client::run(a),
     };
     if let Err(e) = result {
         // One line: the error and its causes (config errors already name file, document,

@@ -1,6 +1,9 @@
 //! The `fulcrum` subcommands, one module each, and what they share.
 
 pub mod check;
+pub mod lab;
+pub mod lab_client;
+pub mod run;
 pub mod snapshot;
 
 use anyhow::Context;

@@ -1,0 +1,130 @@
+//! `fulcrum run`: the appliance. DPDK on the bootstrap file's port, one pinned worker per
+//! configured core (one rx and one tx queue each, RSS across them), manifests watched.
+
+use crate::serve::{serve, ServeOptions};
+use anyhow::Context;
+use fulcrum_config::Bootstrap;
+use fulcrum_dataplane::runtime::WorkerSpec;
+use fulcrum_dataplane::worker::WorkerConfig;
+use fulcrum_dpdk::{Eal, EthPort, Mempool, PortConf};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Bootstrap file (YAML).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Kubernetes manifests: a YAML file or a directory of them. Re-read on change and on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    pub manifests: PathBuf,
+    /// Print the counters (JSON) to stderr every SECONDS.
+    #[arg(long, value_name = "SECONDS")]
+    pub stats_every: Option<f64>,
+    /// Override the first port's device (e.g. `net_af_packet0,iface=veth-lb`).
+    #[arg(long, value_name = "DEVARGS")]
+    pub device: Option<String>,
+}
+
+/// A PCI address (`0000:03:00.0` or `03:00.0`) rather than a vdev string.
+fn is_pci(dev: &str) -> bool {
+    let d = dev.split(',').next().unwrap_or("");
+    d.contains(':') && d.contains('.') && d.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+}
+
+/// The EAL command line: the bootstrap's own arguments, then the port's device, and a
+/// per-process file prefix unless one is given (so several instances can run side by side).
+pub fn eal_args(boot: &Bootstrap, device: &str) -> Vec<String> {
+    let mut args = boot.eal_args.clone();
+    if is_pci(device) {
+        args.push("-a".into());
+        args.push(device.into());
+    } else {
+        args.push(format!("--vdev={device}"));
+    }
+    if !args.iter().any(|a| a.starts_with("--file-prefix")) {
+        args.push(format!("--file-prefix=fulcrum-{}", std::process::id()));
+    }
+    args
+}
+
+/// DPDK's name for the port a device string creates (the vdev name, or the PCI address).
+fn port_name(device: &str) -> &str {
+    device.split(',').next().unwrap_or(device)
+}
+
+pub fn run(a: &Args) -> anyhow::Result<()> {
+    let mut boot = Bootstrap::load(&a.config)?;
+    if let Some(d) = &a.device {
+        boot.ports[0].device = d.clone();
+    }
+    // Fail on bad manifests before touching any device.
+    fulcrum_config::load_desired(&boot, &a.manifests)?;
+    let port_cfg = boot.ports[0].clone();
+    if boot.ports.len() > 1 {
+        eprintln!("fulcrum: note: serving port {} only; more ports per worker are not supported yet", port_cfg.name);
+    }
+    let workers = boot.workers.cores.len() as u16;
+    let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
+    // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
+    let n_mbufs = (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1;
+    let pool = Mempool::new("fulcrum-pkts", n_mbufs, 256, -1).context("cannot create the packet pool")?;
+    let conf = PortConf {
+        rx_queues: workers,
+        tx_queues: workers,
+        rss: workers > 1,
+        mtu: Some(port_cfg.mtu),
+        ..PortConf::default()
+    };
+    let port = EthPort::open(port_name(&port_cfg.device), &conf, &pool)
+        .with_context(|| format!("cannot open port {} ({})", port_cfg.name, port_cfg.device))?;
+    if let Ok(mac) = port.mac() {
+        if mac != port_cfg.mac.0 {
+            eprintln!(
+                "fulcrum: warning: port {} has MAC {} but the bootstrap file says {}; answering ARP/NDP with the latter",
+                port_cfg.name,
+                fulcrum_config::bootstrap::MacAddr(mac),
+                port_cfg.mac
+            );
+        }
+    }
+    let mut specs = Vec::new();
+    for (i, &cpu) in boot.workers.cores.iter().enumerate() {
+        specs.push(WorkerSpec {
+            config: WorkerConfig::from_bootstrap(&boot, i as u16, workers),
+            cpu: Some(cpu),
+            port: port.queue(i as u16, i as u16)?,
+        });
+    }
+    eprintln!(
+        "fulcrum: port {} ({}) up with {workers} worker(s) on CPU(s) {:?}",
+        port_cfg.name, port_cfg.device, boot.workers.cores
+    );
+    let opts = ServeOptions {
+        manifests: a.manifests.clone(),
+        stats_every: a.stats_every.map(Duration::from_secs_f64),
+        watch_every: Duration::from_secs(1),
+    };
+    let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
+    println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
+    drop(port);
+    drop(pool);
+    drop(eal);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_become_eal_arguments() {
+        assert!(is_pci("0000:03:00.0"));
+        assert!(is_pci("03:00.1"));
+        assert!(!is_pci("net_af_xdp0,iface=veth-lb"));
+        assert_eq!(port_name("net_af_xdp0,iface=veth-lb"), "net_af_xdp0");
+        assert_eq!(port_name("0000:03:00.0"), "0000:03:00.0");
+    }
+}
