@@ -1,0 +1,188 @@
+//! End to end in the namespace lab (vagrant/lab.sh) through DPDK, with real clients (curl,
+//! ping) and real backends (nginx, UDP echo). Needs root (namespaces, DPDK); skipped otherwise.
+//! One test function: the lab is one set of namespaces, so its steps run in order.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn lab(args: &[&str]) -> std::process::Output {
+    Command::new("bash").arg(repo().join("vagrant/lab.sh")).args(args).output().expect("lab.sh")
+}
+
+/// Runs CMD in the client namespace; (success, stdout).
+fn client(cmd: &[&str]) -> (bool, String) {
+    let o = Command::new("ip").args(["netns", "exec", "fl-client"]).args(cmd).output().expect("ip netns exec");
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn curl(url: &str) -> Option<String> {
+    let (ok, out) = client(&["curl", "-s", "-m", "3", "--fail", url]);
+    ok.then(|| out.trim().to_string())
+}
+
+struct Teardown(Option<Child>);
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) && !matches!(c.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        lab(&["down"]);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+#[test]
+fn lab_end_to_end() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces, DPDK)");
+        return;
+    }
+    let fulcrum = env!("CARGO_BIN_EXE_fulcrum");
+
+    // 1. `fulcrum lab` itself: traffic to every backend, zero errors, one final JSON line.
+    let out = Command::new(fulcrum).args(["lab", "--duration", "4"]).output().expect("fulcrum lab");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fulcrum lab failed:\n{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).expect("final JSON line");
+    assert_eq!(v["lab"], "done");
+    assert_eq!(v["errors"], 0);
+    assert!(v["requests"].as_u64().unwrap() > 100, "{v}");
+    for b in ["be1", "be2", "be3"] {
+        assert!(v["per_backend"][b].as_u64().unwrap_or(0) > 10, "{b} got too few: {v}");
+    }
+    assert!(v["udp_received"].as_u64().unwrap() * 100 >= v["udp_sent"].as_u64().unwrap() * 99, "{v}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("share per backend"), "live table printed");
+    let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ns.stdout).contains("fl-"), "lab torn down");
+
+    // 2. The appliance by hand, to change its manifests while it runs.
+    assert!(lab(&["up"]).status.success(), "lab.sh up");
+    let dir = std::env::temp_dir().join(format!("fulcrum-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(repo().join("config/examples/bootstrap.yaml"), dir.join("bootstrap.yaml")).unwrap();
+    let manifests = dir.join("manifests.yaml");
+    let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap();
+    std::fs::write(&manifests, &lab_manifests).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
+        .arg(dir.join("bootstrap.yaml"))
+        .arg("--manifests")
+        .arg(&manifests)
+        .args(["--device", "net_af_packet0,iface=veth-lb"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fulcrum run");
+    let _teardown = Teardown(Some(child));
+
+    // Ping to the VIP, answered by Fulcrum (nothing else has it), after it answered ARP.
+    let t = Instant::now();
+    while !client(&["ping", "-c", "1", "-W", "1", "10.20.0.10"]).0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "VIP never answered ping");
+    }
+    assert!(client(&["ping", "-c", "2", "-W", "1", "fd00:20::10"]).0, "IPv6 VIP answers ping");
+    let (_, neigh) = client(&["ip", "neigh", "show", "10.10.0.2"]);
+    assert!(neigh.contains("02:f1:00:00:00:01"), "ARP for the appliance answered by Fulcrum: {neigh}");
+
+    // FullNAT (v4 and v6) and DSR by curl; every backend reached.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        seen.insert(curl("http://10.20.0.10/").expect("FullNAT v4"));
+    }
+    assert_eq!(seen.iter().map(String::as_str).collect::<Vec<_>>(), ["be1", "be2", "be3"]);
+    assert!(curl("http://[fd00:20::10]/").is_some(), "FullNAT v6");
+    // DSR keeps the client's address (the backend sees 10.10.0.10) and answers from the VIP.
+    let who = curl("http://10.20.0.12:8080/whoami").expect("DSR");
+    assert!(who.contains("client=10.10.0.10") && who.contains("local=10.20.0.12:8080"), "{who}");
+    // FullNAT hides it: the backend sees the appliance.
+    let who = curl("http://10.20.0.10/whoami").expect("FullNAT whoami");
+    assert!(who.contains("client=10.10.0.2"), "{who}");
+    // UDP through the VIP.
+    let (ok, udp) = client(&["bash", "-c", "echo 'who?' | socat -t 2 - UDP:10.20.0.11:5353"]);
+    assert!(ok && udp.starts_with("be"), "UDP VIP answered: {udp:?}");
+
+    // 3. A backend removed while a long-lived connection to it is open: the connection lives
+    // on, new connections go elsewhere. /big.bin streams 1 MiB at 64 KiB/s (about 16 s).
+    let mut dl = None;
+    for _ in 0..5 {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", "fl-client", "curl", "-s", "--fail"])
+            .args(["-o", "/dev/null", "-w", "%{size_download} %{http_code}", "http://10.20.0.10/big.bin"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        // Which backend has it: the one whose nginx holds an established connection.
+        let holder = ["be1", "be2", "be3"].into_iter().find(|b| {
+            let o = Command::new("bash")
+                .arg(repo().join("vagrant/lab.sh"))
+                .args(["exec", b, "ss", "-Htn", "state", "established", "( sport = :8080 )"])
+                .output()
+                .unwrap();
+            !o.stdout.is_empty()
+        });
+        if let Some(b) = holder {
+            dl = Some((c, b));
+            break;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let (download, victim) = dl.expect("a long-lived download with a known backend");
+    let victim_ip = match victim {
+        "be1" => "10.10.0.11",
+        "be2" => "10.10.0.12",
+        _ => "10.10.0.13",
+    };
+    // Remove the victim from the web Service's slice and wait for the reload.
+    let edited: String = lab_manifests
+        .split("\n---\n")
+        .map(|doc| {
+            if doc.contains("name: web-v4\n") {
+                let mut keep = Vec::new();
+                let mut skip = 0;
+                for line in doc.lines() {
+                    if line.contains(&format!("\"{victim_ip}\"")) {
+                        skip = 3; // the address line and its conditions and targetRef
+                    }
+                    if skip > 0 {
+                        skip -= 1;
+                        continue;
+                    }
+                    keep.push(line);
+                }
+                keep.join("\n")
+            } else {
+                doc.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    assert_ne!(edited, lab_manifests);
+    std::fs::write(&manifests, edited).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    for _ in 0..40 {
+        let b = curl("http://10.20.0.10/").expect("new connections still served");
+        assert_ne!(b, victim, "a new connection went to the removed backend");
+    }
+    let out = download.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the long-lived download broke: {text}");
+    assert_eq!(text.trim(), "1048576 200", "whole body over the connection to {victim}");
+}
