@@ -6,6 +6,13 @@
 . "$(dirname "$0")/lib/setup.sh"
 
 ensure_toolchain
+# The end-to-end tests bring up the namespace lab (nginx, socat, ethtool, clang for the DSR
+# decapsulator...), and the Vagrantfile is validated as CI must.
+log "lab packages (vagrant/lab.sh deps)"
+bash "$ROOT/vagrant/lab.sh" deps
+apt_install vagrant
+log "vagrant validate -p (vagrant/Vagrantfile)"
+(cd "$ROOT/vagrant" && vagrant validate -p)
 
 if [ "${FULCRUM_NO_NEXTEST:-0}" != 1 ] && cargo nextest --version >/dev/null 2>&1; then
     log "cargo nextest run --workspace --no-fail-fast"
