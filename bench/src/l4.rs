@@ -43,6 +43,17 @@ pub struct L4Args {
     /// CPU core to pin to (default: the last one).
     #[arg(long)]
     pub core: Option<usize>,
+    /// Packet buffers: in-memory buffers (the worker alone), or real mbufs received from and
+    /// sent to DPDK `net_null` ports (rx_burst + worker + tx_burst, beside dpdk-testpmd's io
+    /// forwarding on the same vdevs and core in the same run).
+    #[arg(long, value_enum, default_value_t = IoArg::Memory)]
+    pub io: IoArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoArg {
+    Memory,
+    DpdkNull,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,7 +74,7 @@ vip_pools: [{name: bench, cidrs: [10.20.0.0/24]}]
 maglev: {table_size: 65537}
 "#;
 
-const VIP: [u8; 4] = [10, 20, 0, 10];
+pub(crate) const VIP: [u8; 4] = [10, 20, 0, 10];
 
 pub fn run(a: &L4Args) -> anyhow::Result<()> {
     let core = crate::pin(a.core);
@@ -98,6 +109,9 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
     let cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
     let mut w = Worker::new(cfg, snap)?;
     let mut gen = Generator::new(a.flows);
+    if a.io == IoArg::DpdkNull {
+        return crate::l4_dpdk::run(a, core, w, gen);
+    }
     let mut pool: Vec<HeapBuf> = (0..4 * BURST).map(|_| HeapBuf::new()).collect();
 
     // Phase 1: a SYN for every flow.
@@ -194,6 +208,7 @@ fn drive(
         let n = (total - sent).min(BURST as u64);
         for i in 0..n {
             let mut b = pool.pop().unwrap_or_default();
+            b.reset();
             make(gen, &mut b, sent + i);
             rx.push(b);
         }
@@ -216,7 +231,7 @@ fn drive(
 
 /// Builds client packets for flow ids: a bijection id -> (client address, port), so N ids are N
 /// distinct 5-tuples spread over 100.64.0.0/10 like real clients.
-struct Generator {
+pub(crate) struct Generator {
     template: [u8; 54],
     base_csum: u16,
     bits: u32,
@@ -224,7 +239,7 @@ struct Generator {
 }
 
 impl Generator {
-    fn new(flows: u32) -> Generator {
+    pub(crate) fn new(flows: u32) -> Generator {
         let mut t = [0u8; 54];
         t[0..6].copy_from_slice(&[0x02, 0xf1, 0, 0, 0, 0x01]);
         t[6..12].copy_from_slice(&[0x02, 0xf1, 0, 0, 0, 0xfe]);
@@ -259,8 +274,8 @@ impl Generator {
     }
 
     #[inline(always)]
-    fn build(&self, b: &mut HeapBuf, id: u32, flags: u8) {
-        b.reset();
+    pub(crate) fn build<B: PacketBuf>(&self, b: &mut B, id: u32, flags: u8) {
+        // As a NIC writes a received frame: at the buffer's start, 54 bytes.
         b.set_len(54);
         let f = b.data_mut();
         f.copy_from_slice(&self.template);
@@ -272,17 +287,17 @@ impl Generator {
         f[47] = flags;
     }
 
-    fn syn(&self, b: &mut HeapBuf, id: u32) {
+    pub(crate) fn syn<B: PacketBuf>(&self, b: &mut B, id: u32) {
         self.build(b, id, 0x02);
     }
 
-    fn ack(&self, b: &mut HeapBuf, id: u32) {
+    pub(crate) fn ack<B: PacketBuf>(&self, b: &mut B, id: u32) {
         self.build(b, id, 0x10);
     }
 }
 
 /// What building a packet costs alone (reported, not subtracted).
-fn generator_cost(gen: &mut Generator, flows: u32) -> f64 {
+pub(crate) fn generator_cost(gen: &mut Generator, flows: u32) -> f64 {
     let mut b = HeapBuf::new();
     let n = 4_000_000u32;
     let t = Instant::now();

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod l4;
+mod l4_dpdk;
 mod report;
 
 #[derive(Parser, Debug)]
