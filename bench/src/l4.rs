@@ -48,6 +48,9 @@ pub struct L4Args {
     /// forwarding on the same vdevs and core in the same run).
     #[arg(long, value_enum, default_value_t = IoArg::Memory)]
     pub io: IoArg,
+    /// Run the curve for 1..=N pinned workers (in-memory buffers), one JSON line.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +80,56 @@ maglev: {table_size: 65537}
 pub(crate) const VIP: [u8; 4] = [10, 20, 0, 10];
 
 pub fn run(a: &L4Args) -> anyhow::Result<()> {
-    let core = crate::pin(a.core);
+    if a.workers <= 1 || a.io != IoArg::Memory {
+        let v = measure(a, a.core)?;
+        if !v.is_null() {
+            report::print(v);
+        }
+        return Ok(());
+    }
+    scaling(a)
+}
+
+/// `--workers N`: N pinned workers at once (cores 0..N), each with its own tables and traffic,
+/// as the appliance runs them. One JSON line: per-worker and total Mpps, and the scaling
+/// efficiency against N times the single-worker figure measured first in the same run.
+fn scaling(a: &L4Args) -> anyhow::Result<()> {
+    let ncores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
+    let mut curve = Vec::new();
+    let mut single = None;
+    for n in 1..=a.workers {
+        if n > ncores {
+            eprintln!("fulcrum-bench: {n} workers > {ncores} cores; stopping the curve there");
+            break;
+        }
+        let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n).map(|i| s.spawn(move || measure(a, Some(i)))).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))).collect()
+        });
+        let mut per = Vec::new();
+        for r in results {
+            per.push(r?["mpps_per_core"].as_f64().unwrap_or(0.0));
+        }
+        let total: f64 = per.iter().sum();
+        let base = *single.get_or_insert(total);
+        curve.push(serde_json::json!({"workers": n, "mpps_total": total, "mpps_per_worker": per,
+                                      "efficiency": total / (base * n as f64)}));
+    }
+    report::print(serde_json::json!({
+        "bench": "l4-scaling",
+        "mode": match a.mode { ModeArg::Fullnat => "fullnat", ModeArg::DsrIpip => "dsr-ipip" },
+        "flows_per_worker": a.flows,
+        "cores": ncores,
+        "curve": curve,
+        "loadavg": report::loadavg(),
+    }));
+    Ok(())
+}
+
+/// One worker on `core`: the SYN phase then the established phase; the result as JSON
+/// (Null when the DPDK path printed its own line).
+fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value> {
+    let core = crate::pin(core);
     let mut boot = Bootstrap::parse(Path::new("<bench>"), BOOTSTRAP)?;
     // Room for every flow with a quarter to spare, as an operator would size it.
     boot.conntrack.capacity = a.flows + a.flows / 4;
@@ -110,7 +162,8 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
     let mut w = Worker::new(cfg, snap)?;
     let mut gen = Generator::new(a.flows);
     if a.io == IoArg::DpdkNull {
-        return crate::l4_dpdk::run(a, core, w, gen);
+        crate::l4_dpdk::run(a, core, w, gen)?;
+        return Ok(serde_json::Value::Null);
     }
     let mut pool: Vec<HeapBuf> = (0..4 * BURST).map(|_| HeapBuf::new()).collect();
 
@@ -148,7 +201,7 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
         }
     }
     let ct = w.conntrack_v4();
-    report::print(serde_json::json!({
+    let v = serde_json::json!({
         "bench": "l4",
         "mode": match a.mode { ModeArg::Fullnat => "fullnat", ModeArg::DsrIpip => "dsr-ipip" },
         "flows": a.flows,
@@ -170,11 +223,12 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
         "generator_ns_per_packet": gen_ns,
         "transparent_hugepages": report::thp_mode(),
         "loadavg": report::loadavg(),
-    }));
+    });
     if syn_drops + est_drops > 0 {
+        report::print(v);
         anyhow::bail!("the worker dropped packets: {drops:?}");
     }
-    Ok(())
+    Ok(v)
 }
 
 #[derive(Default)]

@@ -98,7 +98,7 @@ fn drive<F: FnMut(&Generator, &mut Mbuf, u64)>(
     let mut now_ms = 1u64;
     let mut done = 0u64;
     while done < total {
-        if done % (1 << 16) == 0 {
+        if done.is_multiple_of(1 << 16) {
             let el = start.elapsed();
             now_ms = 1 + el.as_millis() as u64;
             if seconds.is_some_and(|s| el.as_secs_f64() >= s) {
