@@ -26,9 +26,9 @@ pub struct Args {
     /// Seconds of traffic.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
-    /// Packet I/O on the appliance's veth. Default: AF_PACKET. AF_XDP attaches here but stalls
-    /// after a few thousand packets on veth (the PMD stops returning mbufs to the pool: about
-    /// 0.6 packets per pool mbuf, measured); it stays selectable while that is open.
+    /// Packet I/O on the appliance's veth. Default: AF_PACKET. AF_XDP attaches here but its
+    /// receive side stops after a few thousand packets on veth (see README, Known issues); it
+    /// stays selectable while that is open.
     #[arg(long, value_enum)]
     pub io: Option<Io>,
     /// The lab scripts (default: vagrant/ of the source tree this binary was built from).
@@ -188,8 +188,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let Some(io_used) = io_used else { bail!("the appliance came up on no I/O mode (see above)") };
     if io_used == Io::AfPacket && a.io.is_none() {
         eprintln!(
-            "fulcrum lab: note: using AF_PACKET; AF_XDP (--io af_xdp) attaches to veth-lb but stalls after a few \
-             thousand packets here (mbufs not returned to the pool), so it is not the default yet"
+            "fulcrum lab: note: using AF_PACKET; AF_XDP (--io af_xdp) attaches to veth-lb but its receive side \
+             stops after a few thousand packets here, so it is not the default yet"
         );
     }
 
