@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod dpdk_common;
+mod io_forward;
 mod l4;
 mod l4_dpdk;
 mod report;
@@ -17,6 +19,8 @@ struct Cli {
 enum Cmd {
     /// L4 load balancing on one core over in-memory buffers: SYN path, then established flows.
     L4(l4::L4Args),
+    /// DPDK io forwarding on two net_null vdevs through our binding, beside dpdk-testpmd.
+    IoForward(io_forward::IoForwardArgs),
 }
 
 /// Pins the calling thread to `core` (default: the last core) and returns the core used.
@@ -33,6 +37,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match &cli.cmd {
         Cmd::L4(a) => l4::run(a),
+        Cmd::IoForward(a) => io_forward::run(a),
     };
     if let Err(e) = r {
         eprintln!("fulcrum-bench: {e:#}");
