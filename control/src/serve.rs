@@ -27,9 +27,7 @@ pub struct ServeOptions {
 /// What a file set looked like: (path, length, mtime) of every manifest file, sorted.
 fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     let mut files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default()
+        std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default()
     } else {
         vec![path.to_path_buf()]
     };

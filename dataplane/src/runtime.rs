@@ -105,7 +105,8 @@ where
 {
     let n = specs.len();
     // producers[i][j] / consumers[j][i]: ring from worker i to worker j.
-    let mut producers: Vec<Vec<Option<rtrb::Producer<P::Buf>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut producers: Vec<Vec<Option<rtrb::Producer<P::Buf>>>> =
+        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     let mut consumers: Vec<Vec<rtrb::Consumer<P::Buf>>> = (0..n).map(|_| Vec::new()).collect();
     for (i, row) in producers.iter_mut().enumerate() {
         for (j, slot) in row.iter_mut().enumerate() {

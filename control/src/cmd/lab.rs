@@ -225,7 +225,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         let shares: Vec<String> = v["per_backend"]
             .as_object()
             .map(|m| {
-                m.iter().map(|(k, x)| format!("{k} {:.0}%", 100.0 * x.as_u64().unwrap_or(0) as f64 / total.max(1) as f64)).collect()
+                m.iter()
+                    .map(|(k, x)| format!("{k} {:.0}%", 100.0 * x.as_u64().unwrap_or(0) as f64 / total.max(1) as f64))
+                    .collect()
             })
             .unwrap_or_default();
         let drops: u64 =
