@@ -26,6 +26,9 @@ pub struct Args {
     /// Override the first port's device (e.g. `net_af_packet0,iface=veth-lb`).
     #[arg(long, value_name = "DEVARGS")]
     pub device: Option<String>,
+    /// Packet buffers (mbufs) in the pool; default: enough for every ring and burst, doubled.
+    #[arg(long, value_name = "N")]
+    pub mbufs: Option<u32>,
 }
 
 /// A PCI address (`0000:03:00.0` or `03:00.0`) rather than a vdev string.
@@ -69,7 +72,14 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let workers = boot.workers.cores.len() as u16;
     let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
     // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
-    let n_mbufs = (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1;
+    // AF_XDP builds its UMEM over the pool's memory and covers only its first memory chunk;
+    // mbufs beyond it are handed to the kernel as fill-queue addresses it rejects, and reception
+    // stops once the pool cycles through them (measured here without hugepages: a pool of 8191
+    // stalled after ~4.7k packets, 32767 after ~19k, 4095 ran on). So keep its pool in one
+    // chunk there.
+    let af_xdp = port_cfg.device.starts_with("net_af_xdp");
+    let default_mbufs = if af_xdp { 4095 } else { (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1 };
+    let n_mbufs = a.mbufs.unwrap_or(default_mbufs);
     let pool = Mempool::new("fulcrum-pkts", n_mbufs, 256, -1).context("cannot create the packet pool")?;
     let conf = PortConf {
         rx_queues: workers,
