@@ -72,11 +72,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let workers = boot.workers.cores.len() as u16;
     let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
     // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
-    // AF_XDP builds its UMEM over the pool's memory and covers only its first memory chunk;
-    // mbufs beyond it are handed to the kernel as fill-queue addresses it rejects, and reception
-    // stops once the pool cycles through them (measured here without hugepages: a pool of 8191
-    // stalled after ~4.7k packets, 32767 after ~19k, 4095 ran on). So keep its pool in one
-    // chunk there.
+    // AF_XDP reception stalled with large pools here (without hugepages: 8191 mbufs stopped
+    // after ~4.7k packets, 32767 after ~19k, always ~0.58 packets per mbuf, the pool's free
+    // count steady); 4095 runs on. Likely the driver's UMEM covers only the pool's first memory
+    // chunk. So an AF_XDP port gets a pool that small unless --mbufs says otherwise.
     let af_xdp = port_cfg.device.starts_with("net_af_xdp");
     let default_mbufs = if af_xdp { 4095 } else { (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1 };
     let n_mbufs = a.mbufs.unwrap_or(default_mbufs);
