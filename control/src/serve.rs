@@ -20,8 +20,8 @@ pub struct ServeOptions {
     pub manifests: PathBuf,
     /// Print a counters line this often (None: never).
     pub stats_every: Option<Duration>,
-    /// How often the manifests are checked for changes.
-    pub watch_every: Duration,
+    /// How often the manifests are checked for changes (None: only on SIGHUP).
+    pub watch_every: Option<Duration>,
 }
 
 /// What a file set looked like: (path, length, mtime) of every manifest file, sorted.
@@ -78,7 +78,7 @@ where
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
         let forced = hup.swap(false, Ordering::AcqRel);
-        if forced || last_watch.elapsed() >= opts.watch_every {
+        if forced || opts.watch_every.is_some_and(|w| last_watch.elapsed() >= w) {
             last_watch = Instant::now();
             let now = fingerprint(&opts.manifests);
             if forced || now != seen {
@@ -108,4 +108,29 @@ where
         }
     }
     Ok(shared.total_stats())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn fingerprint_sees_edits_new_files_and_removals() {
+        let dir = std::env::temp_dir().join(format!("fulcrum-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.yaml"), "one").unwrap();
+        let a = fingerprint(&dir);
+        assert_eq!(a, fingerprint(&dir), "unchanged");
+        std::fs::write(dir.join("a.yaml"), "two!").unwrap();
+        let b = fingerprint(&dir);
+        assert_ne!(a, b, "edited");
+        std::fs::write(dir.join("b.yaml"), "x").unwrap();
+        let c = fingerprint(&dir);
+        assert_ne!(b, c, "added");
+        std::fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(b, fingerprint(&dir), "removed again");
+        let file = fingerprint(&dir.join("a.yaml"));
+        assert_eq!(file.len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -84,12 +84,19 @@ fn lab_end_to_end() {
         .arg(dir.join("bootstrap.yaml"))
         .arg("--manifests")
         .arg(&manifests)
-        .args(["--device", "net_af_packet0,iface=veth-lb"])
+        // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
+        .args(["--device", "net_af_packet0,iface=veth-lb", "--watch-every", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("fulcrum run");
+    let pid = child.id() as i32; // `ip netns exec` execs fulcrum in place
     let _teardown = Teardown(Some(child));
+    let hup = || {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(500));
+    };
 
     // Ping to the VIP, answered by Fulcrum (nothing else has it), after it answered ARP.
     let t = Instant::now();
@@ -175,11 +182,22 @@ fn lab_end_to_end() {
         .collect::<Vec<_>>()
         .join("\n---\n");
     assert_ne!(edited, lab_manifests);
-    std::fs::write(&manifests, edited).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    std::fs::write(&manifests, &edited).unwrap();
+    // Not watched: nothing changes until SIGHUP.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before: Vec<String> = (0..40).map(|_| curl("http://10.20.0.10/").expect("served")).collect();
+    assert!(before.iter().any(|b| b == victim), "the edit took effect without SIGHUP: {before:?}");
+    hup();
     for _ in 0..40 {
         let b = curl("http://10.20.0.10/").expect("new connections still served");
         assert_ne!(b, victim, "a new connection went to the removed backend");
+    }
+    // Broken manifests are rejected and the last good tables keep serving.
+    std::fs::write(&manifests, "apiVersion: v1\nkind: Service\nmetadata: {name: web\n").unwrap();
+    hup();
+    for _ in 0..20 {
+        let b = curl("http://10.20.0.10/").expect("still served after broken manifests");
+        assert_ne!(b, victim, "broken manifests disturbed the running tables");
     }
     let out = download.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -26,6 +26,9 @@ pub struct Args {
     /// Override the first port's device (e.g. `net_af_packet0,iface=veth-lb`).
     #[arg(long, value_name = "DEVARGS")]
     pub device: Option<String>,
+    /// How often to check the manifests for changes, in seconds; 0: only on SIGHUP.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    pub watch_every: f64,
     /// Packet buffers (mbufs) in the pool; default: enough for every ring and burst, doubled.
     #[arg(long, value_name = "N")]
     pub mbufs: Option<u32>,
@@ -114,7 +117,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let opts = ServeOptions {
         manifests: a.manifests.clone(),
         stats_every: a.stats_every.map(Duration::from_secs_f64),
-        watch_every: Duration::from_secs(1),
+        watch_every: (a.watch_every > 0.0).then(|| Duration::from_secs_f64(a.watch_every)),
     };
     let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
     println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
