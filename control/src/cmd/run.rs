@@ -76,9 +76,10 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
     // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
     // AF_XDP reception stalled with large pools here (without hugepages: 8191 mbufs stopped
-    // after ~4.7k packets, 32767 after ~19k, always ~0.58 packets per mbuf, the pool's free
-    // count steady); 4095 runs on. Likely the driver's UMEM covers only the pool's first memory
-    // chunk. So an AF_XDP port gets a pool that small unless --mbufs says otherwise.
+    // after ~4.7k packets, 32767 after ~19k, always ~0.58 packets per mbuf, with the pool's
+    // free count steady and the pool in one memory chunk); 4095 (under the driver's default of
+    // 4096 UMEM frames) runs on. Cause not found yet, so an AF_XDP port gets a pool that small
+    // unless --mbufs says otherwise.
     let af_xdp = port_cfg.device.starts_with("net_af_xdp");
     let default_mbufs = if af_xdp { 4095 } else { (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1 };
     let n_mbufs = a.mbufs.unwrap_or(default_mbufs);
