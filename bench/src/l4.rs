@@ -170,8 +170,7 @@ fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value>
     // Phase 1: a SYN for every flow.
     let t_new = drive(&mut w, &mut gen, &mut pool, a.flows as u64, |g, b, i| g.syn(b, i as u32));
     let new_flows_per_s = a.flows as f64 / t_new.worker_s;
-    let after_syn = w.stats.clone();
-    let syn_drops = after_syn.total_drops();
+    let syn_drops = w.stats.total_drops();
 
     // Phase 2: established traffic, random flows, for the requested time.
     let mut rng = 0x1234_5678_9abc_def1u64;

@@ -338,10 +338,6 @@ impl<A: Addr> Conntrack<A> {
         &self.timeouts
     }
 
-    pub fn set_timeouts(&mut self, t: TimeoutsMs) {
-        self.timeouts = t;
-    }
-
     #[inline(always)]
     pub fn hash(&self, key: &FlowKey<A>) -> u64 {
         key.hash(self.seed)
@@ -454,15 +450,6 @@ impl<A: Addr> Conntrack<A> {
         }
         f.deadline = now.wrapping_add(self.timeouts.0[f.state as usize]);
         *f
-    }
-
-    /// Moves a flow to `state` and pushes its deadline out.
-    #[inline(always)]
-    pub fn touch(&mut self, idx: u32, state: FlowState, now: u32) {
-        let t = self.timeouts.0[state as usize];
-        let f = &mut self.flows[idx as usize];
-        f.state = state;
-        f.deadline = now.wrapping_add(t);
     }
 
     /// Inserts a new flow (its keys must not be present). The table never grows: when every
@@ -748,7 +735,8 @@ mod tests {
         let (a, _) = ct.insert(flow(1, false), 0);
         assert!(!ct.is_expired(a, 29_999));
         assert!(ct.is_expired(a, 30_000));
-        ct.touch(a, FlowState::TcpEstablished, 1000);
+        let f = ct.refresh(a, Dir::Fwd, 6, tcp_flags::ACK, 1000);
+        assert_eq!(f.state, FlowState::TcpEstablished);
         assert!(!ct.is_expired(a, 900_999));
         assert_eq!(ct.sweep(500_000, 100), 0);
         assert_eq!(ct.sweep(901_000, 100), 1);
