@@ -6,6 +6,7 @@ mod dpdk_common;
 mod io_forward;
 mod l4;
 mod l4_dpdk;
+mod pktgen;
 mod report;
 
 #[derive(Parser, Debug)]
@@ -21,6 +22,9 @@ enum Cmd {
     L4(l4::L4Args),
     /// DPDK io forwarding on two net_null vdevs through our binding, beside dpdk-testpmd.
     IoForward(io_forward::IoForwardArgs),
+    /// DPDK packet generator: constant-rate open loop over many flows, round-trip latency from
+    /// a timestamp in each payload, RFC 2544 throughput search.
+    Pktgen(pktgen::PktgenArgs),
 }
 
 /// Pins the calling thread to `core` (default: the last core) and returns the core used.
@@ -38,6 +42,7 @@ fn main() {
     let r = match &cli.cmd {
         Cmd::L4(a) => l4::run(a),
         Cmd::IoForward(a) => io_forward::run(a),
+        Cmd::Pktgen(a) => pktgen::run(a),
     };
     if let Err(e) = r {
         eprintln!("fulcrum-bench: {e:#}");

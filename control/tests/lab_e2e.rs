@@ -124,6 +124,38 @@ fn lab_end_to_end() {
     let (ok, udp) = client(&["bash", "-c", "echo 'who?' | socat -t 2 - UDP:10.20.0.11:5353"]);
     assert!(ok && udp.starts_with("be"), "UDP VIP answered: {udp:?}");
 
+    // The DPDK packet generator from the client's veth (its own source address, which it
+    // answers ARP for; the appliance's MAC found by ARP) at the UDP VIP: every probe echoed by
+    // a backend comes back through Fulcrum, with a round-trip latency.
+    let bench = Path::new(env!("CARGO_BIN_EXE_fulcrum")).with_file_name("fulcrum-bench");
+    assert!(bench.exists(), "{} not built (cargo builds it with the workspace's tests)", bench.display());
+    let (ok, out) = client(&[
+        bench.to_str().unwrap(),
+        "pktgen",
+        "--port",
+        "net_af_packet0,iface=veth-client",
+        "--gateway",
+        "10.10.0.2",
+        "--src-ip",
+        "10.10.0.100",
+        "--dst-ip",
+        "10.20.0.11",
+        "--dst-port",
+        "5353",
+        "--rate",
+        "2000",
+        "--seconds",
+        "1",
+        "--flows",
+        "64",
+    ]);
+    assert!(ok, "pktgen through the lab: {out}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().rfind(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!(v["dst_mac"], "02:f1:00:00:00:01", "the appliance's MAC, by ARP: {v}");
+    assert_eq!(v["sent"], 2000, "{v}");
+    assert!(v["received"].as_u64().unwrap() * 100 >= 2000 * 99, "probes echoed back through the VIP: {v}");
+    assert!(v["latency_ns"]["p50"].as_u64().unwrap() > 1000, "a real round trip: {v}");
+
     // 3. A backend removed while a long-lived connection to it is open: the connection lives
     // on, new connections go elsewhere. /big.bin streams 1 MiB at 64 KiB/s (about 16 s).
     let mut dl = None;

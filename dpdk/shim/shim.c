@@ -21,6 +21,7 @@ uint16_t fl_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint
 
 struct rte_mbuf *fl_pktmbuf_alloc(struct rte_mempool *mp) { return rte_pktmbuf_alloc(mp); }
 void fl_pktmbuf_free(struct rte_mbuf *m) { rte_pktmbuf_free(m); }
+int fl_pktmbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **mbufs, unsigned count) { return rte_pktmbuf_alloc_bulk(mp, mbufs, count); }
 char *fl_pktmbuf_prepend(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_prepend(m, len); }
 char *fl_pktmbuf_adj(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_adj(m, len); }
 char *fl_pktmbuf_append(struct rte_mbuf *m, uint16_t len) { return rte_pktmbuf_append(m, len); }

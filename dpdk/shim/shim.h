@@ -35,6 +35,7 @@ uint16_t fl_rx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint
 uint16_t fl_tx_burst(uint16_t port, uint16_t queue, struct rte_mbuf **pkts, uint16_t n);
 struct rte_mbuf *fl_pktmbuf_alloc(struct rte_mempool *mp);
 void fl_pktmbuf_free(struct rte_mbuf *m);
+int fl_pktmbuf_alloc_bulk(struct rte_mempool *mp, struct rte_mbuf **mbufs, unsigned count);
 char *fl_pktmbuf_prepend(struct rte_mbuf *m, uint16_t len);
 char *fl_pktmbuf_adj(struct rte_mbuf *m, uint16_t len);
 char *fl_pktmbuf_append(struct rte_mbuf *m, uint16_t len);

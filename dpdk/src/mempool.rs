@@ -97,6 +97,26 @@ impl Mempool {
         unsafe { Mbuf::from_raw(ffi::fl_pktmbuf_alloc(self.inner.ptr.as_ptr())) }
     }
 
+    /// Appends `n` fresh mbufs to `out` in one call (all or none, as DPDK does; `n` is capped
+    /// at the room left): a generator's way to get a burst without an FFI call per packet.
+    /// Returns how many were added (0 when the pool cannot supply them all).
+    pub fn alloc_bulk(&self, out: &mut fulcrum_dataplane::port::Burst<Mbuf>, n: usize) -> usize {
+        let (len, room) = (out.len(), out.remaining_capacity().min(n));
+        if room == 0 {
+            return 0;
+        }
+        // SAFETY: Mbuf is a transparent non-null `rte_mbuf *`; on success DPDK wrote `room`
+        // valid mbuf pointers, now ours, into the spare capacity; on failure it wrote none.
+        unsafe {
+            let dst = out.as_mut_ptr().add(len) as *mut *mut ffi::rte_mbuf;
+            if ffi::fl_pktmbuf_alloc_bulk(self.inner.ptr.as_ptr(), dst, room as u32) != 0 {
+                return 0;
+            }
+            out.set_len(len + room);
+        }
+        room
+    }
+
     pub fn as_ptr(&self) -> *mut ffi::rte_mempool {
         self.inner.ptr.as_ptr()
     }
