@@ -8,6 +8,7 @@ mod l4;
 mod l4_dpdk;
 mod pktgen;
 mod report;
+mod router;
 
 #[derive(Parser, Debug)]
 #[command(name = "fulcrum-bench", version, about = "Fulcrum benchmarks: one JSON line per result")]
@@ -25,6 +26,8 @@ enum Cmd {
     /// DPDK packet generator: constant-rate open loop over many flows, round-trip latency from
     /// a timestamp in each payload, RFC 2544 throughput search.
     Pktgen(pktgen::PktgenArgs),
+    /// The L7 router's cost per request for growing numbers of Ingress hosts.
+    Router(router::RouterArgs),
 }
 
 /// Pins the calling thread to `core` (default: the last core) and returns the core used.
@@ -43,6 +46,7 @@ fn main() {
         Cmd::L4(a) => l4::run(a),
         Cmd::IoForward(a) => io_forward::run(a),
         Cmd::Pktgen(a) => pktgen::run(a),
+        Cmd::Router(a) => router::run(a),
     };
     if let Err(e) = r {
         eprintln!("fulcrum-bench: {e:#}");

@@ -5,6 +5,7 @@
 
 pub mod bootstrap;
 pub mod error;
+pub mod ingress;
 pub mod manifests;
 pub mod model;
 pub mod translate;

@@ -23,6 +23,8 @@ enum Cmd {
     Check(cmd::check::Args),
     /// Compile the bootstrap file and manifests and print the compiled tables as JSON.
     Snapshot(cmd::snapshot::Args),
+    /// Where a request would go by the Ingress rules in the manifests: one JSON line.
+    Route(cmd::route::Args),
     /// Run the appliance: DPDK on the bootstrap file's port, workers, manifests watched.
     Run(cmd::run::Args),
     /// The embedded default: the namespace lab, the appliance on DPDK, live traffic, a final JSON line.
@@ -37,6 +39,7 @@ fn main() {
     let result = match &cli.cmd {
         Cmd::Check(a) => cmd::check::run(a),
         Cmd::Snapshot(a) => cmd::snapshot::run(a),
+        Cmd::Route(a) => cmd::route::run(a),
         Cmd::Run(a) => cmd::run::run(a),
         Cmd::Lab(a) => cmd::lab::run(a),
         Cmd::LabClient(a) => cmd::lab_client::run(a),

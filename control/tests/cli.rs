@@ -261,3 +261,59 @@ fn usage_errors_and_help() {
     assert!(ok(&["check", "--help"]).contains("--manifests <PATH>"));
     assert!(ok(&["snapshot", "--help"]).contains("--full-tables"));
 }
+
+fn route(host: &str, path: &str) -> Value {
+    let dir = examples().join("ingress");
+    serde_json::from_str(ok(&["route", "--manifests", p(&dir), "--host", host, "--path", path]).trim()).unwrap()
+}
+
+#[test]
+fn route_by_host_and_path_through_the_example_ingresses() {
+    // Prefix by port name, resolved through the Service; Exact wins over Prefix; merged Ingress.
+    assert_eq!(
+        route("shop.example.com", "/api/v1/cart"),
+        serde_json::json!({"status": 200, "service": "shop/api", "port": 8081})
+    );
+    assert_eq!(
+        route("Shop.Example.com:443", "/api/health"),
+        serde_json::json!({"status": 200, "service": "shop/web", "port": 80})
+    );
+    assert_eq!(
+        route("shop.example.com", "/admin"),
+        serde_json::json!({"status": 200, "service": "shop/api", "port": 8081})
+    );
+    assert_eq!(route("shop.example.com", "/adminx")["service"], "shop/web");
+    // One-label wildcard; beyond it, and for other hosts, the default backend.
+    assert_eq!(route("img.cdn.example.com", "/a.png")["service"], "shop/static");
+    assert_eq!(route("a.b.cdn.example.com", "/a.png")["service"], "shop/fallback");
+    assert_eq!(route("other.example.com", "/")["service"], "shop/fallback", "the nginx-class Ingress is ignored");
+    // A rule whose Service does not exist, and a request that cannot be routed.
+    assert_eq!(route("shop.example.com", "/old/x")["status"], 503);
+    assert_eq!(route("shop.example.com", "*")["status"], 400);
+    // The first line of the output is exactly the documented form.
+    let out =
+        ok(&["route", "--manifests", p(&examples().join("ingress")), "--host", "shop.example.com", "--path", "/"]);
+    assert_eq!(out, "{\"status\":200,\"service\":\"shop/web\",\"port\":80}\n");
+}
+
+#[test]
+fn route_without_a_match_is_404_and_broken_ingresses_are_named() {
+    let dir = std::env::temp_dir().join(format!("fulcrum-route-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("i.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: a}\nspec:\n  ingressClassName: fulcrum\n  rules:\n  - host: a.example\n    http:\n      paths:\n      - {path: /x, pathType: Exact, backend: {service: {name: s, port: {number: 80}}}}\n",
+    )
+    .unwrap();
+    let out = ok(&["route", "--manifests", p(&f), "--host", "a.example", "--path", "/y", "--method", "POST"]);
+    assert_eq!(out.trim(), "{\"status\":404}");
+    std::fs::write(
+        &f,
+        "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: a}\nspec:\n  ingressClassName: fulcrum\n  rules:\n  - host: a.example\n    http:\n      paths:\n      - {path: x, pathType: Exact, backend: {service: {name: s, port: {number: 80}}}}\n",
+    )
+    .unwrap();
+    let err = fails(&["route", "--manifests", p(&f), "--host", "a.example", "--path", "/"]);
+    assert!(err.contains("i.yaml: document 1: Ingress default/a: field spec.rules[0].http.paths[0].path"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

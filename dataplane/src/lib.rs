@@ -4,6 +4,7 @@
 //! shared atomic read-modify-write per packet.
 
 pub mod l4;
+pub mod l7;
 pub mod mem;
 pub mod neigh;
 pub mod packet;

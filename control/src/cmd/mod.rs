@@ -3,6 +3,7 @@
 pub mod check;
 pub mod lab;
 pub mod lab_client;
+pub mod route;
 pub mod run;
 pub mod snapshot;
 

@@ -1,0 +1,3 @@
+//! L7: HTTP routing by host and path (Ingress v1).
+
+pub mod router;
