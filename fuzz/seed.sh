@@ -7,12 +7,13 @@
 #                 dataplane/tests/fixtures/manifests.yaml
 #   bootstrap     config/examples/bootstrap.yaml, config/examples/broken/bootstrap-*.yaml,
 #                 dataplane/tests/fixtures/bootstrap.yaml
+#   http_request  a few requests (plain, sized and chunked bodies, pipelined, upgrade, smuggling)
 # Idempotent: files are named by content hash; libFuzzer adds its own finds beside them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 corpus="$here/corpus"
-mkdir -p "$corpus"/{packet_path,packet_frame,manifests,bootstrap}
+mkdir -p "$corpus"/{packet_path,packet_frame,manifests,bootstrap,http_request}
 
 python3 - "$root" "$corpus" <<'PY'
 import glob, hashlib, os, struct, sys
@@ -55,7 +56,19 @@ for p in sorted(glob.glob(os.path.join(cfg, "manifests/*.yaml")) + glob.glob(os.
 for p in sorted([os.path.join(cfg, "bootstrap.yaml"), os.path.join(fx, "bootstrap.yaml")]
                 + glob.glob(os.path.join(cfg, "broken/bootstrap-*.yaml"))):
     put("bootstrap", open(p, "rb").read())
+
+# http_request: first byte = body piece size, then what a client sends.
+for size in (1, 7, 255):
+    for req in [
+        b"GET / HTTP/1.1\r\nHost: shop.example.com\r\nUser-Agent: curl/7.88\r\nAccept: */*\r\n\r\n",
+        b"POST /api HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: x\r\n\r\n",
+        b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nX-Forwarded-For: 1.2.3.4\r\nForwarded: for=1.2.3.4\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+    ]:
+        put("http_request", bytes([size]) + req)
 PY
-for t in packet_path packet_frame manifests bootstrap; do
+for t in packet_path packet_frame manifests bootstrap http_request; do
     echo "seed: $t: $(ls "$corpus/$t" | wc -l) files in fuzz/corpus/$t"
 done
