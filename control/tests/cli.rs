@@ -317,3 +317,22 @@ fn route_without_a_match_is_404_and_broken_ingresses_are_named() {
     assert!(err.contains("i.yaml: document 1: Ingress default/a: field spec.rules[0].http.paths[0].path"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn check_lists_the_ingress_routes_and_what_it_ignored() {
+    let dir = examples().join("ingress");
+    let out = ok(&["check", "--config", BOOTSTRAP, "--manifests", p(&dir)]);
+    assert!(out.contains("Ingress (class fulcrum): 2 Ingresses, 6 routes"), "{out}");
+    assert!(out.contains("*.cdn.example.com") && out.contains("shop/static:8000"), "{out}");
+    assert!(out.contains("503 (Service shop/retired not found)"), "{out}");
+    assert!(out.contains("warning: Ingress shop/other: not ours"), "{out}");
+    let v: Value =
+        serde_json::from_str(&ok(&["check", "--config", BOOTSTRAP, "--manifests", p(&dir), "--json"])).unwrap();
+    assert_eq!(v["ingress"]["hosts"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        v["ingress"]["default_backend"]["service"],
+        serde_json::json!({"namespace": "shop", "name": "fallback"})
+    );
+    // Manifests without Ingresses print no Ingress section.
+    assert!(!ok(&["check", "--config", BOOTSTRAP, "--manifests", MANIFESTS]).contains("Ingress (class"));
+}

@@ -2,6 +2,7 @@
 //! would be: the bootstrap summary and, with manifests, the VIP table of the compiled snapshot.
 
 use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::ingress::{host_name, translate_ingresses, ClassSelection, L7State, PathType};
 use fulcrum_config::model::EndpointState;
 use fulcrum_dataplane::l4::conntrack::Conntrack;
 use fulcrum_dataplane::l4::snat::SnatPorts;
@@ -32,6 +33,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         None => (Bootstrap::load(&a.config)?, None),
     };
     let mem = ConntrackMemory::of(&boot)?;
+    // Ingress routes of our class, when the manifests have any Ingress (served once the L7
+    // workers land; `fulcrum route` answers for one request).
+    let l7 = match &a.manifests {
+        Some(m) => {
+            let objects = fulcrum_config::manifests::load(m)?;
+            let state = translate_ingresses(&objects, &ClassSelection::default())?;
+            (!objects.ingresses.is_empty()).then_some(state)
+        }
+        None => None,
+    };
     if a.json {
         let mut v = json!({
             "config": a.config,
@@ -43,6 +54,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             v["manifests"] = json!(m);
             v["vips"] = vip_json(s);
         }
+        if let Some(l7) = &l7 {
+            v["ingress"] = json!(l7);
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let mut out = String::new();
@@ -53,6 +67,9 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             writeln!(out)?;
             writeln!(out, "{}: ok: {} VIP ports, {} backends", m.display(), s.services.len(), n_backends)?;
             vip_table(&mut out, s)?;
+        }
+        if let Some(l7) = &l7 {
+            ingress_table(&mut out, l7)?;
         }
         print!("{out}");
     }
@@ -303,4 +320,45 @@ fn vip_json(snap: &Snapshot) -> serde_json::Value {
             })
         })
         .collect()
+}
+
+/// The Ingress routes: host, path and type, where they go; then what was ignored.
+fn ingress_table(out: &mut String, l7: &L7State) -> std::fmt::Result {
+    writeln!(out)?;
+    let n: usize = l7.hosts.iter().map(|h| h.paths.len()).sum();
+    writeln!(
+        out,
+        "Ingress (class {}): {} Ingresses, {} routes",
+        ClassSelection::default().class_name,
+        l7.ingresses.len(),
+        n
+    )?;
+    for h in &l7.hosts {
+        for p in &h.paths {
+            let kind = match p.path_type {
+                PathType::Exact => "Exact",
+                PathType::Prefix => "Prefix",
+            };
+            let to = match (p.backend.port, &p.backend.unresolved) {
+                (Some(port), None) => format!("{}:{port}", p.backend.service),
+                (_, why) => format!("503 ({})", why.as_deref().unwrap_or("unresolved")),
+            };
+            writeln!(
+                out,
+                "  {:<28} {:<24} {:<7} -> {}   (Ingress {})",
+                host_name(&h.host),
+                p.path,
+                kind,
+                to,
+                p.ingress
+            )?;
+        }
+    }
+    if let Some(b) = &l7.default_backend {
+        writeln!(out, "  default backend -> {}:{}", b.service, opt(&b.port))?;
+    }
+    for w in &l7.warnings {
+        writeln!(out, "  warning: {w}")?;
+    }
+    Ok(())
 }
