@@ -156,6 +156,7 @@ fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value>
                 })
                 .collect(),
         }],
+        ..Default::default()
     };
     let snap = Arc::new(Snapshot::compile(&boot, &state, 1)?);
     let cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);

@@ -26,6 +26,7 @@ fn state(hosts: usize) -> L7State {
         service: ObjectRef { namespace: "bench".into(), name: format!("svc-{i}") },
         port: Some(80),
         unresolved: None,
+        endpoints: vec![],
     };
     let ingress = ObjectRef { namespace: "bench".into(), name: "bench".into() };
     let paths = |i: usize| {

@@ -25,6 +25,9 @@ pub struct Bootstrap {
     pub conntrack: ConntrackConfig,
     #[serde(default)]
     pub maglev: MaglevConfig,
+    /// Ingress (HTTP) serving; absent: L4 only.
+    #[serde(default)]
+    pub l7: Option<L7Config>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -101,6 +104,75 @@ impl Default for ForwardingConfig {
             dsr_source_v6: default_dsr_source_v6(),
         }
     }
+}
+
+/// Ingress serving: where, which class, and the limits a client must keep to.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct L7Config {
+    /// The address Ingresses of our class are served on (answered for by ARP like a VIP).
+    pub address: std::net::Ipv4Addr,
+    /// TCP ports served with plain HTTP.
+    #[serde(default = "default_l7_ports")]
+    pub http_ports: Vec<u16>,
+    #[serde(default = "default_ingress_class")]
+    pub ingress_class: String,
+    #[serde(default)]
+    pub limits: L7Limits,
+    #[serde(default)]
+    pub timeouts: L7Timeouts,
+    /// Bytes of receive and of send buffer per TCP connection (each way, client and upstream).
+    #[serde(default = "default_socket_buffer")]
+    pub socket_buffer: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct L7Limits {
+    /// Request line and headers (431 beyond).
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Request target (414 beyond).
+    pub max_uri_bytes: usize,
+    /// Request body (413 beyond).
+    pub max_body_bytes: u64,
+}
+
+impl Default for L7Limits {
+    fn default() -> Self {
+        L7Limits { max_header_bytes: 16 * 1024, max_headers: 100, max_uri_bytes: 8 * 1024, max_body_bytes: 1 << 30 }
+    }
+}
+
+/// Milliseconds.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct L7Timeouts {
+    /// From a connection's first byte (or the end of the previous response) to a complete
+    /// request head: 408 after it, so slow clients cannot hold connections.
+    pub header_ms: u64,
+    /// Waiting for an upstream's response head (504 after it).
+    pub upstream_ms: u64,
+    /// A kept-alive client connection with no request.
+    pub idle_ms: u64,
+}
+
+impl Default for L7Timeouts {
+    fn default() -> Self {
+        L7Timeouts { header_ms: 10_000, upstream_ms: 30_000, idle_ms: 60_000 }
+    }
+}
+
+fn default_l7_ports() -> Vec<u16> {
+    vec![80]
+}
+
+fn default_ingress_class() -> String {
+    "fulcrum".into()
+}
+
+fn default_socket_buffer() -> usize {
+    16 * 1024
 }
 
 fn default_dsr_source_v4() -> Ipv4Net {
@@ -245,6 +317,23 @@ impl Bootstrap {
     pub fn validate(&self) -> Result<(), (String, String)> {
         fn fail<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, (String, String)> {
             Err((field.into(), msg.into()))
+        }
+        if let Some(l7) = &self.l7 {
+            if l7.http_ports.is_empty() || l7.http_ports.contains(&0) {
+                return fail("l7.http_ports", "list at least one port, none of them 0");
+            }
+            if self.ports.iter().any(|p| p.ipv4.map(|a| a.addr()) == Some(l7.address)) {
+                return fail(
+                    "l7.address",
+                    format!("{} is the port's own address; give the L7 service an address of its own", l7.address),
+                );
+            }
+            if !(1024..=1 << 20).contains(&l7.socket_buffer) {
+                return fail("l7.socket_buffer", "must be between 1024 and 1048576 bytes");
+            }
+            if l7.limits.max_header_bytes < 256 || l7.limits.max_headers == 0 {
+                return fail("l7.limits", "max_header_bytes must be at least 256 and max_headers at least 1");
+            }
         }
         if self.ports.is_empty() {
             return fail("ports", "at least one port is required");

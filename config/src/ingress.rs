@@ -49,6 +49,10 @@ pub struct L7Backend {
     /// Why the backend cannot be used, if it cannot (no such Service, no such port).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unresolved: Option<String>,
+    /// The Service port's endpoints from its EndpointSlices: the ready ones, or the serving
+    /// and terminating ones when none is ready (kube-proxy's fallback). Sorted.
+    #[serde(default)]
+    pub endpoints: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -239,7 +243,7 @@ fn backend(
     }
     // A port that cannot be used is no port at all: the route answers 503 either way.
     let port = if why.is_some() { None } else { resolved };
-    Ok(Some(L7Backend { service, port, unresolved: why }))
+    Ok(Some(L7Backend { service, port, unresolved: why, endpoints: Vec::new() }))
 }
 
 /// Translates the Ingresses of our class into one routing state.
@@ -334,7 +338,61 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
         }
     }
     state.hosts = hosts.into_iter().map(|(host, paths)| L7Host { host, paths }).collect();
+    for h in &mut state.hosts {
+        for p in &mut h.paths {
+            resolve_endpoints(objects, &services, &mut p.backend);
+        }
+    }
+    if let Some(b) = &mut state.default_backend {
+        resolve_endpoints(objects, &services, b);
+    }
     Ok(state)
+}
+
+/// Fills a backend's endpoints: the Service port's name selects the EndpointSlice port (TCP).
+fn resolve_endpoints(objects: &Objects, services: &BTreeMap<ObjectRef, &Service>, b: &mut L7Backend) {
+    let Some(port) = b.port else { return };
+    let Some(sp) = services
+        .get(&b.service)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.ports.as_ref())
+        .and_then(|ps| ps.iter().find(|p| p.port == port as i32))
+    else {
+        return;
+    };
+    let name = sp.name.as_deref().unwrap_or("");
+    let mut ready = Vec::new();
+    let mut serving = Vec::new();
+    for s in &objects.endpoint_slices {
+        let m = &s.object.metadata;
+        let ours = ns(m) == b.service.namespace
+            && m.labels.as_ref().and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME)) == Some(&b.service.name);
+        if !ours || !matches!(s.object.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        for p in s.object.ports.iter().flatten() {
+            let tcp = p.protocol.as_deref().unwrap_or("TCP") == "TCP";
+            let Some(n) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|&n| n != 0) else { continue };
+            if !tcp || p.name.as_deref().unwrap_or("") != name {
+                continue;
+            }
+            for ep in &s.object.endpoints {
+                let Some(addr) = ep.addresses.first().and_then(|a| a.trim().parse::<std::net::IpAddr>().ok()) else {
+                    continue;
+                };
+                let c = ep.conditions.clone().unwrap_or_default();
+                if c.ready.unwrap_or(true) {
+                    ready.push(std::net::SocketAddr::new(addr, n));
+                } else if c.serving.unwrap_or(false) {
+                    serving.push(std::net::SocketAddr::new(addr, n));
+                }
+            }
+        }
+    }
+    let mut eps = if ready.is_empty() { serving } else { ready };
+    eps.sort();
+    eps.dedup();
+    b.endpoints = eps;
 }
 
 /// A host as people write it: `a.example`, `*.example`, or `*` for any.

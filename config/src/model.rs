@@ -103,4 +103,6 @@ pub struct VipService {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: Vec<VipService>,
+    /// Ingress routes of our class (empty without an `l7` section in the bootstrap file).
+    pub l7: crate::ingress::L7State,
 }

@@ -156,7 +156,14 @@ pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, Co
     }
     check_shared_ips(&lbs)?;
     out.sort_by_key(|v| (v.vip, v.protocol, v.port));
-    Ok(DesiredState { services: out })
+    let l7 = match &boot.l7 {
+        Some(c) => crate::ingress::translate_ingresses(
+            objects,
+            &crate::ingress::ClassSelection { class_name: c.ingress_class.clone(), ..Default::default() },
+        )?,
+        None => Default::default(),
+    };
+    Ok(DesiredState { services: out, l7 })
 }
 
 /// Explicit requests first (spec.loadBalancerIP, then the annotation), then addresses remembered

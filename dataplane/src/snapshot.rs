@@ -460,7 +460,7 @@ maglev: {table_size: 1009}
 
     #[test]
     fn lookup_by_vip_proto_port() {
-        let st = DesiredState { services: vec![svc(&[(1, EndpointState::Ready)])] };
+        let st = DesiredState { services: vec![svc(&[(1, EndpointState::Ready)])], ..Default::default() };
         let s = Snapshot::compile(&boot(), &st, 1).unwrap();
         let vip = v4_u128(u32::from(Ipv4Addr::new(10, 20, 0, 10)));
         assert_eq!(s.lookup(vip, 6, 80), VipMatch::Service(0));
@@ -478,19 +478,20 @@ maglev: {table_size: 1009}
     #[test]
     fn terminating_endpoints_take_no_new_flows_unless_none_ready() {
         use EndpointState::*;
-        let st = DesiredState { services: vec![svc(&[(1, Ready), (2, Terminating), (3, NotReady)])] };
+        let st =
+            DesiredState { services: vec![svc(&[(1, Ready), (2, Terminating), (3, NotReady)])], ..Default::default() };
         let s = Snapshot::compile(&boot(), &st, 1).unwrap();
         let slots: Vec<u32> = s.backends.iter().map(|b| b.maglev_slots).collect();
         assert_eq!(slots, vec![1009, 0, 0]);
         assert!(!s.services[0].terminating_fallback);
 
-        let st = DesiredState { services: vec![svc(&[(2, Terminating), (3, NotReady)])] };
+        let st = DesiredState { services: vec![svc(&[(2, Terminating), (3, NotReady)])], ..Default::default() };
         let s = Snapshot::compile(&boot(), &st, 2).unwrap();
         assert_eq!(s.backends[0].maglev_slots, 1009);
         assert_eq!(s.backends[1].maglev_slots, 0);
         assert!(s.services[0].terminating_fallback);
 
-        let st = DesiredState { services: vec![svc(&[(3, NotReady)])] };
+        let st = DesiredState { services: vec![svc(&[(3, NotReady)])], ..Default::default() };
         let s = Snapshot::compile(&boot(), &st, 3).unwrap();
         assert!(s.services[0].maglev.is_empty());
     }

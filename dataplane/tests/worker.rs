@@ -132,7 +132,7 @@ fn multi(eps: &[(&str, EndpointState)], affinity_s: Option<u32>) -> Vec<VipServi
 }
 
 fn snapshot(services: Vec<VipService>, generation: u64) -> Arc<Snapshot> {
-    Arc::new(Snapshot::compile(&boot(), &DesiredState { services }, generation).expect("compile"))
+    Arc::new(Snapshot::compile(&boot(), &DesiredState { services, ..Default::default() }, generation).expect("compile"))
 }
 
 fn config() -> WorkerConfig {
@@ -1372,7 +1372,7 @@ fn counters_follow_backends_across_snapshot_switches() {
     let mut ids = fulcrum_dataplane::snapshot::StatIds::default();
     let first = Snapshot::compile_with(
         &boot,
-        &DesiredState { services: services(&[(E1, Ready), (E2, Ready), (E3, Ready)]) },
+        &DesiredState { services: services(&[(E1, Ready), (E2, Ready), (E3, Ready)]), ..Default::default() },
         1,
         &mut ids,
     )
@@ -1385,9 +1385,13 @@ fn counters_follow_backends_across_snapshot_switches() {
     let id1 = id_of(h.w.snapshot(), E1);
 
     // E1 removed: E2 and E3 move to other positions in the backend array.
-    let second =
-        Snapshot::compile_with(&boot, &DesiredState { services: services(&[(E2, Ready), (E3, Ready)]) }, 2, &mut ids)
-            .unwrap();
+    let second = Snapshot::compile_with(
+        &boot,
+        &DesiredState { services: services(&[(E2, Ready), (E3, Ready)]), ..Default::default() },
+        2,
+        &mut ids,
+    )
+    .unwrap();
     assert_ne!(
         second.backends.iter().position(|b| b.addr == ip(E2)),
         h.w.snapshot().backends.iter().position(|b| b.addr == ip(E2))

@@ -26,11 +26,18 @@ pub struct Target {
     pub port: Option<u16>,
     /// Why the Service or port could not be resolved (the request gets 503).
     pub why_unresolved: Option<String>,
+    /// Where requests go (none ready: 503).
+    pub endpoints: Vec<std::net::SocketAddr>,
 }
 
 impl Target {
     fn from(b: &L7Backend) -> Target {
-        Target { service: b.service.to_string(), port: b.port, why_unresolved: b.unresolved.clone() }
+        Target {
+            service: b.service.to_string(),
+            port: b.port,
+            why_unresolved: b.unresolved.clone(),
+            endpoints: b.endpoints.clone(),
+        }
     }
 }
 
@@ -234,7 +241,12 @@ mod tests {
     use fulcrum_config::model::ObjectRef;
 
     fn backend(name: &str) -> L7Backend {
-        L7Backend { service: ObjectRef { namespace: "ns".into(), name: name.into() }, port: Some(80), unresolved: None }
+        L7Backend {
+            service: ObjectRef { namespace: "ns".into(), name: name.into() },
+            port: Some(80),
+            unresolved: None,
+            endpoints: vec![],
+        }
     }
 
     /// One host (any) with the given (path, type, backend name) rules.

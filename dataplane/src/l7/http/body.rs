@@ -66,6 +66,11 @@ impl BodyReader {
         self.state == State::Done
     }
 
+    /// A body that ends when the connection does.
+    pub fn until_close(&self) -> bool {
+        self.state == State::UntilClose
+    }
+
     /// Accepts bytes of the body from `input`; returns how many belong to this message (the rest
     /// starts the next one). After `is_done()`, accepts nothing.
     pub fn feed(&mut self, input: &[u8]) -> Result<usize, BodyError> {

@@ -1,0 +1,856 @@
+//! The HTTP/1.1 reverse proxy of one worker: client connections accepted on the L7 address by
+//! the worker's TCP stack, requests routed by the Ingress rules, forwarded over upstream
+//! connections the stack opens from the appliance's address and this core's ports (so replies
+//! come back to this core), kept alive and reused per endpoint. Bodies stream through, never
+//! buffered whole: bytes move from one socket's receive buffer to the other's send buffer only as
+//! far as there is room, and the body framing (`http::body`) says where each message ends.
+//!
+//! Per connection, in order: read the request head (408 if it does not come in time; 400, 413,
+//! 414, 431, 501, 505 for what `http::head` refuses), route it (404; 503 without a ready
+//! endpoint), pick the endpoint with fewer requests in flight of two chosen at random, send the
+//! head and stream the body, read the response head (502 if the upstream refuses, resets or
+//! sends garbage; 504 if it does not answer in time), stream the response, then read the next
+//! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
+
+use super::http::body::BodyReader;
+use super::http::head::{self, ClientInfo};
+use super::http::Limits;
+use super::router::{Route, Router};
+use super::stack::{ConnKey, SockRef, Stack, StackConfig};
+use ahash::AHashMap;
+use smoltcp::socket::tcp::State;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+/// How the proxy is set up on one worker.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub l7_addr: Ipv4Addr,
+    pub http_ports: Vec<u16>,
+    pub own_addr: Ipv4Addr,
+    /// This core's local ports for upstream connections.
+    pub upstream_ports: (u16, u16),
+    pub limits: Limits,
+    pub header_timeout_ms: u64,
+    pub upstream_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub socket_buffer: usize,
+    pub mtu: usize,
+    pub seed: u64,
+}
+
+/// Counters (per worker; the worker folds them into its stats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    pub connections: u64,
+    pub requests: u64,
+    /// Responses by class: 2xx, 3xx, 4xx, 5xx (relayed or made here).
+    pub responses: [u64; 4],
+    /// Made here: 400/404/408/413/414/431/501/502/503/504/505.
+    pub errors_local: u64,
+    pub upstream_connects: u64,
+    pub upstream_reused: u64,
+    pub segments_unwanted: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head (or idle between requests).
+    Head,
+    /// The request is going upstream; waiting for the response head.
+    Request,
+    /// The response body is coming back.
+    Response,
+    /// Upgraded: bytes both ways until either side closes.
+    Tunnel,
+    /// Flushing what is left to send, then closing.
+    Closing,
+}
+
+struct Client {
+    sock: SockRef,
+    key: ConnKey,
+    peer: Ipv4Addr,
+    phase: Phase,
+    /// Request head bytes received so far (and, after a head, the bytes that followed it).
+    buf: Vec<u8>,
+    /// Bytes to send the client before anything else (a response head, an error).
+    out: Vec<u8>,
+    out_off: usize,
+    deadline: u64,
+    up: Option<usize>,
+    req_body: Option<BodyReader>,
+    resp_body: Option<BodyReader>,
+    keep_alive: bool,
+    head_request: bool,
+    upgrade: bool,
+    endpoint: Option<SocketAddrV4>,
+    /// Bytes from the upstream sent to the client in this response (0: a reset may be a 502).
+    relayed: u64,
+}
+
+struct Upstream {
+    sock: SockRef,
+    key: ConnKey,
+    endpoint: SocketAddrV4,
+    /// The request head to send, then nothing.
+    out: Vec<u8>,
+    out_off: usize,
+    /// Response head bytes received so far.
+    buf: Vec<u8>,
+    /// Idle in the pool since (ms), when not in use.
+    idle_since: Option<u64>,
+    /// Bytes ever received on this connection (a pooled connection closed before any byte of
+    /// a new response was just a keep-alive race).
+    established_once: bool,
+}
+
+pub struct Proxy {
+    cfg: ProxyConfig,
+    pub stack: Stack,
+    router: Arc<Router>,
+    clients: Vec<Option<Client>>,
+    ups: Vec<Option<Upstream>>,
+    idle: AHashMap<SocketAddrV4, Vec<usize>>,
+    in_flight: AHashMap<SocketAddrV4, u32>,
+    next_port: u16,
+    rng: u64,
+    scratch: Box<[u8]>,
+    pub stats: ProxyStats,
+}
+
+const SCRATCH: usize = 16 * 1024;
+
+impl Proxy {
+    pub fn new(cfg: ProxyConfig, router: Arc<Router>) -> Proxy {
+        let stack = Stack::new(StackConfig {
+            l7_addr: cfg.l7_addr,
+            own_addr: cfg.own_addr,
+            mtu: cfg.mtu,
+            rx_buffer: cfg.socket_buffer,
+            tx_buffer: cfg.socket_buffer,
+            seed: cfg.seed,
+        });
+        Proxy {
+            next_port: cfg.upstream_ports.0,
+            rng: cfg.seed | 1,
+            cfg,
+            stack,
+            router,
+            clients: Vec::new(),
+            ups: Vec::new(),
+            idle: AHashMap::new(),
+            in_flight: AHashMap::new(),
+            scratch: vec![0; SCRATCH].into_boxed_slice(),
+            stats: ProxyStats::default(),
+        }
+    }
+
+    pub fn set_router(&mut self, router: Arc<Router>) {
+        self.router = router;
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// Whether a TCP segment to `dst:dport` is the proxy's: a client of the L7 address, or a
+    /// reply on one of this core's upstream ports.
+    pub fn wants(&self, dst: Ipv4Addr, dport: u16) -> bool {
+        (dst == self.cfg.l7_addr && self.cfg.http_ports.contains(&dport))
+            || (dst == self.cfg.own_addr && (self.cfg.upstream_ports.0..=self.cfg.upstream_ports.1).contains(&dport))
+    }
+
+    /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no
+    /// connection wants it (counted; a RST is not sent for it).
+    pub fn ingress(&mut self, ip: &[u8], now_ms: u64) -> bool {
+        self.stack.set_now(now_ms);
+        let ihl = ((ip[0] & 0x0f) as usize) * 4;
+        if ip.len() < ihl + 20 {
+            return false;
+        }
+        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let t = &ip[ihl..];
+        let (sport, dport, flags) = (u16::from_be_bytes([t[0], t[1]]), u16::from_be_bytes([t[2], t[3]]), t[13]);
+        let syn = flags & 0x12 == 0x02;
+        let listen = dst == self.cfg.l7_addr && self.cfg.http_ports.contains(&dport);
+        let key = (u32::from(src), sport, dport);
+        let known = self.stack_has(key);
+        if !self.stack.ingress(ip, key, syn, listen) {
+            self.stats.segments_unwanted += 1;
+            return false;
+        }
+        if !known && listen {
+            // A new connection: the stack made its listening socket.
+            let sock = self.stack_ref(key).expect("socket just made");
+            self.stats.connections += 1;
+            let c = Client {
+                sock,
+                key,
+                peer: src,
+                phase: Phase::Head,
+                buf: Vec::with_capacity(1024),
+                out: Vec::new(),
+                out_off: 0,
+                deadline: now_ms + self.cfg.header_timeout_ms,
+                up: None,
+                req_body: None,
+                resp_body: None,
+                keep_alive: true,
+                head_request: false,
+                upgrade: false,
+                endpoint: None,
+                relayed: 0,
+            };
+            insert(&mut self.clients, c);
+        }
+        true
+    }
+
+    fn stack_has(&self, key: ConnKey) -> bool {
+        self.stack_ref(key).is_some()
+    }
+
+    fn stack_ref(&self, key: ConnKey) -> Option<SockRef> {
+        self.stack.lookup(key)
+    }
+
+    /// Runs the connections: after a burst's segments went in, and on every loop for timers.
+    /// `emit` gets every IP packet to send.
+    pub fn run(&mut self, now_ms: u64, emit: impl FnMut(&[u8])) {
+        self.stack.set_now(now_ms);
+        self.stack.poll_ingress();
+        for i in 0..self.clients.len() {
+            if let Some(mut c) = self.clients[i].take() {
+                let keep = self.step(&mut c, now_ms);
+                if keep {
+                    self.clients[i] = Some(c);
+                } else {
+                    self.finish(c);
+                }
+            }
+        }
+        self.reap_idle(now_ms);
+        let mut due = Vec::new();
+        self.stack.due_shards(&mut due);
+        self.stack.poll_egress(&due, emit);
+        // After egress, so that an aborted socket's RST went out first.
+        self.stack.flush_removals();
+    }
+
+    /// Connections open to clients.
+    pub fn client_count(&self) -> usize {
+        self.clients.iter().flatten().count()
+    }
+
+    fn step(&mut self, c: &mut Client, now: u64) -> bool {
+        // Anything owed to the client goes first.
+        if !self.flush_client(c) {
+            return self.closing(c);
+        }
+        match c.phase {
+            Phase::Head => self.read_head(c, now),
+            Phase::Request => self.request(c, now),
+            Phase::Response => self.response(c),
+            Phase::Tunnel => self.tunnel(c),
+            Phase::Closing => self.closing(c),
+        }
+    }
+
+    /// Sends `c.out`; false if the client is gone.
+    fn flush_client(&mut self, c: &mut Client) -> bool {
+        let s = self.stack.tcp(c.sock);
+        if c.out_off < c.out.len() {
+            if !s.may_send() {
+                return s.state() == State::SynReceived || s.state() == State::Listen;
+            }
+            if let Ok(n) = s.send_slice(&c.out[c.out_off..]) {
+                c.out_off += n;
+                self.stack.mark_dirty(c.sock);
+            }
+            if c.out_off == c.out.len() {
+                c.out.clear();
+                c.out_off = 0;
+            }
+        }
+        !matches!(s_state(&mut self.stack, c.sock), State::Closed | State::TimeWait)
+    }
+
+    fn read_head(&mut self, c: &mut Client, now: u64) -> bool {
+        let s = self.stack.tcp(c.sock);
+        if matches!(s.state(), State::Listen | State::SynReceived) {
+            return now < c.deadline + self.cfg.header_timeout_ms;
+        }
+        let room = self.cfg.limits.max_header_bytes.saturating_sub(c.buf.len());
+        if s.can_recv() && room > 0 {
+            let _ = s.recv(|d| {
+                let n = d.len().min(room);
+                c.buf.extend_from_slice(&d[..n]);
+                (n, ())
+            });
+            self.stack.mark_dirty(c.sock);
+        }
+        if c.buf.is_empty() {
+            let s = self.stack.tcp(c.sock);
+            if !s.may_recv() || now >= c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms)
+            {
+                // Closed by the client, or idle too long between requests: close quietly.
+                return self.close(c);
+            }
+            return true;
+        }
+        let mut storage = [httparse::EMPTY_HEADER; 128];
+        let buf = std::mem::take(&mut c.buf);
+        let parsed = head::parse_request(&buf, &self.cfg.limits, &mut storage);
+        let r = match parsed {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                c.buf = buf;
+                let s = self.stack.tcp(c.sock);
+                if now >= c.deadline {
+                    return self.fail(c, 408);
+                }
+                if !s.may_recv() {
+                    return self.fail(c, 400);
+                }
+                return true;
+            }
+            Err(e) => {
+                let status = e.status();
+                c.buf = buf;
+                return self.fail(c, status);
+            }
+        };
+        self.stats.requests += 1;
+        c.keep_alive = r.keep_alive;
+        c.head_request = r.method.eq_ignore_ascii_case("HEAD");
+        c.upgrade = r.upgrade.is_some();
+        let router = self.router.clone();
+        let target = match router.route(r.host.unwrap_or(""), r.target) {
+            Route::Backend(t) => t,
+            Route::NotFound => {
+                c.buf = buf;
+                return self.fail(c, 404);
+            }
+            Route::BadRequest(_) => {
+                c.buf = buf;
+                return self.fail(c, 400);
+            }
+        };
+        let Some(ep) = self.pick(&target.endpoints) else {
+            c.buf = buf;
+            return self.fail(c, 503);
+        };
+        let Some(u) = self.upstream_for(ep) else {
+            c.buf = buf;
+            return self.fail(c, 503);
+        };
+        let peer = c.peer.to_string();
+        let up = self.ups[u].as_mut().expect("live upstream");
+        head::write_upstream_request(&r, ClientInfo { addr: &peer, proto: "http" }, &mut up.out);
+        up.out_off = 0;
+        up.buf.clear();
+        c.req_body = Some(BodyReader::new(r.framing, self.cfg.limits.max_body_bytes));
+        let head_len = r.head_len;
+        // What followed the head: the start of the body, perhaps the next request.
+        c.buf = buf;
+        c.buf.drain(..head_len);
+        c.up = Some(u);
+        c.endpoint = Some(ep);
+        c.relayed = 0;
+        *self.in_flight.entry(ep).or_default() += 1;
+        c.deadline = now + self.cfg.upstream_timeout_ms;
+        c.phase = Phase::Request;
+        self.request(c, now)
+    }
+
+    /// Power of two choices, by requests in flight.
+    fn pick(&mut self, eps: &[SocketAddr]) -> Option<SocketAddrV4> {
+        let v4: Vec<SocketAddrV4> = eps
+            .iter()
+            .filter_map(|e| match e {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            })
+            .collect();
+        match v4.len() {
+            0 => None,
+            1 => Some(v4[0]),
+            n => {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let a = (self.rng % n as u64) as usize;
+                let b = (a + 1 + ((self.rng >> 32) % (n as u64 - 1)) as usize) % n;
+                let load = |e: &SocketAddrV4| self.in_flight.get(e).copied().unwrap_or(0);
+                Some(if load(&v4[b]) < load(&v4[a]) { v4[b] } else { v4[a] })
+            }
+        }
+    }
+
+    /// An idle pooled connection to `ep`, or a new one.
+    fn upstream_for(&mut self, ep: SocketAddrV4) -> Option<usize> {
+        while let Some(u) = self.idle.get_mut(&ep).and_then(Vec::pop) {
+            let ok = {
+                let up = self.ups[u].as_ref().expect("pooled upstream");
+                let s = self.stack.tcp(up.sock);
+                s.state() == State::Established && s.may_send() && !s.can_recv()
+            };
+            if ok {
+                self.ups[u].as_mut().unwrap().idle_since = None;
+                self.stats.upstream_reused += 1;
+                return Some(u);
+            }
+            self.drop_upstream(u, true);
+        }
+        let (lo, hi) = self.cfg.upstream_ports;
+        for _ in 0..=(hi - lo) {
+            let port = self.next_port;
+            self.next_port = if port >= hi { lo } else { port + 1 };
+            let key = (u32::from(*ep.ip()), ep.port(), port);
+            if self.stack.lookup(key).is_some() {
+                continue;
+            }
+            let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
+            self.stats.upstream_connects += 1;
+            let up = Upstream {
+                sock,
+                key,
+                endpoint: ep,
+                out: Vec::with_capacity(1024),
+                out_off: 0,
+                buf: Vec::with_capacity(1024),
+                idle_since: None,
+                established_once: false,
+            };
+            return Some(insert(&mut self.ups, up));
+        }
+        None
+    }
+
+    fn request(&mut self, c: &mut Client, now: u64) -> bool {
+        let u = c.up.expect("a request has an upstream");
+        let (usock, state) = {
+            let up = self.ups[u].as_ref().unwrap();
+            (up.sock, self.stack.tcp(up.sock).state())
+        };
+        if state == State::Established {
+            self.ups[u].as_mut().unwrap().established_once = true;
+        }
+        // The upstream refused or reset before answering.
+        if matches!(state, State::Closed | State::TimeWait | State::CloseWait | State::LastAck)
+            && self.ups[u].as_ref().unwrap().buf.is_empty()
+            && !self.stack.tcp(usock).can_recv()
+        {
+            return self.upstream_failed(c, 502);
+        }
+        // 1. The head, then the body the client sends (as far as the upstream takes it).
+        {
+            let up = self.ups[u].as_mut().unwrap();
+            let s = self.stack.tcp(up.sock);
+            if up.out_off < up.out.len() && s.may_send() {
+                if let Ok(n) = s.send_slice(&up.out[up.out_off..]) {
+                    up.out_off += n;
+                }
+            }
+        }
+        let head_sent = {
+            let up = self.ups[u].as_ref().unwrap();
+            up.out_off >= up.out.len()
+        };
+        if head_sent && !c.req_body.as_ref().is_some_and(BodyReader::is_done) {
+            match self.request_body(c, usock) {
+                Ok(()) => {}
+                Err(status) => return self.upstream_failed(c, status),
+            }
+        }
+        self.stack.mark_dirty(usock);
+        self.stack.mark_dirty(c.sock);
+        // 2. The response head.
+        {
+            let up = self.ups[u].as_mut().unwrap();
+            let s = self.stack.tcp(up.sock);
+            let room = self.cfg.limits.max_header_bytes.saturating_sub(up.buf.len());
+            if s.can_recv() && room > 0 {
+                let _ = s.recv(|d| {
+                    let n = d.len().min(room);
+                    up.buf.extend_from_slice(&d[..n]);
+                    (n, ())
+                });
+            }
+        }
+        loop {
+            let up = self.ups[u].as_mut().unwrap();
+            if up.buf.is_empty() {
+                break;
+            }
+            let method = if c.head_request { "HEAD" } else { "GET" };
+            let mut storage = [httparse::EMPTY_HEADER; 128];
+            let buf = std::mem::take(&mut up.buf);
+            let parsed = head::parse_response(&buf, method, &self.cfg.limits, &mut storage);
+            let res = match parsed {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.ups[u].as_mut().unwrap().buf = buf;
+                    break;
+                }
+                Err(_) => {
+                    return self.upstream_failed(c, 502);
+                }
+            };
+            let status = res.status;
+            let head_len = res.head_len;
+            let framing = res.framing;
+            let up_keep = res.keep_alive;
+            if (100..200).contains(&status) && status != 101 {
+                // Interim (100 Continue): relay and read on.
+                let mut out = std::mem::take(&mut c.out);
+                head::write_client_response(&res, true, &mut out);
+                c.out.extend_from_slice(&out);
+                let mut rest = buf;
+                rest.drain(..head_len);
+                self.ups[u].as_mut().unwrap().buf = rest;
+                continue;
+            }
+            let client_keep = c.keep_alive && up_keep;
+            let mut out = Vec::new();
+            head::write_client_response(&res, client_keep, &mut out);
+            c.out.extend_from_slice(&out);
+            c.keep_alive = client_keep;
+            self.count_response(status);
+            let mut rest = buf;
+            rest.drain(..head_len);
+            if status == 101 && c.upgrade {
+                c.out.extend_from_slice(&rest);
+                c.phase = Phase::Tunnel;
+                return self.flush_client(c) && self.tunnel(c);
+            }
+            let mut body = BodyReader::new(framing, u64::MAX);
+            // Body bytes that came with the head.
+            match body.feed(&rest) {
+                Ok(n) => {
+                    c.out.extend_from_slice(&rest[..n]);
+                    c.relayed += n as u64;
+                }
+                Err(_) => return self.upstream_failed(c, 502),
+            }
+            c.resp_body = Some(body);
+            c.phase = Phase::Response;
+            return self.flush_client(c) && self.response(c);
+        }
+        if now >= c.deadline {
+            return self.upstream_failed(c, 504);
+        }
+        true
+    }
+
+    /// Moves request body bytes from the client to the upstream; Err(status) if they are bad.
+    fn request_body(&mut self, c: &mut Client, usock: SockRef) -> Result<(), u16> {
+        let reader = c.req_body.as_mut().expect("request body reader");
+        // First what came with the head.
+        if !c.buf.is_empty() {
+            let s = self.stack.tcp(usock);
+            let room = s.send_capacity() - s.send_queue();
+            let take = c.buf.len().min(room);
+            let n = reader.feed(&c.buf[..take]).map_err(body_status)?;
+            let sent = s.send_slice(&c.buf[..n]).unwrap_or(0);
+            debug_assert_eq!(sent, n);
+            c.buf.drain(..n);
+            if !reader.is_done() && n < take {
+                return Ok(());
+            }
+        }
+        while !reader.is_done() {
+            let room = {
+                let s = self.stack.tcp(usock);
+                if !s.may_send() {
+                    break;
+                }
+                s.send_capacity() - s.send_queue()
+            };
+            if room == 0 {
+                break;
+            }
+            let cs = self.stack.tcp(c.sock);
+            let n = match cs.peek_slice(&mut self.scratch[..room.min(SCRATCH)]) {
+                Ok(n) if n > 0 => n,
+                _ => break,
+            };
+            let take = reader.feed(&self.scratch[..n]).map_err(body_status)?;
+            discard(cs, take);
+            let _ = self.stack.tcp(usock).send_slice(&self.scratch[..take]);
+            if take < n {
+                break; // the next request's bytes stay in the socket
+            }
+        }
+        Ok(())
+    }
+
+    fn response(&mut self, c: &mut Client) -> bool {
+        let u = c.up.expect("a response has an upstream");
+        let usock = self.ups[u].as_ref().unwrap().sock;
+        loop {
+            let body = c.resp_body.as_mut().expect("response body reader");
+            if body.is_done() {
+                break;
+            }
+            let room = {
+                let s = self.stack.tcp(c.sock);
+                if !s.may_send() {
+                    return self.close(c);
+                }
+                s.send_capacity() - s.send_queue()
+            };
+            if room == 0 {
+                break;
+            }
+            let us = self.stack.tcp(usock);
+            let n = match us.peek_slice(&mut self.scratch[..room.min(SCRATCH)]) {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    if !us.may_recv() {
+                        // The upstream closed: the end of an until-close body, else a cut one.
+                        let complete = c.resp_body.as_ref().is_some_and(BodyReader::until_close);
+                        self.release_upstream(c, false);
+                        if !complete {
+                            return self.abort(c);
+                        }
+                        c.keep_alive = false;
+                        c.resp_body = None;
+                        c.phase = Phase::Closing;
+                        return self.closing(c);
+                    }
+                    break;
+                }
+            };
+            let take = match body.feed(&self.scratch[..n]) {
+                Ok(t) => t,
+                Err(_) => {
+                    // A broken response mid-way: nothing honest can be sent; cut the client.
+                    self.release_upstream(c, false);
+                    return self.abort(c);
+                }
+            };
+            discard(self.stack.tcp(usock), take);
+            let _ = self.stack.tcp(c.sock).send_slice(&self.scratch[..take]);
+            c.relayed += take as u64;
+        }
+        self.stack.mark_dirty(usock);
+        self.stack.mark_dirty(c.sock);
+        if c.resp_body.as_ref().is_some_and(BodyReader::is_done) {
+            let req_done = c.req_body.as_ref().is_none_or(BodyReader::is_done);
+            self.release_upstream(c, req_done);
+            c.resp_body = None;
+            c.req_body = None;
+            if c.keep_alive && req_done {
+                c.phase = Phase::Head;
+                c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
+                return if c.buf.is_empty() { true } else { self.read_head(c, self.stack.now_ms()) };
+            }
+            c.phase = Phase::Closing;
+            return self.closing(c);
+        }
+        true
+    }
+
+    fn tunnel(&mut self, c: &mut Client) -> bool {
+        let u = c.up.expect("a tunnel has an upstream");
+        let usock = self.ups[u].as_ref().unwrap().sock;
+        let a = self.copy(c.sock, usock);
+        let b = self.copy(usock, c.sock);
+        self.stack.mark_dirty(usock);
+        self.stack.mark_dirty(c.sock);
+        let (cs_open, us_open) = (self.stack.tcp(c.sock).may_recv(), self.stack.tcp(usock).may_recv());
+        if (!cs_open || !us_open) && a == 0 && b == 0 {
+            self.release_upstream(c, false);
+            c.phase = Phase::Closing;
+            return self.closing(c);
+        }
+        true
+    }
+
+    /// Copies what fits from one socket to another.
+    fn copy(&mut self, from: SockRef, to: SockRef) -> usize {
+        let room = {
+            let s = self.stack.tcp(to);
+            if !s.may_send() {
+                return 0;
+            }
+            s.send_capacity() - s.send_queue()
+        };
+        let n = self.stack.tcp(from).recv_slice(&mut self.scratch[..room.min(SCRATCH)]).unwrap_or(0);
+        if n > 0 {
+            let _ = self.stack.tcp(to).send_slice(&self.scratch[..n]);
+        }
+        n
+    }
+
+    fn count_response(&mut self, status: u16) {
+        if (200..600).contains(&status) {
+            self.stats.responses[(status / 100 - 2) as usize] += 1;
+        }
+    }
+
+    /// Answers with an error made here and closes after it (keeps the connection for 404).
+    fn fail(&mut self, c: &mut Client, status: u16) -> bool {
+        self.stats.errors_local += 1;
+        self.count_response(status);
+        let keep = status == 404 && c.keep_alive && c.buf.is_empty();
+        let mut out = Vec::new();
+        head::error_response(status, keep, &mut out);
+        c.out.extend_from_slice(&out);
+        if keep {
+            c.phase = Phase::Head;
+            c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
+            return self.flush_client(c);
+        }
+        c.buf.clear();
+        c.phase = Phase::Closing;
+        self.closing(c)
+    }
+
+    fn upstream_failed(&mut self, c: &mut Client, status: u16) -> bool {
+        self.release_upstream(c, false);
+        if c.relayed > 0 || !c.out.is_empty() && c.phase == Phase::Response {
+            return self.abort(c);
+        }
+        c.req_body = None;
+        c.resp_body = None;
+        self.fail(c, status)
+    }
+
+    /// Ends the request's use of its upstream: back to the pool if it can carry another
+    /// request, else closed.
+    fn release_upstream(&mut self, c: &mut Client, reusable: bool) {
+        if let Some(ep) = c.endpoint.take() {
+            if let Some(n) = self.in_flight.get_mut(&ep) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        let Some(u) = c.up.take() else { return };
+        let up = self.ups[u].as_mut().expect("live upstream");
+        let s = self.stack.tcp(up.sock);
+        if reusable && s.state() == State::Established && !s.can_recv() {
+            up.idle_since = Some(self.stack.now_ms());
+            up.buf.clear();
+            self.idle.entry(up.endpoint).or_default().push(u);
+        } else {
+            self.drop_upstream(u, false);
+        }
+    }
+
+    fn drop_upstream(&mut self, u: usize, from_pool: bool) {
+        let up = self.ups[u].take().expect("live upstream");
+        if !from_pool {
+            if let Some(v) = self.idle.get_mut(&up.endpoint) {
+                v.retain(|&x| x != u);
+            }
+        }
+        let s = self.stack.tcp(up.sock);
+        s.abort();
+        self.stack.mark_dirty(up.sock);
+        // Sent on the next egress poll; the socket is forgotten after it.
+        self.stack.remove_later(up.sock, up.key);
+    }
+
+    /// Idle pooled connections closed by the upstream or idle too long go.
+    fn reap_idle(&mut self, now: u64) {
+        let mut gone = Vec::new();
+        for (&_ep, list) in self.idle.iter_mut() {
+            list.retain(|&u| {
+                let up = self.ups[u].as_ref().expect("pooled upstream");
+                let s = self.stack.tcp(up.sock);
+                let ok = s.state() == State::Established
+                    && !s.can_recv()
+                    && up.idle_since.is_some_and(|t| now < t + self.cfg.idle_timeout_ms);
+                if !ok {
+                    gone.push(u);
+                }
+                ok
+            });
+        }
+        for u in gone {
+            self.drop_upstream(u, true);
+        }
+    }
+
+    fn close(&mut self, c: &mut Client) -> bool {
+        c.phase = Phase::Closing;
+        self.closing(c)
+    }
+
+    fn closing(&mut self, c: &mut Client) -> bool {
+        if c.up.is_some() {
+            self.release_upstream(c, false);
+        }
+        let s = self.stack.tcp(c.sock);
+        if c.out_off < c.out.len() && s.may_send() {
+            if let Ok(n) = s.send_slice(&c.out[c.out_off..]) {
+                c.out_off += n;
+            }
+        }
+        if c.out_off >= c.out.len() && s.is_open() && s.state() != State::FinWait1 && s.state() != State::FinWait2 {
+            s.close();
+        }
+        self.stack.mark_dirty(c.sock);
+        let st = s_state(&mut self.stack, c.sock);
+        !matches!(st, State::Closed | State::TimeWait)
+    }
+
+    fn abort(&mut self, c: &mut Client) -> bool {
+        if c.up.is_some() {
+            self.release_upstream(c, false);
+        }
+        self.stack.tcp(c.sock).abort();
+        self.stack.mark_dirty(c.sock);
+        false
+    }
+
+    /// A client connection is over: its socket goes once its last segment is out.
+    fn finish(&mut self, mut c: Client) {
+        if c.up.is_some() {
+            self.release_upstream(&mut c, false);
+        }
+        let s = self.stack.tcp(c.sock);
+        if !matches!(s.state(), State::Closed | State::TimeWait) {
+            s.abort();
+            self.stack.mark_dirty(c.sock);
+        }
+        self.stack.remove_later(c.sock, c.key);
+    }
+}
+
+/// Consumes `n` bytes already peeked (the receive ring may hand them over in two pieces).
+fn discard(s: &mut smoltcp::socket::tcp::Socket, mut n: usize) {
+    while n > 0 {
+        match s.recv(|d| {
+            let k = d.len().min(n);
+            (k, k)
+        }) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n -= k,
+        }
+    }
+}
+
+fn s_state(stack: &mut Stack, r: SockRef) -> State {
+    stack.tcp(r).state()
+}
+
+fn body_status(e: super::http::body::BodyError) -> u16 {
+    match e {
+        super::http::body::BodyError::TooLarge => 413,
+        super::http::body::BodyError::Malformed(_) => 400,
+    }
+}
+
+fn insert<T>(v: &mut Vec<Option<T>>, x: T) -> usize {
+    if let Some(i) = v.iter().position(Option::is_none) {
+        v[i] = Some(x);
+        i
+    } else {
+        v.push(Some(x));
+        v.len() - 1
+    }
+}

@@ -1,0 +1,313 @@
+//! A worker's user-space TCP: smoltcp, sharded as DESIGN.md measured it must be. smoltcp scans
+//! every socket of an interface for every packet and has no listen backlog, so each shard is a
+//! small IP-only interface (`Medium::Ip`: Ethernet, ARP and NDP stay the worker's) with a few
+//! sockets, our own 4-tuple table says which shard and socket a segment belongs to, a listening
+//! socket is made at SYN time in a shard with no other listener (one listener takes one
+//! handshake), and only shards that received segments or have sockets with work are polled.
+
+use ahash::AHashMap;
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+/// Sockets per shard (DESIGN.md: 4-8 keeps smoltcp's scans short).
+pub const SHARD_SOCKETS: usize = 8;
+
+/// One socket: its shard and its handle there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockRef {
+    pub shard: u32,
+    pub handle: SocketHandle,
+}
+
+/// (remote address, remote port, local port): unique, since the stack's local addresses
+/// (the L7 address for clients, the appliance's own for upstreams) use disjoint ports.
+pub type ConnKey = (u32, u16, u16);
+
+/// IP packets in and out of one shard, buffers recycled.
+#[derive(Default)]
+struct Queues {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+    free: Vec<Vec<u8>>,
+    mtu: usize,
+}
+
+pub struct RxTok(Vec<u8>);
+pub struct TxTok<'a>(&'a mut Queues);
+
+impl smoltcp::phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for TxTok<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = self.0.free.pop().unwrap_or_default();
+        b.clear();
+        b.resize(len, 0);
+        let r = f(&mut b);
+        self.0.tx.push_back(b);
+        r
+    }
+}
+
+impl Device for Queues {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(RxTok, TxTok<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((RxTok(p), TxTok(self)))
+    }
+    fn transmit(&mut self, _: Instant) -> Option<TxTok<'_>> {
+        Some(TxTok(self))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = self.mtu;
+        c
+    }
+}
+
+struct Shard {
+    iface: Interface,
+    dev: Queues,
+    sockets: SocketSet<'static>,
+    used: usize,
+    /// A socket in Listen state (at most one per shard).
+    listening: bool,
+}
+
+/// Socket buffer sizes and addresses.
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Where clients connect (the L7 address).
+    pub l7_addr: Ipv4Addr,
+    /// The appliance's own address: the source of upstream connections.
+    pub own_addr: Ipv4Addr,
+    pub mtu: usize,
+    pub rx_buffer: usize,
+    pub tx_buffer: usize,
+    pub seed: u64,
+}
+
+pub struct Stack {
+    cfg: StackConfig,
+    shards: Vec<Shard>,
+    demux: AHashMap<ConnKey, SockRef>,
+    /// Sockets to forget once closed (after their last segment went out).
+    removals: Vec<(SockRef, ConnKey)>,
+    /// Shards with segments queued or sockets that changed: to poll.
+    dirty: Vec<u32>,
+    now: Instant,
+}
+
+impl Stack {
+    pub fn new(cfg: StackConfig) -> Stack {
+        Stack {
+            cfg,
+            shards: Vec::new(),
+            demux: AHashMap::new(),
+            removals: Vec::new(),
+            dirty: Vec::new(),
+            now: Instant::from_millis(0),
+        }
+    }
+
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now = Instant::from_millis(now_ms as i64);
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.now.total_millis() as u64
+    }
+
+    fn new_shard(&mut self) -> u32 {
+        let mut dev = Queues { mtu: self.cfg.mtu, ..Default::default() };
+        let mut config = Config::new(HardwareAddress::Ip);
+        // smoltcp's default seed is 0: predictable initial sequence numbers.
+        config.random_seed = self.cfg.seed ^ (self.shards.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut iface = Interface::new(config, &mut dev, self.now);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(self.cfg.l7_addr.into(), 32));
+            let _ = a.push(IpCidr::new(self.cfg.own_addr.into(), 32));
+        });
+        // A /32 interface still needs a route to answer anyone (DESIGN.md); the gateway is
+        // never resolved on an IP-only interface.
+        let _ = iface.routes_mut().add_default_ipv4_route(self.cfg.own_addr);
+        self.shards.push(Shard { iface, dev, sockets: SocketSet::new(Vec::new()), used: 0, listening: false });
+        (self.shards.len() - 1) as u32
+    }
+
+    /// A shard with room for one more socket (and, for a listener, no listener yet).
+    fn shard_with_room(&mut self, listener: bool) -> u32 {
+        // Most recent shards first: they are the ones with room after steady churn.
+        for (i, s) in self.shards.iter().enumerate().rev() {
+            if s.used < SHARD_SOCKETS && !(listener && s.listening) {
+                return i as u32;
+            }
+        }
+        self.new_shard()
+    }
+
+    fn socket(&self) -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; self.cfg.rx_buffer]),
+            tcp::SocketBuffer::new(vec![0; self.cfg.tx_buffer]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(Some(Duration::from_millis(1)));
+        s
+    }
+
+    /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
+    /// local port). A SYN to `listen_port` from an unknown peer gets a new listening socket.
+    /// Returns false for a segment no socket wants (the caller drops and counts it).
+    pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> bool {
+        let r = match self.demux.get(&key) {
+            Some(&r) => r,
+            None if syn && listen_port => {
+                let shard = self.shard_with_room(true);
+                let mut sock = self.socket();
+                if sock.listen(IpEndpoint::new(self.cfg.l7_addr.into(), key.2)).is_err() {
+                    return false;
+                }
+                let s = &mut self.shards[shard as usize];
+                let handle = s.sockets.add(sock);
+                s.used += 1;
+                s.listening = true;
+                let r = SockRef { shard, handle };
+                self.demux.insert(key, r);
+                r
+            }
+            None => return false,
+        };
+        let s = &mut self.shards[r.shard as usize];
+        let mut b = s.dev.free.pop().unwrap_or_default();
+        b.clear();
+        b.extend_from_slice(ip);
+        s.dev.rx.push_back(b);
+        self.mark(r.shard);
+        true
+    }
+
+    fn mark(&mut self, shard: u32) {
+        if !self.dirty.contains(&shard) {
+            self.dirty.push(shard);
+        }
+    }
+
+    /// Runs smoltcp on the shards that received segments: their sockets see the data.
+    pub fn poll_ingress(&mut self) {
+        let now = self.now;
+        for &i in &self.dirty {
+            let s = &mut self.shards[i as usize];
+            while s.iface.poll_ingress_single(now, &mut s.dev, &mut s.sockets) != PollIngressSingleResult::None {}
+            if s.listening {
+                s.listening = s.sockets.iter().any(|(_, sock)| match sock {
+                    smoltcp::socket::Socket::Tcp(t) => t.state() == tcp::State::Listen,
+                    #[allow(unreachable_patterns)]
+                    _ => false,
+                });
+            }
+        }
+    }
+
+    /// Sends what sockets have to send (data, ACKs, retransmissions due) on the given shards
+    /// and the dirty ones; `out` gets each IP packet.
+    pub fn poll_egress(&mut self, also: &[u32], mut out: impl FnMut(&[u8])) {
+        let now = self.now;
+        let mut shards: Vec<u32> = std::mem::take(&mut self.dirty);
+        for &a in also {
+            if !shards.contains(&a) {
+                shards.push(a);
+            }
+        }
+        for i in shards {
+            let s = &mut self.shards[i as usize];
+            let _ = s.iface.poll_egress(now, &mut s.dev, &mut s.sockets);
+            while let Some(p) = s.dev.tx.pop_front() {
+                out(&p);
+                s.dev.free.push(p);
+            }
+        }
+    }
+
+    /// Shards whose timers are due (retransmission, delayed ACK, keep-alive, TIME-WAIT).
+    pub fn due_shards(&mut self, out: &mut Vec<u32>) {
+        let now = self.now;
+        for (i, s) in self.shards.iter_mut().enumerate() {
+            if s.used > 0 && s.iface.poll_at(now, &s.sockets).is_some_and(|t| t <= now) {
+                out.push(i as u32);
+            }
+        }
+    }
+
+    pub fn tcp(&mut self, r: SockRef) -> &mut tcp::Socket<'static> {
+        self.shards[r.shard as usize].sockets.get_mut::<tcp::Socket>(r.handle)
+    }
+
+    /// Opens a connection from the appliance's address and `local_port` to `remote`.
+    pub fn connect(&mut self, remote: (Ipv4Addr, u16), local_port: u16) -> Option<SockRef> {
+        let shard = self.shard_with_room(false);
+        let mut sock = self.socket();
+        let s = &mut self.shards[shard as usize];
+        let remote_ep = IpEndpoint::new(remote.0.into(), remote.1);
+        let local = IpEndpoint::new(self.cfg.own_addr.into(), local_port);
+        sock.connect(s.iface.context(), remote_ep, local).ok()?;
+        let handle = s.sockets.add(sock);
+        s.used += 1;
+        let r = SockRef { shard, handle };
+        self.demux.insert((u32::from(remote.0), remote.1, local_port), r);
+        self.mark(shard);
+        Some(r)
+    }
+
+    pub fn lookup(&self, key: ConnKey) -> Option<SockRef> {
+        self.demux.get(&key).copied()
+    }
+
+    /// Forgets a socket once it is closed (closed or in TIME-WAIT); until then it stays, so
+    /// that its FIN or RST still goes out and late segments still find it.
+    pub fn remove_later(&mut self, r: SockRef, key: ConnKey) {
+        self.removals.push((r, key));
+    }
+
+    /// Forgets the sockets queued for removal that are done.
+    pub fn flush_removals(&mut self) {
+        let mut i = 0;
+        while i < self.removals.len() {
+            let (r, key) = self.removals[i];
+            let st = self.tcp(r).state();
+            if matches!(st, tcp::State::Closed | tcp::State::TimeWait) {
+                let s = &mut self.shards[r.shard as usize];
+                s.sockets.remove(r.handle);
+                s.used -= 1;
+                if self.demux.get(&key) == Some(&r) {
+                    self.demux.remove(&key);
+                }
+                self.removals.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    pub fn mark_dirty(&mut self, r: SockRef) {
+        self.mark(r.shard);
+    }
+
+    pub fn sockets(&self) -> usize {
+        self.demux.len()
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+}

@@ -1,0 +1,375 @@
+//! The L7 proxy with real TCP on both sides, in memory: clients and backends are smoltcp stacks
+//! of their own, IP packets go between them and the proxy by destination address, as the
+//! worker would carry them. Checks routing, streaming, keep-alive reuse, error statuses and
+//! timeouts.
+
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::model::ObjectRef;
+use fulcrum_dataplane::l7::http::Limits;
+use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
+use fulcrum_dataplane::l7::router::Router;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+const L7: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+const OWN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 10);
+const BE1: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+const BE2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 12);
+
+#[derive(Default)]
+struct Wire {
+    rx: VecDeque<Vec<u8>>,
+    tx: VecDeque<Vec<u8>>,
+}
+struct Rx(Vec<u8>);
+struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+impl smoltcp::phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+impl smoltcp::phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0; len];
+        let r = f(&mut b);
+        self.0.push_back(b);
+        r
+    }
+}
+impl Device for Wire {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = 1500;
+        c
+    }
+}
+
+/// A host: one IP-only interface with some TCP sockets.
+struct Host {
+    addr: Ipv4Addr,
+    iface: Interface,
+    dev: Wire,
+    sockets: SocketSet<'static>,
+}
+
+impl Host {
+    fn new(addr: Ipv4Addr, seed: u64) -> Host {
+        let mut dev = Wire::default();
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = seed;
+        let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(addr.into(), 24)).unwrap();
+        });
+        iface.routes_mut().add_default_ipv4_route(addr).unwrap();
+        Host { addr, iface, dev, sockets: SocketSet::new(vec![]) }
+    }
+    fn socket(&mut self) -> SocketHandle {
+        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
+        self.sockets.add(s)
+    }
+    fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut(h)
+    }
+    fn poll(&mut self, now: u64) {
+        self.iface.poll(Instant::from_millis(now as i64), &mut self.dev, &mut self.sockets);
+    }
+}
+
+/// A backend: answers every request on port 8080 with its name and the request line, and
+/// echoes a request body; HTTP/1.1 keep-alive.
+struct Backend {
+    host: Host,
+    name: &'static str,
+    listeners: Vec<SocketHandle>,
+    /// Per socket: bytes received, bytes still to send.
+    bufs: Vec<(SocketHandle, Vec<u8>, Vec<u8>)>,
+    requests: usize,
+}
+
+impl Backend {
+    fn new(addr: Ipv4Addr, name: &'static str) -> Backend {
+        let mut b = Backend {
+            host: Host::new(addr, u32::from(addr) as u64),
+            name,
+            listeners: vec![],
+            bufs: vec![],
+            requests: 0,
+        };
+        for _ in 0..8 {
+            b.listen();
+        }
+        b
+    }
+    fn listen(&mut self) {
+        let h = self.host.socket();
+        self.host.tcp(h).listen(8080).unwrap();
+        self.listeners.push(h);
+        self.bufs.push((h, vec![], vec![]));
+    }
+    fn serve(&mut self) {
+        for i in 0..self.bufs.len() {
+            let h = self.bufs[i].0;
+            let s = self.host.sockets.get_mut::<tcp::Socket>(h);
+            let out = &mut self.bufs[i].2;
+            if !out.is_empty() && s.may_send() {
+                let n = s.send_slice(out).unwrap();
+                out.drain(..n);
+            }
+            if s.can_recv() {
+                let _ = s.recv(|d| {
+                    self.bufs[i].1.extend_from_slice(d);
+                    (d.len(), ())
+                });
+            }
+            let buf = &mut self.bufs[i].1;
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                .unwrap_or(0);
+            if buf.len() < end + 4 + len {
+                continue;
+            }
+            let body = buf[end + 4..end + 4 + len].to_vec();
+            buf.drain(..end + 4 + len);
+            self.requests += 1;
+            let line = head.lines().next().unwrap().to_string();
+            let xff = head.lines().find(|l| l.starts_with("X-Forwarded-For")).unwrap_or("").to_string();
+            let mut resp_body = format!("{} {} {}\n", self.name, line, xff).into_bytes();
+            resp_body.extend_from_slice(&body);
+            let resp =
+                [format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", resp_body.len()).into_bytes(), resp_body]
+                    .concat();
+            self.bufs[i].2.extend_from_slice(&resp);
+        }
+        // Keep listeners available.
+        let listening =
+            self.listeners.iter().filter(|&&h| self.host.sockets.get::<tcp::Socket>(h).is_listening()).count();
+        for _ in listening..2 {
+            self.listen();
+        }
+    }
+}
+
+fn route(host: &str, path: &str, backends: &[SocketAddr]) -> L7Host {
+    L7Host {
+        host: if host.is_empty() { HostMatch::Any } else { HostMatch::Exact(host.into()) },
+        paths: vec![L7Path {
+            path: path.into(),
+            path_type: PathType::Prefix,
+            backend: L7Backend {
+                service: ObjectRef { namespace: "shop".into(), name: "web".into() },
+                port: Some(80),
+                unresolved: None,
+                endpoints: backends.to_vec(),
+            },
+            ingress: ObjectRef { namespace: "shop".into(), name: "i".into() },
+        }],
+    }
+}
+
+struct Lab {
+    proxy: Proxy,
+    client: Host,
+    backends: Vec<Backend>,
+    now: u64,
+}
+
+impl Lab {
+    fn new(hosts: Vec<L7Host>, limits: Limits) -> Lab {
+        let router = Arc::new(Router::compile(&L7State { hosts, ..Default::default() }));
+        let cfg = ProxyConfig {
+            l7_addr: L7,
+            http_ports: vec![80],
+            own_addr: OWN,
+            upstream_ports: (60000, 60999),
+            limits,
+            header_timeout_ms: 2_000,
+            upstream_timeout_ms: 3_000,
+            idle_timeout_ms: 10_000,
+            socket_buffer: 8192,
+            mtu: 1500,
+            seed: 42,
+        };
+        Lab {
+            proxy: Proxy::new(cfg, router),
+            client: Host::new(CLIENT, 7),
+            backends: vec![Backend::new(BE1, "be1"), Backend::new(BE2, "be2")],
+            now: 1,
+        }
+    }
+
+    /// One round: every host polls, packets are carried to their destinations.
+    fn tick(&mut self) {
+        self.now += 1;
+        let now = self.now;
+        self.client.poll(now);
+        for b in &mut self.backends {
+            b.host.poll(now);
+            b.serve();
+            b.host.poll(now);
+        }
+        let mut to_proxy: Vec<Vec<u8>> = self.client.dev.tx.drain(..).collect();
+        for b in &mut self.backends {
+            to_proxy.extend(b.host.dev.tx.drain(..));
+        }
+        for p in &to_proxy {
+            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            let dport = u16::from_be_bytes([p[22], p[23]]);
+            if self.proxy.wants(dst, dport) {
+                self.proxy.ingress(p, now);
+            }
+        }
+        let mut out = Vec::new();
+        self.proxy.run(now, |p| out.push(p.to_vec()));
+        for p in out {
+            let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            if dst == self.client.addr {
+                self.client.dev.rx.push_back(p);
+            } else if let Some(b) = self.backends.iter_mut().find(|b| b.host.addr == dst) {
+                b.host.dev.rx.push_back(p);
+            }
+        }
+    }
+
+    fn connect(&mut self, port: u16) -> SocketHandle {
+        let h = self.client.socket();
+        let cx = self.client.iface.context();
+        self.client.sockets.get_mut::<tcp::Socket>(h).connect(cx, IpEndpoint::new(L7.into(), 80), port).unwrap();
+        h
+    }
+
+    /// Sends `req` on `h` and reads until `done(response so far)` or `ticks` rounds pass.
+    fn exchange(&mut self, h: SocketHandle, req: &[u8], ticks: usize, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let mut sent = 0;
+        let mut got = Vec::new();
+        for _ in 0..ticks {
+            let s = self.client.tcp(h);
+            if sent < req.len() && s.may_send() {
+                sent += s.send_slice(&req[sent..]).unwrap();
+            }
+            if s.can_recv() {
+                s.recv(|d| {
+                    got.extend_from_slice(d);
+                    (d.len(), ())
+                })
+                .unwrap();
+            }
+            if done(&got) {
+                break;
+            }
+            self.tick();
+        }
+        got
+    }
+}
+
+fn complete(resp: &[u8]) -> bool {
+    let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
+    resp.len() >= end + 4 + len
+}
+
+fn eps() -> Vec<SocketAddr> {
+    vec![SocketAddr::new(BE1.into(), 8080), SocketAddr::new(BE2.into(), 8080)]
+}
+
+#[test]
+fn requests_are_routed_streamed_and_upstreams_reused() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let h = lab.connect(40000);
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..10 {
+        let req = format!("GET /item/{i} HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+        let resp = lab.exchange(h, req.as_bytes(), 200, complete);
+        let text = String::from_utf8_lossy(&resp).to_string();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "request {i}: {text:?}");
+        assert!(text.contains(&format!("GET /item/{i} HTTP/1.1")), "{text}");
+        assert!(text.contains("X-Forwarded-For: 10.10.0.10"), "{text}");
+        seen.insert(text.split("\r\n\r\n").nth(1).unwrap()[..3].to_string());
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["be1", "be2"], "both endpoints used");
+    let st = lab.proxy.stats;
+    assert_eq!(st.requests, 10);
+    assert_eq!(st.responses[0], 10);
+    assert!(st.upstream_connects <= 4 && st.upstream_reused >= 6, "kept-alive upstreams reused: {st:?}");
+    assert_eq!(lab.proxy.client_count(), 1, "one keep-alive client connection");
+}
+
+#[test]
+fn a_large_body_streams_through_small_buffers() {
+    let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40001);
+    // 200 KiB through 8 KiB socket buffers: it can only pass by streaming.
+    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut req = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    let resp = lab.exchange(h, &req, 20_000, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "{:?}", String::from_utf8_lossy(&resp[..resp.len().min(200)]));
+    assert!(resp.ends_with(&body), "the echoed body came back whole");
+}
+
+#[test]
+fn errors_made_by_the_proxy() {
+    let mut lab = Lab::new(
+        vec![
+            route("shop.example", "/", &eps()),
+            route("empty.example", "/", &[]),
+            route("dead.example", "/", &[SocketAddr::new(Ipv4Addr::new(10, 10, 0, 99).into(), 8080)]),
+        ],
+        Limits { max_header_bytes: 1024, ..Limits::default() },
+    );
+    let cases: &[(&str, &str)] = &[
+        ("GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n", "HTTP/1.1 404 "),
+        ("GET / HTTP/1.1\r\nHost: empty.example\r\n\r\n", "HTTP/1.1 503 "),
+        ("GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 400 "),
+        (
+            "POST / HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 400 ",
+        ),
+    ];
+    for (i, (req, want)) in cases.iter().enumerate() {
+        let h = lab.connect(41000 + i as u16);
+        let resp = lab.exchange(h, req.as_bytes(), 300, complete);
+        assert!(String::from_utf8_lossy(&resp).starts_with(want), "{req:?}: {:?}", String::from_utf8_lossy(&resp));
+    }
+    // Oversized headers: 431.
+    let h = lab.connect(41100);
+    let big = format!("GET / HTTP/1.1\r\nHost: shop.example\r\nX: {}\r\n\r\n", "v".repeat(2000));
+    let resp = lab.exchange(h, big.as_bytes(), 300, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 431 "), "{:?}", String::from_utf8_lossy(&resp));
+    // A slow client that never finishes its head: 408 after the header timeout.
+    let h = lab.connect(41101);
+    let resp = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: sho", 3_000, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 408 "), "{:?}", String::from_utf8_lossy(&resp));
+    assert!(lab.now >= 2_000, "not before the timeout");
+    // An endpoint nobody answers for: 504 after the upstream timeout.
+    let h = lab.connect(41102);
+    let resp = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: dead.example\r\n\r\n", 5_000, complete);
+    assert!(
+        resp.starts_with(b"HTTP/1.1 504 ") || resp.starts_with(b"HTTP/1.1 502 "),
+        "{:?}",
+        String::from_utf8_lossy(&resp)
+    );
+}
