@@ -75,7 +75,10 @@ fn lab_end_to_end() {
     assert!(lab(&["up"]).status.success(), "lab.sh up");
     let dir = std::env::temp_dir().join(format!("fulcrum-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(repo().join("config/examples/bootstrap.yaml"), dir.join("bootstrap.yaml")).unwrap();
+    // The lab's bootstrap, with a short header timeout so that the slow-client check is quick.
+    let boot = std::fs::read_to_string(repo().join("config/examples/bootstrap.yaml")).unwrap();
+    assert!(boot.contains("header_ms: 10000"), "the example bootstrap sets l7.timeouts.header_ms");
+    std::fs::write(dir.join("bootstrap.yaml"), boot.replace("header_ms: 10000", "header_ms: 1500")).unwrap();
     let manifests = dir.join("manifests.yaml");
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap();
     std::fs::write(&manifests, &lab_manifests).unwrap();
@@ -155,6 +158,49 @@ fn lab_end_to_end() {
     assert_eq!(v["sent"], 2000, "{v}");
     assert!(v["received"].as_u64().unwrap() * 100 >= 2000 * 99, "probes echoed back through the VIP: {v}");
     assert!(v["latency_ns"]["p50"].as_u64().unwrap() > 1000, "a real round trip: {v}");
+
+    // L7: Ingress routing on the l7 address (10.20.0.100) by Host and path, real clients.
+    let l7 = |host: &str, path: &str, extra: &[&str]| -> (String, String) {
+        let resolve = format!("{host}:80:10.20.0.100");
+        let url = format!("http://{host}{path}");
+        let mut args = vec!["curl", "-s", "-m", "5", "--resolve", &resolve, "-w", "\n%{http_code}"];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        let (_, out) = client(&args);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let (code, body) = l7("web.lab", "/", &[]);
+        assert_eq!(code, "200", "{body}");
+        seen.insert(body.trim().to_string());
+    }
+    assert_eq!(seen.iter().map(String::as_str).collect::<Vec<_>>(), ["be1", "be2", "be3"], "every endpoint");
+    let (code, body) = l7("x.apps.lab", "/whoami", &[]);
+    assert_eq!(code, "200");
+    assert!(body.contains("client=10.10.0.2:"), "upstream connections come from the appliance: {body}");
+    assert_eq!(l7("x.apps.lab", "/other", &[]).0, "404", "the wildcard host has only /whoami");
+    assert_eq!(l7("unknown.lab", "/", &[]).0, "404");
+    assert_eq!(l7("empty.lab", "/", &[]).0, "503", "a Service without endpoints");
+    let big = format!("X-Big: {}", "b".repeat(20_000));
+    assert_eq!(l7("web.lab", "/", &["-H", &big]).0, "431", "oversized headers");
+    // A client that sends its head slowly is answered 408 and closed after the header timeout.
+    let (_, slow) = client(&[
+        "python3",
+        "-c",
+        "import socket,time\ns=socket.create_connection(('10.20.0.100',80))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: web.lab\\r\\n')\ns.settimeout(5)\nt=time.time()\nd=s.recv(100)\nprint(d.split(b'\\r\\n')[0].decode(), round(time.time()-t,1))",
+    ]);
+    assert!(slow.starts_with("HTTP/1.1 408"), "slow client: {slow:?}");
+    // Keep-alive load with wrk and h2load: no errors.
+    let (ok, out) = client(&["wrk", "-t1", "-c8", "-d2s", "-H", "Host: web.lab", "http://10.20.0.100/"]);
+    assert!(
+        ok && out.contains("Requests/sec") && !out.contains("Non-2xx") && !out.contains("Socket errors"),
+        "wrk: {out}"
+    );
+    let (ok, out) =
+        client(&["h2load", "--h1", "-n", "2000", "-c", "8", "-H", ":authority: web.lab", "http://10.20.0.100/"]);
+    assert!(ok && out.contains("2000 succeeded, 0 failed"), "h2load: {out}");
 
     // 3. A backend removed while a long-lived connection to it is open: the connection lives
     // on, new connections go elsewhere. /big.bin streams 1 MiB at 64 KiB/s (about 16 s).

@@ -3,12 +3,14 @@
 
 use crate::l4::hash::mix64;
 use crate::l4::maglev::{MaglevInput, MaglevTable};
+use crate::l7::router::Router;
 use fulcrum_config::bootstrap::Bootstrap;
 use fulcrum_config::model::{DesiredState, EndpointState, ForwardingMode, ObjectRef, VipService};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Forwarding mode as stored in flows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -239,6 +241,8 @@ pub struct Snapshot {
     pub backends: Vec<BackendEntry>,
     vips: VipTable,
     vips4: Vip4Table,
+    /// HTTP routes of the Ingresses of our class (empty without an `l7` bootstrap section).
+    pub l7: Arc<Router>,
 }
 
 /// What `lookup` found for a destination.
@@ -269,6 +273,7 @@ impl Snapshot {
             backends: vec![],
             vips: VipTable::new(&[]),
             vips4: Vip4Table::new(&[]),
+            l7: Arc::new(Router::default()),
         }
     }
 
@@ -354,6 +359,7 @@ impl Snapshot {
             backends,
             vips: VipTable::new(&vip_entries),
             vips4: Vip4Table::new(&vip_entries),
+            l7: Arc::new(Router::compile(&state.l7)),
         })
     }
 

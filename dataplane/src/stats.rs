@@ -91,6 +91,9 @@ pub struct CoreStats {
     pub per_vip: Vec<Counter>,
     /// Indexed like the snapshot's backends (all services' backends in one array).
     pub per_backend: Vec<Counter>,
+    /// TCP segments handed to the HTTP proxy, and the proxy's own counters.
+    pub l7_segments: u64,
+    pub l7: crate::l7::proxy::ProxyStats,
 }
 
 impl CoreStats {

@@ -13,6 +13,7 @@ use crate::l4::conntrack::{tcp_flags, tcp_next_state, Addr, Conntrack, Dir, Flow
 use crate::l4::hash::mix64;
 use crate::l4::icmp_error;
 use crate::l4::snat::{self, SnatPorts};
+use crate::l7::proxy::{Proxy, ProxyConfig};
 use crate::neigh::{self, Interface, NeighborTable, Verdict};
 use crate::packet::PacketBuf;
 use crate::port::{Burst, Port, BURST};
@@ -55,7 +56,25 @@ pub struct WorkerConfig {
     pub affinity_capacity: usize,
     /// Static neighbours (the next hop's MAC when configured).
     pub static_neighbors: Vec<(IpAddr, [u8; 6])>,
+    /// The HTTP proxy's settings, when the bootstrap file has an `l7` section and the port an
+    /// IPv4 address (upstream connections come from it).
+    pub l7: Option<L7Settings>,
 }
+
+/// The bootstrap file's `l7` section as a worker uses it.
+#[derive(Clone, Debug)]
+pub struct L7Settings {
+    pub addr: std::net::Ipv4Addr,
+    pub http_ports: Vec<u16>,
+    pub limits: crate::l7::http::Limits,
+    pub header_timeout_ms: u64,
+    pub upstream_timeout_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub socket_buffer: usize,
+}
+
+/// Ports of each core's SNAT range kept for the proxy's upstream connections.
+const L7_UPSTREAM_PORTS: u16 = 4096;
 
 impl WorkerConfig {
     /// Worker `core_index` of `cores` on the bootstrap file's first port.
@@ -85,6 +104,20 @@ impl WorkerConfig {
             seed: random_seed(),
             affinity_capacity: 65536,
             static_neighbors,
+            l7: boot.l7.as_ref().map(|c| L7Settings {
+                addr: c.address,
+                http_ports: c.http_ports.clone(),
+                limits: crate::l7::http::Limits {
+                    max_header_bytes: c.limits.max_header_bytes,
+                    max_headers: c.limits.max_headers,
+                    max_uri_bytes: c.limits.max_uri_bytes,
+                    max_body_bytes: c.limits.max_body_bytes,
+                },
+                header_timeout_ms: c.timeouts.header_ms,
+                upstream_timeout_ms: c.timeouts.upstream_ms,
+                idle_timeout_ms: c.timeouts.idle_ms,
+                socket_buffer: c.socket_buffer,
+            }),
         }
     }
 }
@@ -235,6 +268,9 @@ pub struct Worker {
     to_resolve: Vec<u16>,
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
+    /// The HTTP reverse proxy (Ingress), when configured.
+    proxy: Option<Box<Proxy>>,
+    l7_addr: Option<u32>,
     /// Milliseconds, wrapping.
     now: u32,
     now_ms: u64,
@@ -254,8 +290,31 @@ impl Worker {
         }
         let mut stats = CoreStats::default();
         stats.resize(snap.stat_slots.0, snap.stat_slots.1);
+        let mut snat4 = SnatPorts::for_core(cfg.core_index, cfg.cores);
+        let proxy = match (&cfg.l7, cfg.iface.ipv4) {
+            (Some(l7), Some((own, _))) => {
+                let upstream_ports = snat4.reserve_top(L7_UPSTREAM_PORTS);
+                let pc = ProxyConfig {
+                    l7_addr: l7.addr,
+                    http_ports: l7.http_ports.clone(),
+                    own_addr: own,
+                    upstream_ports,
+                    limits: l7.limits.clone(),
+                    header_timeout_ms: l7.header_timeout_ms,
+                    upstream_timeout_ms: l7.upstream_timeout_ms,
+                    idle_timeout_ms: l7.idle_timeout_ms,
+                    socket_buffer: l7.socket_buffer,
+                    mtu: cfg.iface.mtu as usize,
+                    seed: cfg.seed ^ 0x7e57,
+                };
+                Some(Box::new(Proxy::new(pc, snap.l7.clone())))
+            }
+            _ => None,
+        };
         let mut w = Worker {
-            snat4: SnatPorts::for_core(cfg.core_index, cfg.cores),
+            l7_addr: proxy.as_ref().map(|p| u32::from(p.config().l7_addr)),
+            proxy,
+            snat4,
             snat6: SnatPorts::for_core(cfg.core_index, cfg.cores),
             own4: cfg.iface.ipv4.map(|(a, _)| u32::from(a)),
             own6: cfg.iface.ipv6.map(|(a, _)| u128::from(a)),
@@ -281,6 +340,9 @@ impl Worker {
     /// Switches to a new snapshot; called between bursts. Established flows keep their backends.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
         self.stats.resize(snap.stat_slots.0, snap.stat_slots.1);
+        if let Some(p) = self.proxy.as_mut() {
+            p.set_router(snap.l7.clone());
+        }
         self.snap = snap;
         self.queue_backend_neighbors();
     }
@@ -348,10 +410,47 @@ impl Worker {
             }
         }
         self.send_solicitations(port);
+        self.run_proxy(port);
         let now = self.now;
         self.ct4.sweep(now, 8);
         self.ct6.sweep(now, 8);
         self.sync_ct_stats();
+    }
+
+    /// Runs the HTTP proxy's connections and sends the segments they produce, each in an
+    /// Ethernet frame to the next hop of its destination.
+    fn run_proxy<P: Port>(&mut self, port: &mut P) {
+        let Some(mut proxy) = self.proxy.take() else { return };
+        let mut tx: Burst<P::Buf> = Burst::new();
+        let now_ms = self.now_ms;
+        proxy.run(now_ms, |ip| {
+            if tx.is_full() {
+                self.send(port, &mut tx);
+            }
+            let dst = std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            let mac = match self.neighbor_index(IpAddr::V4(dst)).and_then(|i| self.neighbor_mac(i)) {
+                Ok(m) => m,
+                Err(r) => return self.stats.drop(r),
+            };
+            let Some(mut b) = port.alloc() else { return self.stats.drop(DropReason::TxFull) };
+            if !b.set_len(14 + ip.len()) {
+                return self.stats.drop(DropReason::TooBigForEncap);
+            }
+            let f = b.data_mut();
+            ether::set_macs(f, mac, self.cfg.iface.mac);
+            f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+            f[14..].copy_from_slice(ip);
+            tx.push(b);
+        });
+        self.send(port, &mut tx);
+        let st = proxy.stats;
+        self.stats.l7 = st;
+        self.proxy = Some(proxy);
+    }
+
+    /// The HTTP proxy's counters (None without an `l7` section).
+    pub fn proxy_stats(&self) -> Option<crate::l7::proxy::ProxyStats> {
+        self.proxy.as_ref().map(|p| p.stats)
     }
 
     /// Hands `tx` to the port; what it does not take is dropped and counted as `tx_full`.
@@ -523,7 +622,13 @@ impl Worker {
                     if !self.snat4.owns(dport) {
                         return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
+                    if proto == PROTO_TCP && self.proxy.as_ref().is_some_and(|p| p.wants(dst.into(), dport)) {
+                        return self.hand_to_proxy(buf, l3, m);
+                    }
                     Class::Rev4
+                }
+                VipMatch::NotVip if self.l7_addr == Some(dst) && proto == PROTO_TCP => {
+                    return self.hand_to_proxy(buf, l3, m);
                 }
                 VipMatch::NotVip => return drop(m, DropReason::NotForUs),
             };
@@ -537,6 +642,19 @@ impl Worker {
             return;
         }
         self.classify_v4_other(buf, l2, ihl, proto, dst, frag, seg.len(), m)
+    }
+
+    /// A segment for the HTTP proxy's TCP stack: handed over now, nothing left to send.
+    #[inline(never)]
+    fn hand_to_proxy<B: PacketBuf>(&mut self, buf: &mut B, l3: usize, m: &mut Meta) {
+        let now = self.now_ms;
+        let p = self.proxy.as_mut().expect("checked by the caller");
+        m.class = if p.ingress(&buf.data()[l3..], now) {
+            self.stats.l7_segments += 1;
+            Class::Consumed
+        } else {
+            Class::Drop(DropReason::NoFlow)
+        };
     }
 
     /// The rest of IPv4: fragments, truncated L4 headers, ICMP, other protocols.
@@ -553,7 +671,7 @@ impl Worker {
         seg_len: usize,
         m: &mut Meta,
     ) {
-        let local = self.own4 == Some(dst) || self.snap.is_vip(IpAddr::V4(dst.into()));
+        let local = self.own4 == Some(dst) || self.l7_addr == Some(dst) || self.snap.is_vip(IpAddr::V4(dst.into()));
         if !local {
             return drop(m, DropReason::NotForUs);
         }
@@ -570,7 +688,8 @@ impl Worker {
     #[inline(never)]
     fn arp<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info) -> Verdict {
         let snap = &self.snap;
-        let is_vip = |ip| snap.is_vip(ip);
+        let l7 = self.l7_addr.map(|a| IpAddr::V4(a.into()));
+        let is_vip = |ip| snap.is_vip(ip) || Some(ip) == l7;
         neigh::handle_arp(buf, l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats)
     }
 

@@ -10,6 +10,8 @@ const PORTS: u32 = 65536 - FIRST_PORT as u32;
 pub struct SnatPorts {
     lo: u16,
     hi: u16,
+    /// The last port handed to L4 flows (below it when the top is reserved for L7).
+    alloc_hi: u16,
     next: u16,
 }
 
@@ -17,13 +19,22 @@ impl SnatPorts {
     /// Core `core` of `cores`: an equal, contiguous slice of 1024..=65535.
     pub fn for_core(core: u16, cores: u16) -> SnatPorts {
         let (lo, hi) = range(core, cores);
-        SnatPorts { lo, hi, next: lo }
+        SnatPorts { lo, hi, alloc_hi: hi, next: lo }
+    }
+
+    /// Keeps the top `n` ports of this core's range (at most a quarter of it) out of L4
+    /// allocation and returns them: the L7 proxy's upstream connections use them, so their
+    /// replies come back to this core like FullNAT return traffic.
+    pub fn reserve_top(&mut self, n: u16) -> (u16, u16) {
+        let n = n.min((self.hi - self.lo) / 4).max(1);
+        self.alloc_hi = self.hi - n;
+        (self.alloc_hi + 1, self.hi)
     }
 
     #[inline]
     pub fn take_next(&mut self) -> u16 {
         let p = self.next;
-        self.next = if p == self.hi { self.lo } else { p + 1 };
+        self.next = if p >= self.alloc_hi { self.lo } else { p + 1 };
         p
     }
 
