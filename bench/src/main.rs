@@ -6,6 +6,7 @@ mod dpdk_common;
 mod io_forward;
 mod l4;
 mod l4_dpdk;
+mod l7;
 mod pktgen;
 mod report;
 mod router;
@@ -21,6 +22,8 @@ struct Cli {
 enum Cmd {
     /// L4 load balancing on one core over in-memory buffers: SYN path, then established flows.
     L4(l4::L4Args),
+    /// The HTTP proxy on the real worker, in memory: keep-alive clients and backends speaking TCP.
+    L7(l7::L7Args),
     /// DPDK io forwarding on two net_null vdevs through our binding, beside dpdk-testpmd.
     IoForward(io_forward::IoForwardArgs),
     /// DPDK packet generator: constant-rate open loop over many flows, round-trip latency from
@@ -45,6 +48,7 @@ fn main() {
     let r = match &cli.cmd {
         Cmd::L4(a) => l4::run(a),
         Cmd::IoForward(a) => io_forward::run(a),
+        Cmd::L7(a) => l7::run(a),
         Cmd::Pktgen(a) => pktgen::run(a),
         Cmd::Router(a) => router::run(a),
     };

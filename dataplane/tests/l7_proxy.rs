@@ -8,12 +8,8 @@ use fulcrum_config::model::ObjectRef;
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
 use fulcrum_dataplane::l7::router::Router;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::phy::{Device, DeviceCapabilities, Medium};
-use smoltcp::socket::tcp;
-use smoltcp::time::Instant;
-use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
-use std::collections::VecDeque;
+use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use smoltcp::iface::SocketHandle;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -22,153 +18,6 @@ const OWN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 10);
 const BE1: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
 const BE2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 12);
-
-#[derive(Default)]
-struct Wire {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-}
-struct Rx(Vec<u8>);
-struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
-impl smoltcp::phy::RxToken for Rx {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
-    }
-}
-impl smoltcp::phy::TxToken for Tx<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = vec![0; len];
-        let r = f(&mut b);
-        self.0.push_back(b);
-        r
-    }
-}
-impl Device for Wire {
-    type RxToken<'a> = Rx;
-    type TxToken<'a> = Tx<'a>;
-    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((Rx(p), Tx(&mut self.tx)))
-    }
-    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(&mut self.tx))
-    }
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut c = DeviceCapabilities::default();
-        c.medium = Medium::Ip;
-        c.max_transmission_unit = 1500;
-        c
-    }
-}
-
-/// A host: one IP-only interface with some TCP sockets.
-struct Host {
-    addr: Ipv4Addr,
-    iface: Interface,
-    dev: Wire,
-    sockets: SocketSet<'static>,
-}
-
-impl Host {
-    fn new(addr: Ipv4Addr, seed: u64) -> Host {
-        let mut dev = Wire::default();
-        let mut cfg = Config::new(HardwareAddress::Ip);
-        cfg.random_seed = seed;
-        let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(0));
-        iface.update_ip_addrs(|a| {
-            a.push(IpCidr::new(addr.into(), 24)).unwrap();
-        });
-        iface.routes_mut().add_default_ipv4_route(addr).unwrap();
-        Host { addr, iface, dev, sockets: SocketSet::new(vec![]) }
-    }
-    fn socket(&mut self) -> SocketHandle {
-        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; 65536]), tcp::SocketBuffer::new(vec![0; 65536]));
-        self.sockets.add(s)
-    }
-    fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
-        self.sockets.get_mut(h)
-    }
-    fn poll(&mut self, now: u64) {
-        self.iface.poll(Instant::from_millis(now as i64), &mut self.dev, &mut self.sockets);
-    }
-}
-
-/// A backend: answers every request on port 8080 with its name and the request line, and
-/// echoes a request body; HTTP/1.1 keep-alive.
-struct Backend {
-    host: Host,
-    name: &'static str,
-    listeners: Vec<SocketHandle>,
-    /// Per socket: bytes received, bytes still to send.
-    bufs: Vec<(SocketHandle, Vec<u8>, Vec<u8>)>,
-    requests: usize,
-}
-
-impl Backend {
-    fn new(addr: Ipv4Addr, name: &'static str) -> Backend {
-        let mut b = Backend {
-            host: Host::new(addr, u32::from(addr) as u64),
-            name,
-            listeners: vec![],
-            bufs: vec![],
-            requests: 0,
-        };
-        for _ in 0..8 {
-            b.listen();
-        }
-        b
-    }
-    fn listen(&mut self) {
-        let h = self.host.socket();
-        self.host.tcp(h).listen(8080).unwrap();
-        self.listeners.push(h);
-        self.bufs.push((h, vec![], vec![]));
-    }
-    fn serve(&mut self) {
-        for i in 0..self.bufs.len() {
-            let h = self.bufs[i].0;
-            let s = self.host.sockets.get_mut::<tcp::Socket>(h);
-            let out = &mut self.bufs[i].2;
-            if !out.is_empty() && s.may_send() {
-                let n = s.send_slice(out).unwrap();
-                out.drain(..n);
-            }
-            if s.can_recv() {
-                let _ = s.recv(|d| {
-                    self.bufs[i].1.extend_from_slice(d);
-                    (d.len(), ())
-                });
-            }
-            let buf = &mut self.bufs[i].1;
-            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
-                .unwrap_or(0);
-            if buf.len() < end + 4 + len {
-                continue;
-            }
-            let body = buf[end + 4..end + 4 + len].to_vec();
-            buf.drain(..end + 4 + len);
-            self.requests += 1;
-            let line = head.lines().next().unwrap().to_string();
-            let xff = head.lines().find(|l| l.starts_with("X-Forwarded-For")).unwrap_or("").to_string();
-            let mut resp_body = format!("{} {} {}\n", self.name, line, xff).into_bytes();
-            resp_body.extend_from_slice(&body);
-            let resp =
-                [format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", resp_body.len()).into_bytes(), resp_body]
-                    .concat();
-            self.bufs[i].2.extend_from_slice(&resp);
-        }
-        // Keep listeners available.
-        let listening =
-            self.listeners.iter().filter(|&&h| self.host.sockets.get::<tcp::Socket>(h).is_listening()).count();
-        for _ in listening..2 {
-            self.listen();
-        }
-    }
-}
 
 fn route(host: &str, path: &str, backends: &[SocketAddr]) -> L7Host {
     L7Host {
@@ -252,10 +101,7 @@ impl Lab {
     }
 
     fn connect(&mut self, port: u16) -> SocketHandle {
-        let h = self.client.socket();
-        let cx = self.client.iface.context();
-        self.client.sockets.get_mut::<tcp::Socket>(h).connect(cx, IpEndpoint::new(L7.into(), 80), port).unwrap();
-        h
+        self.client.connect((L7, 80), port, 65536)
     }
 
     /// Sends `req` on `h` and reads until `done(response so far)` or `ticks` rounds pass.
@@ -284,11 +130,7 @@ impl Lab {
 }
 
 fn complete(resp: &[u8]) -> bool {
-    let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") else { return false };
-    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
-    let len: usize =
-        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())).unwrap_or(0);
-    resp.len() >= end + 4 + len
+    response_complete(resp).is_some()
 }
 
 fn eps() -> Vec<SocketAddr> {

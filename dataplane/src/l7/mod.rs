@@ -4,4 +4,5 @@
 pub mod http;
 pub mod proxy;
 pub mod router;
+pub mod sim;
 pub mod stack;

@@ -68,6 +68,8 @@ enum Phase {
 }
 
 struct Client {
+    /// Its index in `Proxy::clients`.
+    idx: usize,
     sock: SockRef,
     key: ConnKey,
     peer: Ipv4Addr,
@@ -111,6 +113,12 @@ pub struct Proxy {
     router: Arc<Router>,
     clients: Vec<Option<Client>>,
     ups: Vec<Option<Upstream>>,
+    /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
+    /// run when that shard received segments.
+    by_shard: Vec<Vec<usize>>,
+    /// When every client was last run (for timers), and the stack's timers last checked.
+    last_sweep_ms: u64,
+    last_timers_ms: u64,
     idle: AHashMap<SocketAddrV4, Vec<usize>>,
     in_flight: AHashMap<SocketAddrV4, u32>,
     next_port: u16,
@@ -139,6 +147,9 @@ impl Proxy {
             router,
             clients: Vec::new(),
             ups: Vec::new(),
+            by_shard: Vec::new(),
+            last_sweep_ms: 0,
+            last_timers_ms: 0,
             idle: AHashMap::new(),
             in_flight: AHashMap::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
@@ -186,6 +197,7 @@ impl Proxy {
             let sock = self.stack_ref(key).expect("socket just made");
             self.stats.connections += 1;
             let c = Client {
+                idx: usize::MAX,
                 sock,
                 key,
                 peer: src,
@@ -203,7 +215,9 @@ impl Proxy {
                 endpoint: None,
                 relayed: 0,
             };
-            insert(&mut self.clients, c);
+            let idx = insert(&mut self.clients, c);
+            self.clients[idx].as_mut().unwrap().idx = idx;
+            self.attach(sock.shard, idx);
         }
         true
     }
@@ -220,8 +234,22 @@ impl Proxy {
     /// `emit` gets every IP packet to send.
     pub fn run(&mut self, now_ms: u64, emit: impl FnMut(&[u8])) {
         self.stack.set_now(now_ms);
-        self.stack.poll_ingress();
-        for i in 0..self.clients.len() {
+        let mut polled = Vec::new();
+        self.stack.poll_ingress(&mut polled);
+        // Only the clients whose shards got segments, and every client every 10 ms (timeouts):
+        // the cost of a loop follows the traffic, not the number of connections.
+        let sweep = now_ms >= self.last_sweep_ms + 10;
+        let mut todo: Vec<usize> = if sweep {
+            self.last_sweep_ms = now_ms;
+            (0..self.clients.len()).collect()
+        } else {
+            polled.iter().flat_map(|&s| self.by_shard.get(s as usize).into_iter().flatten().copied()).collect()
+        };
+        if !sweep {
+            todo.sort_unstable();
+            todo.dedup();
+        }
+        for i in todo {
             if let Some(mut c) = self.clients[i].take() {
                 let keep = self.step(&mut c, now_ms);
                 if keep {
@@ -231,12 +259,31 @@ impl Proxy {
                 }
             }
         }
-        self.reap_idle(now_ms);
         let mut due = Vec::new();
-        self.stack.due_shards(&mut due);
+        if now_ms != self.last_timers_ms {
+            self.last_timers_ms = now_ms;
+            self.reap_idle(now_ms);
+            self.stack.due_shards(&mut due);
+        }
         self.stack.poll_egress(&due, emit);
         // After egress, so that an aborted socket's RST went out first.
         self.stack.flush_removals();
+    }
+
+    fn attach(&mut self, shard: u32, client: usize) {
+        let s = shard as usize;
+        if self.by_shard.len() <= s {
+            self.by_shard.resize_with(s + 1, Vec::new);
+        }
+        self.by_shard[s].push(client);
+    }
+
+    fn detach(&mut self, shard: u32, client: usize) {
+        if let Some(v) = self.by_shard.get_mut(shard as usize) {
+            if let Some(k) = v.iter().position(|&x| x == client) {
+                v.swap_remove(k);
+            }
+        }
     }
 
     /// Connections open to clients.
@@ -357,6 +404,8 @@ impl Proxy {
         c.buf = buf;
         c.buf.drain(..head_len);
         c.up = Some(u);
+        let ushard = self.ups[u].as_ref().unwrap().sock.shard;
+        self.attach(ushard, c.idx);
         c.endpoint = Some(ep);
         c.relayed = 0;
         *self.in_flight.entry(ep).or_default() += 1;
@@ -729,6 +778,8 @@ impl Proxy {
             }
         }
         let Some(u) = c.up.take() else { return };
+        let ushard = self.ups[u].as_ref().expect("live upstream").sock.shard;
+        self.detach(ushard, c.idx);
         let up = self.ups[u].as_mut().expect("live upstream");
         let s = self.stack.tcp(up.sock);
         if reusable && s.state() == State::Established && !s.can_recv() {
@@ -817,6 +868,7 @@ impl Proxy {
             s.abort();
             self.stack.mark_dirty(c.sock);
         }
+        self.detach(c.sock.shard, c.idx);
         self.stack.remove_later(c.sock, c.key);
     }
 }

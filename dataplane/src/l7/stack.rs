@@ -203,9 +203,11 @@ impl Stack {
         }
     }
 
-    /// Runs smoltcp on the shards that received segments: their sockets see the data.
-    pub fn poll_ingress(&mut self) {
+    /// Runs smoltcp on the shards that received segments: their sockets see the data. Adds
+    /// those shards to `polled`.
+    pub fn poll_ingress(&mut self, polled: &mut Vec<u32>) {
         let now = self.now;
+        polled.extend_from_slice(&self.dirty);
         for &i in &self.dirty {
             let s = &mut self.shards[i as usize];
             while s.iface.poll_ingress_single(now, &mut s.dev, &mut s.sockets) != PollIngressSingleResult::None {}

@@ -1,0 +1,218 @@
+//! `fulcrum-bench l7`: the real worker (Ethernet in, classification, the sharded TCP stack, the
+//! HTTP proxy, Ethernet out) on an in-memory port, one pinned core, with N keep-alive client
+//! connections and a few backends that are real TCP stacks of their own (smoltcp, in memory).
+//! Only the worker's time is counted for requests per second; the latency percentiles are
+//! round trips through the whole simulation (clients and backends included), in wall time.
+
+use crate::report;
+use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::model::{DesiredState, ObjectRef};
+use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use fulcrum_dataplane::port::MemoryPort;
+use fulcrum_dataplane::snapshot::Snapshot;
+use fulcrum_dataplane::worker::{Worker, WorkerConfig};
+use hdrhistogram::Histogram;
+use smoltcp::iface::SocketHandle;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct L7Args {
+    /// Client connections (keep-alive, one request in flight each).
+    #[arg(long, default_value_t = 64)]
+    pub conns: usize,
+    /// Requests to complete.
+    #[arg(long, default_value_t = 50_000)]
+    pub requests: u64,
+    /// Backends behind the route.
+    #[arg(long, default_value_t = 4)]
+    pub backends: usize,
+    /// TLS (not implemented yet: refused).
+    #[arg(long)]
+    pub tls: bool,
+    #[arg(long)]
+    pub core: Option<usize>,
+}
+
+const BOOTSTRAP: &str = r#"
+ports:
+  - name: bench0
+    device: "memory"
+    mac: "02:f1:00:00:00:01"
+    ipv4: 10.10.0.2/24
+workers: {cores: [0]}
+vip_pools: [{name: bench, cidrs: [10.20.0.0/24]}]
+l7:
+  address: 10.20.0.100
+"#;
+
+const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+
+fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [2, 0xbe, o[0], o[1], o[2], o[3]]
+}
+
+fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + ip.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(ip);
+    f
+}
+
+pub fn run(a: &L7Args) -> anyhow::Result<()> {
+    anyhow::ensure!(!a.tls, "--tls: TLS termination is not implemented yet");
+    anyhow::ensure!(
+        a.conns > 0 && a.backends > 0 && a.conns < 30_000,
+        "--conns (1-29999) and --backends must be positive"
+    );
+    let core = crate::pin(a.core);
+    let boot = Bootstrap::parse(Path::new("bench.yaml"), BOOTSTRAP)?;
+    let client_addr = Ipv4Addr::new(10, 10, 0, 10);
+    let backend_addrs: Vec<Ipv4Addr> = (0..a.backends).map(|i| Ipv4Addr::new(10, 10, 0, 100 + i as u8)).collect();
+    let endpoints: Vec<SocketAddr> = backend_addrs.iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
+    let l7 = L7State {
+        hosts: vec![L7Host {
+            host: HostMatch::Exact("bench.example".into()),
+            paths: vec![L7Path {
+                path: "/".into(),
+                path_type: PathType::Prefix,
+                backend: L7Backend {
+                    service: ObjectRef { namespace: "bench".into(), name: "web".into() },
+                    port: Some(80),
+                    unresolved: None,
+                    endpoints,
+                },
+                ingress: ObjectRef { namespace: "bench".into(), name: "bench".into() },
+            }],
+        }],
+        ..Default::default()
+    };
+    let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1)?);
+    let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
+    cfg.ct_capacity = 1024;
+    cfg.ct_capacity_v6 = 1024;
+    cfg.static_neighbors.push((IpAddr::V4(client_addr), mac_of(client_addr)));
+    for &b in &backend_addrs {
+        cfg.static_neighbors.push((IpAddr::V4(b), mac_of(b)));
+    }
+    let mut w = Worker::new(cfg, snap)?;
+    let mut port = MemoryPort::new();
+    let mut client = Host::new(client_addr, 99);
+    let mut backends: Vec<Backend> =
+        backend_addrs.iter().map(|&b| Backend::with_listeners(b, "be", a.conns.min(256))).collect();
+
+    let conns: Vec<SocketHandle> =
+        (0..a.conns).map(|i| client.connect((L7_ADDR, 80), 20000 + i as u16, 16384)).collect();
+    // Per connection: when its request went out (wall ns), and what came back so far.
+    let mut sent_at: Vec<Option<Instant>> = vec![None; a.conns];
+    let mut got: Vec<Vec<u8>> = vec![Vec::new(); a.conns];
+    let request = b"GET /item HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: fulcrum-bench\r\n\r\n";
+    let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut done = 0u64;
+    let mut worker_ns = 0u128;
+    let mut now_ms = 1u64;
+    let mut rounds = 0u64;
+    let wall = Instant::now();
+    while done < a.requests {
+        rounds += 1;
+        if rounds.is_multiple_of(4) {
+            now_ms += 1;
+        }
+        anyhow::ensure!(rounds < 50_000_000, "no progress: {done} requests done");
+        // Clients: read responses, send the next request on idle connections.
+        for (i, &h) in conns.iter().enumerate() {
+            let s = client.tcp(h);
+            if s.can_recv() {
+                let _ = s.recv(|d| {
+                    got[i].extend_from_slice(d);
+                    (d.len(), ())
+                });
+                if let Some(n) = response_complete(&got[i]) {
+                    anyhow::ensure!(
+                        got[i].starts_with(b"HTTP/1.1 200"),
+                        "bad response: {:?}",
+                        String::from_utf8_lossy(&got[i])
+                    );
+                    got[i].drain(..n);
+                    if let Some(t) = sent_at[i].take() {
+                        lat.record(t.elapsed().as_nanos().max(1) as u64)?;
+                        done += 1;
+                    }
+                }
+            }
+            let s = client.tcp(h);
+            if sent_at[i].is_none() && s.may_send() && s.send_queue() == 0 {
+                s.send_slice(request)?;
+                sent_at[i] = Some(Instant::now());
+            }
+        }
+        client.poll(now_ms);
+        for b in backends.iter_mut() {
+            b.host.poll(now_ms);
+            b.serve();
+            b.host.poll(now_ms);
+        }
+        // Hosts -> the worker's port, as Ethernet frames.
+        for p in client.dev.tx.drain(..) {
+            port.push_rx(&frame(&p, LB_MAC, mac_of(client_addr)));
+        }
+        for b in backends.iter_mut() {
+            let mac = mac_of(b.host.addr);
+            for p in b.host.dev.tx.drain(..) {
+                port.push_rx(&frame(&p, LB_MAC, mac));
+            }
+        }
+        // The worker: everything received, then its housekeeping (the proxy runs there).
+        let t = Instant::now();
+        loop {
+            let n = w.poll(&mut port, now_ms);
+            if n == 0 && port.rx.is_empty() {
+                break;
+            }
+        }
+        worker_ns += t.elapsed().as_nanos();
+        // The worker's frames -> the hosts.
+        for f in port.take_tx() {
+            if f.len() < 34 || f[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let ip = f[14..].to_vec();
+            let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            if dst == client_addr {
+                client.dev.rx.push_back(ip);
+            } else if let Some(b) = backends.iter_mut().find(|b| b.host.addr == dst) {
+                b.host.dev.rx.push_back(ip);
+            }
+        }
+    }
+    let worker_s = worker_ns as f64 / 1e9;
+    let st = w.proxy_stats().unwrap_or_default();
+    report::print(serde_json::json!({
+        "bench": "l7",
+        "conns": a.conns,
+        "tls": false,
+        "rps_per_core": done as f64 / worker_s,
+        "p50_us": lat.value_at_quantile(0.5) as f64 / 1e3,
+        "p99_us": lat.value_at_quantile(0.99) as f64 / 1e3,
+        "latency_includes_simulated_peers": true,
+        "requests": done,
+        "worker_seconds": worker_s,
+        "wall_seconds": wall.elapsed().as_secs_f64(),
+        "backends": a.backends,
+        "upstream_connects": st.upstream_connects,
+        "upstream_reused": st.upstream_reused,
+        "errors_local": st.errors_local,
+        "socket_buffer_bytes": boot.l7.as_ref().map(|l| l.socket_buffer),
+        "core": core,
+        "loadavg": report::loadavg(),
+    }));
+    anyhow::ensure!(st.errors_local == 0, "the proxy answered {} requests with errors", st.errors_local);
+    Ok(())
+}

@@ -1,0 +1,27 @@
+//! `fulcrum-bench l7` runs the real worker's HTTP proxy against simulated TCP clients and
+//! backends and reports one JSON line with requests per second and latency percentiles.
+
+use std::process::Command;
+
+#[test]
+fn l7_bench_completes_every_request_without_errors() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench"))
+        .args(["l7", "--conns", "8", "--requests", "400", "--backends", "2"])
+        .output()
+        .expect("run fulcrum-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["bench"], "l7");
+    assert_eq!(v["conns"], 8);
+    assert_eq!(v["tls"], false);
+    assert!(v["requests"].as_u64().unwrap() >= 400);
+    assert_eq!(v["errors_local"], 0);
+    assert!(v["rps_per_core"].as_f64().unwrap() > 0.0);
+    let (p50, p99) = (v["p50_us"].as_f64().unwrap(), v["p99_us"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= p99, "{v}");
+    // Keep-alive on both sides: a handful of upstream connections carried all the requests.
+    assert!(v["upstream_reused"].as_u64().unwrap() >= 380, "{v}");
+    let tls = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench")).args(["l7", "--tls"]).output().unwrap();
+    assert!(!tls.status.success() && String::from_utf8_lossy(&tls.stderr).contains("not implemented"));
+}

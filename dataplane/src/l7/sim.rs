@@ -1,0 +1,204 @@
+//! Simulated peers for the L7 proxy's tests and benchmark: clients and backends that are real
+//! TCP stacks (smoltcp, one IP-only interface each) exchanging IP packets in memory. Not used by
+//! the appliance itself.
+
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
+
+/// IP packets in and out of a simulated host.
+#[derive(Default)]
+pub struct Wire {
+    pub rx: VecDeque<Vec<u8>>,
+    pub tx: VecDeque<Vec<u8>>,
+}
+
+pub struct Rx(Vec<u8>);
+pub struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+impl smoltcp::phy::RxToken for Rx {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl smoltcp::phy::TxToken for Tx<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut b = vec![0; len];
+        let r = f(&mut b);
+        self.0.push_back(b);
+        r
+    }
+}
+
+impl Device for Wire {
+    type RxToken<'a> = Rx;
+    type TxToken<'a> = Tx<'a>;
+    fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+        let p = self.rx.pop_front()?;
+        Some((Rx(p), Tx(&mut self.tx)))
+    }
+    fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+        Some(Tx(&mut self.tx))
+    }
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut c = DeviceCapabilities::default();
+        c.medium = Medium::Ip;
+        c.max_transmission_unit = 1500;
+        c
+    }
+}
+
+/// A host: one IP-only interface with TCP sockets.
+pub struct Host {
+    pub addr: Ipv4Addr,
+    pub iface: Interface,
+    pub dev: Wire,
+    pub sockets: SocketSet<'static>,
+}
+
+impl Host {
+    pub fn new(addr: Ipv4Addr, seed: u64) -> Host {
+        let mut dev = Wire::default();
+        let mut cfg = Config::new(HardwareAddress::Ip);
+        cfg.random_seed = seed;
+        let mut iface = Interface::new(cfg, &mut dev, Instant::from_millis(0));
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(addr.into(), 24));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(addr);
+        Host { addr, iface, dev, sockets: SocketSet::new(vec![]) }
+    }
+
+    pub fn socket(&mut self, buffer: usize) -> SocketHandle {
+        let s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; buffer]), tcp::SocketBuffer::new(vec![0; buffer]));
+        self.sockets.add(s)
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut(h)
+    }
+
+    pub fn poll(&mut self, now_ms: u64) {
+        self.iface.poll(Instant::from_millis(now_ms as i64), &mut self.dev, &mut self.sockets);
+    }
+
+    pub fn connect(&mut self, to: (Ipv4Addr, u16), local_port: u16, buffer: usize) -> SocketHandle {
+        let h = self.socket(buffer);
+        let cx = self.iface.context();
+        self.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, IpEndpoint::new(to.0.into(), to.1), local_port)
+            .expect("connect");
+        h
+    }
+}
+
+/// An HTTP/1.1 backend on port 8080: answers every request with its name, the request line
+/// and the `X-Forwarded-For` it got, then the request body; keep-alive.
+pub struct Backend {
+    pub host: Host,
+    pub name: &'static str,
+    /// Per socket: bytes received, bytes still to send.
+    conns: Vec<(SocketHandle, Vec<u8>, Vec<u8>)>,
+    pub requests: usize,
+    /// Listening sockets kept ready (smoltcp has no backlog: a SYN finding none is reset).
+    pub listeners: usize,
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, name: &'static str) -> Backend {
+        Self::with_listeners(addr, name, 4)
+    }
+
+    pub fn with_listeners(addr: Ipv4Addr, name: &'static str, listeners: usize) -> Backend {
+        let mut b =
+            Backend { host: Host::new(addr, u32::from(addr) as u64), name, conns: vec![], requests: 0, listeners };
+        b.keep_listening();
+        b
+    }
+
+    fn keep_listening(&mut self) {
+        let listening =
+            self.conns.iter().filter(|(h, _, _)| self.host.sockets.get::<tcp::Socket>(*h).is_listening()).count();
+        for _ in listening..self.listeners {
+            let h = self.host.socket(65536);
+            self.host.tcp(h).listen(8080).expect("listen");
+            self.conns.push((h, vec![], vec![]));
+        }
+    }
+
+    /// Reads requests and queues responses; closed sockets are recycled.
+    pub fn serve(&mut self) {
+        for (h, inbuf, out) in self.conns.iter_mut() {
+            let s = self.host.sockets.get_mut::<tcp::Socket>(*h);
+            if !out.is_empty() && s.may_send() {
+                let n = s.send_slice(out).unwrap_or(0);
+                out.drain(..n);
+            }
+            if s.can_recv() {
+                let _ = s.recv(|d| {
+                    inbuf.extend_from_slice(d);
+                    (d.len(), ())
+                });
+            }
+            while let Some(end) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&inbuf[..end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                if inbuf.len() < end + 4 + len {
+                    break;
+                }
+                let body = inbuf[end + 4..end + 4 + len].to_vec();
+                inbuf.drain(..end + 4 + len);
+                self.requests += 1;
+                let line = head.lines().next().unwrap_or("").to_string();
+                let xff = head.lines().find(|l| l.starts_with("X-Forwarded-For")).unwrap_or("").to_string();
+                let mut resp_body = format!("{} {} {}\n", self.name, line, xff).into_bytes();
+                resp_body.extend_from_slice(&body);
+                out.extend_from_slice(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", resp_body.len()).as_bytes(),
+                );
+                out.extend_from_slice(&resp_body);
+            }
+            if !out.is_empty() && s.may_send() {
+                let n = s.send_slice(out).unwrap_or(0);
+                out.drain(..n);
+            }
+            if matches!(s.state(), tcp::State::CloseWait) && out.is_empty() {
+                s.close();
+            }
+        }
+        // Recycle closed sockets, keep listeners available.
+        let closed: Vec<SocketHandle> = self
+            .conns
+            .iter()
+            .filter(|(h, _, _)| self.host.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed)
+            .map(|(h, _, _)| *h)
+            .collect();
+        for h in closed {
+            self.host.sockets.remove(h);
+            self.conns.retain(|(x, _, _)| *x != h);
+        }
+        self.keep_listening();
+    }
+}
+
+/// Whether `resp` holds a complete response with a Content-Length body.
+pub fn response_complete(resp: &[u8]) -> Option<usize> {
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+        .unwrap_or(0);
+    (resp.len() >= end + 4 + len).then_some(end + 4 + len)
+}
