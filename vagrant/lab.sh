@@ -130,11 +130,14 @@ cmd_up() {
         start_bg "$b-nginx" "$ns" nginx -p "$LAB_DIR/$b" -c "$LAB_DIR/$b/nginx.conf" \
             -e "$LAB_DIR/$b/error.log" -g 'daemon off;'
         start_bg "$b-udp" "$ns" python3 "$LAB_HERE/tools/udp-echo.py" --port "$UDP_PORT" --name "$b"
+        start_bg "$b-edge" "$ns" python3 "$LAB_HERE/tools/edge-servers.py" --ws-port "$WS_PORT" \
+            --reset-port "$RESET_PORT" --name "$b"
     done
     for b in "${LAB_BACKENDS[@]}"; do
         ns="$(be_var "$b" NS)"
         wait_listen "$ns" t "$HTTP_PORT" || lab_die "$b: nginx not listening (see $LAB_DIR/$b-nginx.log, $LAB_DIR/$b/error.log)"
         wait_listen "$ns" u "$UDP_PORT" || lab_die "$b: UDP echo not listening (see $LAB_DIR/$b-udp.log)"
+        wait_listen "$ns" t "$WS_PORT" || lab_die "$b: edge servers not listening (see $LAB_DIR/$b-edge.log)"
     done
     lab_log "up: client $CLIENT_NS ($CLIENT_IP4), appliance $LB_NS/$LB_IF ($LB_MAC, Fulcrum owns $LB_IP4 $LB_IP6), backends ${BACKENDS} (DSR: $(cat "$LAB_DIR/${LAB_BACKENDS[0]}/dsr-mode"))"
 }

@@ -192,6 +192,16 @@ fn lab_end_to_end() {
         "import socket,time\ns=socket.create_connection(('10.20.0.100',80))\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: web.lab\\r\\n')\ns.settimeout(5)\nt=time.time()\nd=s.recv(100)\nprint(d.split(b'\\r\\n')[0].decode(), round(time.time()-t,1))",
     ]);
     assert!(slow.starts_with("HTTP/1.1 408"), "slow client: {slow:?}");
+    // WebSocket through the Upgrade tunnel (vagrant/tools/edge-servers.py echoes with its
+    // name), and an upstream that resets every connection: 502.
+    let ws = repo().join("vagrant/tools/edge-servers.py");
+    let (ok, echo) =
+        client(&["python3", ws.to_str().unwrap(), "--client", "10.20.0.100:80", "--host", "ws.lab", "--message", "hi"]);
+    // "beN: hi | beN: hi!": both messages echoed by one backend over one tunnel.
+    let (first, second) = echo.trim().split_once(" | ").unwrap_or_default();
+    let name = first.strip_suffix(": hi").unwrap_or("?");
+    assert!(ok && name.starts_with("be") && second == format!("{name}: hi!"), "WebSocket echo: {echo:?}");
+    assert_eq!(l7("reset.lab", "/", &[]).0, "502", "an upstream that resets");
     // Keep-alive load with wrk and h2load: no errors.
     let (ok, out) = client(&["wrk", "-t1", "-c8", "-d2s", "-H", "Host: web.lab", "http://10.20.0.100/"]);
     assert!(

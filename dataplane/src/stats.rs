@@ -131,6 +131,8 @@ impl CoreStats {
         self.ct_inserts += o.ct_inserts;
         self.ct_expired += o.ct_expired;
         self.ct_evictions += o.ct_evictions;
+        self.l7_segments += o.l7_segments;
+        self.l7.merge(&o.l7);
         self.resize(self.per_vip.len().max(o.per_vip.len()), self.per_backend.len().max(o.per_backend.len()));
         for (a, b) in self.per_vip.iter_mut().zip(&o.per_vip) {
             a.packets += b.packets;
@@ -156,6 +158,11 @@ impl CoreStats {
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "per_vip": self.per_vip, "per_backend": self.per_backend,
+            "l7": {"segments": self.l7_segments, "connections": self.l7.connections, "requests": self.l7.requests,
+                   "responses": {"2xx": self.l7.responses[0], "3xx": self.l7.responses[1],
+                                 "4xx": self.l7.responses[2], "5xx": self.l7.responses[3]},
+                   "errors_local": self.l7.errors_local, "upstream_connects": self.l7.upstream_connects,
+                   "upstream_reused": self.l7.upstream_reused, "segments_unwanted": self.l7.segments_unwanted},
         })
     }
 }

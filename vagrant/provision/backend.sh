@@ -35,7 +35,17 @@ Restart=on-failure
 [Install]
 WantedBy=multi-user.target
 UNIT
+cat >/etc/systemd/system/fulcrum-lab-edge.service <<UNIT
+[Unit]
+Description=Fulcrum lab backend $name: WebSocket echo on $WS_PORT, resetting server on $RESET_PORT
+After=network.target
+[Service]
+ExecStart=/usr/bin/python3 /opt/fulcrum-lab/tools/edge-servers.py --ws-port $WS_PORT --reset-port $RESET_PORT --name $name
+Restart=on-failure
+[Install]
+WantedBy=multi-user.target
+UNIT
 systemctl daemon-reload
-systemctl enable fulcrum-lab-nginx fulcrum-lab-udp-echo >/dev/null 2>&1
-systemctl restart fulcrum-lab-nginx fulcrum-lab-udp-echo
-lab_log "backend $name: $dev $(be_var "$name" IP4) $(be_var "$name" IP6), DSR $(cat "$work/dsr-mode"), nginx :$HTTP_PORT, udp echo :$UDP_PORT"
+systemctl enable fulcrum-lab-nginx fulcrum-lab-udp-echo fulcrum-lab-edge >/dev/null 2>&1
+systemctl restart fulcrum-lab-nginx fulcrum-lab-udp-echo fulcrum-lab-edge
+lab_log "backend $name: $dev $(be_var "$name" IP4) $(be_var "$name" IP6), DSR $(cat "$work/dsr-mode"), nginx :$HTTP_PORT, udp echo :$UDP_PORT, ws :$WS_PORT, reset :$RESET_PORT"

@@ -53,6 +53,20 @@ pub struct ProxyStats {
     pub segments_unwanted: u64,
 }
 
+impl ProxyStats {
+    pub fn merge(&mut self, o: &ProxyStats) {
+        self.connections += o.connections;
+        self.requests += o.requests;
+        for (a, b) in self.responses.iter_mut().zip(o.responses) {
+            *a += b;
+        }
+        self.errors_local += o.errors_local;
+        self.upstream_connects += o.upstream_connects;
+        self.upstream_reused += o.upstream_reused;
+        self.segments_unwanted += o.segments_unwanted;
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Reading a request head (or idle between requests).
