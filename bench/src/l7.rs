@@ -91,6 +91,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                 },
                 ingress: ObjectRef { namespace: "bench".into(), name: "bench".into() },
             }],
+            ..Default::default()
         }],
         ..Default::default()
     };

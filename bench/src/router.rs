@@ -51,11 +51,17 @@ fn state(hosts: usize) -> L7State {
         .collect::<Vec<_>>()
     };
     let mut hs: Vec<L7Host> = (0..hosts)
-        .map(|i| L7Host { host: HostMatch::Exact(format!("host-{i}.example.com")), paths: paths(i) })
+        .map(|i| L7Host {
+            host: HostMatch::Exact(format!("host-{i}.example.com")),
+            paths: paths(i),
+            ..Default::default()
+        })
         .collect();
-    hs.extend(
-        (0..hosts / 10).map(|i| L7Host { host: HostMatch::Wildcard(format!("w{i}.example.net")), paths: paths(i) }),
-    );
+    hs.extend((0..hosts / 10).map(|i| L7Host {
+        host: HostMatch::Wildcard(format!("w{i}.example.net")),
+        paths: paths(i),
+        ..Default::default()
+    }));
     L7State { hosts: hs, ..Default::default() }
 }
 

@@ -115,6 +115,9 @@ pub struct L7Config {
     /// TCP ports served with plain HTTP.
     #[serde(default = "default_l7_ports")]
     pub http_ports: Vec<u16>,
+    /// TCP ports served with TLS (certificates from the Ingresses' TLS Secrets).
+    #[serde(default = "default_l7_tls_ports")]
+    pub https_ports: Vec<u16>,
     #[serde(default = "default_ingress_class")]
     pub ingress_class: String,
     #[serde(default)]
@@ -165,6 +168,10 @@ impl Default for L7Timeouts {
 
 fn default_l7_ports() -> Vec<u16> {
     vec![80]
+}
+
+fn default_l7_tls_ports() -> Vec<u16> {
+    vec![443]
 }
 
 fn default_ingress_class() -> String {
@@ -319,8 +326,14 @@ impl Bootstrap {
             Err((field.into(), msg.into()))
         }
         if let Some(l7) = &self.l7 {
-            if l7.http_ports.is_empty() || l7.http_ports.contains(&0) {
-                return fail("l7.http_ports", "list at least one port, none of them 0");
+            if l7.http_ports.contains(&0) || l7.https_ports.contains(&0) {
+                return fail("l7.http_ports", "no port 0");
+            }
+            if l7.http_ports.is_empty() && l7.https_ports.is_empty() {
+                return fail("l7.http_ports", "list at least one port (or l7.https_ports)");
+            }
+            if let Some(p) = l7.http_ports.iter().find(|p| l7.https_ports.contains(p)) {
+                return fail("l7.https_ports", format!("port {p} is also in l7.http_ports"));
             }
             if self.ports.iter().any(|p| p.ipv4.map(|a| a.addr()) == Some(l7.address)) {
                 return fail(

@@ -65,20 +65,48 @@ pub struct L7Path {
 }
 
 /// A rule's host: exact (lower case), a wildcard covering exactly one label, or any host.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HostMatch {
     Exact(String),
     /// `*.example.com`, stored as the suffix `example.com`.
     Wildcard(String),
+    #[default]
     Any,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct L7Host {
     pub host: HostMatch,
     pub paths: Vec<L7Path>,
+    /// The TLS Secret whose certificate this host is served with (from an Ingress's `tls`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_secret: Option<ObjectRef>,
+    /// Plain HTTP requests to this host are redirected to HTTPS (hosts with TLS, unless
+    /// annotated `fulcrum.io/ssl-redirect: "false"`).
+    pub ssl_redirect: bool,
 }
+
+/// A `kubernetes.io/tls` Secret's certificate chain and key (PEM). The key is never printed.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct L7Certificate {
+    pub secret: ObjectRef,
+    /// The hosts it is for (from the Ingresses' `tls[].hosts`).
+    pub hosts: Vec<HostMatch>,
+    #[serde(skip)]
+    pub cert_pem: Vec<u8>,
+    #[serde(skip)]
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for L7Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "L7Certificate({} for {:?}, {} bytes of chain)", self.secret, self.hosts, self.cert_pem.len())
+    }
+}
+
+/// Disables the HTTP-to-HTTPS redirect of an Ingress's TLS hosts.
+pub const ANNOTATION_SSL_REDIRECT: &str = "fulcrum.io/ssl-redirect";
 
 /// Everything the L7 router serves.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -89,6 +117,9 @@ pub struct L7State {
     pub default_backend: Option<L7Backend>,
     /// Our Ingresses, in precedence order.
     pub ingresses: Vec<ObjectRef>,
+    /// Certificates of the TLS Secrets our Ingresses name, in precedence order (the first is
+    /// the default for a client without SNI or with an unknown name).
+    pub certificates: Vec<L7Certificate>,
     /// What was ignored or could not be resolved, for humans (logs, `fulcrum check`).
     pub warnings: Vec<String>,
 }
@@ -263,6 +294,8 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
     });
     let mut hosts: BTreeMap<HostMatch, Vec<L7Path>> = BTreeMap::new();
     let mut seen: BTreeMap<(HostMatch, String, PathType), ObjectRef> = BTreeMap::new();
+    // Host -> (its TLS Secret, whether to redirect HTTP to HTTPS), the first Ingress naming it.
+    let mut tls_hosts: BTreeMap<HostMatch, (ObjectRef, bool)> = BTreeMap::new();
     for s in ings {
         let ing = &s.object;
         let id = ObjectRef { namespace: ns(&ing.metadata), name: ing.metadata.name.clone().unwrap_or_default() };
@@ -284,6 +317,45 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
                     .warnings
                     .push(format!("Ingress {id}: spec.defaultBackend: an older Ingress's default backend is used")),
                 _ => {}
+            }
+        }
+        let redirect = ing
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SSL_REDIRECT))
+            .is_none_or(|v| v.trim() != "false");
+        for (ti, t) in spec.tls.iter().flatten().enumerate() {
+            let Some(name) = t.secret_name.as_deref().filter(|n| !n.is_empty()) else {
+                state.warnings.push(format!(
+                    "Ingress {id}: spec.tls[{ti}]: no secretName; its hosts get the default certificate"
+                ));
+                continue;
+            };
+            let mut hosts = Vec::new();
+            for (hi, h) in t.hosts.iter().flatten().enumerate() {
+                hosts.push(parse_host(h).map_err(|m| ctx.err(format!("spec.tls[{ti}].hosts[{hi}]"), m))?);
+            }
+            if hosts.is_empty() {
+                // Unspecified: the Ingress's own rule hosts.
+                for r in spec.rules.iter().flatten() {
+                    if let Ok(h) = parse_host(r.host.as_deref().unwrap_or("")) {
+                        hosts.push(h);
+                    }
+                }
+            }
+            let secret = ObjectRef { namespace: id.namespace.clone(), name: name.to_string() };
+            match tls_secret(objects, &secret) {
+                Ok((cert_pem, key_pem)) => {
+                    for h in &hosts {
+                        tls_hosts.entry(h.clone()).or_insert((secret.clone(), redirect));
+                    }
+                    match state.certificates.iter_mut().find(|c| c.secret == secret) {
+                        Some(c) => c.hosts.extend(hosts),
+                        None => state.certificates.push(L7Certificate { secret, hosts, cert_pem, key_pem }),
+                    }
+                }
+                Err(why) => state.warnings.push(format!("Ingress {id}: spec.tls[{ti}]: Secret {secret}: {why}")),
             }
         }
         for (ri, rule) in spec.rules.iter().flatten().enumerate() {
@@ -337,7 +409,13 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
             }
         }
     }
-    state.hosts = hosts.into_iter().map(|(host, paths)| L7Host { host, paths }).collect();
+    state.hosts = hosts
+        .into_iter()
+        .map(|(host, paths)| {
+            let tls = tls_hosts.get(&host).cloned();
+            L7Host { ssl_redirect: tls.as_ref().is_some_and(|t| t.1), tls_secret: tls.map(|t| t.0), host, paths }
+        })
+        .collect();
     for h in &mut state.hosts {
         for p in &mut h.paths {
             resolve_endpoints(objects, &services, &mut p.backend);
@@ -347,6 +425,29 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
         resolve_endpoints(objects, &services, b);
     }
     Ok(state)
+}
+
+/// A `kubernetes.io/tls` Secret's `tls.crt` and `tls.key`.
+fn tls_secret(objects: &Objects, id: &ObjectRef) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let s = objects
+        .secrets
+        .iter()
+        .map(|s| &s.object)
+        .find(|s| ns(&s.metadata) == id.namespace && s.metadata.name.as_deref() == Some(id.name.as_str()))
+        .ok_or("not found")?;
+    if s.type_.as_deref().is_some_and(|t| t != "kubernetes.io/tls") {
+        return Err(format!("type {:?}, not kubernetes.io/tls", s.type_.as_deref().unwrap_or("")));
+    }
+    let get = |k: &str| -> Result<Vec<u8>, String> {
+        if let Some(v) = s.data.as_ref().and_then(|d| d.get(k)) {
+            return Ok(v.0.clone());
+        }
+        if let Some(v) = s.string_data.as_ref().and_then(|d| d.get(k)) {
+            return Ok(v.clone().into_bytes());
+        }
+        Err(format!("no {k}"))
+    };
+    Ok((get("tls.crt")?, get("tls.key")?))
 }
 
 /// Fills a backend's endpoints: the Service port's name selects the EndpointSlice port (TCP).

@@ -243,6 +243,10 @@ pub struct Snapshot {
     vips4: Vip4Table,
     /// HTTP routes of the Ingresses of our class (empty without an `l7` bootstrap section).
     pub l7: Arc<Router>,
+    /// TLS for the HTTPS ports: the certificates of the Ingresses' TLS Secrets (None: none).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Certificates that could not be used, and why.
+    pub tls_warnings: Vec<String>,
 }
 
 /// What `lookup` found for a destination.
@@ -274,6 +278,8 @@ impl Snapshot {
             vips: VipTable::new(&[]),
             vips4: Vip4Table::new(&[]),
             l7: Arc::new(Router::default()),
+            tls: None,
+            tls_warnings: vec![],
         }
     }
 
@@ -351,6 +357,7 @@ impl Snapshot {
                 maglev,
             });
         }
+        let (tls, tls_warnings) = crate::l7::tls::server_config(&state.l7.certificates);
         Ok(Snapshot {
             generation,
             stat_slots: ids.len(),
@@ -360,6 +367,8 @@ impl Snapshot {
             vips: VipTable::new(&vip_entries),
             vips4: Vip4Table::new(&vip_entries),
             l7: Arc::new(Router::compile(&state.l7)),
+            tls,
+            tls_warnings,
         })
     }
 

@@ -66,6 +66,7 @@ pub struct WorkerConfig {
 pub struct L7Settings {
     pub addr: std::net::Ipv4Addr,
     pub http_ports: Vec<u16>,
+    pub https_ports: Vec<u16>,
     pub limits: crate::l7::http::Limits,
     pub header_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
@@ -107,6 +108,7 @@ impl WorkerConfig {
             l7: boot.l7.as_ref().map(|c| L7Settings {
                 addr: c.address,
                 http_ports: c.http_ports.clone(),
+                https_ports: c.https_ports.clone(),
                 limits: crate::l7::http::Limits {
                     max_header_bytes: c.limits.max_header_bytes,
                     max_headers: c.limits.max_headers,
@@ -297,6 +299,7 @@ impl Worker {
                 let pc = ProxyConfig {
                     l7_addr: l7.addr,
                     http_ports: l7.http_ports.clone(),
+                    https_ports: l7.https_ports.clone(),
                     own_addr: own,
                     upstream_ports,
                     limits: l7.limits.clone(),
@@ -307,7 +310,9 @@ impl Worker {
                     mtu: cfg.iface.mtu as usize,
                     seed: cfg.seed ^ 0x7e57,
                 };
-                Some(Box::new(Proxy::new(pc, snap.l7.clone())))
+                let mut p = Box::new(Proxy::new(pc, snap.l7.clone()));
+                p.set_tls(snap.tls.clone());
+                Some(p)
             }
             _ => None,
         };
@@ -342,6 +347,7 @@ impl Worker {
         self.stats.resize(snap.stat_slots.0, snap.stat_slots.1);
         if let Some(p) = self.proxy.as_mut() {
             p.set_router(snap.l7.clone());
+            p.set_tls(snap.tls.clone());
         }
         self.snap = snap;
         self.queue_backend_neighbors();

@@ -3,12 +3,13 @@
 //! worker would carry them. Checks routing, streaming, keep-alive reuse, error statuses and
 //! timeouts.
 
-use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Certificate, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::ObjectRef;
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
 use fulcrum_dataplane::l7::router::Router;
 use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use rustls::pki_types::pem::PemObject;
 use smoltcp::iface::SocketHandle;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -33,6 +34,7 @@ fn route(host: &str, path: &str, backends: &[SocketAddr]) -> L7Host {
             },
             ingress: ObjectRef { namespace: "shop".into(), name: "i".into() },
         }],
+        ..Default::default()
     }
 }
 
@@ -49,6 +51,7 @@ impl Lab {
         let cfg = ProxyConfig {
             l7_addr: L7,
             http_ports: vec![80],
+            https_ports: vec![443],
             own_addr: OWN,
             upstream_ports: (60000, 60999),
             limits,
@@ -59,8 +62,10 @@ impl Lab {
             mtu: 1500,
             seed: 42,
         };
+        let mut proxy = Proxy::new(cfg, router);
+        proxy.set_tls(tls_config());
         Lab {
-            proxy: Proxy::new(cfg, router),
+            proxy,
             client: Host::new(CLIENT, 7),
             backends: vec![Backend::new(BE1, "be1"), Backend::new(BE2, "be2")],
             now: 1,
@@ -104,6 +109,70 @@ impl Lab {
         self.client.connect((L7, 80), port, 65536)
     }
 
+    /// A TLS exchange on a new connection to port 443: the handshake for `sni`, then `req`;
+    /// returns the certificate the server showed (its DER) and the response.
+    fn tls_exchange(&mut self, local_port: u16, sni: &str, req: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        use std::io::{Read, Write};
+        let h = self.client.connect((L7, 443), local_port, 65536);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(fixture("ca.crt")).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let mut tls = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+        tls.writer().write_all(req).unwrap();
+        let mut got = Vec::new();
+        for _ in 0..2000 {
+            let s = self.client.tcp(h);
+            while s.can_recv() {
+                let n = s
+                    .recv(|d| {
+                        let mut r: &[u8] = d;
+                        let n = tls.read_tls(&mut r).unwrap();
+                        (n, n)
+                    })
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+                tls.process_new_packets().expect("TLS from the proxy");
+            }
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = tls.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            while tls.wants_write() && s.may_send() {
+                let n = s
+                    .send(|b| {
+                        let mut w: &mut [u8] = b;
+                        let n = tls.write_tls(&mut w).unwrap();
+                        (n, n)
+                    })
+                    .unwrap();
+                if n == 0 {
+                    break;
+                }
+            }
+            if complete(&got) {
+                break;
+            }
+            self.tick();
+        }
+        let cert = tls.peer_certificates().map(|c| c[0].to_vec()).unwrap_or_default();
+        assert_eq!(tls.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN http/1.1");
+        (cert, got)
+    }
+
     /// Sends `req` on `h` and reads until `done(response so far)` or `ticks` rounds pass.
     fn exchange(&mut self, h: SocketHandle, req: &[u8], ticks: usize, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
         let mut sent = 0;
@@ -131,6 +200,28 @@ impl Lab {
 
 fn complete(resp: &[u8]) -> bool {
     response_complete(resp).is_some()
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
+}
+
+fn certificate(name: &str, hosts: &[&str]) -> L7Certificate {
+    L7Certificate {
+        secret: ObjectRef { namespace: "shop".into(), name: format!("{name}-tls") },
+        hosts: hosts.iter().map(|h| fulcrum_config::ingress::parse_host(h).unwrap()).collect(),
+        cert_pem: std::fs::read(fixture(&format!("{name}.crt"))).unwrap(),
+        key_pem: std::fs::read(fixture(&format!("{name}.key"))).unwrap(),
+    }
+}
+
+fn tls_config() -> Option<Arc<rustls::ServerConfig>> {
+    let (cfg, warnings) = fulcrum_dataplane::l7::tls::server_config(&[
+        certificate("shop", &["shop.example", "*.shop.example"]),
+        certificate("other", &["other.example"]),
+    ]);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    cfg
 }
 
 fn eps() -> Vec<SocketAddr> {
@@ -214,4 +305,30 @@ fn errors_made_by_the_proxy() {
         "{:?}",
         String::from_utf8_lossy(&resp)
     );
+}
+
+#[test]
+fn tls_by_sni_with_alpn_and_the_default_certificate() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()), route("", "/", &eps())], Limits::default());
+    let shop = rustls::pki_types::CertificateDer::from_pem_file(fixture("shop.crt")).unwrap().to_vec();
+    let other = rustls::pki_types::CertificateDer::from_pem_file(fixture("other.crt")).unwrap().to_vec();
+    let (cert, resp) = lab.tls_exchange(42000, "shop.example", b"GET /secure HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+    assert_eq!(cert, shop, "the certificate for the SNI name");
+    let text = String::from_utf8_lossy(&resp).to_string();
+    assert!(text.starts_with("HTTP/1.1 200 OK") && text.contains("GET /secure HTTP/1.1"), "{text}");
+    let (cert, _) = lab.tls_exchange(42001, "other.example", b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n");
+    assert_eq!(cert, other);
+    let (cert, _) = lab.tls_exchange(42002, "api.shop.example", b"GET / HTTP/1.1\r\nHost: api.shop.example\r\n\r\n");
+    assert_eq!(cert, shop, "one-label wildcard");
+}
+
+#[test]
+fn plain_http_to_a_tls_host_is_redirected() {
+    let mut host = route("shop.example", "/", &eps());
+    host.ssl_redirect = true;
+    let mut lab = Lab::new(vec![host], Limits::default());
+    let h = lab.connect(43000);
+    let resp = lab.exchange(h, b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\n\r\n", 300, complete);
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 308 ") && text.contains("Location: https://shop.example/a?b=1\r\n"), "{text}");
 }

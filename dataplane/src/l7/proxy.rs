@@ -12,6 +12,7 @@
 //! sends garbage; 504 if it does not answer in time), stream the response, then read the next
 //! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
 
+use super::client_io::{self as io, TlsSide};
 use super::http::body::BodyReader;
 use super::http::head::{self, ClientInfo};
 use super::http::Limits;
@@ -27,6 +28,8 @@ use std::sync::Arc;
 pub struct ProxyConfig {
     pub l7_addr: Ipv4Addr,
     pub http_ports: Vec<u16>,
+    /// Ports served with TLS (when there is a certificate).
+    pub https_ports: Vec<u16>,
     pub own_addr: Ipv4Addr,
     /// This core's local ports for upstream connections.
     pub upstream_ports: (u16, u16),
@@ -85,6 +88,8 @@ struct Client {
     /// Its index in `Proxy::clients`.
     idx: usize,
     sock: SockRef,
+    /// TLS, on an HTTPS port.
+    tls: io::Tls,
     key: ConnKey,
     peer: Ipv4Addr,
     phase: Phase,
@@ -125,6 +130,7 @@ pub struct Proxy {
     cfg: ProxyConfig,
     pub stack: Stack,
     router: Arc<Router>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     clients: Vec<Option<Client>>,
     ups: Vec<Option<Upstream>>,
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
@@ -159,6 +165,7 @@ impl Proxy {
             cfg,
             stack,
             router,
+            tls: None,
             clients: Vec::new(),
             ups: Vec::new(),
             by_shard: Vec::new(),
@@ -175,6 +182,11 @@ impl Proxy {
         self.router = router;
     }
 
+    /// New TLS handshakes use `tls`; open connections keep the config they started with.
+    pub fn set_tls(&mut self, tls: Option<Arc<rustls::ServerConfig>>) {
+        self.tls = tls;
+    }
+
     pub fn config(&self) -> &ProxyConfig {
         &self.cfg
     }
@@ -182,7 +194,7 @@ impl Proxy {
     /// Whether a TCP segment to `dst:dport` is the proxy's: a client of the L7 address, or a
     /// reply on one of this core's upstream ports.
     pub fn wants(&self, dst: Ipv4Addr, dport: u16) -> bool {
-        (dst == self.cfg.l7_addr && self.cfg.http_ports.contains(&dport))
+        (dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || self.cfg.https_ports.contains(&dport)))
             || (dst == self.cfg.own_addr && (self.cfg.upstream_ports.0..=self.cfg.upstream_ports.1).contains(&dport))
     }
 
@@ -199,7 +211,13 @@ impl Proxy {
         let t = &ip[ihl..];
         let (sport, dport, flags) = (u16::from_be_bytes([t[0], t[1]]), u16::from_be_bytes([t[2], t[3]]), t[13]);
         let syn = flags & 0x12 == 0x02;
-        let listen = dst == self.cfg.l7_addr && self.cfg.http_ports.contains(&dport);
+        let https = self.cfg.https_ports.contains(&dport);
+        if dst == self.cfg.l7_addr && https && self.tls.is_none() && syn {
+            // No certificate at all: nothing to serve on the HTTPS port.
+            self.stats.segments_unwanted += 1;
+            return false;
+        }
+        let listen = dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || https);
         let key = (u32::from(src), sport, dport);
         let known = self.stack_has(key);
         if !self.stack.ingress(ip, key, syn, listen) {
@@ -210,9 +228,21 @@ impl Proxy {
             // A new connection: the stack made its listening socket.
             let sock = self.stack_ref(key).expect("socket just made");
             self.stats.connections += 1;
+            let tls = if self.cfg.https_ports.contains(&dport) {
+                match &self.tls {
+                    Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                        Ok(conn) => Some(Box::new(TlsSide::new(conn))),
+                        Err(_) => None,
+                    },
+                    None => None,
+                }
+            } else {
+                None
+            };
             let c = Client {
                 idx: usize::MAX,
                 sock,
+                tls,
                 key,
                 peer: src,
                 phase: Phase::Head,
@@ -306,27 +336,39 @@ impl Proxy {
     }
 
     fn step(&mut self, c: &mut Client, now: u64) -> bool {
+        io::pump(&mut self.stack, c.sock, &mut c.tls);
+        if c.tls.as_ref().is_some_and(|t| t.failed) {
+            // A failed handshake or a bad record: rustls queued the alert; send it and close.
+            io::pump(&mut self.stack, c.sock, &mut c.tls);
+            c.phase = Phase::Closing;
+        }
         // Anything owed to the client goes first.
-        if !self.flush_client(c) {
-            return self.closing(c);
+        let keep = if !self.flush_client(c) {
+            self.closing(c)
+        } else {
+            match c.phase {
+                Phase::Head => self.read_head(c, now),
+                Phase::Request => self.request(c, now),
+                Phase::Response => self.response(c),
+                Phase::Tunnel => self.tunnel(c),
+                Phase::Closing => self.closing(c),
+            }
+        };
+        if keep {
+            io::pump(&mut self.stack, c.sock, &mut c.tls);
         }
-        match c.phase {
-            Phase::Head => self.read_head(c, now),
-            Phase::Request => self.request(c, now),
-            Phase::Response => self.response(c),
-            Phase::Tunnel => self.tunnel(c),
-            Phase::Closing => self.closing(c),
-        }
+        keep
     }
 
     /// Sends `c.out`; false if the client is gone.
     fn flush_client(&mut self, c: &mut Client) -> bool {
-        let s = self.stack.tcp(c.sock);
         if c.out_off < c.out.len() {
-            if !s.may_send() {
-                return s.state() == State::SynReceived || s.state() == State::Listen;
+            if !io::may_send(&mut self.stack, c.sock, &c.tls) {
+                let st = self.stack.tcp(c.sock).state();
+                return st == State::SynReceived || st == State::Listen;
             }
-            if let Ok(n) = s.send_slice(&c.out[c.out_off..]) {
+            let n = io::send(&mut self.stack, c.sock, &mut c.tls, &c.out[c.out_off..]);
+            if n > 0 {
                 c.out_off += n;
                 self.stack.mark_dirty(c.sock);
             }
@@ -344,17 +386,17 @@ impl Proxy {
             return now < c.deadline + self.cfg.header_timeout_ms;
         }
         let room = self.cfg.limits.max_header_bytes.saturating_sub(c.buf.len());
-        if s.can_recv() && room > 0 {
-            let _ = s.recv(|d| {
-                let n = d.len().min(room);
-                c.buf.extend_from_slice(&d[..n]);
-                (n, ())
-            });
+        if io::can_recv(&mut self.stack, c.sock, &c.tls) && room > 0 {
+            io::recv_into(&mut self.stack, c.sock, &mut c.tls, &mut c.buf, room);
             self.stack.mark_dirty(c.sock);
         }
         if c.buf.is_empty() {
-            let s = self.stack.tcp(c.sock);
-            if !s.may_recv() || now >= c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms)
+            if c.tls.as_ref().is_some_and(|t| t.handshaking()) && now >= c.deadline {
+                // A handshake that does not finish in time: closed like a slow head.
+                return self.close(c);
+            }
+            if !io::may_recv(&mut self.stack, c.sock, &c.tls)
+                || now >= c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms)
             {
                 // Closed by the client, or idle too long between requests: close quietly.
                 return self.close(c);
@@ -368,11 +410,10 @@ impl Proxy {
             Ok(Some(r)) => r,
             Ok(None) => {
                 c.buf = buf;
-                let s = self.stack.tcp(c.sock);
                 if now >= c.deadline {
                     return self.fail(c, 408);
                 }
-                if !s.may_recv() {
+                if !io::may_recv(&mut self.stack, c.sock, &c.tls) {
                     return self.fail(c, 400);
                 }
                 return true;
@@ -388,7 +429,19 @@ impl Proxy {
         c.head_request = r.method.eq_ignore_ascii_case("HEAD");
         c.upgrade = r.upgrade.is_some();
         let router = self.router.clone();
-        let target = match router.route(r.host.unwrap_or(""), r.target) {
+        let host = r.host.unwrap_or("");
+        if c.tls.is_none() && router.https_redirect(host) {
+            // A host with TLS: plain HTTP is sent to HTTPS (308 keeps the method and body).
+            let location = format!("https://{host}{}", r.target);
+            self.count_response(308);
+            let mut out = Vec::new();
+            head::redirect_response(&location, &mut out);
+            c.out.extend_from_slice(&out);
+            c.buf.clear();
+            c.phase = Phase::Closing;
+            return self.closing(c);
+        }
+        let target = match router.route(host, r.target) {
             Route::Backend(t) => t,
             Route::NotFound => {
                 c.buf = buf;
@@ -409,7 +462,8 @@ impl Proxy {
         };
         let peer = c.peer.to_string();
         let up = self.ups[u].as_mut().expect("live upstream");
-        head::write_upstream_request(&r, ClientInfo { addr: &peer, proto: "http" }, &mut up.out);
+        let proto = if c.tls.is_some() { "https" } else { "http" };
+        head::write_upstream_request(&r, ClientInfo { addr: &peer, proto }, &mut up.out);
         up.out_off = 0;
         up.buf.clear();
         c.req_body = Some(BodyReader::new(r.framing, self.cfg.limits.max_body_bytes));
@@ -635,13 +689,12 @@ impl Proxy {
             if room == 0 {
                 break;
             }
-            let cs = self.stack.tcp(c.sock);
-            let n = match cs.peek_slice(&mut self.scratch[..room.min(SCRATCH)]) {
-                Ok(n) if n > 0 => n,
-                _ => break,
-            };
+            let n = io::peek(&mut self.stack, c.sock, &c.tls, &mut self.scratch[..room.min(SCRATCH)]);
+            if n == 0 {
+                break;
+            }
             let take = reader.feed(&self.scratch[..n]).map_err(body_status)?;
-            discard(cs, take);
+            io::discard(&mut self.stack, c.sock, &mut c.tls, take);
             let _ = self.stack.tcp(usock).send_slice(&self.scratch[..take]);
             if take < n {
                 break; // the next request's bytes stay in the socket
@@ -658,13 +711,10 @@ impl Proxy {
             if body.is_done() {
                 break;
             }
-            let room = {
-                let s = self.stack.tcp(c.sock);
-                if !s.may_send() {
-                    return self.close(c);
-                }
-                s.send_capacity() - s.send_queue()
-            };
+            if !io::may_send(&mut self.stack, c.sock, &c.tls) {
+                return self.close(c);
+            }
+            let room = io::room(&mut self.stack, c.sock, &c.tls);
             if room == 0 {
                 break;
             }
@@ -696,7 +746,7 @@ impl Proxy {
                 }
             };
             discard(self.stack.tcp(usock), take);
-            let _ = self.stack.tcp(c.sock).send_slice(&self.scratch[..take]);
+            io::send(&mut self.stack, c.sock, &mut c.tls, &self.scratch[..take]);
             c.relayed += take as u64;
         }
         self.stack.mark_dirty(usock);
@@ -720,33 +770,42 @@ impl Proxy {
     fn tunnel(&mut self, c: &mut Client) -> bool {
         let u = c.up.expect("a tunnel has an upstream");
         let usock = self.ups[u].as_ref().unwrap().sock;
-        let a = self.copy(c.sock, usock);
-        let b = self.copy(usock, c.sock);
+        // Client -> upstream.
+        let mut a = 0;
+        let room = {
+            let s = self.stack.tcp(usock);
+            if s.may_send() {
+                s.send_capacity() - s.send_queue()
+            } else {
+                0
+            }
+        };
+        if room > 0 {
+            a = io::peek(&mut self.stack, c.sock, &c.tls, &mut self.scratch[..room.min(SCRATCH)]);
+            if a > 0 {
+                io::discard(&mut self.stack, c.sock, &mut c.tls, a);
+                let _ = self.stack.tcp(usock).send_slice(&self.scratch[..a]);
+            }
+        }
+        // Upstream -> client.
+        let mut b = 0;
+        let room =
+            if io::may_send(&mut self.stack, c.sock, &c.tls) { io::room(&mut self.stack, c.sock, &c.tls) } else { 0 };
+        if room > 0 {
+            b = self.stack.tcp(usock).recv_slice(&mut self.scratch[..room.min(SCRATCH)]).unwrap_or(0);
+            if b > 0 {
+                io::send(&mut self.stack, c.sock, &mut c.tls, &self.scratch[..b]);
+            }
+        }
         self.stack.mark_dirty(usock);
         self.stack.mark_dirty(c.sock);
-        let (cs_open, us_open) = (self.stack.tcp(c.sock).may_recv(), self.stack.tcp(usock).may_recv());
+        let (cs_open, us_open) = (io::may_recv(&mut self.stack, c.sock, &c.tls), self.stack.tcp(usock).may_recv());
         if (!cs_open || !us_open) && a == 0 && b == 0 {
             self.release_upstream(c, false);
             c.phase = Phase::Closing;
             return self.closing(c);
         }
         true
-    }
-
-    /// Copies what fits from one socket to another.
-    fn copy(&mut self, from: SockRef, to: SockRef) -> usize {
-        let room = {
-            let s = self.stack.tcp(to);
-            if !s.may_send() {
-                return 0;
-            }
-            s.send_capacity() - s.send_queue()
-        };
-        let n = self.stack.tcp(from).recv_slice(&mut self.scratch[..room.min(SCRATCH)]).unwrap_or(0);
-        if n > 0 {
-            let _ = self.stack.tcp(to).send_slice(&self.scratch[..n]);
-        }
-        n
     }
 
     fn count_response(&mut self, status: u16) {
@@ -849,14 +908,22 @@ impl Proxy {
         if c.up.is_some() {
             self.release_upstream(c, false);
         }
-        let s = self.stack.tcp(c.sock);
-        if c.out_off < c.out.len() && s.may_send() {
-            if let Ok(n) = s.send_slice(&c.out[c.out_off..]) {
-                c.out_off += n;
-            }
+        if c.out_off < c.out.len() && io::may_send(&mut self.stack, c.sock, &c.tls) {
+            c.out_off += io::send(&mut self.stack, c.sock, &mut c.tls, &c.out[c.out_off..]);
         }
-        if c.out_off >= c.out.len() && s.is_open() && s.state() != State::FinWait1 && s.state() != State::FinWait2 {
-            s.close();
+        if c.out_off >= c.out.len() {
+            // TLS: close_notify once, encrypted and out before the FIN.
+            if c.tls.as_ref().is_some_and(|t| !t.failed && !t.handshaking()) && c.phase == Phase::Closing {
+                io::close_notify(&mut c.tls);
+                if let Some(t) = c.tls.as_mut() {
+                    t.failed = true; // nothing more to send on it
+                }
+            }
+            io::pump(&mut self.stack, c.sock, &mut c.tls);
+            let s = self.stack.tcp(c.sock);
+            if io::drained(&c.tls) && s.is_open() && s.state() != State::FinWait1 && s.state() != State::FinWait2 {
+                s.close();
+            }
         }
         self.stack.mark_dirty(c.sock);
         let st = s_state(&mut self.stack, c.sock);

@@ -51,6 +51,8 @@ struct PathTable {
     /// request path costs about one lookup per rule it could match, not one per element.
     exact_lens: u128,
     prefix_lens: u128,
+    /// The host has TLS: plain HTTP requests are redirected to HTTPS.
+    https_redirect: bool,
 }
 
 #[inline]
@@ -133,11 +135,29 @@ impl Router {
                 HostMatch::Wildcard(x) => r.wildcard.entry(x.clone()).or_default(),
                 HostMatch::Any => r.any.get_or_insert_with(PathTable::default),
             };
+            table.https_redirect |= h.ssl_redirect;
             for p in &h.paths {
                 table.insert(&p.path, p.path_type, Target::from(&p.backend));
             }
         }
         r
+    }
+
+    /// The most specific host table for a Host header.
+    fn table(&self, host: &str) -> Option<&PathTable> {
+        self.exact
+            .get(host)
+            .or_else(|| {
+                let dot = host.find('.')?;
+                self.wildcard.get(&host[dot + 1..]).filter(|_| dot > 0)
+            })
+            .or(self.any.as_ref())
+    }
+
+    /// Whether plain HTTP requests for this Host header go to HTTPS instead.
+    pub fn https_redirect(&self, host: &str) -> bool {
+        let mut buf = [0u8; MAX_HOST];
+        normalise_host(host, &mut buf).and_then(|h| self.table(h)).is_some_and(|t| t.https_redirect)
     }
 
     /// Routes a request by its Host header (or `:authority`) and request target.
@@ -153,14 +173,7 @@ impl Router {
         let Some(host) = normalise_host(host, &mut buf) else {
             return Route::BadRequest("invalid Host header");
         };
-        let table = self
-            .exact
-            .get(host)
-            .or_else(|| {
-                let dot = host.find('.')?;
-                self.wildcard.get(&host[dot + 1..]).filter(|_| dot > 0)
-            })
-            .or(self.any.as_ref());
+        let table = self.table(host);
         match table.and_then(|t| t.route(path)).or(self.default.as_ref()) {
             Some(t) => Route::Backend(t),
             None => Route::NotFound,
@@ -260,7 +273,7 @@ mod tests {
                 ingress: ObjectRef { namespace: "ns".into(), name: "i".into() },
             })
             .collect();
-        Router::compile(&L7State { hosts: vec![L7Host { host, paths }], ..Default::default() })
+        Router::compile(&L7State { hosts: vec![L7Host { host, paths, ..Default::default() }], ..Default::default() })
     }
 
     fn routed<'a>(r: &'a Router, host: &str, path: &str) -> Option<&'a str> {
@@ -336,9 +349,9 @@ mod tests {
             ingress: ObjectRef { namespace: "ns".into(), name: "i".into() },
         };
         state.hosts = vec![
-            L7Host { host: HostMatch::Exact("a.example.com".into()), paths: vec![path("exact")] },
-            L7Host { host: HostMatch::Wildcard("example.com".into()), paths: vec![path("wild")] },
-            L7Host { host: HostMatch::Any, paths: vec![path("any")] },
+            L7Host { host: HostMatch::Exact("a.example.com".into()), paths: vec![path("exact")], ..Default::default() },
+            L7Host { host: HostMatch::Wildcard("example.com".into()), paths: vec![path("wild")], ..Default::default() },
+            L7Host { host: HostMatch::Any, paths: vec![path("any")], ..Default::default() },
         ];
         let r = Router::compile(&state);
         assert_eq!(routed(&r, "A.Example.COM:8443", "/x?q=1"), Some("ns/exact"), "port and case ignored");
@@ -363,6 +376,7 @@ mod tests {
                     backend: backend("api"),
                     ingress: ObjectRef { namespace: "ns".into(), name: "i".into() },
                 }],
+                ..Default::default()
             },
             L7Host {
                 host: HostMatch::Any,
@@ -372,6 +386,7 @@ mod tests {
                     backend: backend("any"),
                     ingress: ObjectRef { namespace: "ns".into(), name: "i".into() },
                 }],
+                ..Default::default()
             },
         ];
         let mut state = L7State { hosts, ..Default::default() };

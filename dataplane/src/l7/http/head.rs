@@ -456,6 +456,15 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// A 308 to `location` (HTTP to HTTPS), closing the connection after it.
+pub fn redirect_response(location: &str, out: &mut Vec<u8>) {
+    out.clear();
+    let _ = write!(
+        out,
+        "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
 /// A complete response the proxy makes itself (errors, redirects): small body, connection closed
 /// after it unless `keep_alive`.
 pub fn error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {

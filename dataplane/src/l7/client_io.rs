@@ -1,0 +1,210 @@
+//! The client side of a proxied connection, plain or TLS, behind one set of calls: the proxy
+//! reads request bytes and writes response bytes without caring which. For TLS, rustls sits
+//! between the TCP socket and two plaintext buffers; `pump` moves ciphertext in and out and
+//! plaintext through, bounded so that a fast sender is held back by TCP flow control as it is
+//! on a plain connection.
+
+use super::stack::{SockRef, Stack};
+use rustls::ServerConnection;
+use std::io::{Read, Write};
+
+/// Plaintext held per direction at most (the proxy moves it on as room allows).
+const PLAIN_LIMIT: usize = 32 * 1024;
+
+pub struct TlsSide {
+    pub conn: ServerConnection,
+    /// Decrypted request bytes not yet taken by the proxy.
+    plain_in: Vec<u8>,
+    /// Response bytes not yet encrypted.
+    plain_out: Vec<u8>,
+    /// The client sent close_notify (or closed).
+    eof: bool,
+    /// The TLS session failed (bad record, handshake failure): the alert is sent, then close.
+    pub failed: bool,
+}
+
+impl TlsSide {
+    pub fn new(conn: ServerConnection) -> TlsSide {
+        TlsSide { conn, plain_in: Vec::new(), plain_out: Vec::new(), eof: false, failed: false }
+    }
+
+    pub fn handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+}
+
+pub type Tls = Option<Box<TlsSide>>;
+
+/// Moves bytes through rustls: ciphertext from the socket, plaintext out of rustls into
+/// `plain_in`, `plain_out` into rustls, ciphertext to the socket.
+pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls) {
+    let Some(t) = tls.as_mut() else { return };
+    let s = stack.tcp(sock);
+    while !t.failed && s.can_recv() && t.conn.wants_read() && t.plain_in.len() < PLAIN_LIMIT {
+        let n = s
+            .recv(|d| {
+                let mut r: &[u8] = d;
+                let n = t.conn.read_tls(&mut r).unwrap_or(0);
+                (n, n)
+            })
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        if t.conn.process_new_packets().is_err() {
+            t.failed = true;
+        }
+        read_plain(t);
+    }
+    if !t.failed {
+        read_plain(t);
+    }
+    if !t.plain_out.is_empty() && !t.conn.is_handshaking() {
+        if let Ok(n) = t.conn.writer().write(&t.plain_out) {
+            t.plain_out.drain(..n);
+        }
+    }
+    while t.conn.wants_write() && s.may_send() {
+        let n = s
+            .send(|buf| {
+                let mut w: &mut [u8] = buf;
+                let n = t.conn.write_tls(&mut w).unwrap_or(0);
+                (n, n)
+            })
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    // The client closed its side (not: the handshake is still being set up).
+    use smoltcp::socket::tcp::State;
+    if !s.can_recv()
+        && matches!(s.state(), State::CloseWait | State::LastAck | State::Closing | State::TimeWait | State::Closed)
+    {
+        t.eof = true;
+    }
+    stack.mark_dirty(sock);
+}
+
+fn read_plain(t: &mut TlsSide) {
+    let mut buf = [0u8; 4096];
+    while t.plain_in.len() < PLAIN_LIMIT {
+        match t.conn.reader().read(&mut buf) {
+            Ok(0) => {
+                t.eof = true;
+                break;
+            }
+            Ok(n) => t.plain_in.extend_from_slice(&buf[..n]),
+            Err(_) => break, // WouldBlock: nothing more decrypted yet
+        }
+    }
+}
+
+/// Request bytes are waiting.
+pub fn can_recv(stack: &mut Stack, sock: SockRef, tls: &Tls) -> bool {
+    match tls {
+        Some(t) => !t.plain_in.is_empty(),
+        None => stack.tcp(sock).can_recv(),
+    }
+}
+
+/// More request bytes may still come.
+pub fn may_recv(stack: &mut Stack, sock: SockRef, tls: &Tls) -> bool {
+    match tls {
+        Some(t) => !t.plain_in.is_empty() || (!t.eof && !t.failed && stack.tcp(sock).may_recv()),
+        None => stack.tcp(sock).may_recv(),
+    }
+}
+
+/// Appends up to `max` request bytes to `out`; returns how many.
+pub fn recv_into(stack: &mut Stack, sock: SockRef, tls: &mut Tls, out: &mut Vec<u8>, max: usize) -> usize {
+    match tls {
+        Some(t) => {
+            let n = t.plain_in.len().min(max);
+            out.extend_from_slice(&t.plain_in[..n]);
+            t.plain_in.drain(..n);
+            n
+        }
+        None => stack
+            .tcp(sock)
+            .recv(|d| {
+                let n = d.len().min(max);
+                out.extend_from_slice(&d[..n]);
+                (n, n)
+            })
+            .unwrap_or(0),
+    }
+}
+
+/// Copies request bytes into `buf` without taking them.
+pub fn peek(stack: &mut Stack, sock: SockRef, tls: &Tls, buf: &mut [u8]) -> usize {
+    match tls {
+        Some(t) => {
+            let n = t.plain_in.len().min(buf.len());
+            buf[..n].copy_from_slice(&t.plain_in[..n]);
+            n
+        }
+        None => stack.tcp(sock).peek_slice(buf).unwrap_or(0),
+    }
+}
+
+/// Takes `n` request bytes already peeked.
+pub fn discard(stack: &mut Stack, sock: SockRef, tls: &mut Tls, mut n: usize) {
+    match tls {
+        Some(t) => {
+            t.plain_in.drain(..n.min(t.plain_in.len()));
+        }
+        None => {
+            let s = stack.tcp(sock);
+            while n > 0 {
+                match s.recv(|d| {
+                    let k = d.len().min(n);
+                    (k, k)
+                }) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n -= k,
+                }
+            }
+        }
+    }
+}
+
+/// Whether response bytes can still be sent.
+pub fn may_send(stack: &mut Stack, sock: SockRef, tls: &Tls) -> bool {
+    tls.as_ref().is_none_or(|t| !t.failed) && stack.tcp(sock).may_send()
+}
+
+/// How many response bytes `send` takes now.
+pub fn room(stack: &mut Stack, sock: SockRef, tls: &Tls) -> usize {
+    match tls {
+        Some(t) => PLAIN_LIMIT.saturating_sub(t.plain_out.len()),
+        None => {
+            let s = stack.tcp(sock);
+            s.send_capacity() - s.send_queue()
+        }
+    }
+}
+
+/// Queues response bytes; returns how many were taken.
+pub fn send(stack: &mut Stack, sock: SockRef, tls: &mut Tls, data: &[u8]) -> usize {
+    match tls {
+        Some(t) => {
+            let n = data.len().min(PLAIN_LIMIT.saturating_sub(t.plain_out.len()));
+            t.plain_out.extend_from_slice(&data[..n]);
+            n
+        }
+        None => stack.tcp(sock).send_slice(data).unwrap_or(0),
+    }
+}
+
+/// Everything queued has left (for TLS: encrypted and handed to TCP).
+pub fn drained(tls: &Tls) -> bool {
+    tls.as_ref().is_none_or(|t| t.plain_out.is_empty() && !t.conn.wants_write())
+}
+
+/// Starts an orderly close: TLS close_notify first.
+pub fn close_notify(tls: &mut Tls) {
+    if let Some(t) = tls.as_mut() {
+        t.conn.send_close_notify();
+    }
+}
