@@ -43,6 +43,69 @@ impl Drop for Teardown {
     }
 }
 
+/// Runs openssl in `dir`; panics with its output if it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// A certificate for secure.lab (organisation `org`) signed by dir/ca.*, as a Secret manifest.
+fn tls_secret(dir: &Path, org: &str) -> String {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN=secure.lab/O={org}"),
+            "-keyout",
+            &format!("{org}.key"),
+            "-out",
+            &format!("{org}.csr"),
+        ],
+    );
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:secure.lab\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{org}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &format!("{org}.crt"),
+        ],
+    );
+    let b64 = |f: &str| {
+        let o = Command::new("base64").args(["-w0", f]).current_dir(dir).output().unwrap();
+        String::from_utf8(o.stdout).unwrap()
+    };
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: secure-tls, namespace: lab}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+        b64(&format!("{org}.crt")),
+        b64(&format!("{org}.key"))
+    )
+}
+
+fn secure_ingress(secret: &str) -> String {
+    format!(
+        "\n---\n{secret}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: secure, namespace: lab}}\nspec:\n  ingressClassName: fulcrum\n  tls: [{{hosts: [secure.lab], secretName: secure-tls}}]\n  rules:\n  - host: secure.lab\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}\n"
+    )
+}
+
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
 }
@@ -80,7 +143,31 @@ fn lab_end_to_end() {
     assert!(boot.contains("header_ms: 10000"), "the example bootstrap sets l7.timeouts.header_ms");
     std::fs::write(dir.join("bootstrap.yaml"), boot.replace("header_ms: 10000", "header_ms: 1500")).unwrap();
     let manifests = dir.join("manifests.yaml");
-    let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap();
+    // TLS for secure.lab: a CA made here and a certificate it signs, in a kubernetes.io/tls
+    // Secret that an Ingress names (a second certificate replaces it further down).
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Fulcrum e2e CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ],
+    );
+    let secret_v1 = tls_secret(&dir, "v1");
+    let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
+        + &secure_ingress(&secret_v1);
     std::fs::write(&manifests, &lab_manifests).unwrap();
     let child = Command::new("ip")
         .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
@@ -202,6 +289,62 @@ fn lab_end_to_end() {
     let name = first.strip_suffix(": hi").unwrap_or("?");
     assert!(ok && name.starts_with("be") && second == format!("{name}: hi!"), "WebSocket echo: {echo:?}");
     assert_eq!(l7("reset.lab", "/", &[]).0, "502", "an upstream that resets");
+    // HTTPS: the Secret's certificate by SNI, HTTP redirected to HTTPS, and a certificate
+    // swap that new handshakes see while an open TLS connection lives on.
+    let ca = dir.join("ca.crt");
+    let https = |extra: &[&str]| -> String {
+        let mut args =
+            vec!["curl", "-s", "-m", "5", "--cacert", ca.to_str().unwrap(), "--resolve", "secure.lab:443:10.20.0.100"];
+        args.extend_from_slice(extra);
+        args.push("https://secure.lab/");
+        client(&args).1
+    };
+    let body = https(&[]);
+    assert!(body.trim().starts_with("be"), "HTTPS through the Ingress: {body:?}");
+    let (code, _) = l7("secure.lab", "/x?y=1", &["-o", "/dev/null", "-D", "-"]);
+    assert_eq!(code, "308", "HTTP to a TLS host is redirected");
+    let (_, head) = client(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "--resolve",
+        "secure.lab:80:10.20.0.100",
+        "http://secure.lab/x?y=1",
+    ]);
+    assert!(head.contains("Location: https://secure.lab/x?y=1"), "{head}");
+    let subject = || -> String {
+        let (_, out) = client(&["bash", "-c", &format!(
+            "openssl s_client -connect 10.20.0.100:443 -servername secure.lab -CAfile {} </dev/null 2>/dev/null | grep -m1 '^subject='",
+            ca.display())]);
+        out
+    };
+    assert!(subject().contains("O = v1"), "s_client shows the Secret's certificate: {:?}", subject());
+    let flag = dir.join("swapped");
+    let held = Command::new("ip")
+        .args(["netns", "exec", "fl-client", "python3", "-c"])
+        .arg(format!(
+            "import socket,ssl,time,os\nctx=ssl.create_default_context(cafile='{}')\ns=ctx.wrap_socket(socket.create_connection(('10.20.0.100',443)),server_hostname='secure.lab')\nprint(dict(x[0] for x in s.getpeercert()['subject'])['organizationName'],flush=True)\nt=time.time()\nwhile not os.path.exists('{}') and time.time()-t<20: time.sleep(0.1)\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: secure.lab\\r\\n\\r\\n')\nprint(s.recv(200).split(b'\\r\\n')[0].decode(),flush=True)",
+            ca.display(), flag.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let secret_v2 = tls_secret(&dir, "v2");
+    std::fs::write(&manifests, lab_manifests.replace(&secret_v1, &secret_v2)).unwrap();
+    hup();
+    std::fs::write(&flag, "").unwrap();
+    let out = held.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["v1", "HTTP/1.1 200 OK"], "the open TLS connection lived on: {text}");
+    assert!(subject().contains("O = v2"), "new handshakes get the new certificate: {:?}", subject());
+    std::fs::write(&manifests, &lab_manifests).unwrap();
+    hup();
+
     // Keep-alive load with wrk and h2load: no errors.
     let (ok, out) = client(&["wrk", "-t1", "-c8", "-d2s", "-H", "Host: web.lab", "http://10.20.0.100/"]);
     assert!(
