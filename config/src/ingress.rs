@@ -598,6 +598,30 @@ mod tests {
     }
 
     #[test]
+    fn tls_secrets_hosts_and_redirects() {
+        let secret = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: shop-tls, namespace: shop}\ntype: kubernetes.io/tls\nstringData: {tls.crt: CERT, tls.key: KEY}\n";
+        let opaque = "---\napiVersion: v1\nkind: Secret\nmetadata: {name: opaque, namespace: shop}\ntype: Opaque\nstringData: {tls.crt: C, tls.key: K}\n";
+        let rules = "  rules:\n  - host: shop.example\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n  - host: plain.example\n    http:\n      paths:\n      - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}\n";
+        let body = format!("  ingressClassName: fulcrum\n  tls:\n  - {{hosts: [shop.example], secretName: shop-tls}}\n  - {{hosts: [plain.example], secretName: opaque}}\n  - {{secretName: missing}}\n{rules}");
+        let s = parse(&format!("{SVC}{secret}{opaque}{}", ingress("", &body))).unwrap();
+        assert_eq!(s.certificates.len(), 1);
+        assert_eq!(s.certificates[0].secret.to_string(), "shop/shop-tls");
+        assert_eq!(s.certificates[0].cert_pem, b"CERT");
+        assert!(!format!("{:?}", s.certificates[0]).contains("KEY"), "keys are never printed");
+        assert!(!serde_json::to_string(&s).unwrap().contains("KEY"), "nor serialised");
+        let shop = s.hosts.iter().find(|h| h.host == HostMatch::Exact("shop.example".into())).unwrap();
+        assert!(shop.ssl_redirect && shop.tls_secret.as_ref().unwrap().name == "shop-tls");
+        let plain = s.hosts.iter().find(|h| h.host == HostMatch::Exact("plain.example".into())).unwrap();
+        assert!(!plain.ssl_redirect && plain.tls_secret.is_none());
+        assert!(s.warnings.iter().any(|w| w.contains("Secret shop/opaque: type \"Opaque\"")), "{:?}", s.warnings);
+        assert!(s.warnings.iter().any(|w| w.contains("Secret shop/missing: not found")), "{:?}", s.warnings);
+        // Annotated off: TLS still served, no redirect.
+        let off = ingress(", annotations: {fulcrum.io/ssl-redirect: \"false\"}", &body);
+        let s = parse(&format!("{SVC}{secret}{off}")).unwrap();
+        assert!(!s.hosts.iter().find(|h| h.host == HostMatch::Exact("shop.example".into())).unwrap().ssl_redirect);
+    }
+
+    #[test]
     fn hosts() {
         assert_eq!(parse_host("*.Foo.com"), Ok(HostMatch::Wildcard("foo.com".into())));
         assert_eq!(parse_host(""), Ok(HostMatch::Any));

@@ -357,6 +357,20 @@ fn ingress_table(out: &mut String, l7: &L7State) -> std::fmt::Result {
     if let Some(b) = &l7.default_backend {
         writeln!(out, "  default backend -> {}:{}", b.service, opt(&b.port))?;
     }
+    for h in l7.hosts.iter().filter(|h| h.tls_secret.is_some()) {
+        writeln!(
+            out,
+            "  TLS {:<24} Secret {}{}",
+            host_name(&h.host),
+            opt(&h.tls_secret),
+            if h.ssl_redirect { ", HTTP redirected to HTTPS" } else { "" }
+        )?;
+    }
+    // Certificates that do not load (bad PEM, key not matching) are left out by the workers.
+    let (_, cert_warnings) = fulcrum_dataplane::l7::tls::server_config(&l7.certificates);
+    for w in cert_warnings {
+        writeln!(out, "  warning: {w}")?;
+    }
     for w in &l7.warnings {
         writeln!(out, "  warning: {w}")?;
     }
