@@ -6,9 +6,10 @@
 
 use crate::report;
 use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::ingress::L7Certificate;
 use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::{DesiredState, ObjectRef};
-use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host, TlsClient};
 use fulcrum_dataplane::port::MemoryPort;
 use fulcrum_dataplane::snapshot::Snapshot;
 use fulcrum_dataplane::worker::{Worker, WorkerConfig};
@@ -30,9 +31,13 @@ pub struct L7Args {
     /// Backends behind the route.
     #[arg(long, default_value_t = 4)]
     pub backends: usize,
-    /// TLS (not implemented yet: refused).
+    /// Clients speak TLS 1.3 (ECDSA P-256) to port 443; the line also carries raw rustls's
+    /// server handshake rate on the same core, measured in the same run.
     #[arg(long)]
     pub tls: bool,
+    /// One request per connection (with --tls: a full handshake per request).
+    #[arg(long)]
+    pub new_conn: bool,
     #[arg(long)]
     pub core: Option<usize>,
 }
@@ -48,6 +53,13 @@ vip_pools: [{name: bench, cidrs: [10.20.0.0/24]}]
 l7:
   address: 10.20.0.100
 "#;
+
+// The proxy tests' certificate (test-only key): bench.example is not in it, so clients ask for
+// shop.example.
+const CA: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/ca.crt");
+const CERT: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/shop.crt");
+const KEY: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/shop.key");
+const HOST: &str = "shop.example";
 
 const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
 const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
@@ -67,7 +79,6 @@ fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
 }
 
 pub fn run(a: &L7Args) -> anyhow::Result<()> {
-    anyhow::ensure!(!a.tls, "--tls: TLS termination is not implemented yet");
     anyhow::ensure!(
         a.conns > 0 && a.backends > 0 && a.conns < 30_000,
         "--conns (1-29999) and --backends must be positive"
@@ -79,7 +90,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let endpoints: Vec<SocketAddr> = backend_addrs.iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
     let l7 = L7State {
         hosts: vec![L7Host {
-            host: HostMatch::Exact("bench.example".into()),
+            host: HostMatch::Exact(HOST.into()),
             paths: vec![L7Path {
                 path: "/".into(),
                 path_type: PathType::Prefix,
@@ -92,6 +103,12 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                 ingress: ObjectRef { namespace: "bench".into(), name: "bench".into() },
             }],
             ..Default::default()
+        }],
+        certificates: vec![L7Certificate {
+            secret: ObjectRef { namespace: "bench".into(), name: "tls".into() },
+            hosts: vec![HostMatch::Exact(HOST.into())],
+            cert_pem: CERT.to_vec(),
+            key_pem: KEY.to_vec(),
         }],
         ..Default::default()
     };
@@ -109,17 +126,24 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut backends: Vec<Backend> =
         backend_addrs.iter().map(|&b| Backend::with_listeners(b, "be", a.conns.min(256))).collect();
 
-    let conns: Vec<SocketHandle> =
-        (0..a.conns).map(|i| client.connect((L7_ADDR, 80), 20000 + i as u16, 16384)).collect();
+    let port_no = if a.tls { 443 } else { 80 };
+    let mut next_port = 20000u16;
+    let mut open = |client: &mut Host| -> (SocketHandle, Option<TlsClient>) {
+        next_port = if next_port >= 60000 { 20000 } else { next_port + 1 };
+        let h = client.connect((L7_ADDR, port_no), next_port, 16384);
+        (h, a.tls.then(|| TlsClient::new(CA, HOST)))
+    };
+    let mut conns: Vec<(SocketHandle, Option<TlsClient>)> = (0..a.conns).map(|_| open(&mut client)).collect();
     // Per connection: when its request went out (wall ns), and what came back so far.
     let mut sent_at: Vec<Option<Instant>> = vec![None; a.conns];
     let mut got: Vec<Vec<u8>> = vec![Vec::new(); a.conns];
-    let request = b"GET /item HTTP/1.1\r\nHost: bench.example\r\nUser-Agent: fulcrum-bench\r\n\r\n";
+    let request = format!("GET /item HTTP/1.1\r\nHost: {HOST}\r\nUser-Agent: fulcrum-bench\r\n\r\n").into_bytes();
     let mut lat = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
     let mut done = 0u64;
     let mut worker_ns = 0u128;
     let mut now_ms = 1u64;
     let mut rounds = 0u64;
+    let mut closing: Vec<SocketHandle> = Vec::new();
     let wall = Instant::now();
     while done < a.requests {
         rounds += 1;
@@ -128,32 +152,63 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         }
         anyhow::ensure!(rounds < 50_000_000, "no progress: {done} requests done");
         // Clients: read responses, send the next request on idle connections.
-        for (i, &h) in conns.iter().enumerate() {
-            let s = client.tcp(h);
-            if s.can_recv() {
-                let _ = s.recv(|d| {
-                    got[i].extend_from_slice(d);
-                    (d.len(), ())
-                });
-                if let Some(n) = response_complete(&got[i]) {
-                    anyhow::ensure!(
-                        got[i].starts_with(b"HTTP/1.1 200"),
-                        "bad response: {:?}",
-                        String::from_utf8_lossy(&got[i])
-                    );
-                    got[i].drain(..n);
-                    if let Some(t) = sent_at[i].take() {
-                        lat.record(t.elapsed().as_nanos().max(1) as u64)?;
-                        done += 1;
+        for i in 0..conns.len() {
+            let (h, tls) = &mut conns[i];
+            let s = client.tcp(*h);
+            match tls {
+                Some(t) => t.pump(s, &mut got[i]),
+                None => {
+                    if s.can_recv() {
+                        let _ = s.recv(|d| {
+                            got[i].extend_from_slice(d);
+                            (d.len(), ())
+                        });
                     }
                 }
             }
-            let s = client.tcp(h);
-            if sent_at[i].is_none() && s.may_send() && s.send_queue() == 0 {
-                s.send_slice(request)?;
-                sent_at[i] = Some(Instant::now());
+            if let Some(n) = response_complete(&got[i]) {
+                anyhow::ensure!(
+                    got[i].starts_with(b"HTTP/1.1 200"),
+                    "bad response: {:?}",
+                    String::from_utf8_lossy(&got[i])
+                );
+                got[i].drain(..n);
+                if let Some(t) = sent_at[i].take() {
+                    lat.record(t.elapsed().as_nanos().max(1) as u64)?;
+                    done += 1;
+                }
+                if a.new_conn {
+                    client.tcp(*h).close();
+                    closing.push(*h);
+                    conns[i] = open(&mut client);
+                }
+            }
+            let (h, tls) = &mut conns[i];
+            if sent_at[i].is_none() {
+                match tls {
+                    Some(t) => {
+                        t.send(&request);
+                        t.pump(client.tcp(*h), &mut got[i]);
+                        sent_at[i] = Some(Instant::now());
+                    }
+                    None => {
+                        let s = client.tcp(*h);
+                        if s.may_send() && s.send_queue() == 0 {
+                            s.send_slice(&request)?;
+                            sent_at[i] = Some(Instant::now());
+                        }
+                    }
+                }
             }
         }
+        closing.retain(|&h| {
+            let st = client.sockets.get::<smoltcp::socket::tcp::Socket>(h).state();
+            let gone = matches!(st, smoltcp::socket::tcp::State::Closed | smoltcp::socket::tcp::State::TimeWait);
+            if gone {
+                client.sockets.remove(h);
+            }
+            !gone
+        });
         client.poll(now_ms);
         for b in backends.iter_mut() {
             b.host.poll(now_ms);
@@ -195,11 +250,22 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     }
     let worker_s = worker_ns as f64 / 1e9;
     let st = w.proxy_stats().unwrap_or_default();
+    // Raw rustls on the same core, same certificate: server-side handshake time only.
+    let raw = if a.tls && a.new_conn {
+        Some(raw_rustls_handshakes(w.snapshot().tls.clone().expect("TLS config"), 2000)?)
+    } else {
+        None
+    };
+    let rps = done as f64 / worker_s;
     report::print(serde_json::json!({
         "bench": "l7",
         "conns": a.conns,
-        "tls": false,
-        "rps_per_core": done as f64 / worker_s,
+        "tls": a.tls,
+        "new_conn": a.new_conn,
+        "handshakes_per_s_per_core": (a.tls && a.new_conn).then_some(rps),
+        "raw_rustls_handshakes_per_s": raw,
+        "ratio_to_raw_rustls": raw.map(|r| rps / r),
+        "rps_per_core": rps,
         "p50_us": lat.value_at_quantile(0.5) as f64 / 1e3,
         "p99_us": lat.value_at_quantile(0.99) as f64 / 1e3,
         "latency_includes_simulated_peers": true,
@@ -216,4 +282,42 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     }));
     anyhow::ensure!(st.errors_local == 0, "the proxy answered {} requests with errors", st.errors_local);
     Ok(())
+}
+
+/// Full TLS 1.3 handshakes per second of rustls alone (no TCP, no HTTP): the server's share of
+/// the time only, client and server exchanging records in memory.
+fn raw_rustls_handshakes(cfg: Arc<rustls::ServerConfig>, n: usize) -> anyhow::Result<f64> {
+    let mut server_ns = 0u128;
+    for _ in 0..n {
+        let mut client = TlsClient::new(CA, HOST);
+        let mut server = rustls::ServerConnection::new(cfg.clone())?;
+        let mut c2s = Vec::new();
+        let mut s2c = Vec::new();
+        while client.conn.is_handshaking() || server.is_handshaking() || server.wants_write() {
+            c2s.clear();
+            while client.conn.wants_write() {
+                client.conn.write_tls(&mut c2s)?;
+            }
+            let t = Instant::now();
+            let mut r: &[u8] = &c2s;
+            while !r.is_empty() {
+                server.read_tls(&mut r)?;
+                server.process_new_packets()?;
+            }
+            s2c.clear();
+            while server.wants_write() {
+                server.write_tls(&mut s2c)?;
+            }
+            server_ns += t.elapsed().as_nanos();
+            let mut r: &[u8] = &s2c;
+            while !r.is_empty() {
+                client.conn.read_tls(&mut r)?;
+                client.conn.process_new_packets()?;
+            }
+            if c2s.is_empty() && s2c.is_empty() {
+                break;
+            }
+        }
+    }
+    Ok(n as f64 / (server_ns as f64 / 1e9))
 }

@@ -22,6 +22,21 @@ fn l7_bench_completes_every_request_without_errors() {
     assert!(p50 > 0.0 && p50 <= p99, "{v}");
     // Keep-alive on both sides: a handful of upstream connections carried all the requests.
     assert!(v["upstream_reused"].as_u64().unwrap() >= 380, "{v}");
-    let tls = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench")).args(["l7", "--tls"]).output().unwrap();
-    assert!(!tls.status.success() && String::from_utf8_lossy(&tls.stderr).contains("not implemented"));
+}
+
+#[test]
+fn l7_bench_over_tls_reports_handshakes_beside_raw_rustls() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench"))
+        .args(["l7", "--conns", "4", "--requests", "40", "--backends", "1", "--tls", "--new-conn"])
+        .output()
+        .expect("run fulcrum-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["tls"], true);
+    assert_eq!(v["errors_local"], 0);
+    let hs = v["handshakes_per_s_per_core"].as_f64().unwrap();
+    let raw = v["raw_rustls_handshakes_per_s"].as_f64().unwrap();
+    assert!(hs > 0.0 && raw > 0.0, "{v}");
+    assert!((v["ratio_to_raw_rustls"].as_f64().unwrap() - hs / raw).abs() < 1e-6);
 }

@@ -8,7 +8,7 @@ use fulcrum_config::model::ObjectRef;
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
 use fulcrum_dataplane::l7::router::Router;
-use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host, TlsClient};
 use rustls::pki_types::pem::PemObject;
 use smoltcp::iface::SocketHandle;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -112,64 +112,19 @@ impl Lab {
     /// A TLS exchange on a new connection to port 443: the handshake for `sni`, then `req`;
     /// returns the certificate the server showed (its DER) and the response.
     fn tls_exchange(&mut self, local_port: u16, sni: &str, req: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        use std::io::{Read, Write};
         let h = self.client.connect((L7, 443), local_port, 65536);
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(fixture("ca.crt")).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-        let mut tls = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
-        tls.writer().write_all(req).unwrap();
+        let mut tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), sni);
+        tls.send(req);
         let mut got = Vec::new();
         for _ in 0..2000 {
-            let s = self.client.tcp(h);
-            while s.can_recv() {
-                let n = s
-                    .recv(|d| {
-                        let mut r: &[u8] = d;
-                        let n = tls.read_tls(&mut r).unwrap();
-                        (n, n)
-                    })
-                    .unwrap();
-                if n == 0 {
-                    break;
-                }
-                tls.process_new_packets().expect("TLS from the proxy");
-            }
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = tls.reader().read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-            }
-            while tls.wants_write() && s.may_send() {
-                let n = s
-                    .send(|b| {
-                        let mut w: &mut [u8] = b;
-                        let n = tls.write_tls(&mut w).unwrap();
-                        (n, n)
-                    })
-                    .unwrap();
-                if n == 0 {
-                    break;
-                }
-            }
+            tls.pump(self.client.tcp(h), &mut got);
             if complete(&got) {
                 break;
             }
             self.tick();
         }
-        let cert = tls.peer_certificates().map(|c| c[0].to_vec()).unwrap_or_default();
-        assert_eq!(tls.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN http/1.1");
+        let cert = tls.conn.peer_certificates().map(|c| c[0].to_vec()).unwrap_or_default();
+        assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN http/1.1");
         (cert, got)
     }
 

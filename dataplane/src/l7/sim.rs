@@ -202,3 +202,71 @@ pub fn response_complete(resp: &[u8]) -> Option<usize> {
         .unwrap_or(0);
     (resp.len() >= end + 4 + len).then_some(end + 4 + len)
 }
+
+/// A TLS client over a simulated TCP socket (rustls client side), for tests and benchmarks.
+pub struct TlsClient {
+    pub conn: rustls::ClientConnection,
+}
+
+impl TlsClient {
+    /// Trusts the certificates in `ca_pem`; offers ALPN http/1.1.
+    pub fn new(ca_pem: &[u8], sni: &str) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(c.expect("CA PEM")).expect("CA certificate");
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+        TlsClient { conn: rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client") }
+    }
+
+    /// Moves ciphertext between the socket and rustls; appends decrypted bytes to `got`.
+    /// Panics on a TLS error from the server (a test failure).
+    pub fn pump(&mut self, s: &mut tcp::Socket<'static>, got: &mut Vec<u8>) {
+        use std::io::Read;
+        while s.can_recv() {
+            let n = s
+                .recv(|d| {
+                    let mut r: &[u8] = d;
+                    let n = self.conn.read_tls(&mut r).unwrap_or(0);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            self.conn.process_new_packets().expect("TLS from the server");
+        }
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.conn.reader().read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        while self.conn.wants_write() && s.may_send() {
+            let n = s
+                .send(|b| {
+                    let mut w: &mut [u8] = b;
+                    let n = self.conn.write_tls(&mut w).unwrap_or(0);
+                    (n, n)
+                })
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    pub fn send(&mut self, data: &[u8]) {
+        use std::io::Write;
+        self.conn.writer().write_all(data).expect("TLS write");
+    }
+}
