@@ -112,8 +112,14 @@ impl Lab {
     /// A TLS exchange on a new connection to port 443: the handshake for `sni`, then `req`;
     /// returns the certificate the server showed (its DER) and the response.
     fn tls_exchange(&mut self, local_port: u16, sni: &str, req: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), sni);
+        let (cert, got, _) = self.tls_exchange_with(local_port, tls, req);
+        (cert, got)
+    }
+
+    /// As `tls_exchange`, with a given client; also returns it (version, resumption).
+    fn tls_exchange_with(&mut self, local_port: u16, mut tls: TlsClient, req: &[u8]) -> (Vec<u8>, Vec<u8>, TlsClient) {
         let h = self.client.connect((L7, 443), local_port, 65536);
-        let mut tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), sni);
         tls.send(req);
         let mut got = Vec::new();
         for _ in 0..2000 {
@@ -125,7 +131,7 @@ impl Lab {
         }
         let cert = tls.conn.peer_certificates().map(|c| c[0].to_vec()).unwrap_or_default();
         assert_eq!(tls.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN http/1.1");
-        (cert, got)
+        (cert, got, tls)
     }
 
     /// Sends `req` on `h` and reads until `done(response so far)` or `ticks` rounds pass.
@@ -286,4 +292,23 @@ fn plain_http_to_a_tls_host_is_redirected() {
     let resp = lab.exchange(h, b"GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\n\r\n", 300, complete);
     let text = String::from_utf8_lossy(&resp);
     assert!(text.starts_with("HTTP/1.1 308 ") && text.contains("Location: https://shop.example/a?b=1\r\n"), "{text}");
+}
+
+#[test]
+fn tls_1_2_and_resumption() {
+    let mut lab = Lab::new(vec![route("", "/", &eps())], Limits::default());
+    let ca = std::fs::read(fixture("ca.crt")).unwrap();
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    // TLS 1.2 only.
+    let cfg12 = TlsClient::config(&ca, &[&rustls::version::TLS12]);
+    let (_, resp, c) = lab.tls_exchange_with(44000, TlsClient::with_config(cfg12, "shop.example"), req);
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&resp));
+    assert_eq!(c.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    // TLS 1.3: a second connection with the same client config resumes (a ticket).
+    let cfg = TlsClient::config(&ca, &[&rustls::version::TLS13]);
+    let (_, _, c) = lab.tls_exchange_with(44001, TlsClient::with_config(cfg.clone(), "shop.example"), req);
+    assert_eq!(c.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    let (_, resp, c) = lab.tls_exchange_with(44002, TlsClient::with_config(cfg, "shop.example"), req);
+    assert!(resp.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(c.conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "resumed from a ticket");
 }

@@ -211,6 +211,20 @@ pub struct TlsClient {
 impl TlsClient {
     /// Trusts the certificates in `ca_pem`; offers ALPN http/1.1.
     pub fn new(ca_pem: &[u8], sni: &str) -> TlsClient {
+        Self::with_config(Self::config(ca_pem, &[&rustls::version::TLS13, &rustls::version::TLS12]), sni)
+    }
+
+    /// A connection with a shared config (its session store makes later connections resume).
+    pub fn with_config(cfg: std::sync::Arc<rustls::ClientConfig>, sni: &str) -> TlsClient {
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
+        TlsClient { conn: rustls::ClientConnection::new(cfg, name).expect("client") }
+    }
+
+    /// A client config trusting `ca_pem`, offering `versions` and ALPN http/1.1.
+    pub fn config(
+        ca_pem: &[u8],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> std::sync::Arc<rustls::ClientConfig> {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem) {
@@ -218,13 +232,12 @@ impl TlsClient {
         }
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("protocol versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
         cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("server name");
-        TlsClient { conn: rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("client") }
+        std::sync::Arc::new(cfg)
     }
 
     /// Moves ciphertext between the socket and rustls; appends decrypted bytes to `got`.
