@@ -123,8 +123,16 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut w = Worker::new(cfg, snap)?;
     let mut port = MemoryPort::new();
     let mut client = Host::new(client_addr, 99);
-    let mut backends: Vec<Backend> =
-        backend_addrs.iter().map(|&b| Backend::with_listeners(b, "be", a.conns.min(256))).collect();
+    let mut backends: Vec<Backend> = backend_addrs
+        .iter()
+        .map(|&b| {
+            // Up to every connection's upstream at once on one backend, small buffers.
+            let mut be = Backend::with_listeners(b, "be", 64);
+            be.buffer = 16384;
+            be.listeners = a.conns + 64;
+            be
+        })
+        .collect();
 
     let port_no = if a.tls { 443 } else { 80 };
     let mut next_port = 20000u16;

@@ -108,6 +108,8 @@ pub struct Backend {
     pub requests: usize,
     /// Listening sockets kept ready (smoltcp has no backlog: a SYN finding none is reset).
     pub listeners: usize,
+    /// Receive and send buffer per connection.
+    pub buffer: usize,
 }
 
 impl Backend {
@@ -116,8 +118,14 @@ impl Backend {
     }
 
     pub fn with_listeners(addr: Ipv4Addr, name: &'static str, listeners: usize) -> Backend {
-        let mut b =
-            Backend { host: Host::new(addr, u32::from(addr) as u64), name, conns: vec![], requests: 0, listeners };
+        let mut b = Backend {
+            host: Host::new(addr, u32::from(addr) as u64),
+            name,
+            conns: vec![],
+            requests: 0,
+            listeners,
+            buffer: 65536,
+        };
         b.keep_listening();
         b
     }
@@ -126,7 +134,7 @@ impl Backend {
         let listening =
             self.conns.iter().filter(|(h, _, _)| self.host.sockets.get::<tcp::Socket>(*h).is_listening()).count();
         for _ in listening..self.listeners {
-            let h = self.host.socket(65536);
+            let h = self.host.socket(self.buffer);
             self.host.tcp(h).listen(8080).expect("listen");
             self.conns.push((h, vec![], vec![]));
         }
