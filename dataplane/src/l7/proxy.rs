@@ -136,7 +136,11 @@ pub struct Proxy {
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
     /// run when that shard received segments.
     by_shard: Vec<Vec<usize>>,
-    /// When every client was last run (for timers), and the stack's timers last checked.
+    /// (when, client): deadlines to look at (head, upstream and idle timeouts), earliest first.
+    /// Entries are not removed when a deadline moves: a client run early finds nothing due.
+    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
+    /// When every client was last run (a safety net, once a second), and the stack's timers
+    /// last checked.
     last_sweep_ms: u64,
     last_timers_ms: u64,
     idle: AHashMap<SocketAddrV4, Vec<usize>>,
@@ -169,6 +173,7 @@ impl Proxy {
             clients: Vec::new(),
             ups: Vec::new(),
             by_shard: Vec::new(),
+            deadlines: std::collections::BinaryHeap::new(),
             last_sweep_ms: 0,
             last_timers_ms: 0,
             idle: AHashMap::new(),
@@ -262,6 +267,7 @@ impl Proxy {
             let idx = insert(&mut self.clients, c);
             self.clients[idx].as_mut().unwrap().idx = idx;
             self.attach(sock.shard, idx);
+            self.watch(now_ms + self.cfg.header_timeout_ms, idx);
         }
         true
     }
@@ -280,23 +286,43 @@ impl Proxy {
         self.stack.set_now(now_ms);
         let mut polled = Vec::new();
         self.stack.poll_ingress(&mut polled);
-        // Only the clients whose shards got segments, and every client every 10 ms (timeouts):
-        // the cost of a loop follows the traffic, not the number of connections.
-        let sweep = now_ms >= self.last_sweep_ms + 10;
+        // Only the clients whose shards got segments and those with a deadline due (plus all of
+        // them once a second): the cost of a loop follows the traffic, not the connections.
+        let sweep = now_ms >= self.last_sweep_ms + 1000;
         let mut todo: Vec<usize> = if sweep {
             self.last_sweep_ms = now_ms;
             (0..self.clients.len()).collect()
         } else {
             polled.iter().flat_map(|&s| self.by_shard.get(s as usize).into_iter().flatten().copied()).collect()
         };
-        if !sweep {
-            todo.sort_unstable();
-            todo.dedup();
+        while let Some(&std::cmp::Reverse((t, i))) = self.deadlines.peek() {
+            if t > now_ms {
+                break;
+            }
+            self.deadlines.pop();
+            todo.push(i);
         }
+        todo.sort_unstable();
+        todo.dedup();
         for i in todo {
             if let Some(mut c) = self.clients[i].take() {
+                let before = c.deadline;
                 let keep = self.step(&mut c, now_ms);
                 if keep {
+                    if c.deadline != before || c.deadline <= now_ms {
+                        // A new deadline, or one passed without an outcome yet: an idle
+                        // keep-alive connection is looked at again when its idle time is up,
+                        // anything else (a handshake in progress) in a millisecond.
+                        let idle_end = c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms);
+                        let wake = if c.deadline > now_ms {
+                            c.deadline
+                        } else if c.phase == Phase::Head && c.buf.is_empty() && idle_end > now_ms {
+                            idle_end
+                        } else {
+                            now_ms + 1
+                        };
+                        self.watch(wake, i);
+                    }
                     self.clients[i] = Some(c);
                 } else {
                     self.finish(c);
@@ -312,6 +338,10 @@ impl Proxy {
         self.stack.poll_egress(&due, emit);
         // After egress, so that an aborted socket's RST went out first.
         self.stack.flush_removals();
+    }
+
+    fn watch(&mut self, when: u64, client: usize) {
+        self.deadlines.push(std::cmp::Reverse((when, client)));
     }
 
     fn attach(&mut self, shard: u32, client: usize) {
