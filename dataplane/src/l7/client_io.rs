@@ -149,22 +149,25 @@ pub fn peek(stack: &mut Stack, sock: SockRef, tls: &Tls, buf: &mut [u8]) -> usiz
 }
 
 /// Takes `n` request bytes already peeked.
-pub fn discard(stack: &mut Stack, sock: SockRef, tls: &mut Tls, mut n: usize) {
+pub fn discard(stack: &mut Stack, sock: SockRef, tls: &mut Tls, n: usize) {
     match tls {
         Some(t) => {
             t.plain_in.drain(..n.min(t.plain_in.len()));
         }
-        None => {
-            let s = stack.tcp(sock);
-            while n > 0 {
-                match s.recv(|d| {
-                    let k = d.len().min(n);
-                    (k, k)
-                }) {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n -= k,
-                }
-            }
+        None => discard_tcp(stack.tcp(sock), n),
+    }
+}
+
+/// Consumes `n` bytes of a TCP socket already peeked (the receive ring may hand them over in
+/// two pieces).
+pub fn discard_tcp(s: &mut smoltcp::socket::tcp::Socket, mut n: usize) {
+    while n > 0 {
+        match s.recv(|d| {
+            let k = d.len().min(n);
+            (k, k)
+        }) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n -= k,
         }
     }
 }

@@ -121,9 +121,6 @@ struct Upstream {
     buf: Vec<u8>,
     /// Idle in the pool since (ms), when not in use.
     idle_since: Option<u64>,
-    /// Bytes ever received on this connection (a pooled connection closed before any byte of
-    /// a new response was just a keep-alive race).
-    established_once: bool,
 }
 
 pub struct Proxy {
@@ -407,7 +404,7 @@ impl Proxy {
                 c.out_off = 0;
             }
         }
-        !matches!(s_state(&mut self.stack, c.sock), State::Closed | State::TimeWait)
+        !matches!(self.stack.tcp(c.sock).state(), State::Closed | State::TimeWait)
     }
 
     fn read_head(&mut self, c: &mut Client, now: u64) -> bool {
@@ -569,7 +566,6 @@ impl Proxy {
                 out_off: 0,
                 buf: Vec::with_capacity(1024),
                 idle_since: None,
-                established_once: false,
             };
             return Some(insert(&mut self.ups, up));
         }
@@ -582,9 +578,6 @@ impl Proxy {
             let up = self.ups[u].as_ref().unwrap();
             (up.sock, self.stack.tcp(up.sock).state())
         };
-        if state == State::Established {
-            self.ups[u].as_mut().unwrap().established_once = true;
-        }
         // The upstream refused or reset before answering.
         if matches!(state, State::Closed | State::TimeWait | State::CloseWait | State::LastAck)
             && self.ups[u].as_ref().unwrap().buf.is_empty()
@@ -775,7 +768,7 @@ impl Proxy {
                     return self.abort(c);
                 }
             };
-            discard(self.stack.tcp(usock), take);
+            io::discard_tcp(self.stack.tcp(usock), take);
             io::send(&mut self.stack, c.sock, &mut c.tls, &self.scratch[..take]);
             c.relayed += take as u64;
         }
@@ -956,7 +949,7 @@ impl Proxy {
             }
         }
         self.stack.mark_dirty(c.sock);
-        let st = s_state(&mut self.stack, c.sock);
+        let st = self.stack.tcp(c.sock).state();
         !matches!(st, State::Closed | State::TimeWait)
     }
 
@@ -982,23 +975,6 @@ impl Proxy {
         self.detach(c.sock.shard, c.idx);
         self.stack.remove_later(c.sock, c.key);
     }
-}
-
-/// Consumes `n` bytes already peeked (the receive ring may hand them over in two pieces).
-fn discard(s: &mut smoltcp::socket::tcp::Socket, mut n: usize) {
-    while n > 0 {
-        match s.recv(|d| {
-            let k = d.len().min(n);
-            (k, k)
-        }) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n -= k,
-        }
-    }
-}
-
-fn s_state(stack: &mut Stack, r: SockRef) -> State {
-    stack.tcp(r).state()
 }
 
 fn body_status(e: super::http::body::BodyError) -> u16 {

@@ -179,11 +179,6 @@ impl Router {
             None => Route::NotFound,
         }
     }
-
-    /// Hosts with rules (exact and wildcard), for humans.
-    pub fn host_count(&self) -> usize {
-        self.exact.len() + self.wildcard.len()
-    }
 }
 
 /// The Host header without port and trailing dot, lower case: the header itself when it is

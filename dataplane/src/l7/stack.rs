@@ -304,12 +304,4 @@ impl Stack {
     pub fn mark_dirty(&mut self, r: SockRef) {
         self.mark(r.shard);
     }
-
-    pub fn sockets(&self) -> usize {
-        self.demux.len()
-    }
-
-    pub fn shards(&self) -> usize {
-        self.shards.len()
-    }
 }
