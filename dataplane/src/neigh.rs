@@ -638,6 +638,16 @@ fn start_frame<B: PacketBuf>(buf: &mut B, len: usize, dst: [u8; 6], src: [u8; 6]
     true
 }
 
+/// A whole untagged ARP frame (42 bytes) for tools that make their own, such as the packet
+/// generator: Ethernet to `dst` from `sha`, then the ARP packet.
+pub fn arp_frame(op: ArpOperation, dst: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> [u8; 42] {
+    let mut f = [0u8; ETH_HLEN + ARP_LEN];
+    ether::set_macs(&mut f, dst, sha);
+    f[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+    write_arp(&mut f[ETH_HLEN..], op, sha, spa, tha, tpa);
+    f
+}
+
 /// A broadcast ARP request for `target` from the port's IPv4 address (untagged, 42 bytes).
 /// False when the port has no IPv4 address or the buffer is too small.
 pub fn build_arp_request<B: PacketBuf>(buf: &mut B, iface: &Interface, target: Ipv4Addr) -> bool {

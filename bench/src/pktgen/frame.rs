@@ -2,7 +2,9 @@
 //! timestamp in the payload; ARP requests and replies so that it can find its next hop and be
 //! found by it without static neighbour entries anywhere.
 
+use fulcrum_dataplane::neigh;
 use fulcrum_dataplane::wire::checksum;
+use smoltcp::wire::ArpOperation;
 use std::net::Ipv4Addr;
 
 pub const ETH_HLEN: usize = 14;
@@ -165,30 +167,16 @@ pub fn tag_for(trial: u16) -> u32 {
 
 /// An ARP request from `ip` for `target`, broadcast.
 pub fn arp_request(out: &mut [u8; 42], mac: [u8; 6], ip: u32, target: u32) {
-    arp(out, [0xff; 6], mac, 1, (mac, ip), ([0; 6], target));
+    *out = neigh::arp_frame(ArpOperation::Request, [0xff; 6], mac, ip.into(), [0; 6], target.into());
 }
 
 /// Turns the ARP request `req` for one of our addresses into its reply, from `mac`.
 pub fn arp_reply(req: &[u8], mac: [u8; 6]) -> [u8; 42] {
     let a = &req[ETH_HLEN..ETH_HLEN + 28];
     let asker_mac: [u8; 6] = a[8..14].try_into().unwrap();
-    let asker_ip = u32::from_be_bytes([a[14], a[15], a[16], a[17]]);
-    let target = u32::from_be_bytes([a[24], a[25], a[26], a[27]]);
-    let mut out = [0u8; 42];
-    arp(&mut out, asker_mac, mac, 2, (mac, target), (asker_mac, asker_ip));
-    out
-}
-
-fn arp(out: &mut [u8; 42], dst: [u8; 6], src: [u8; 6], op: u8, sender: ([u8; 6], u32), target: ([u8; 6], u32)) {
-    out[0..6].copy_from_slice(&dst);
-    out[6..12].copy_from_slice(&src);
-    out[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    let a = &mut out[ETH_HLEN..];
-    a[0..8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, op]);
-    a[8..14].copy_from_slice(&sender.0);
-    a[14..18].copy_from_slice(&sender.1.to_be_bytes());
-    a[18..24].copy_from_slice(&target.0);
-    a[24..28].copy_from_slice(&target.1.to_be_bytes());
+    let asker_ip = Ipv4Addr::new(a[14], a[15], a[16], a[17]);
+    let target = Ipv4Addr::new(a[24], a[25], a[26], a[27]);
+    neigh::arp_frame(ArpOperation::Reply, asker_mac, mac, target, asker_mac, asker_ip)
 }
 
 #[cfg(test)]

@@ -76,6 +76,7 @@ impl Outcome {
             "loss_ratio": self.loss_ratio(),
             "duplicates": self.duplicates,
             "stale": self.stale,
+            "arp_answered": self.arp_answered,
             "latency_ns": {
                 "min": if h.is_empty() { serde_json::Value::Null } else { h.min().into() },
                 "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
