@@ -2,7 +2,7 @@
 //! would be: the bootstrap summary and, with manifests, the VIP table of the compiled snapshot.
 
 use fulcrum_config::bootstrap::Bootstrap;
-use fulcrum_config::ingress::{host_name, translate_ingresses, ClassSelection, L7State, PathType};
+use fulcrum_config::ingress::{host_name, translate_ingresses, ClassSelection, L7State, PathType, DEFAULT_CLASS};
 use fulcrum_config::model::EndpointState;
 use fulcrum_dataplane::l4::conntrack::Conntrack;
 use fulcrum_dataplane::l4::snat::SnatPorts;
@@ -25,24 +25,21 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let (boot, snap) = match &a.manifests {
+    // With manifests: the snapshot, and the Ingress routes when they hold any Ingress (those
+    // of the bootstrap's class; without an `l7` section, of the default class, for reference).
+    let (boot, snap, l7) = match &a.manifests {
         Some(m) => {
-            let (boot, _, snap) = super::compile(&a.config, m)?;
-            (boot, Some(snap))
+            let (boot, objects, state, snap) = super::compile(&a.config, m)?;
+            let l7 = match &boot.l7 {
+                _ if objects.ingresses.is_empty() => None,
+                Some(c) => Some((c.ingress_class.clone(), state.l7)),
+                None => Some((DEFAULT_CLASS.to_string(), translate_ingresses(&objects, &ClassSelection::default())?)),
+            };
+            (boot, Some(snap), l7)
         }
-        None => (Bootstrap::load(&a.config)?, None),
+        None => (Bootstrap::load(&a.config)?, None, None),
     };
     let mem = ConntrackMemory::of(&boot)?;
-    // Ingress routes of our class, when the manifests have any Ingress (served once the L7
-    // workers land; `fulcrum route` answers for one request).
-    let l7 = match &a.manifests {
-        Some(m) => {
-            let objects = fulcrum_config::manifests::load(m)?;
-            let state = translate_ingresses(&objects, &ClassSelection::default())?;
-            (!objects.ingresses.is_empty()).then_some(state)
-        }
-        None => None,
-    };
     if a.json {
         let mut v = json!({
             "config": a.config,
@@ -54,7 +51,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             v["manifests"] = json!(m);
             v["vips"] = vip_json(s);
         }
-        if let Some(l7) = &l7 {
+        if let Some((_, l7)) = &l7 {
             v["ingress"] = json!(l7);
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -68,8 +65,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             writeln!(out, "{}: ok: {} VIP ports, {} backends", m.display(), s.services.len(), n_backends)?;
             vip_table(&mut out, s)?;
         }
-        if let Some(l7) = &l7 {
-            ingress_table(&mut out, l7)?;
+        if let Some((class, l7)) = &l7 {
+            ingress_table(&mut out, class, l7)?;
         }
         print!("{out}");
     }
@@ -323,16 +320,10 @@ fn vip_json(snap: &Snapshot) -> serde_json::Value {
 }
 
 /// The Ingress routes: host, path and type, where they go; then what was ignored.
-fn ingress_table(out: &mut String, l7: &L7State) -> std::fmt::Result {
+fn ingress_table(out: &mut String, class: &str, l7: &L7State) -> std::fmt::Result {
     writeln!(out)?;
     let n: usize = l7.hosts.iter().map(|h| h.paths.len()).sum();
-    writeln!(
-        out,
-        "Ingress (class {}): {} Ingresses, {} routes",
-        ClassSelection::default().class_name,
-        l7.ingresses.len(),
-        n
-    )?;
+    writeln!(out, "Ingress (class {class}): {} Ingresses, {} routes", l7.ingresses.len(), n)?;
     for h in &l7.hosts {
         for p in &h.paths {
             let kind = match p.path_type {

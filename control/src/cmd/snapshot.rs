@@ -16,7 +16,7 @@ pub struct Args {
 }
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
-    let (_, _, snap) = super::compile(&a.config, &a.manifests)?;
+    let (_, _, _, snap) = super::compile(&a.config, &a.manifests)?;
     let text = serde_json::to_string_pretty(&snap.to_json(a.full_tables))?;
     println!("{text}");
     Ok(())
