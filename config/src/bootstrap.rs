@@ -28,6 +28,43 @@ pub struct Bootstrap {
     /// Ingress (HTTP) serving; absent: L4 only.
     #[serde(default)]
     pub l7: Option<L7Config>,
+    /// Which `type: LoadBalancer` Services are ours.
+    #[serde(default)]
+    pub load_balancer: LoadBalancerConfig,
+    /// The management endpoint (`/metrics`, `/healthz`, `/readyz`, `/snapshot`).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Which `type: LoadBalancer` Services Fulcrum serves and gives addresses to.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct LoadBalancerConfig {
+    /// `spec.loadBalancerClass` of the Services we own; Services of any other class are ignored.
+    pub class: String,
+    /// Also serve Services without a class, as MetalLB does by default. API servers before 1.21
+    /// drop `spec.loadBalancerClass` altogether, so there this must stay on.
+    pub unclassed: bool,
+}
+
+impl Default for LoadBalancerConfig {
+    fn default() -> Self {
+        LoadBalancerConfig { class: "fulcrum.io/lb".into(), unclassed: true }
+    }
+}
+
+/// The management HTTP endpoint, on a kernel socket (never on the data ports).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct AdminConfig {
+    /// Where to listen; `null` turns the endpoint off.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9100))) }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -324,6 +361,9 @@ impl Bootstrap {
     pub fn validate(&self) -> Result<(), (String, String)> {
         fn fail<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, (String, String)> {
             Err((field.into(), msg.into()))
+        }
+        if self.load_balancer.class.trim().is_empty() {
+            return fail("load_balancer.class", "must not be empty");
         }
         if let Some(l7) = &self.l7 {
             if l7.http_ports.contains(&0) || l7.https_ports.contains(&0) {

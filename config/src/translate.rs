@@ -41,6 +41,8 @@ struct Lb<'a> {
     spec: &'a ServiceSpec,
     /// The VIPs and the field each came from.
     vips: Vec<(IpAddr, String)>,
+    /// A problem was found: the Service is left out.
+    failed: bool,
 }
 
 impl Lb<'_> {
@@ -83,8 +85,51 @@ fn in_pools(boot: &Bootstrap, ip: &IpAddr) -> bool {
     boot.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
 }
 
-/// Translates everything; the result is sorted by (vip, protocol, port).
+/// Translates everything; the result is sorted by (vip, protocol, port). Strict: the first
+/// problem with any object is the error (files are fixed and re-read as a whole).
 pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, ConfigError> {
+    let t = translate_each(boot, objects);
+    match t.problems.into_iter().next() {
+        Some(p) => Err(p.error),
+        None => Ok(t.state),
+    }
+}
+
+/// What an object is wrong about, for the user who must fix it (a Kubernetes Event).
+#[derive(Debug)]
+pub struct Problem {
+    /// `Service` or `Ingress`.
+    pub kind: &'static str,
+    pub object: ObjectRef,
+    /// A CamelCase reason as Events carry (`AllocationFailed`, `AddressTaken`, `InvalidSpec`).
+    pub reason: &'static str,
+    pub error: ConfigError,
+}
+
+/// The state of every object that translates, and a problem for each one that does not.
+#[derive(Debug, Default)]
+pub struct Translation {
+    pub state: DesiredState,
+    pub problems: Vec<Problem>,
+    /// The addresses each LoadBalancer Service got (for its status), by Service.
+    pub addresses: BTreeMap<ObjectRef, Vec<IpAddr>>,
+    /// LoadBalancer Services left to another implementation by `spec.loadBalancerClass`.
+    pub other_class: Vec<ObjectRef>,
+}
+
+/// Whether a LoadBalancer Service is ours by its class (see `LoadBalancerConfig`).
+pub fn is_our_class(boot: &Bootstrap, spec: &ServiceSpec) -> bool {
+    match spec.load_balancer_class.as_deref() {
+        None => boot.load_balancer.unclassed,
+        Some(c) => c == boot.load_balancer.class,
+    }
+}
+
+/// Lenient translation, for a live source: an object with a problem is left out (and the
+/// problem reported) while everything else is served. Problems come in the order strict
+/// translation would meet them.
+pub fn translate_each(boot: &Bootstrap, objects: &Objects) -> Translation {
+    let mut t = Translation::default();
     let mut lbs = Vec::new();
     for s in &objects.services {
         let Some(spec) = s.object.spec.as_ref() else { continue };
@@ -93,20 +138,38 @@ pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, Co
         }
         let meta = &s.object.metadata;
         let id = ObjectRef { namespace: namespace(&meta.namespace), name: meta.name.clone().unwrap_or_default() };
-        let lb = Lb { source: &s.source, id, service: &s.object, spec, vips: Vec::new() };
+        if !is_our_class(boot, spec) {
+            t.other_class.push(id);
+            continue;
+        }
+        let lb = Lb { source: &s.source, id, service: &s.object, spec, vips: Vec::new(), failed: false };
         if lb.id.name.is_empty() {
-            return Err(lb.err("metadata.name", "a Service needs a name"));
+            let error = lb.err("metadata.name", "a Service needs a name");
+            t.problems.push(Problem { kind: "Service", object: lb.id, reason: REASON_INVALID, error });
+            continue;
         }
         lbs.push(lb);
     }
     lbs.sort_by(|a, b| a.id.cmp(&b.id));
-    for w in lbs.windows(2) {
-        if w[0].id == w[1].id {
-            return Err(w[1].err("metadata.name", format!("defined twice: also in {}", w[0].source)));
+    let mut i = 1;
+    while i < lbs.len() {
+        if lbs[i - 1].id == lbs[i].id {
+            let error = lbs[i].err("metadata.name", format!("defined twice: also in {}", lbs[i - 1].source));
+            t.problems.push(Problem { kind: "Service", object: lbs[i].id.clone(), reason: REASON_INVALID, error });
+            lbs.remove(i);
+        } else {
+            i += 1;
         }
     }
 
-    assign_vips(boot, &mut lbs)?;
+    // A Service with an invalid spec takes no address that a valid one could have.
+    for lb in lbs.iter_mut() {
+        if let Err(error) = validate_spec(boot, lb) {
+            lb.failed = true;
+            t.problems.push(Problem { kind: "Service", object: lb.id.clone(), reason: REASON_INVALID, error });
+        }
+    }
+    assign_vips(boot, &mut lbs, &mut t.problems);
 
     // Slices by (namespace, service name).
     let mut slices: BTreeMap<(String, String), Vec<&Sourced<EndpointSlice>>> = BTreeMap::new();
@@ -120,28 +183,131 @@ pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, Co
     let mut out: Vec<VipService> = Vec::new();
     // (vip, protocol, port) -> (index into lbs, port index)
     let mut claimed: BTreeMap<(IpAddr, Protocol, u16), (usize, usize)> = BTreeMap::new();
-    for (li, lb) in lbs.iter().enumerate() {
-        let mode = forwarding_mode(boot, lb)?;
-        let affinity = affinity(lb)?;
-        let svc_slices = slices.get(&(lb.id.namespace.clone(), lb.id.name.clone())).map(Vec::as_slice).unwrap_or(&[]);
-        let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
-        if ports.is_empty() {
-            return Err(lb.err("spec.ports", "a LoadBalancer Service needs at least one port"));
+    for li in 0..lbs.len() {
+        if lbs[li].failed {
+            continue;
         }
-        for (pi, sp) in ports.iter().enumerate() {
-            let (protocol, port) = service_port(lb, pi, sp)?;
-            for (vip, _) in &lb.vips {
-                if let Some(&(lj, pj)) = claimed.get(&(*vip, protocol, port)) {
-                    let what = format!("{vip} {}/{port}", proto_name(protocol));
-                    let msg = if lj == li {
-                        format!("{what} is claimed twice by this Service (also spec.ports[{pj}])")
-                    } else {
-                        format!("{what} is already served by {} (spec.ports[{pj}])", lbs[lj].where_())
-                    };
-                    return Err(lb.err(format!("spec.ports[{pi}]"), msg));
+        let svc_slices =
+            slices.get(&(lbs[li].id.namespace.clone(), lbs[li].id.name.clone())).map(Vec::as_slice).unwrap_or(&[]);
+        match lb_services(boot, &lbs, li, svc_slices, &claimed) {
+            Ok(services) => {
+                for (v, pi) in services {
+                    claimed.insert((v.vip, v.protocol, v.port), (li, pi));
+                    out.push(v);
                 }
-                claimed.insert((*vip, protocol, port), (li, pi));
-                out.push(VipService {
+            }
+            Err((reason, error)) => {
+                lbs[li].failed = true;
+                t.problems.push(Problem { kind: "Service", object: lbs[li].id.clone(), reason, error });
+            }
+        }
+    }
+    check_shared_ips(&mut lbs, &mut t.problems);
+    let failed: BTreeSet<&ObjectRef> = lbs.iter().filter(|lb| lb.failed).map(|lb| &lb.id).collect();
+    out.retain(|v| !failed.contains(&v.service));
+    out.sort_by_key(|v| (v.vip, v.protocol, v.port));
+    for lb in lbs.iter().filter(|lb| !lb.failed) {
+        t.addresses.insert(lb.id.clone(), lb.vips.iter().map(|(ip, _)| *ip).collect());
+    }
+    t.state.services = out;
+    if let Some(c) = &boot.l7 {
+        let sel = crate::ingress::ClassSelection { class_name: c.ingress_class.clone(), ..Default::default() };
+        t.state.l7 = ingresses_each(objects, &sel, &mut t.problems);
+    }
+    t
+}
+
+/// Ingress translation that leaves out an Ingress with a problem and serves the rest.
+fn ingresses_each(
+    objects: &Objects,
+    sel: &crate::ingress::ClassSelection,
+    problems: &mut Vec<Problem>,
+) -> crate::ingress::L7State {
+    let mut without: Option<Objects> = None;
+    loop {
+        let current = without.as_ref().unwrap_or(objects);
+        match crate::ingress::translate_ingresses(current, sel) {
+            Ok(state) => return state,
+            Err(error) => {
+                // The error names the Ingress as `Ingress namespace/name`; leave that one out.
+                let named = error.object.as_deref().and_then(|o| o.strip_prefix("Ingress ")).map(str::to_string);
+                let mut next = current.clone();
+                let before = next.ingresses.len();
+                if let Some(named) = &named {
+                    next.ingresses.retain(|i| {
+                        let m = &i.object.metadata;
+                        format!("{}/{}", namespace(&m.namespace), m.name.as_deref().unwrap_or("")) != *named
+                    });
+                }
+                let object = named
+                    .as_deref()
+                    .and_then(|n| n.split_once('/'))
+                    .map(|(ns, name)| ObjectRef { namespace: ns.into(), name: name.into() })
+                    .unwrap_or(ObjectRef { namespace: String::new(), name: String::new() });
+                problems.push(Problem { kind: "Ingress", object, reason: REASON_INVALID, error });
+                if next.ingresses.len() == before {
+                    // Not attributable to one Ingress: serve no routes rather than loop.
+                    return Default::default();
+                }
+                without = Some(next);
+            }
+        }
+    }
+}
+
+/// Event reasons.
+pub const REASON_INVALID: &str = "InvalidSpec";
+pub const REASON_ALLOCATION_FAILED: &str = "AllocationFailed";
+pub const REASON_ADDRESS_TAKEN: &str = "AddressTaken";
+
+/// What can be checked of a Service on its own, before it is given addresses.
+fn validate_spec(boot: &Bootstrap, lb: &Lb<'_>) -> Result<(), ConfigError> {
+    forwarding_mode(boot, lb)?;
+    affinity(lb)?;
+    let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err(lb.err("spec.ports", "a LoadBalancer Service needs at least one port"));
+    }
+    for (pi, sp) in ports.iter().enumerate() {
+        service_port(lb, pi, sp)?;
+    }
+    Ok(())
+}
+
+/// The VIP services of `lbs[li]` (with the index of the Service port each comes from).
+fn lb_services(
+    boot: &Bootstrap,
+    lbs: &[Lb<'_>],
+    li: usize,
+    svc_slices: &[&Sourced<EndpointSlice>],
+    claimed: &BTreeMap<(IpAddr, Protocol, u16), (usize, usize)>,
+) -> Result<Vec<(VipService, usize)>, (&'static str, ConfigError)> {
+    let lb = &lbs[li];
+    let invalid = |e| (REASON_INVALID, e);
+    let mode = forwarding_mode(boot, lb).map_err(invalid)?;
+    let affinity = affinity(lb).map_err(invalid)?;
+    let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
+    if ports.is_empty() {
+        return Err(invalid(lb.err("spec.ports", "a LoadBalancer Service needs at least one port")));
+    }
+    let mut mine: BTreeMap<(IpAddr, Protocol, u16), usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (pi, sp) in ports.iter().enumerate() {
+        let (protocol, port) = service_port(lb, pi, sp).map_err(invalid)?;
+        for (vip, _) in &lb.vips {
+            let what = format!("{vip} {}/{port}", proto_name(protocol));
+            if let Some(&pj) = mine.get(&(*vip, protocol, port)) {
+                let msg = format!("{what} is claimed twice by this Service (also spec.ports[{pj}])");
+                return Err(invalid(lb.err(format!("spec.ports[{pi}]"), msg)));
+            }
+            if let Some(&(lj, pj)) = claimed.get(&(*vip, protocol, port)) {
+                let msg = format!("{what} is already served by {} (spec.ports[{pj}])", lbs[lj].where_());
+                return Err((REASON_ADDRESS_TAKEN, lb.err(format!("spec.ports[{pi}]"), msg)));
+            }
+            mine.insert((*vip, protocol, port), pi);
+            let endpoints = endpoints(lb, pi, sp, protocol, vip.is_ipv6(), svc_slices).map_err(invalid)?;
+            out.push((
+                VipService {
                     service: lb.id.clone(),
                     port_name: sp.name.clone().unwrap_or_default(),
                     vip: *vip,
@@ -149,63 +315,64 @@ pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, Co
                     protocol,
                     mode,
                     affinity: affinity.clone(),
-                    endpoints: endpoints(lb, pi, sp, protocol, vip.is_ipv6(), svc_slices)?,
-                });
-            }
+                    endpoints,
+                },
+                pi,
+            ));
         }
     }
-    check_shared_ips(&lbs)?;
-    out.sort_by_key(|v| (v.vip, v.protocol, v.port));
-    let l7 = match &boot.l7 {
-        Some(c) => crate::ingress::translate_ingresses(
-            objects,
-            &crate::ingress::ClassSelection { class_name: c.ingress_class.clone(), ..Default::default() },
-        )?,
-        None => Default::default(),
+    Ok(out)
+}
+
+/// The addresses a Service asks for: `spec.loadBalancerIP`, else the annotation.
+fn requested_vips(boot: &Bootstrap, lb: &Lb<'_>) -> Result<Vec<(IpAddr, String)>, ConfigError> {
+    let mut vips: Vec<(IpAddr, String)> = Vec::new();
+    let lb_ip = lb.spec.load_balancer_ip.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let requested: Vec<(&str, String)> = if let Some(ip) = lb_ip {
+        vec![(ip, "spec.loadBalancerIP".to_string())]
+    } else if let Some(list) = lb.annotation(ANNOTATION_LB_IPS) {
+        let field = annotation_field(ANNOTATION_LB_IPS);
+        list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| (s, field.clone())).collect()
+    } else {
+        Vec::new()
     };
-    Ok(DesiredState { services: out, l7 })
+    for (text, field) in requested {
+        let ip: IpAddr = text.parse().map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
+        if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
+            return Err(lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip))));
+        }
+        if !in_pools(boot, &ip) {
+            return Err(lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools))));
+        }
+        vips.push((ip, field));
+    }
+    Ok(vips)
 }
 
 /// Explicit requests first (spec.loadBalancerIP, then the annotation), then addresses remembered
-/// in status, then allocation from the pools for the rest, in namespace/name order.
+/// in status, then allocation from the pools for the rest, in namespace/name order. A Service
+/// that cannot have its addresses is marked failed, with a problem.
 #[allow(clippy::needless_range_loop)] // lbs[i] is replaced while the others are read
-fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> {
+fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>) {
     // address -> index of the first Service holding it
     let mut taken: BTreeMap<IpAddr, usize> = BTreeMap::new();
     for i in 0..lbs.len() {
-        let lb = &lbs[i];
-        let mut vips: Vec<(IpAddr, String)> = Vec::new();
-        let lb_ip = lb.spec.load_balancer_ip.as_deref().map(str::trim).filter(|s| !s.is_empty());
-        let requested: Vec<(&str, String)> = if let Some(ip) = lb_ip {
-            vec![(ip, "spec.loadBalancerIP".to_string())]
-        } else if let Some(list) = lb.annotation(ANNOTATION_LB_IPS) {
-            let field = annotation_field(ANNOTATION_LB_IPS);
-            list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| (s, field.clone())).collect()
-        } else {
-            Vec::new()
-        };
-        for (text, field) in requested {
-            let ip: IpAddr = text.parse().map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
-            if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
-                return Err(
-                    lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip)))
-                );
+        match requested_vips(boot, &lbs[i]) {
+            Ok(vips) => {
+                for (ip, _) in &vips {
+                    taken.entry(*ip).or_insert(i);
+                }
+                lbs[i].vips = vips;
             }
-            if !in_pools(boot, &ip) {
-                return Err(
-                    lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools)))
-                );
+            Err(error) => {
+                lbs[i].failed = true;
+                problems.push(Problem { kind: "Service", object: lbs[i].id.clone(), reason: REASON_INVALID, error });
             }
-            vips.push((ip, field));
         }
-        for (ip, _) in &vips {
-            taken.entry(*ip).or_insert(i);
-        }
-        lbs[i].vips = vips;
     }
     // Addresses in status (from an earlier allocation) are kept when still valid and free.
     for i in 0..lbs.len() {
-        if !lbs[i].vips.is_empty() {
+        if !lbs[i].vips.is_empty() || lbs[i].failed {
             continue;
         }
         let lb = &lbs[i];
@@ -224,41 +391,60 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>]) -> Result<(), ConfigError> 
         }
         lbs[i].vips = vips;
     }
-    // The appliance's own addresses are never handed out.
+    // The appliance's own addresses (and the Ingress address) are never handed out.
     let own: BTreeSet<IpAddr> = boot
         .ports
         .iter()
         .flat_map(|p| [p.ipv4.map(|n| IpAddr::V4(n.addr())), p.ipv6.map(|n| IpAddr::V6(n.addr()))])
         .flatten()
+        .chain(boot.l7.as_ref().map(|l| IpAddr::V4(l.address)))
         .collect();
     for i in 0..lbs.len() {
-        if !lbs[i].vips.is_empty() {
+        if !lbs[i].vips.is_empty() || lbs[i].failed {
             continue;
         }
-        let (want, required) = wanted_families(&lbs[i])?;
+        let (want, required) = match wanted_families(&lbs[i]) {
+            Ok(w) => w,
+            Err(error) => {
+                lbs[i].failed = true;
+                problems.push(Problem { kind: "Service", object: lbs[i].id.clone(), reason: REASON_INVALID, error });
+                continue;
+            }
+        };
         let mut vips = Vec::new();
         for v6 in want {
             match allocate(boot, v6, |ip| taken.contains_key(ip) || own.contains(ip)) {
                 Some(ip) => {
-                    taken.insert(ip, i);
                     vips.push((ip, "spec.loadBalancerIP".to_string()));
                 }
                 None if required || vips.is_empty() => {
                     let fam = if v6 { "IPv6" } else { "IPv4" };
-                    return Err(lbs[i].err(
+                    let error = lbs[i].err(
                         "spec.loadBalancerIP",
                         format!(
                             "no address requested and no free {fam} address left ({})",
                             describe_pools(&boot.vip_pools)
                         ),
-                    ));
+                    );
+                    problems.push(Problem {
+                        kind: "Service",
+                        object: lbs[i].id.clone(),
+                        reason: REASON_ALLOCATION_FAILED,
+                        error,
+                    });
+                    lbs[i].failed = true;
+                    break;
                 }
                 None => {} // PreferDualStack: one family is enough
             }
         }
-        lbs[i].vips = vips;
+        if !lbs[i].failed {
+            for (ip, _) in &vips {
+                taken.insert(*ip, i);
+            }
+            lbs[i].vips = vips;
+        }
     }
-    Ok(())
 }
 
 /// Families to allocate (false = IPv4, true = IPv6) from `spec.ipFamilies`/`ipFamilyPolicy`, and
@@ -325,16 +511,20 @@ fn shareable(a: &Lb<'_>, b: &Lb<'_>) -> bool {
     }
 }
 
-fn check_shared_ips(lbs: &[Lb<'_>]) -> Result<(), ConfigError> {
+fn check_shared_ips(lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>) {
     let mut first: BTreeMap<IpAddr, usize> = BTreeMap::new();
-    for (i, lb) in lbs.iter().enumerate() {
-        for (ip, field) in &lb.vips {
+    for i in 0..lbs.len() {
+        if lbs[i].failed {
+            continue;
+        }
+        let mut error = None;
+        for (ip, field) in &lbs[i].vips {
             match first.get(ip) {
                 None => {
                     first.insert(*ip, i);
                 }
-                Some(&j) if !shareable(&lbs[j], lb) => {
-                    return Err(lb.err(
+                Some(&j) if !shareable(&lbs[j], &lbs[i]) => {
+                    error = Some(lbs[i].err(
                         field,
                         format!(
                             "address {ip} taken by {} ({}); Services may share a VIP only when both carry the \
@@ -342,12 +532,16 @@ fn check_shared_ips(lbs: &[Lb<'_>]) -> Result<(), ConfigError> {
                             lbs[j].id, lbs[j].source
                         ),
                     ));
+                    break;
                 }
                 Some(_) => {}
             }
         }
+        if let Some(error) = error {
+            lbs[i].failed = true;
+            problems.push(Problem { kind: "Service", object: lbs[i].id.clone(), reason: REASON_ADDRESS_TAKEN, error });
+        }
     }
-    Ok(())
 }
 
 fn forwarding_mode(boot: &Bootstrap, lb: &Lb<'_>) -> Result<ForwardingMode, ConfigError> {
@@ -611,6 +805,58 @@ mod tests {
         let e = run_with(&b, &docs).unwrap_err().to_string();
         assert!(e.contains("Service demo/c: field spec.loadBalancerIP: no address requested and no free IPv4"), "{e}");
         assert_eq!(vips(&run_with(&b, &docs[..2]).unwrap())[1].1, "10.20.0.5");
+    }
+
+    #[test]
+    fn lenient_translation_leaves_out_only_the_service_with_a_problem() {
+        let mut b = boot();
+        b.vip_pools[0].cidrs = vec!["10.20.0.4/31".parse().unwrap()];
+        let docs: Vec<String> = vec![
+            svc("a", "", HTTP),
+            svc("b", ", annotations: {fulcrum.io/forwarding: teleport}", HTTP),
+            svc("c", "", HTTP),
+            svc("d", "", HTTP),
+        ];
+        let objects = Objects::parse(Path::new("t.yaml"), &docs.join("---\n")).unwrap();
+        let t = translate_each(&b, &objects);
+        let served: Vec<String> = t.state.services.iter().map(|v| format!("{} {}", v.service.name, v.vip)).collect();
+        assert_eq!(served, ["a 10.20.0.4", "c 10.20.0.5"]);
+        let problems: Vec<(String, &str)> = t.problems.iter().map(|p| (p.object.name.clone(), p.reason)).collect();
+        assert_eq!(problems, [("b".to_string(), REASON_INVALID), ("d".to_string(), REASON_ALLOCATION_FAILED)]);
+        assert_eq!(t.addresses.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["a", "c"]);
+        // Strict translation stops at the first of them.
+        assert!(translate(&b, &objects).unwrap_err().to_string().contains("Service demo/b"));
+    }
+
+    #[test]
+    fn load_balancer_class_selects_services() {
+        let docs = [
+            svc("mine", "", &format!(", loadBalancerClass: fulcrum.io/lb{HTTP}")),
+            svc("theirs", "", &format!(", loadBalancerClass: example.com/other{HTTP}")),
+            svc("plain", "", HTTP),
+        ];
+        let objects = Objects::parse(Path::new("t.yaml"), &docs.join("---\n")).unwrap();
+        let mut b = boot();
+        let names = |b: &Bootstrap| {
+            let t = translate_each(b, &objects);
+            assert!(t.problems.is_empty());
+            (
+                t.addresses.keys().map(|k| k.name.clone()).collect::<Vec<_>>(),
+                t.other_class.iter().map(|k| k.name.clone()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(names(&b), (vec!["mine".into(), "plain".into()], vec!["theirs".to_string()]));
+        b.load_balancer.unclassed = false;
+        assert_eq!(names(&b), (vec!["mine".to_string()], vec!["theirs".to_string(), "plain".to_string()]));
+    }
+
+    #[test]
+    fn the_ingress_address_is_never_allocated() {
+        let mut b = boot();
+        b.vip_pools[0].cidrs = vec!["10.20.0.4/31".parse().unwrap()];
+        b.l7 = Some(serde_yaml_ng::from_str("address: 10.20.0.4").unwrap());
+        let state = run_with(&b, &[svc("a", "", HTTP)]).unwrap();
+        assert_eq!(vips(&state)[0].1, "10.20.0.5");
     }
 
     #[test]
