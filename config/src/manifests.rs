@@ -20,22 +20,44 @@ use std::path::{Path, PathBuf};
 /// Where an object was read from.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Source {
+    /// The file, or for objects from the Kubernetes API the server's URL.
     pub file: PathBuf,
-    /// 1-based index of the YAML document within the file.
+    /// 1-based index of the YAML document within the file; 0 for an object from the API server.
     pub document: usize,
 }
 
 impl Source {
+    /// An object read from the Kubernetes API server at `server`.
+    pub fn api(server: &str) -> Source {
+        Source { file: PathBuf::from(server), document: 0 }
+    }
+
     /// An error located at this document.
     pub fn error(&self, message: impl Into<String>) -> ConfigError {
-        ConfigError::new(&self.file, message).document(self.document)
+        let e = ConfigError::new(&self.file, message);
+        if self.document == 0 {
+            e
+        } else {
+            e.document(self.document)
+        }
     }
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: document {}", self.file.display(), self.document)
+        if self.document == 0 {
+            write!(f, "{}", self.file.display())
+        } else {
+            write!(f, "{}: document {}", self.file.display(), self.document)
+        }
     }
+}
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice (as API servers before 1.21 serve them, in JSON)
+/// converted to v1.
+pub fn endpoint_slice_from_v1beta1(value: Value, source: &Source) -> Result<EndpointSlice, ConfigError> {
+    let value = endpoint_slice_v1beta1_to_v1(value, source, "")?;
+    strict::<EndpointSlice>(value, source, "")
 }
 
 /// An object and where it came from.

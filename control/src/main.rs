@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 mod cmd;
+mod k8s;
 mod serve;
 
 #[derive(Parser, Debug)]
@@ -36,6 +38,18 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    // One crypto provider for the whole process (the L7 TLS server and the Kubernetes client).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                // kube warns on every connection to a server whose kubeconfig skips TLS
+                // verification; once, from the user's own kubeconfig, is enough (it is in it).
+                "warn,kube_client::client::tls=error".into()
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match &cli.cmd {
         Cmd::Check(a) => cmd::check::run(a),
         Cmd::Snapshot(a) => cmd::snapshot::run(a),

@@ -1,12 +1,18 @@
-//! The control thread of `fulcrum run`: starts the workers, then watches the manifests (on
-//! change and on SIGHUP), recompiles and publishes snapshots, prints counters, and stops
-//! everything on SIGINT/SIGTERM.
+//! The control thread of `fulcrum run`: starts the workers, then follows its input (manifest
+//! files, on change and on SIGHUP; or the Kubernetes API), recompiles and publishes snapshots,
+//! writes Service and Ingress status and Events (Kubernetes), serves the admin endpoint, prints
+//! counters, and stops everything on SIGINT/SIGTERM.
 //!
-//! A manifest change that does not translate or compile is reported and ignored: the workers
-//! keep the last good snapshot, and nothing running is disturbed.
+//! Nothing the input says can disturb what runs: manifest files that do not translate are
+//! rejected whole (the last good snapshot keeps serving); from the API server, an object with a
+//! problem is left out (an Event says why) and everything else is served.
 
+use crate::admin::{self, ControlState};
+use crate::k8s::status::{self, EventLog};
+use crate::k8s::{Debounce, Kube};
 use anyhow::Context;
-use fulcrum_config::Bootstrap;
+use fulcrum_config::translate::{translate_each, Translation};
+use fulcrum_config::{Bootstrap, DesiredState, Objects};
 use fulcrum_dataplane::port::Port;
 use fulcrum_dataplane::runtime::{self, Idle, Shared, WorkerSpec};
 use fulcrum_dataplane::snapshot::{Snapshot, StatIds};
@@ -15,13 +21,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// How a run is watched and reported.
+/// Where the objects come from.
+pub enum Input {
+    /// A YAML file or directory, checked for changes this often (None: only on SIGHUP).
+    Manifests { path: PathBuf, watch_every: Option<Duration> },
+    /// The API server, through reflectors; status and Events are written back.
+    Kubernetes(Kube),
+}
+
+/// How a run is fed and reported.
 pub struct ServeOptions {
-    pub manifests: PathBuf,
+    pub input: Input,
     /// Print a counters line this often (None: never).
     pub stats_every: Option<Duration>,
-    /// How often the manifests are checked for changes (None: only on SIGHUP).
-    pub watch_every: Option<Duration>,
 }
 
 /// What a file set looked like: (path, length, mtime) of every manifest file, sorted.
@@ -41,11 +53,76 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect()
 }
 
-/// Recompiles from the manifests; the error names the file, object and field.
-fn compile(boot: &Bootstrap, manifests: &Path, generation: u64, ids: &mut StatIds) -> anyhow::Result<Snapshot> {
-    let state = fulcrum_config::load_desired(boot, manifests)?;
-    Snapshot::compile_with(boot, &state, generation, ids)
-        .with_context(|| format!("{}: cannot compile the snapshot", manifests.display()))
+/// One built snapshot and what went into it.
+pub struct Built {
+    pub snapshot: Snapshot,
+    pub objects: Objects,
+    pub translation: Translation,
+}
+
+/// Translates and compiles. Strict (manifest files): the first problem fails the build.
+pub fn build(
+    boot: &Bootstrap,
+    objects: Objects,
+    strict: bool,
+    generation: u64,
+    ids: &mut StatIds,
+    source: &str,
+) -> anyhow::Result<Built> {
+    let translation = translate_each(boot, &objects);
+    if strict {
+        if let Some(p) = translation.problems.first() {
+            return Err(anyhow::anyhow!("{}", p.error));
+        }
+    }
+    let snapshot = Snapshot::compile_with(boot, &translation.state, generation, ids)
+        .with_context(|| format!("{source}: cannot compile the snapshot"))?;
+    Ok(Built { snapshot, objects, translation })
+}
+
+/// Reads the objects of an input now (the manifests, or the API server's mirror).
+fn read(input: &Input) -> anyhow::Result<Objects> {
+    match input {
+        Input::Manifests { path, .. } => Ok(fulcrum_config::manifests::load(path)?),
+        Input::Kubernetes(k) => k.mirror.objects(),
+    }
+}
+
+fn describe(input: &Input) -> String {
+    match input {
+        Input::Manifests { path, .. } => path.display().to_string(),
+        Input::Kubernetes(k) => k.mirror.server.clone(),
+    }
+}
+
+/// Status and Events for what was just built (Kubernetes input only; written asynchronously).
+struct Writeback {
+    events: EventLog,
+    recorder: kube::runtime::events::Recorder,
+}
+
+impl Writeback {
+    fn write(&mut self, boot: &Bootstrap, kube: &Kube, built: &Built) {
+        for w in status::status_writes(boot, &built.objects, &built.translation) {
+            let client = kube.client.clone();
+            kube.spawn(async move {
+                let what = format!("{:?} {}", w.kind, w.object);
+                match status::write_status(client, w).await {
+                    Ok(()) => tracing::info!("status written: {what}"),
+                    Err(e) => eprintln!("fulcrum: cannot write the status of {what}: {e}"),
+                }
+            });
+        }
+        for w in self.events.new_warnings(&built.objects, &built.translation.problems) {
+            eprintln!("fulcrum: {}: {}", w.reason, w.note);
+            let recorder = self.recorder.clone();
+            kube.spawn(async move {
+                if let Err(e) = status::publish(&recorder, &w).await {
+                    eprintln!("fulcrum: cannot publish an Event ({}): {e}", w.reason);
+                }
+            });
+        }
+    }
 }
 
 /// Runs the workers until SIGINT or SIGTERM (or `stop` is set). Returns the final counters.
@@ -59,38 +136,104 @@ where
     P: Port + Send + 'static,
     P::Buf: Send + 'static,
 {
+    let kube = match &opts.input {
+        Input::Kubernetes(k) => Some(k),
+        Input::Manifests { .. } => None,
+    };
+    let strict = kube.is_none();
+    let source = describe(&opts.input);
+    let control = ControlState::new(kube.map(|k| k.mirror.clone()));
     let mut ids = StatIds::default();
     let mut generation = 1;
-    let first = compile(boot, &opts.manifests, generation, &mut ids)?;
-    eprintln!("fulcrum: serving {} VIP ports (snapshot {generation})", first.services.len());
-    let shared = Shared::new(Arc::new(first), specs.len());
+    let mut debounce = Debounce::new(Duration::from_millis(50), Duration::from_millis(300));
+    if let Some(k) = kube {
+        debounce.mark_seen(k.mirror.changes());
+    }
+    let t0 = Instant::now();
+    let first = build(boot, read(&opts.input)?, strict, generation, &mut ids, &source)?;
+    control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(t0.elapsed().as_micros() as u64);
+    control.objects_with_problems.store(first.translation.problems.len() as u64, Ordering::Relaxed);
+    let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
+    if let (Some(k), Some(wb)) = (kube, writeback.as_mut()) {
+        wb.write(boot, k, &first);
+    }
+    let mut last_state: DesiredState = first.translation.state.clone();
+    eprintln!("fulcrum: serving {} VIP ports (snapshot {generation}) from {source}", first.snapshot.services.len());
+    let shared = Shared::new(Arc::new(first.snapshot), specs.len());
+    *control.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
     let idle = if boot.workers.idle_backoff { Idle::Backoff(Duration::from_millis(1)) } else { Idle::BusyPoll };
     let handles = runtime::spawn(specs, shared.clone(), idle).context("cannot start the workers")?;
+    let admin_stop = Arc::new(AtomicBool::new(false));
+    let admin = match boot.admin.listen {
+        Some(addr) => Some(admin::start(addr, control.clone(), admin_stop.clone())?),
+        None => None,
+    };
 
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
 
-    let mut seen = fingerprint(&opts.manifests);
+    let mut seen = match &opts.input {
+        Input::Manifests { path, .. } => fingerprint(path),
+        Input::Kubernetes(_) => Vec::new(),
+    };
     let mut last_watch = Instant::now();
     let mut last_stats = Instant::now();
+    // A published generation not yet running on every worker, and when it was published.
+    let mut pending: Option<(u64, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(if pending.is_some() { 1 } else { 20 }));
+        control.tick();
+        if let Some((g, at)) = pending {
+            if shared.running_generation.iter().all(|r| r.load(Ordering::Acquire) >= g) {
+                let us = at.elapsed().as_micros() as u64;
+                control.publish_latency_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
+                pending = None;
+            }
+        }
         let forced = hup.swap(false, Ordering::AcqRel);
-        if forced || opts.watch_every.is_some_and(|w| last_watch.elapsed() >= w) {
-            last_watch = Instant::now();
-            let now = fingerprint(&opts.manifests);
-            if forced || now != seen {
-                seen = now;
-                match compile(boot, &opts.manifests, generation + 1, &mut ids) {
-                    Ok(s) => {
-                        generation += 1;
-                        let n = s.services.len();
-                        shared.snapshot.publish(Arc::new(s));
-                        eprintln!("fulcrum: manifests changed: serving {n} VIP ports (snapshot {generation})");
+        let due = match &opts.input {
+            Input::Manifests { path, watch_every } => {
+                if forced || watch_every.is_some_and(|w| last_watch.elapsed() >= w) {
+                    last_watch = Instant::now();
+                    let now = fingerprint(path);
+                    let changed = forced || now != seen;
+                    seen = now;
+                    changed
+                } else {
+                    false
+                }
+            }
+            Input::Kubernetes(k) => debounce.due(k.mirror.changes(), Instant::now()) || forced,
+        };
+        if due {
+            let t0 = Instant::now();
+            let built = read(&opts.input).and_then(|o| build(boot, o, strict, generation + 1, &mut ids, &source));
+            match built {
+                Ok(b) => {
+                    let us = t0.elapsed().as_micros() as u64;
+                    control.last_build_us.store(us, Ordering::Relaxed);
+                    control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
+                    control.objects_with_problems.store(b.translation.problems.len() as u64, Ordering::Relaxed);
+                    if let (Some(k), Some(wb)) = (kube, writeback.as_mut()) {
+                        wb.write(boot, k, &b);
                     }
-                    Err(e) => eprintln!("fulcrum: manifests rejected, still serving snapshot {generation}: {e:#}"),
+                    // Our own status writes come back as changes; an unchanged state is not
+                    // published again.
+                    if b.translation.state != last_state || forced {
+                        generation += 1;
+                        let n = b.snapshot.services.len();
+                        last_state = b.translation.state;
+                        shared.snapshot.publish(Arc::new(b.snapshot));
+                        pending = Some((generation, Instant::now()));
+                        control.snapshots_published.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("fulcrum: {source} changed: serving {n} VIP ports (snapshot {generation})");
+                    }
+                }
+                Err(e) => {
+                    control.snapshots_rejected.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("fulcrum: {source} rejected, still serving snapshot {generation}: {e:#}");
                 }
             }
         }
@@ -102,10 +245,14 @@ where
         }
     }
     shared.stop();
+    admin_stop.store(true, Ordering::Relaxed);
     for h in handles {
         if h.join().is_err() {
             anyhow::bail!("a worker thread panicked");
         }
+    }
+    if let Some(a) = admin {
+        let _ = a.join();
     }
     Ok(shared.total_stats())
 }

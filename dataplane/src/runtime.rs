@@ -190,7 +190,7 @@ fn run_worker<P: Port>(
         w.housekeeping(&mut port, now_ms);
         if now_ms >= last_publish + 100 {
             last_publish = now_ms;
-            *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats.clone();
+            *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
         }
         if work == 0 {
             empty_polls = empty_polls.saturating_add(1);
@@ -203,5 +203,5 @@ fn run_worker<P: Port>(
             empty_polls = 0;
         }
     }
-    *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats.clone();
+    *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
 }

@@ -94,6 +94,9 @@ pub struct CoreStats {
     /// TCP segments handed to the HTTP proxy, and the proxy's own counters.
     pub l7_segments: u64,
     pub l7: crate::l7::proxy::ProxyStats,
+    /// HTTP request latency in microseconds, from a request head to its response head (None
+    /// without L7). Copied out with the counters, not kept here per packet.
+    pub l7_latency_us: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl CoreStats {
@@ -114,6 +117,13 @@ impl CoreStats {
     }
     /// Adds another core's counters into this one (for totals).
     pub fn merge(&mut self, o: &CoreStats) {
+        match (&mut self.l7_latency_us, &o.l7_latency_us) {
+            (Some(a), Some(b)) => {
+                let _ = a.add(b);
+            }
+            (None, Some(b)) => self.l7_latency_us = Some(b.clone()),
+            _ => {}
+        }
         self.rx.packets += o.rx.packets;
         self.rx.bytes += o.rx.bytes;
         self.tx.packets += o.tx.packets;

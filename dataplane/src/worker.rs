@@ -404,6 +404,13 @@ impl Worker {
         n
     }
 
+    /// The counters with the proxy's latency histogram, for the control thread (every ~100 ms).
+    pub fn stats_copy(&self) -> CoreStats {
+        let mut s = self.stats.clone();
+        s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
+        s
+    }
+
     /// After the bursts of a loop iteration: solicit missing neighbours, reclaim a few expired
     /// flows, refresh the conntrack gauges.
     pub fn housekeeping<P: Port>(&mut self, port: &mut P, now_ms: u64) {

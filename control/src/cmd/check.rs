@@ -29,7 +29,8 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     // of the bootstrap's class; without an `l7` section, of the default class, for reference).
     let (boot, snap, l7) = match &a.manifests {
         Some(m) => {
-            let (boot, objects, state, snap) = super::compile(&a.config, m)?;
+            let input = super::InputArgs { manifests: Some(m.clone()), kubeconfig: None };
+            let (boot, objects, state, snap) = super::compile(&a.config, &input)?;
             let l7 = match &boot.l7 {
                 _ if objects.ingresses.is_empty() => None,
                 Some(c) => Some((c.ingress_class.clone(), state.l7)),

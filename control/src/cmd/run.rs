@@ -1,7 +1,7 @@
 //! `fulcrum run`: the appliance. DPDK on the bootstrap file's port, one pinned worker per
 //! configured core (one rx and one tx queue each, RSS across them), manifests watched.
 
-use crate::serve::{serve, ServeOptions};
+use crate::serve::{serve, Input, ServeOptions};
 use anyhow::Context;
 use fulcrum_config::Bootstrap;
 use fulcrum_dataplane::runtime::WorkerSpec;
@@ -17,16 +17,16 @@ pub struct Args {
     /// Bootstrap file (YAML).
     #[arg(long, value_name = "FILE")]
     pub config: PathBuf,
-    /// Kubernetes manifests: a YAML file or a directory of them. Re-read on change and on SIGHUP.
-    #[arg(long, value_name = "PATH")]
-    pub manifests: PathBuf,
+    #[command(flatten)]
+    pub input: super::InputArgs,
     /// Print the counters (JSON) to stderr every SECONDS.
     #[arg(long, value_name = "SECONDS")]
     pub stats_every: Option<f64>,
     /// Override the first port's device (e.g. `net_af_packet0,iface=veth-lb`).
     #[arg(long, value_name = "DEVARGS")]
     pub device: Option<String>,
-    /// How often to check the manifests for changes, in seconds; 0: only on SIGHUP.
+    /// How often to check the manifests for changes, in seconds; 0: only on SIGHUP. (The
+    /// Kubernetes API is watched: changes arrive as they happen.)
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
     pub watch_every: f64,
     /// Packet buffers (mbufs) in the pool; default: enough for every ring and burst, doubled.
@@ -66,8 +66,17 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     if let Some(d) = &a.device {
         boot.ports[0].device = d.clone();
     }
-    // Fail on bad manifests before touching any device.
-    fulcrum_config::load_desired(&boot, &a.manifests)?;
+    // Fail on bad manifests (or an unreachable API server) before touching any device.
+    let input = match (&a.input.manifests, a.input.kubeconfig()) {
+        (Some(m), _) => {
+            fulcrum_config::load_desired(&boot, m)?;
+            Input::Manifests {
+                path: m.clone(),
+                watch_every: (a.watch_every > 0.0).then(|| Duration::from_secs_f64(a.watch_every)),
+            }
+        }
+        (None, kubeconfig) => Input::Kubernetes(crate::k8s::Kube::connect(kubeconfig.as_deref())?),
+    };
     let port_cfg = boot.ports[0].clone();
     if boot.ports.len() > 1 {
         eprintln!("fulcrum: note: serving port {} only; more ports per worker are not supported yet", port_cfg.name);
@@ -115,11 +124,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         "fulcrum: port {} ({}) up with {workers} worker(s) on CPU(s) {:?}",
         port_cfg.name, port_cfg.device, boot.workers.cores
     );
-    let opts = ServeOptions {
-        manifests: a.manifests.clone(),
-        stats_every: a.stats_every.map(Duration::from_secs_f64),
-        watch_every: (a.watch_every > 0.0).then(|| Duration::from_secs_f64(a.watch_every)),
-    };
+    let opts = ServeOptions { input, stats_every: a.stats_every.map(Duration::from_secs_f64) };
     let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
     println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
     drop(port);

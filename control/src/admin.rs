@@ -1,0 +1,353 @@
+//! The management endpoint: a small HTTP/1.1 server on a kernel socket (default
+//! 127.0.0.1:9100, never a data port) with `/metrics` (Prometheus text format 0.0.4),
+//! `/healthz`, `/readyz` and `/snapshot` (the live tables as JSON).
+//!
+//! Written on std's TcpListener and httparse rather than an async HTTP stack: it serves a
+//! scraper every few seconds, one request per connection, and must never share a thread or a
+//! runtime with anything on the packet path.
+
+use crate::k8s::Mirror;
+use fulcrum_dataplane::runtime::Shared;
+use fulcrum_dataplane::stats::{CoreStats, DropReason};
+use hdrhistogram::Histogram;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the control loop reports about itself, for `/metrics`, `/healthz` and `/readyz`.
+pub struct ControlState {
+    pub shared: Mutex<Option<Arc<Shared>>>,
+    pub kube: Option<Arc<Mirror>>,
+    started: Instant,
+    /// Milliseconds since `started` of the control loop's last tick.
+    last_tick_ms: AtomicU64,
+    pub snapshots_published: AtomicU64,
+    pub snapshots_rejected: AtomicU64,
+    /// Objects left out of the last snapshot (each has an Event / a log line).
+    pub objects_with_problems: AtomicU64,
+    /// Microseconds: translate + compile of the last snapshot.
+    pub last_build_us: AtomicU64,
+    /// From publish until every worker runs the new snapshot, microseconds.
+    pub publish_latency_us: Mutex<Histogram<u64>>,
+    /// Snapshot build (translate + compile), microseconds.
+    pub build_us: Mutex<Histogram<u64>>,
+}
+
+impl ControlState {
+    pub fn new(kube: Option<Arc<Mirror>>) -> Arc<ControlState> {
+        let h = || Mutex::new(Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds"));
+        Arc::new(ControlState {
+            shared: Mutex::new(None),
+            kube,
+            started: Instant::now(),
+            last_tick_ms: AtomicU64::new(0),
+            snapshots_published: AtomicU64::new(0),
+            snapshots_rejected: AtomicU64::new(0),
+            objects_with_problems: AtomicU64::new(0),
+            last_build_us: AtomicU64::new(0),
+            publish_latency_us: h(),
+            build_us: h(),
+        })
+    }
+
+    pub fn tick(&self) {
+        self.last_tick_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
+    fn shared(&self) -> Option<Arc<Shared>> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Alive: the control loop ticked within the last 5 seconds.
+    fn healthy(&self) -> bool {
+        let now = self.started.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_tick_ms.load(Ordering::Acquire)) < 5_000
+    }
+
+    /// Ready for traffic: every worker runs the current snapshot (or a newer one being picked up).
+    fn ready(&self) -> Result<String, String> {
+        let Some(shared) = self.shared() else { return Err("workers not started".into()) };
+        let g = shared.snapshot.generation();
+        let behind = shared.running_generation.iter().filter(|r| r.load(Ordering::Acquire) == 0).count();
+        if behind > 0 {
+            return Err(format!("{behind} worker(s) have not taken a snapshot yet"));
+        }
+        let api = match &self.kube {
+            Some(m) if !m.connected() => {
+                format!(", Kubernetes API unreachable ({}): serving the last snapshot", m.last_error().unwrap_or_default())
+            }
+            _ => String::new(),
+        };
+        Ok(format!("ok: snapshot {g} on {} worker(s){api}", shared.running_generation.len()))
+    }
+}
+
+/// Serves until `stop` is set. Returns once the socket is bound, so that a bad address is an error
+/// at start-up and not a silent absence.
+pub fn start(addr: SocketAddr, state: Arc<ControlState>, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin endpoint: cannot listen on {addr}: {e}"))?;
+    listener.set_nonblocking(true)?;
+    eprintln!("fulcrum: admin endpoint on http://{addr}/ (/metrics /healthz /readyz /snapshot)");
+    Ok(std::thread::Builder::new().name("fulcrum-admin".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if let Err(e) = handle(stream, &state) {
+                        tracing::debug!("admin request: {e}");
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    tracing::warn!("admin endpoint: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    })?)
+}
+
+fn handle(mut stream: TcpStream, state: &ControlState) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    let (method, path) = loop {
+        let n = stream.read(&mut buf[len..])?;
+        if n == 0 {
+            return Ok(());
+        }
+        len += n;
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..len]) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (req.method.unwrap_or("").to_string(), req.path.unwrap_or("/").to_string());
+            }
+            Ok(httparse::Status::Partial) if len < buf.len() => continue,
+            _ => return respond(&mut stream, 400, "text/plain", "bad request\n"),
+        }
+    };
+    if method != "GET" && method != "HEAD" {
+        return respond(&mut stream, 405, "text/plain", "only GET\n");
+    }
+    let path = path.split('?').next().unwrap_or("/");
+    match path {
+        "/metrics" => respond(&mut stream, 200, "text/plain; version=0.0.4; charset=utf-8", &render_metrics(state)),
+        "/healthz" if state.healthy() => respond(&mut stream, 200, "text/plain", "ok\n"),
+        "/healthz" => respond(&mut stream, 503, "text/plain", "control loop stalled\n"),
+        "/readyz" => match state.ready() {
+            Ok(m) => respond(&mut stream, 200, "text/plain", &format!("{m}\n")),
+            Err(m) => respond(&mut stream, 503, "text/plain", &format!("{m}\n")),
+        },
+        "/snapshot" => match state.shared() {
+            Some(s) => {
+                let body = serde_json::to_string_pretty(&s.snapshot.current().to_json(false)).unwrap_or_default();
+                respond(&mut stream, 200, "application/json", &(body + "\n"))
+            }
+            None => respond(&mut stream, 503, "text/plain", "no snapshot yet\n"),
+        },
+        "/" => respond(&mut stream, 200, "text/plain", "/metrics /healthz /readyz /snapshot\n"),
+        _ => respond(&mut stream, 404, "text/plain", "not found\n"),
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, ctype: &str, body: &str) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+/// A label value escaped as the text format requires (backslash, double quote, newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Writes one metric family: HELP, TYPE and its samples.
+struct Out(String);
+
+impl Out {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", esc(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+    /// A summary from a histogram of microseconds, in seconds.
+    fn summary_us(&mut self, name: &str, help: &str, h: &Histogram<u64>) {
+        self.family(name, "summary", help);
+        for q in [0.5, 0.9, 0.99] {
+            let v = if h.is_empty() { 0.0 } else { h.value_at_quantile(q) as f64 / 1e6 };
+            self.sample(name, &[("quantile", q.to_string())], v);
+        }
+        let sum: f64 = h.iter_recorded().map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64).sum();
+        self.sample(&format!("{name}_sum"), &[], sum / 1e6);
+        self.sample(&format!("{name}_count"), &[], h.len());
+    }
+}
+
+/// Every counter, per core where the data plane keeps it per core.
+pub fn render_metrics(state: &ControlState) -> String {
+    let mut o = Out(String::with_capacity(16 * 1024));
+    let shared = state.shared();
+    let cores: Vec<CoreStats> = shared
+        .as_ref()
+        .map(|s| s.stats.iter().map(|m| m.lock().unwrap_or_else(|e| e.into_inner()).clone()).collect())
+        .unwrap_or_default();
+    let core = |i: usize| vec![("core", i.to_string())];
+    type Get = fn(&CoreStats) -> u64;
+    let per_core: [(&str, &str, &str, Get); 14] = [
+        ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
+        ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
+        ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
+        ("fulcrum_tx_bytes_total", "counter", "Bytes sent.", |c| c.tx.bytes),
+        ("fulcrum_arp_replies_total", "counter", "ARP replies sent.", |c| c.arp_replies),
+        ("fulcrum_ndp_replies_total", "counter", "Neighbour advertisements sent.", |c| c.ndp_replies),
+        ("fulcrum_echo_replies_total", "counter", "ICMP echo replies sent.", |c| c.echo_replies),
+        ("fulcrum_handed_off_total", "counter", "Packets handed to the core owning their flow.", |c| c.handed_off),
+        ("fulcrum_conntrack_flows", "gauge", "Flows tracked.", |c| c.ct_flows),
+        ("fulcrum_conntrack_inserts_total", "counter", "Flows created.", |c| c.ct_inserts),
+        ("fulcrum_conntrack_expired_total", "counter", "Flows expired.", |c| c.ct_expired),
+        ("fulcrum_conntrack_evictions_total", "counter", "Flows evicted because the table was full.", |c| {
+            c.ct_evictions
+        }),
+        ("fulcrum_l7_connections_total", "counter", "Client connections accepted by the HTTP proxy.", |c| {
+            c.l7.connections
+        }),
+        ("fulcrum_l7_requests_total", "counter", "HTTP requests received.", |c| c.l7.requests),
+    ];
+    for (name, kind, help, get) in per_core {
+        o.family(name, kind, help);
+        for (i, c) in cores.iter().enumerate() {
+            o.sample(name, &core(i), get(c));
+        }
+    }
+    o.family("fulcrum_drops_total", "counter", "Packets dropped, by reason.");
+    for (i, c) in cores.iter().enumerate() {
+        for r in DropReason::ALL {
+            o.sample("fulcrum_drops_total", &[("core", i.to_string()), ("reason", r.name().into())], c.dropped(*r));
+        }
+    }
+    o.family("fulcrum_l7_responses_total", "counter", "HTTP responses sent to clients, by status class.");
+    for (i, c) in cores.iter().enumerate() {
+        for (k, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            o.sample("fulcrum_l7_responses_total", &[("core", i.to_string()), ("class", class.to_string())], c.l7.responses[k]);
+        }
+    }
+    let mut total = CoreStats::default();
+    for c in &cores {
+        total.merge(c);
+    }
+    if let Some(h) = total.l7_latency_us.as_ref() {
+        o.summary_us("fulcrum_l7_request_duration_seconds", "From a request's head to its response's head, as the proxy saw it.", h);
+    }
+
+    if let Some(s) = shared.as_ref() {
+        let snap = s.snapshot.current();
+        let proto = |p: u8| if p == 6 { "TCP" } else { "UDP" }.to_string();
+        for (name, help, bytes) in [
+            ("fulcrum_vip_packets_total", "Packets to a VIP port (client to service).", false),
+            ("fulcrum_vip_bytes_total", "Bytes to a VIP port (client to service).", true),
+        ] {
+            o.family(name, "counter", help);
+            for e in &snap.services {
+                let c = total.per_vip.get(e.stat_id as usize).copied().unwrap_or_default();
+                let labels = [
+                    ("service", e.service.to_string()),
+                    ("port_name", e.port_name.clone()),
+                    ("vip", e.vip.to_string()),
+                    ("port", e.port.to_string()),
+                    ("protocol", proto(e.proto)),
+                ];
+                o.sample(name, &labels, if bytes { c.bytes } else { c.packets });
+            }
+        }
+        for (name, help, bytes) in [
+            ("fulcrum_backend_packets_total", "Packets sent to an endpoint.", false),
+            ("fulcrum_backend_bytes_total", "Bytes sent to an endpoint.", true),
+        ] {
+            o.family(name, "counter", help);
+            for e in &snap.services {
+                for b in &snap.backends[e.backends.start as usize..e.backends.end as usize] {
+                    let c = total.per_backend.get(b.stat_id as usize).copied().unwrap_or_default();
+                    let labels = [
+                        ("service", e.service.to_string()),
+                        ("port_name", e.port_name.clone()),
+                        ("vip", e.vip.to_string()),
+                        ("port", e.port.to_string()),
+                        ("protocol", proto(e.proto)),
+                        ("endpoint", SocketAddr::new(b.addr, b.port).to_string()),
+                    ];
+                    o.sample(name, &labels, if bytes { c.bytes } else { c.packets });
+                }
+            }
+        }
+        o.family("fulcrum_snapshot_generation", "gauge", "Generation of the published snapshot.");
+        o.sample("fulcrum_snapshot_generation", &[], s.snapshot.generation());
+        o.family("fulcrum_worker_snapshot_generation", "gauge", "Generation each worker runs.");
+        for (i, g) in s.running_generation.iter().enumerate() {
+            o.sample("fulcrum_worker_snapshot_generation", &core(i), g.load(Ordering::Acquire));
+        }
+        o.family("fulcrum_vip_ports", "gauge", "VIP:port entries served.");
+        o.sample("fulcrum_vip_ports", &[], snap.services.len());
+    }
+    o.family("fulcrum_snapshots_published_total", "counter", "Snapshots published to the workers.");
+    o.sample("fulcrum_snapshots_published_total", &[], state.snapshots_published.load(Ordering::Relaxed));
+    o.family("fulcrum_snapshots_rejected_total", "counter", "Inputs that did not compile (the last snapshot kept serving).");
+    o.sample("fulcrum_snapshots_rejected_total", &[], state.snapshots_rejected.load(Ordering::Relaxed));
+    o.family("fulcrum_objects_with_problems", "gauge", "Objects left out of the last snapshot (see Events and logs).");
+    o.sample("fulcrum_objects_with_problems", &[], state.objects_with_problems.load(Ordering::Relaxed));
+    o.family("fulcrum_snapshot_last_build_seconds", "gauge", "Translate and compile time of the last snapshot.");
+    o.sample("fulcrum_snapshot_last_build_seconds", &[], state.last_build_us.load(Ordering::Relaxed) as f64 / 1e6);
+    {
+        let h = state.build_us.lock().unwrap_or_else(|e| e.into_inner());
+        o.summary_us("fulcrum_snapshot_build_seconds", "Translate and compile time of snapshots.", &h);
+    }
+    {
+        let h = state.publish_latency_us.lock().unwrap_or_else(|e| e.into_inner());
+        o.summary_us("fulcrum_snapshot_publish_seconds", "From publish until every worker runs the snapshot.", &h);
+    }
+    if let Some(m) = &state.kube {
+        o.family("fulcrum_kubernetes_connected", "gauge", "1 while every watch on the API server is up.");
+        o.sample("fulcrum_kubernetes_connected", &[], u8::from(m.connected()));
+        o.family("fulcrum_kubernetes_watch_events_total", "counter", "Watch events received.");
+        o.sample("fulcrum_kubernetes_watch_events_total", &[], m.changes());
+        o.family("fulcrum_kubernetes_watch_errors_total", "counter", "Watch errors (each followed by a retry).");
+        o.sample("fulcrum_kubernetes_watch_errors_total", &[], m.errors());
+    }
+    o.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::esc;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

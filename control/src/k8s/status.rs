@@ -1,0 +1,242 @@
+//! What Fulcrum writes back to the API server: `status.loadBalancer.ingress` of the Services it
+//! serves (their VIPs) and of the Ingresses of its class (the L7 address), and Events on objects
+//! a user must fix (pool exhausted, address taken, an invalid option).
+//!
+//! Deciding what to write is pure (tested without a server); writing is async, on the client's
+//! runtime, and only where the object does not already show it, so a steady state writes nothing.
+
+use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::model::ObjectRef;
+use fulcrum_config::translate::{Problem, Translation};
+use fulcrum_config::Objects;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+/// The field manager and Event reporter name.
+pub const CONTROLLER: &str = "fulcrum.io/lb-controller";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    Ingress,
+}
+
+/// Set `status.loadBalancer.ingress` of one object to these addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusWrite {
+    pub kind: Kind,
+    pub object: ObjectRef,
+    pub ips: Vec<IpAddr>,
+}
+
+fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+    ObjectRef {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+fn parse_ips<'a>(ips: impl Iterator<Item = Option<&'a String>>) -> Vec<Option<IpAddr>> {
+    ips.map(|ip| ip.and_then(|s| s.parse().ok())).collect()
+}
+
+fn in_pools(boot: &Bootstrap, ip: &IpAddr) -> bool {
+    boot.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
+}
+
+/// The status writes that make every object we serve show its addresses. A Service of ours that
+/// could not be served (its problem is an Event) loses addresses we gave it, so that its status
+/// never shows an address that does not answer.
+pub fn status_writes(boot: &Bootstrap, objects: &Objects, t: &Translation) -> Vec<StatusWrite> {
+    let mut out = Vec::new();
+    let failed: BTreeSet<&ObjectRef> =
+        t.problems.iter().filter(|p| p.kind == "Service").map(|p| &p.object).collect();
+    for s in &objects.services {
+        let object = id(&s.object.metadata);
+        let lb = s.object.status.as_ref().and_then(|st| st.load_balancer.as_ref());
+        let current = parse_ips(lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().map(|i| i.ip.as_ref()));
+        let want: Vec<IpAddr> = match t.addresses.get(&object) {
+            Some(ips) => ips.clone(),
+            None if failed.contains(&object) && !current.is_empty() => {
+                if !current.iter().all(|ip| ip.is_some_and(|ip| in_pools(boot, &ip))) {
+                    continue; // not addresses of ours: leave them alone
+                }
+                Vec::new()
+            }
+            None => continue,
+        };
+        if current != want.iter().map(|ip| Some(*ip)).collect::<Vec<_>>() {
+            out.push(StatusWrite { kind: Kind::Service, object, ips: want });
+        }
+    }
+    if let Some(l7) = &boot.l7 {
+        let ours: BTreeSet<&ObjectRef> = t.state.l7.ingresses.iter().collect();
+        let want = vec![IpAddr::V4(l7.address)];
+        for i in &objects.ingresses {
+            let object = id(&i.object.metadata);
+            if !ours.contains(&object) {
+                continue;
+            }
+            let lb = i.object.status.as_ref().and_then(|st| st.load_balancer.as_ref());
+            let current =
+                parse_ips(lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().map(|i| i.ip.as_ref()));
+            if current != vec![Some(want[0])] {
+                out.push(StatusWrite { kind: Kind::Ingress, object, ips: want.clone() });
+            }
+        }
+    }
+    out
+}
+
+/// Writes one status with a JSON merge patch on the status subresource (the list is replaced
+/// whole; no resourceVersion, so it never conflicts with other writers of other fields).
+pub async fn write_status(client: Client, w: StatusWrite) -> Result<(), kube::Error> {
+    let ingress: Vec<serde_json::Value> = w.ips.iter().map(|ip| serde_json::json!({"ip": ip.to_string()})).collect();
+    let patch = Patch::Merge(serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}}));
+    let pp = PatchParams::default();
+    match w.kind {
+        Kind::Service => {
+            let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client, &w.object.namespace);
+            api.patch_status(&w.object.name, &pp, &patch).await.map(|_| ())
+        }
+        Kind::Ingress => {
+            let api: Api<k8s_openapi::api::networking::v1::Ingress> = Api::namespaced(client, &w.object.namespace);
+            api.patch_status(&w.object.name, &pp, &patch).await.map(|_| ())
+        }
+    }
+}
+
+/// An Event to publish: on which object, why, and the message (the translation error, which
+/// names the object and field).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Warning {
+    pub regarding: ObjectReference,
+    pub reason: String,
+    pub note: String,
+}
+
+/// Remembers which problems were already reported, so each is an Event once while it lasts
+/// (and again if it comes back after being fixed).
+#[derive(Default)]
+pub struct EventLog {
+    sent: BTreeSet<(String, ObjectRef, String, String)>,
+}
+
+impl EventLog {
+    /// The Events to publish for these problems: the ones not reported yet.
+    pub fn new_warnings(&mut self, objects: &Objects, problems: &[Problem]) -> Vec<Warning> {
+        let mut now = BTreeSet::new();
+        let mut out = Vec::new();
+        for p in problems {
+            let note = p.error.to_string();
+            let key = (p.kind.to_string(), p.object.clone(), p.reason.to_string(), note.clone());
+            if !self.sent.contains(&key) {
+                if let Some(regarding) = reference(objects, p.kind, &p.object) {
+                    out.push(Warning { regarding, reason: p.reason.to_string(), note });
+                }
+            }
+            now.insert(key);
+        }
+        self.sent = now;
+        out
+    }
+}
+
+/// A reference to the object (with its uid, so `kubectl describe` lists the Event).
+fn reference(objects: &Objects, kind: &str, object: &ObjectRef) -> Option<ObjectReference> {
+    match kind {
+        "Service" => objects.services.iter().find(|s| id(&s.object.metadata) == *object).map(|s| s.object.object_ref(&())),
+        "Ingress" => {
+            objects.ingresses.iter().find(|s| id(&s.object.metadata) == *object).map(|s| s.object.object_ref(&()))
+        }
+        _ => None,
+    }
+}
+
+/// The Event recorder, reporting as this controller from this host.
+pub fn recorder(client: Client) -> Recorder {
+    let instance = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string());
+    Recorder::new(client, Reporter { controller: CONTROLLER.into(), instance })
+}
+
+pub async fn publish(recorder: &Recorder, w: &Warning) -> Result<(), kube::Error> {
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: w.reason.clone(),
+        // Event notes are at most 1 kB.
+        note: Some(w.note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &w.regarding).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fulcrum_config::translate::translate_each;
+    use std::path::Path;
+
+    fn boot() -> Bootstrap {
+        let mut b = Bootstrap::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples/bootstrap.yaml")))
+            .unwrap();
+        b.vip_pools[0].cidrs = vec!["10.20.0.4/31".parse().unwrap()];
+        b
+    }
+
+    fn svc(name: &str, status_ip: Option<&str>) -> String {
+        let status = status_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo, uid: u-{name}}}\n\
+             spec: {{type: LoadBalancer, ports: [{{port: 80}}]}}\n{status}"
+        )
+    }
+
+    const INGRESS: &str = "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: web, namespace: demo}\n\
+        spec: {ingressClassName: fulcrum, defaultBackend: {service: {name: a, port: {number: 80}}}}\n";
+
+    fn objects(docs: &[String]) -> Objects {
+        Objects::parse(Path::new("t.yaml"), &docs.join("---\n")).unwrap()
+    }
+
+    #[test]
+    fn status_is_written_only_where_it_differs() {
+        let b = boot();
+        let o = objects(&[svc("a", None), svc("b", Some("10.20.0.5")), svc("c", None), INGRESS.to_string()]);
+        let t = translate_each(&b, &o);
+        let writes = status_writes(&b, &o, &t);
+        // a gets 10.20.0.4; b keeps what its status says (nothing to write); c finds the pool
+        // exhausted (an Event, no status); the Ingress shows the L7 address.
+        assert_eq!(
+            writes,
+            vec![
+                StatusWrite { kind: Kind::Service, object: ObjectRef { namespace: "demo".into(), name: "a".into() }, ips: vec!["10.20.0.4".parse().unwrap()] },
+                StatusWrite { kind: Kind::Ingress, object: ObjectRef { namespace: "demo".into(), name: "web".into() }, ips: vec!["10.20.0.100".parse().unwrap()] },
+            ]
+        );
+        let mut log = EventLog::default();
+        let w = log.new_warnings(&o, &t.problems);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].reason, "AllocationFailed");
+        assert_eq!(w[0].regarding.uid.as_deref(), Some("u-c"));
+        assert!(w[0].note.contains("no free IPv4 address"), "{}", w[0].note);
+        assert!(log.new_warnings(&o, &t.problems).is_empty(), "reported once while it lasts");
+        assert!(log.new_warnings(&o, &[]).is_empty());
+        assert_eq!(log.new_warnings(&o, &t.problems).len(), 1, "and again when it comes back");
+    }
+
+    #[test]
+    fn a_failed_service_loses_only_our_addresses() {
+        let b = boot();
+        let bad = |ip: &str| svc("x", Some(ip)).replace("ports: [{port: 80}]", "ports: []");
+        let o = objects(&[bad("10.20.0.4")]);
+        let t = translate_each(&b, &o);
+        assert_eq!(status_writes(&b, &o, &t)[0].ips, Vec::<IpAddr>::new());
+        let o = objects(&[bad("192.0.2.9")]);
+        assert!(status_writes(&b, &o, &translate_each(&b, &o)).is_empty());
+    }
+}

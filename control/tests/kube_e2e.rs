@@ -1,0 +1,320 @@
+//! Fulcrum as a Kubernetes LoadBalancer provider, end to end: a real kube-apiserver
+//! (../shared/k8s, v1.20, so EndpointSlices are discovery.k8s.io/v1beta1 and loadBalancerClass is
+//! dropped), objects made with kubectl, `fulcrum run --kubeconfig` on DPDK in the namespace lab,
+//! real clients. Needs root; skipped otherwise. Runs alone (nextest group `lab`).
+//!
+//! The API server runs on the loopback of the appliance's namespace (fl-lb), the appliance's
+//! management network here; kubectl runs there too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+fn lab(args: &[&str]) -> std::process::Output {
+    Command::new("bash").arg(repo().join("vagrant/lab.sh")).args(args).output().expect("lab.sh")
+}
+
+/// Runs CMD in the client namespace; (success, stdout).
+fn client(cmd: &[&str]) -> (bool, String) {
+    let o = Command::new("ip").args(["netns", "exec", "fl-client"]).args(cmd).output().expect("ip netns exec");
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn curl(url: &str) -> Option<String> {
+    let (ok, out) = client(&["curl", "-s", "-m", "3", "--fail", url]);
+    ok.then(|| out.trim().to_string())
+}
+
+/// Everything this test started, stopped in reverse order even when it fails.
+struct Teardown {
+    fulcrum: Option<Child>,
+    apiserver: Option<PathBuf>,
+}
+
+fn stop(c: &mut Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(5) && !matches!(c.try_wait(), Ok(Some(_))) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn stop_apiserver(dir: &Path) {
+    for f in ["apiserver.pid", "etcd.pid"] {
+        if let Ok(pid) = std::fs::read_to_string(dir.join(f)) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        if let Some(c) = self.fulcrum.as_mut() {
+            stop(c);
+        }
+        if let Some(dir) = &self.apiserver {
+            stop_apiserver(dir);
+        }
+        lab(&["down"]);
+    }
+}
+
+struct Kubectl {
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "kubectl", "--kubeconfig"])
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl");
+        if let Some(text) = stdin {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        let o = c.wait_with_output().unwrap();
+        let mut out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.push_str(&String::from_utf8_lossy(&o.stderr));
+        (o.status.success(), out)
+    }
+    fn apply(&self, yaml: &str) {
+        let (ok, out) = self.run(&["apply", "-f", "-"], Some(yaml));
+        assert!(ok, "kubectl apply: {out}\n{yaml}");
+    }
+    /// `status.loadBalancer.ingress[*].ip` of a Service or Ingress.
+    fn lb_ips(&self, kind: &str, ns: &str, name: &str) -> String {
+        let (_, out) =
+            self.run(&["-n", ns, "get", kind, name, "-o", "jsonpath={.status.loadBalancer.ingress[*].ip}"], None);
+        out.trim().to_string()
+    }
+    fn wait_lb_ips(&self, kind: &str, ns: &str, name: &str, want: &str) {
+        let t = Instant::now();
+        loop {
+            let got = self.lb_ips(kind, ns, name);
+            if got == want {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "{kind} {ns}/{name}: status {got:?}, want {want:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn service(name: &str, extra_meta: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: shop\n{extra_meta}spec:\n  \
+         type: LoadBalancer\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n"
+    )
+}
+
+/// A v1beta1 EndpointSlice (what a 1.20 server serves) for Service `svc` with these backends.
+fn slice(svc: &str, backends: &[&str]) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata:\n  name: {svc}-a\n  namespace: shop\n  \
+         labels: {{kubernetes.io/service-name: {svc}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, \
+         protocol: TCP}}\nendpoints:\n"
+    );
+    for b in backends {
+        s.push_str(&format!("- addresses: [\"{b}\"]\n  conditions: {{ready: true}}\n"));
+    }
+    s
+}
+
+/// Which lab backends answered `n` new connections to `url`.
+fn backends_seen(url: &str, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n).map(|_| curl(url).unwrap_or_else(|| panic!("{url} not served"))).collect()
+}
+
+#[test]
+fn kubernetes_end_to_end() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root (network namespaces, DPDK)");
+        return;
+    }
+    let start = repo().join("../shared/k8s/start-apiserver.sh");
+    assert!(start.exists(), "{} missing: the test API server comes from ../shared/k8s", start.display());
+    let fulcrum = env!("CARGO_BIN_EXE_fulcrum");
+    let dir = std::env::temp_dir().join(format!("fulcrum-kube-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let api_dir = dir.join("apiserver");
+
+    assert!(lab(&["up"]).status.success(), "lab.sh up");
+    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()) };
+    let start_api = || {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "bash"])
+            .arg(&start)
+            .arg(&api_dir)
+            .output()
+            .expect("start-apiserver.sh");
+        assert!(o.status.success(), "start-apiserver.sh: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    start_api();
+    let k = Kubectl { kubeconfig: api_dir.join("kubeconfig") };
+    let (ok, out) = k.run(&["create", "namespace", "shop"], None);
+    assert!(ok, "{out}");
+
+    // Objects before Fulcrum starts: one Service with endpoints be1 and be2, one of another
+    // implementation's class (dropped by a 1.20 server, so marked by the pool it asks for
+    // instead: outside ours, an Event and no status), one asking for an address outside the pools.
+    k.apply(&(service("web", "") + "---\n" + &slice("web", &["10.10.0.11", "10.10.0.12"])));
+    k.apply(&service("outside", "  annotations: {fulcrum.io/load-balancer-ips: 192.0.2.50}\n"));
+
+    let boot = std::fs::read_to_string(repo().join("config/examples/bootstrap.yaml")).unwrap();
+    // A small pool so that exhausting it is quick: 10.20.0.1-10.20.0.2 (a /30's hosts).
+    let boot = boot.replace("      - 10.20.0.0/24\n", "      - 10.20.0.0/30\n      - 10.20.0.100/32\n");
+    assert!(boot.contains("10.20.0.0/30"), "the example bootstrap's pool changed");
+    std::fs::write(dir.join("bootstrap.yaml"), &boot).unwrap();
+    let log = std::fs::File::create(dir.join("fulcrum.log")).unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
+        .arg(dir.join("bootstrap.yaml"))
+        .arg("--kubeconfig")
+        .arg(&k.kubeconfig)
+        .args(["--device", "net_af_packet0,iface=veth-lb"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("fulcrum run");
+    teardown.fulcrum = Some(child);
+    let log = || std::fs::read_to_string(dir.join("fulcrum.log")).unwrap_or_default();
+
+    // 1. The Service gets the pool's first address in its status, and traffic to it reaches
+    // its endpoints.
+    k.wait_lb_ips("service", "shop", "web", "10.20.0.1");
+    let t = Instant::now();
+    while curl("http://10.20.0.1/").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "VIP never served:\n{}", log());
+    }
+    let seen = backends_seen("http://10.20.0.1/", 30);
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["be1", "be2"]);
+    // Out of the pools: an Event says so, and no status.
+    let t = Instant::now();
+    loop {
+        let (_, ev) = k.run(&["-n", "shop", "get", "events.events.k8s.io", "-o", "wide"], None);
+        if ev.contains("outside every VIP pool") || ev.contains("InvalidSpec") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no Event for shop/outside: {ev}\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(k.lb_ips("service", "shop", "outside"), "");
+
+    // 2. More endpoints: new flows reach be3 too; a connection open before the change lives on
+    // (a 1 MiB download at 64 KiB/s, ~16 s).
+    let download = Command::new("ip")
+        .args(["netns", "exec", "fl-client", "curl", "-s", "--fail"])
+        .args(["-o", "/dev/null", "-w", "%{size_download} %{http_code}", "http://10.20.0.1/big.bin"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    k.apply(&slice("web", &["10.10.0.11", "10.10.0.12", "10.10.0.13"]));
+    let mut reached = false;
+    while t.elapsed() < Duration::from_secs(10) {
+        if curl("http://10.20.0.1/").as_deref() == Some("be3") {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "be3 never reached after it was added:\n{}", log());
+    eprintln!("endpoint added -> first new flow to it: {:?}", t.elapsed());
+
+    // 3. Pool exhausted: the second Service takes 10.20.0.2, the third gets an Event and no
+    // status; the first keeps serving.
+    k.apply(&(service("api", "") + "---\n" + &slice("api", &["10.10.0.13"])));
+    k.wait_lb_ips("service", "shop", "api", "10.20.0.2");
+    assert_eq!(curl("http://10.20.0.2/").as_deref(), Some("be3"));
+    k.apply(&service("late", ""));
+    let t = Instant::now();
+    loop {
+        let (_, ev) = k.run(&["-n", "shop", "get", "events.events.k8s.io", "-o", "wide"], None);
+        if ev.contains("AllocationFailed") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no AllocationFailed Event: {ev}\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(k.lb_ips("service", "shop", "late"), "");
+
+    // 4. The API server killed mid-run (etcd keeps the data): traffic goes on. Then restarted
+    // with the same command line; a change made right after it is back arrives.
+    let pid = std::fs::read_to_string(api_dir.join("apiserver.pid")).unwrap().trim().to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let argv: Vec<String> =
+        cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let _ = Command::new("kill").arg(&pid).status();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!k.run(&["get", "ns", "shop"], None).0, "the API server is down");
+    for _ in 0..10 {
+        assert!(curl("http://10.20.0.1/").is_some(), "traffic stopped with the API server:\n{}", log());
+    }
+    let restarted = Command::new("ip")
+        .args(["netns", "exec", "fl-lb"])
+        .args(&argv)
+        .current_dir(&api_dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(api_dir.join("apiserver-2.log")).unwrap())
+        .spawn()
+        .expect("restart kube-apiserver");
+    std::fs::write(api_dir.join("apiserver.pid"), restarted.id().to_string()).unwrap();
+    let t = Instant::now();
+    while !k.run(&["get", "ns", "shop"], None).0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "API server did not come back");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    k.run(&["-n", "shop", "delete", "service", "late"], None);
+    k.apply(&slice("api", &["10.10.0.12"]));
+    let t = Instant::now();
+    while curl("http://10.20.0.2/").as_deref() != Some("be2") {
+        assert!(t.elapsed() < Duration::from_secs(30), "change after the restart never arrived:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let out = download.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.trim(), "1048576 200", "the download open across the endpoint change broke");
+
+    // 5. Admin endpoint: /metrics parses as Prometheus text and counts what was served.
+    let (ok, metrics) = {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", "--fail", "http://127.0.0.1:9100/metrics"])
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert!(ok, "GET /metrics");
+    assert!(metrics.contains("fulcrum_vip_packets_total{service=\"shop/web\""), "{metrics}");
+    assert!(metrics.contains("fulcrum_kubernetes_connected 1"), "{metrics}");
+
+    // 6. Service deleted: the VIP stops answering.
+    let (ok, out) = k.run(&["-n", "shop", "delete", "service", "web"], None);
+    assert!(ok, "{out}");
+    let t = Instant::now();
+    while curl("http://10.20.0.1/").is_some() {
+        assert!(t.elapsed() < Duration::from_secs(10), "deleted Service still served");
+    }
+    drop(teardown);
+    eprintln!("{}", log());
+    let _ = std::fs::remove_dir_all(&dir);
+}
