@@ -274,6 +274,7 @@ fn validate_spec(boot: &Bootstrap, lb: &Lb<'_>) -> Result<(), ConfigError> {
     Ok(())
 }
 
+#[allow(clippy::result_large_err)] // once per Service per rebuild, not per packet
 /// The VIP services of `lbs[li]` (with the index of the Service port each comes from).
 fn lb_services(
     boot: &Bootstrap,

@@ -344,10 +344,98 @@ pub fn render_metrics(state: &ControlState) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::esc;
+    use super::*;
+    use fulcrum_dataplane::snapshot::Snapshot;
+    use std::path::Path;
 
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// The lab's tables with some traffic counted, rendered, and read back by a Prometheus text
+    /// parser; every sample line is also checked against the format by hand (the parser skips
+    /// what it does not understand).
+    #[test]
+    fn metrics_parse_as_prometheus_text() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let boot = fulcrum_config::Bootstrap::load(&root.join("config/examples/bootstrap.yaml")).unwrap();
+        let state = fulcrum_config::load_desired(&boot, &root.join("config/examples/lab/manifests.yaml")).unwrap();
+        let snap = Snapshot::compile(&boot, &state, 7).unwrap();
+        let web = snap.services.iter().find(|s| s.service.name == "web" && s.vip.is_ipv4()).unwrap().clone();
+        let shared = Shared::new(Arc::new(snap), 2);
+        {
+            let mut c = shared.stats[1].lock().unwrap();
+            c.resize(64, 256);
+            c.per_vip[web.stat_id as usize].packets = 42;
+            c.rx.packets = 1000;
+            CoreStats::drop(&mut c, DropReason::NoBackend);
+            let mut h = Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap();
+            h.record(250).unwrap();
+            c.l7_latency_us = Some(h);
+        }
+        shared.running_generation[0].store(7, Ordering::Release);
+        let state = ControlState::new(None);
+        *state.shared.lock().unwrap() = Some(shared);
+        state.build_us.lock().unwrap().record(1500).unwrap();
+        let text = render_metrics(&state);
+
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+        let find = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+                .map(|s| s.value.clone())
+        };
+        use prometheus_parse::Value;
+        assert!(matches!(find("fulcrum_rx_packets_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 1000.0));
+        assert!(matches!(
+            find("fulcrum_drops_total", &[("core", "1"), ("reason", "no_backend")]),
+            Some(Value::Counter(v)) if v == 1.0
+        ));
+        assert!(matches!(
+            find("fulcrum_vip_packets_total", &[("service", "lab/web"), ("vip", "10.20.0.10"), ("protocol", "TCP")]),
+            Some(Value::Counter(v)) if v == 42.0
+        ));
+        assert!(matches!(find("fulcrum_snapshot_generation", &[]), Some(Value::Gauge(v)) if v == 7.0));
+        match find("fulcrum_l7_request_duration_seconds", &[]) {
+            Some(Value::Summary(q)) => {
+                let p50 = q.iter().find(|c| c.quantile == 0.5).unwrap().count;
+                assert!((p50 - 0.00025).abs() < 0.00001, "{p50}");
+            }
+            other => panic!("latency summary: {other:?}"),
+        }
+        assert!(scrape.docs.contains_key("fulcrum_backend_bytes_total"));
+
+        // By hand: names, label syntax, a float value, and a TYPE before each family's samples.
+        let mut typed = std::collections::HashSet::new();
+        let mut samples = 0;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut it = rest.split(' ');
+                typed.insert(it.next().unwrap().to_string());
+                assert!(matches!(it.next(), Some("counter" | "gauge" | "summary")), "{line}");
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            samples += 1;
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            value.parse::<f64>().unwrap_or_else(|_| panic!("value of {line}"));
+            let name = series.split('{').next().unwrap();
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                    && !name.starts_with(|c: char| c.is_ascii_digit()),
+                "{line}"
+            );
+            let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+            assert!(typed.contains(name) || typed.contains(family), "no TYPE before {line}");
+            if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            }
+        }
+        assert!(samples > 100, "{samples} samples");
     }
 }

@@ -37,6 +37,8 @@ fn curl(url: &str) -> Option<String> {
 struct Teardown {
     fulcrum: Option<Child>,
     apiserver: Option<PathBuf>,
+    /// The API server as restarted by the test (the first one is the start script's).
+    restarted: Option<Child>,
 }
 
 fn stop(c: &mut Child) {
@@ -66,6 +68,9 @@ impl Drop for Teardown {
         }
         if let Some(dir) = &self.apiserver {
             stop_apiserver(dir);
+        }
+        if let Some(c) = self.restarted.as_mut() {
+            stop(c);
         }
         lab(&["down"]);
     }
@@ -158,7 +163,7 @@ fn kubernetes_end_to_end() {
     let api_dir = dir.join("apiserver");
 
     assert!(lab(&["up"]).status.success(), "lab.sh up");
-    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()) };
+    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()), restarted: None };
     let start_api = || {
         let o = Command::new("ip")
             .args(["netns", "exec", "fl-lb", "bash"])
@@ -278,6 +283,7 @@ fn kubernetes_end_to_end() {
         .spawn()
         .expect("restart kube-apiserver");
     std::fs::write(api_dir.join("apiserver.pid"), restarted.id().to_string()).unwrap();
+    teardown.restarted = Some(restarted);
     let t = Instant::now();
     while !k.run(&["get", "ns", "shop"], None).0 {
         assert!(t.elapsed() < Duration::from_secs(30), "API server did not come back");
@@ -304,10 +310,69 @@ fn kubernetes_end_to_end() {
         (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
     };
     assert!(ok, "GET /metrics");
-    assert!(metrics.contains("fulcrum_vip_packets_total{service=\"shop/web\""), "{metrics}");
-    assert!(metrics.contains("fulcrum_kubernetes_connected 1"), "{metrics}");
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert!(value("fulcrum_vip_packets_total", Some(("service", "shop/web"))) > 100.0, "{metrics}");
+    assert_eq!(value("fulcrum_kubernetes_connected", None), 1.0, "{metrics}");
+    // Published after the first: the endpoint added, the second Service, the restart change.
+    assert!(value("fulcrum_snapshots_published_total", None) >= 3.0, "{metrics}");
 
-    // 6. Service deleted: the VIP stops answering.
+    // 6. 1,000 changes at the API server while wrk loads the VIP: the Service's slice loses and
+    // regains be3, over and over (each a new snapshot); not one request fails.
+    let wrk = Command::new("ip")
+        .args(["netns", "exec", "fl-client", "wrk", "-t1", "-c8", "-d30s", "http://10.20.0.1/"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wrk");
+    std::thread::sleep(Duration::from_secs(1));
+    let changes = Command::new("ip")
+        .args(["netns", "exec", "fl-lb", "bash", "-c"])
+        .arg(
+            r#"url=https://127.0.0.1:16443/apis/discovery.k8s.io/v1beta1/namespaces/shop/endpointslices/web-a
+            ep() { printf '{"addresses":["%s"],"conditions":{"ready":true}}' "$1"; }
+            two="[$(ep 10.10.0.11),$(ep 10.10.0.12)]"; three="[$(ep 10.10.0.11),$(ep 10.10.0.12),$(ep 10.10.0.13)]"
+            ok=0
+            for i in $(seq 1 1000); do
+                if [ $((i % 2)) = 1 ]; then eps=$two; else eps=$three; fi
+                code=$(curl -sk -o /dev/null -w '%{http_code}' -X PATCH -H 'Authorization: Bearer testtoken'                     -H 'Content-Type: application/merge-patch+json' -d "{\"endpoints\":$eps}" "$url")
+                [ "$code" = 200 ] && ok=$((ok + 1))
+            done
+            echo "$ok (last: HTTP $code)""#,
+        )
+        .output()
+        .unwrap();
+    let applied = String::from_utf8_lossy(&changes.stdout).trim().to_string();
+    assert!(
+        applied.starts_with("1000 "),
+        "changes accepted by the API server: {applied} {}",
+        String::from_utf8_lossy(&changes.stderr)
+    );
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("wrk during 1,000 API changes:\n{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("Socket errors") && !text.contains("Non-2xx"), "requests failed during the changes:\n{text}");
+    let published = {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("fulcrum_snapshots_published_total ")).unwrap_or("").to_string()
+    };
+    eprintln!("{published}");
+
+    // 7. Service deleted: the VIP stops answering.
     let (ok, out) = k.run(&["-n", "shop", "delete", "service", "web"], None);
     assert!(ok, "{out}");
     let t = Instant::now();

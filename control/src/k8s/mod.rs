@@ -296,6 +296,7 @@ async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client
     Ok((mirror, client))
 }
 
+#[allow(clippy::large_enum_variant)] // one, at start-up
 enum SliceWriter {
     V1(Writer<EndpointSlice>),
     V1beta1(Writer<DynamicObject>, ApiResource),
