@@ -11,6 +11,11 @@ ensure_toolchain
 log "lab packages (vagrant/lab.sh deps)"
 bash "$ROOT/vagrant/lab.sh" deps
 apt_install vagrant
+# The Kubernetes end-to-end test: a real kube-apiserver from ../shared/k8s (its start script
+# installs etcd-server) and kubectl (Debian's kubernetes-client when none is installed).
+log "Kubernetes test client (kubectl) and etcd"
+command -v kubectl >/dev/null || apt_install kubernetes-client
+command -v etcd >/dev/null || apt_install etcd-server
 log "vagrant validate -p (vagrant/Vagrantfile)"
 (cd "$ROOT/vagrant" && vagrant validate -p)
 

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod control;
 mod dpdk_common;
 mod io_forward;
 mod l4;
@@ -31,6 +32,9 @@ enum Cmd {
     Pktgen(pktgen::PktgenArgs),
     /// The L7 router's cost per request for growing numbers of Ingress hosts.
     Router(router::RouterArgs),
+    /// Control plane at scale: snapshot build (translate + compile) for many Services, Ingress
+    /// rules and endpoints, and publish to running workers.
+    Control(control::ControlArgs),
 }
 
 /// Pins the calling thread to `core` (default: the last core) and returns the core used.
@@ -51,6 +55,7 @@ fn main() {
         Cmd::L7(a) => l7::run(a),
         Cmd::Pktgen(a) => pktgen::run(a),
         Cmd::Router(a) => router::run(a),
+        Cmd::Control(a) => control::run(a),
     };
     if let Err(e) = r {
         eprintln!("fulcrum-bench: {e:#}");

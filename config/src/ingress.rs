@@ -20,6 +20,7 @@ use crate::error::ConfigError;
 use crate::manifests::{Objects, Source};
 use crate::model::ObjectRef;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -416,13 +417,21 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
             L7Host { ssl_redirect: tls.as_ref().is_some_and(|t| t.1), tls_secret: tls.map(|t| t.0), host, paths }
         })
         .collect();
+    // Slices by Service, once: looking them up per backend keeps this linear in objects.
+    let mut slices: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in &objects.endpoint_slices {
+        let m = &s.object.metadata;
+        if let Some(svc) = m.labels.as_ref().and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME)) {
+            slices.entry(ObjectRef { namespace: ns(m), name: svc.clone() }).or_default().push(&s.object);
+        }
+    }
     for h in &mut state.hosts {
         for p in &mut h.paths {
-            resolve_endpoints(objects, &services, &mut p.backend);
+            resolve_endpoints(&slices, &services, &mut p.backend);
         }
     }
     if let Some(b) = &mut state.default_backend {
-        resolve_endpoints(objects, &services, b);
+        resolve_endpoints(&slices, &services, b);
     }
     Ok(state)
 }
@@ -451,7 +460,11 @@ fn tls_secret(objects: &Objects, id: &ObjectRef) -> Result<(Vec<u8>, Vec<u8>), S
 }
 
 /// Fills a backend's endpoints: the Service port's name selects the EndpointSlice port (TCP).
-fn resolve_endpoints(objects: &Objects, services: &BTreeMap<ObjectRef, &Service>, b: &mut L7Backend) {
+fn resolve_endpoints(
+    slices: &BTreeMap<ObjectRef, Vec<&EndpointSlice>>,
+    services: &BTreeMap<ObjectRef, &Service>,
+    b: &mut L7Backend,
+) {
     let Some(port) = b.port else { return };
     let Some(sp) = services
         .get(&b.service)
@@ -464,20 +477,17 @@ fn resolve_endpoints(objects: &Objects, services: &BTreeMap<ObjectRef, &Service>
     let name = sp.name.as_deref().unwrap_or("");
     let mut ready = Vec::new();
     let mut serving = Vec::new();
-    for s in &objects.endpoint_slices {
-        let m = &s.object.metadata;
-        let ours = ns(m) == b.service.namespace
-            && m.labels.as_ref().and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME)) == Some(&b.service.name);
-        if !ours || !matches!(s.object.address_type.as_str(), "IPv4" | "IPv6") {
+    for s in slices.get(&b.service).into_iter().flatten() {
+        if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
         }
-        for p in s.object.ports.iter().flatten() {
+        for p in s.ports.iter().flatten() {
             let tcp = p.protocol.as_deref().unwrap_or("TCP") == "TCP";
             let Some(n) = p.port.and_then(|n| u16::try_from(n).ok()).filter(|&n| n != 0) else { continue };
             if !tcp || p.name.as_deref().unwrap_or("") != name {
                 continue;
             }
-            for ep in &s.object.endpoints {
+            for ep in &s.endpoints {
                 let Some(addr) = ep.addresses.first().and_then(|a| a.trim().parse::<std::net::IpAddr>().ok()) else {
                     continue;
                 };

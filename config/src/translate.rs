@@ -400,6 +400,7 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>
         .flatten()
         .chain(boot.l7.as_ref().map(|l| IpAddr::V4(l.address)))
         .collect();
+    let mut allocator = Allocator::new(boot);
     for i in 0..lbs.len() {
         if !lbs[i].vips.is_empty() || lbs[i].failed {
             continue;
@@ -414,7 +415,7 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>
         };
         let mut vips = Vec::new();
         for v6 in want {
-            match allocate(boot, v6, |ip| taken.contains_key(ip) || own.contains(ip)) {
+            match allocator.next(v6, |ip| taken.contains_key(ip) || own.contains(ip)) {
                 Some(ip) => {
                     vips.push((ip, "spec.loadBalancerIP".to_string()));
                 }
@@ -485,23 +486,33 @@ fn wanted_families(lb: &Lb<'_>) -> Result<(Vec<bool>, bool), ConfigError> {
 
 /// The first free address of the family, pool by pool, CIDR by CIDR. IPv4 skips network and
 /// broadcast addresses; IPv6 skips the subnet-router anycast address (host part zero).
-fn allocate(boot: &Bootstrap, v6: bool, is_taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
-    for pool in &boot.vip_pools {
-        for cidr in &pool.cidrs {
-            let found = match cidr {
-                ipnet::IpNet::V4(n) if !v6 => n.hosts().map(IpAddr::V4).find(|ip| !is_taken(ip)),
-                ipnet::IpNet::V6(n) if v6 => {
-                    let skip = usize::from(n.prefix_len() < 127);
-                    n.hosts().skip(skip).map(IpAddr::V6).find(|ip| !is_taken(ip))
-                }
-                _ => None,
-            };
-            if found.is_some() {
-                return found;
-            }
-        }
+///
+/// One scan per family for the whole allocation round: addresses only become taken during a
+/// round, so one passed over stays unusable and the next search resumes where the last stopped
+/// (allocating N Services is linear, not quadratic, in N).
+struct Allocator<'a> {
+    v4: Box<dyn Iterator<Item = IpAddr> + 'a>,
+    v6: Box<dyn Iterator<Item = IpAddr> + 'a>,
+}
+
+impl<'a> Allocator<'a> {
+    fn new(boot: &'a Bootstrap) -> Allocator<'a> {
+        let cidrs = || boot.vip_pools.iter().flat_map(|p| p.cidrs.iter());
+        let v4 = cidrs().filter_map(|c| match c {
+            ipnet::IpNet::V4(n) => Some(n.hosts().map(IpAddr::V4)),
+            _ => None,
+        });
+        let v6 = cidrs().filter_map(|c| match c {
+            ipnet::IpNet::V6(n) => Some(n.hosts().skip(usize::from(n.prefix_len() < 127)).map(IpAddr::V6)),
+            _ => None,
+        });
+        Allocator { v4: Box::new(v4.flatten()), v6: Box::new(v6.flatten()) }
     }
-    None
+
+    fn next(&mut self, v6: bool, is_taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+        let it = if v6 { &mut self.v6 } else { &mut self.v4 };
+        it.find(|ip| !is_taken(ip))
+    }
 }
 
 /// Whether `b` may use an address `a` already has: both carry the same shared-IP annotation.

@@ -190,6 +190,7 @@ where
                 let us = at.elapsed().as_micros() as u64;
                 control.publish_latency_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
                 pending = None;
+                shared.snapshot.reclaim();
             }
         }
         let forced = hup.swap(false, Ordering::AcqRel);

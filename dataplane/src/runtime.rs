@@ -22,19 +22,32 @@ use std::time::{Duration, Instant};
 pub struct SnapshotCell {
     generation: AtomicU64,
     current: Mutex<Arc<Snapshot>>,
+    /// Snapshots replaced but perhaps still held by a worker. They are freed here, by the
+    /// control thread (`reclaim`), never by a worker: freeing 10,000 services' tables takes
+    /// milliseconds that a worker must spend on packets.
+    retired: Mutex<Vec<Arc<Snapshot>>>,
 }
 
 impl SnapshotCell {
     pub fn new(s: Arc<Snapshot>) -> SnapshotCell {
-        SnapshotCell { generation: AtomicU64::new(s.generation), current: Mutex::new(s) }
+        SnapshotCell { generation: AtomicU64::new(s.generation), current: Mutex::new(s), retired: Mutex::new(Vec::new()) }
     }
 
     /// Makes `s` current; workers switch at their next loop iteration. Never blocks a worker
     /// for longer than an Arc clone.
     pub fn publish(&self, s: Arc<Snapshot>) {
         let g = s.generation;
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        let old = std::mem::replace(&mut *self.current.lock().unwrap_or_else(|e| e.into_inner()), s);
         self.generation.store(g, Ordering::Release);
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.push(old);
+        retired.retain(|r| Arc::strong_count(r) > 1);
+    }
+
+    /// Frees retired snapshots that no worker holds any more (call from the control thread).
+    pub fn reclaim(&self) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        retired.retain(|r| Arc::strong_count(r) > 1);
     }
 
     #[inline(always)]
