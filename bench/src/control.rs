@@ -4,8 +4,10 @@
 //! snapshot compile (Maglev tables, VIP table, router), and the publish to running workers
 //! (until every worker runs the new snapshot). One JSON line per measurement.
 //!
-//! The time from a change at the API server to the workers is measured end to end by the
-//! Kubernetes test (control/tests/kube_e2e.rs) against the real API server.
+//! With `--kubeconfig`, also the time from a change at the API server to the workers: the real
+//! control loop (`fulcrum_control::serve`, reflectors, debounce, translate, compile, publish)
+//! feeding a worker on an in-memory port; 100 EndpointSlice changes, each timed from just before
+//! its PATCH is sent until every worker runs a snapshot that has the new endpoint.
 
 use crate::report;
 use fulcrum_config::bootstrap::Bootstrap;
@@ -44,6 +46,13 @@ pub struct ControlArgs {
     /// Workers (in-memory ports) that the snapshots are published to.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Also measure API server -> worker latency against this cluster (it creates namespace
+    /// `fulcrum-bench`, a Service and an EndpointSlice there, and deletes the namespace after).
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Changes timed in the latency run.
+    #[arg(long, default_value_t = 100)]
+    pub changes: usize,
 }
 
 fn bootstrap(maglev: u32) -> anyhow::Result<Bootstrap> {
@@ -116,13 +125,24 @@ fn spread(mut v: Vec<Duration>) -> (f64, f64, f64) {
 }
 
 pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
+    build_and_publish(a)?;
+    if let Some(k) = &a.kubeconfig {
+        api_latency(a, k)?;
+    }
+    Ok(())
+}
+
+fn build_and_publish(a: &ControlArgs) -> anyhow::Result<()> {
     let boot = bootstrap(a.maglev_size)?;
     let objects = objects(a)?;
     let mut translate = Vec::new();
     let mut compile = Vec::new();
     let mut last = None;
     let mut ids = StatIds::default();
+    let mut state = None;
     for g in 0..a.runs.max(1) {
+        // Cold: nothing kept from an earlier compile (as at start-up).
+        ids = StatIds::default();
         let t0 = Instant::now();
         let t = translate_each(&boot, &objects);
         let t1 = Instant::now();
@@ -133,19 +153,35 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
         translate.push(t1 - t0);
         compile.push(t2 - t1);
         last = Some(snap);
+        state = Some(t.state);
+    }
+    // Warm: one endpoint of one Service changed since the last compile (what a live update is).
+    let mut state = state.expect("at least one run");
+    let mut warm = Vec::new();
+    for r in 0..a.runs.max(1) {
+        let i = r % state.services.len().max(1);
+        state.services[i].endpoints[0].port += 1;
+        let t0 = Instant::now();
+        let snap = Snapshot::compile_with(&boot, &state, 100 + r as u64, &mut ids)?;
+        warm.push(t0.elapsed());
+        drop(snap);
     }
     let snap = last.expect("at least one run");
     let build: Vec<Duration> = translate.iter().zip(&compile).map(|(a, b)| *a + *b).collect();
     let (t_med, _, _) = spread(translate);
     let (c_med, _, _) = spread(compile);
     let (b_med, b_min, b_max) = spread(build);
+    let (w_med, _, _) = spread(warm);
     println!(
         "{}",
         json!({"bench": "control", "what": "snapshot_build", "services": a.services,
                "endpoints_per_service": a.endpoints, "ingress_rules": a.ingress_rules,
                "maglev_table_size": a.maglev_size, "runs": a.runs,
-               "translate_ms": t_med, "compile_ms": c_med,
-               "build_ms_median": b_med, "build_ms_min": b_min, "build_ms_max": b_max,
+               "threads": std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+               "translate_ms": t_med, "compile_cold_ms": c_med,
+               "build_cold_ms_median": b_med, "build_cold_ms_min": b_min, "build_cold_ms_max": b_max,
+               "compile_after_one_change_ms": w_med,
+               "build_after_one_change_ms": ((t_med + w_med) * 1e3).round() / 1e3,
                "vip_ports": snap.services.len(), "backends": snap.backends.len(),
                "loadavg": report::loadavg()})
     );
@@ -191,6 +227,122 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
                "switch_us_p50": h.value_at_quantile(0.5) as f64 / 1e3,
                "switch_us_p99": h.value_at_quantile(0.99) as f64 / 1e3,
                "switch_us_max": h.max() as f64 / 1e3,
+               "loadavg": report::loadavg()})
+    );
+    Ok(())
+}
+
+const NS: &str = "fulcrum-bench";
+
+/// The API server's EndpointSlice resource: v1, or v1beta1 on servers before 1.21.
+async fn slice_api(client: &kube::Client) -> anyhow::Result<kube::Api<kube::api::DynamicObject>> {
+    let group = kube::discovery::oneshot::group(client, "discovery.k8s.io").await?;
+    let version = if group.versions().any(|v| v == "v1") { "v1" } else { "v1beta1" };
+    let gvk = kube::api::GroupVersionKind::gvk("discovery.k8s.io", version, "EndpointSlice");
+    let ar = kube::api::ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+    Ok(kube::Api::namespaced_with(client.clone(), NS, &ar))
+}
+
+fn endpoints(addr: &str) -> serde_json::Value {
+    json!([{"addresses": [addr], "conditions": {"ready": true}}])
+}
+
+fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let client = rt.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+        anyhow::Ok(kube::Client::try_from(config)?)
+    })?;
+    let slices = rt.block_on(slice_api(&client))?;
+    let apiv = slices.resource_url().split('/').nth(3).unwrap_or("v1").to_string();
+    rt.block_on(async {
+        let ns: Api<Namespace> = Api::all(client.clone());
+        let _ = ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?).await;
+        let svc: Api<Service> = Api::namespaced(client.clone(), NS);
+        let _ = svc
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"type": "LoadBalancer",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))?,
+            )
+            .await;
+        let slice: kube::api::DynamicObject = serde_json::from_value(json!({
+            "apiVersion": format!("discovery.k8s.io/{apiv}"), "kind": "EndpointSlice",
+            "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints("10.1.0.1")
+        }))?;
+        let _ = slices.create(&PostParams::default(), &slice).await;
+        anyhow::Ok(())
+    })?;
+
+    // The appliance's control loop on in-memory workers, fed by the API server.
+    let mut boot = bootstrap(a.maglev_size)?;
+    boot.admin.listen = None;
+    let kube = fulcrum_control::k8s::Kube::connect(Some(kubeconfig))?;
+    let control = fulcrum_control::admin::ControlState::new(Some(kube.mirror.clone()));
+    let specs: Vec<WorkerSpec<MemoryPort>> = (0..a.workers)
+        .map(|i| WorkerSpec {
+            config: WorkerConfig::from_bootstrap(&boot, i as u16, a.workers as u16),
+            cpu: None,
+            port: MemoryPort::new(),
+        })
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opts = fulcrum_control::serve::ServeOptions {
+        input: fulcrum_control::serve::Input::Kubernetes(kube),
+        stats_every: None,
+        control: Some(control.clone()),
+    };
+    let stop2 = stop.clone();
+    let serving = std::thread::spawn(move || fulcrum_control::serve::serve(&boot, specs, &opts, stop2).map(|_| ()));
+
+    // Whether every worker runs a snapshot in which web's endpoint is `addr`.
+    let has = |addr: std::net::IpAddr| -> bool {
+        let Some(shared) = control.shared() else { return false };
+        let snap = shared.snapshot.current();
+        let found = snap.services.iter().any(|s| {
+            s.service.name == "web"
+                && s.service.namespace == NS
+                && snap.backends[s.backends.start as usize..s.backends.end as usize].iter().any(|b| b.addr == addr)
+        });
+        found && shared.running_generation.iter().all(|g| g.load(Ordering::Acquire) >= snap.generation)
+    };
+    let t = Instant::now();
+    while !has("10.1.0.1".parse()?) {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "the first snapshot never had the bench Service");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut h = Histogram::<u64>::new(3)?;
+    for i in 2..a.changes + 2 {
+        let addr = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+        let patch = Patch::Merge(json!({"endpoints": endpoints(&addr)}));
+        let t0 = Instant::now();
+        rt.block_on(slices.patch("web-a", &PatchParams::default(), &patch))?;
+        let ip: std::net::IpAddr = addr.parse()?;
+        while !has(ip) {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "change {i} never reached the workers");
+            std::hint::spin_loop();
+        }
+        h.record(t0.elapsed().as_micros() as u64)?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let served = serving.join().map_err(|_| anyhow::anyhow!("the control loop panicked"))?;
+    rt.block_on(async {
+        let ns: Api<Namespace> = Api::all(client.clone());
+        let _ = ns.delete(NS, &DeleteParams::default()).await;
+    });
+    served?;
+    println!(
+        "{}",
+        json!({"bench": "control", "what": "api_to_worker", "changes": h.len(),
+               "endpointslice_version": apiv,
+               "p50_ms": h.value_at_quantile(0.5) as f64 / 1e3,
+               "p99_ms": h.value_at_quantile(0.99) as f64 / 1e3,
+               "max_ms": h.max() as f64 / 1e3,
                "loadavg": report::loadavg()})
     );
     Ok(())

@@ -57,7 +57,8 @@ impl ControlState {
         self.last_tick_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Release);
     }
 
-    fn shared(&self) -> Option<Arc<Shared>> {
+    /// The workers' shared state, once they run.
+    pub fn shared(&self) -> Option<Arc<Shared>> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 

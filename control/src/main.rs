@@ -2,10 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
-mod admin;
 mod cmd;
-mod k8s;
-mod serve;
 
 #[derive(Parser, Debug)]
 #[command(

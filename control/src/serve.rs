@@ -34,6 +34,9 @@ pub struct ServeOptions {
     pub input: Input,
     /// Print a counters line this often (None: never).
     pub stats_every: Option<Duration>,
+    /// Where the loop reports itself (a new one when None); a caller that keeps a clone can
+    /// watch the published snapshots and the workers (the control-plane benchmark does).
+    pub control: Option<Arc<ControlState>>,
 }
 
 /// What a file set looked like: (path, length, mtime) of every manifest file, sorted.
@@ -142,7 +145,7 @@ where
     };
     let strict = kube.is_none();
     let source = describe(&opts.input);
-    let control = ControlState::new(kube.map(|k| k.mirror.clone()));
+    let control = opts.control.clone().unwrap_or_else(|| ControlState::new(kube.map(|k| k.mirror.clone())));
     let mut ids = StatIds::default();
     let mut generation = 1;
     let mut debounce = Debounce::new(Duration::from_millis(50), Duration::from_millis(300));

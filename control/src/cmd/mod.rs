@@ -36,7 +36,7 @@ impl InputArgs {
         match &self.manifests {
             Some(m) => Ok((fulcrum_config::manifests::load(m)?, m.display().to_string())),
             None => {
-                let k = crate::k8s::Kube::connect(self.kubeconfig().as_deref())?;
+                let k = fulcrum_control::k8s::Kube::connect(self.kubeconfig().as_deref())?;
                 Ok((k.mirror.objects()?, k.mirror.server.clone()))
             }
         }

@@ -1,7 +1,7 @@
 //! `fulcrum run`: the appliance. DPDK on the bootstrap file's port, one pinned worker per
 //! configured core (one rx and one tx queue each, RSS across them), manifests watched.
 
-use crate::serve::{serve, Input, ServeOptions};
+use fulcrum_control::serve::{serve, Input, ServeOptions};
 use anyhow::Context;
 use fulcrum_config::Bootstrap;
 use fulcrum_dataplane::runtime::WorkerSpec;
@@ -75,7 +75,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
                 watch_every: (a.watch_every > 0.0).then(|| Duration::from_secs_f64(a.watch_every)),
             }
         }
-        (None, kubeconfig) => Input::Kubernetes(crate::k8s::Kube::connect(kubeconfig.as_deref())?),
+        (None, kubeconfig) => Input::Kubernetes(fulcrum_control::k8s::Kube::connect(kubeconfig.as_deref())?),
     };
     let port_cfg = boot.ports[0].clone();
     if boot.ports.len() > 1 {
@@ -124,7 +124,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         "fulcrum: port {} ({}) up with {workers} worker(s) on CPU(s) {:?}",
         port_cfg.name, port_cfg.device, boot.workers.cores
     );
-    let opts = ServeOptions { input, stats_every: a.stats_every.map(Duration::from_secs_f64) };
+    let opts = ServeOptions { input, stats_every: a.stats_every.map(Duration::from_secs_f64), control: None };
     let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
     println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
     drop(port);
