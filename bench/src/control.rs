@@ -47,7 +47,7 @@ pub struct ControlArgs {
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Also measure API server -> worker latency against this cluster (it creates namespace
-    /// `fulcrum-bench`, a Service and an EndpointSlice there, and deletes the namespace after).
+    /// `fulcrum-bench` if missing, and a Service and an EndpointSlice there that it deletes after).
     #[arg(long, value_name = "FILE")]
     pub kubeconfig: Option<std::path::PathBuf>,
     /// Changes timed in the latency run.
@@ -260,6 +260,15 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
     let apiv = slices.resource_url().split('/').nth(3).unwrap_or("v1").to_string();
     rt.block_on(async {
         let ns: Api<Namespace> = Api::all(client.clone());
+        // A namespace left terminating by an earlier run takes no new objects: wait it out.
+        let t = Instant::now();
+        while let Some(n) = ns.get_opt(NS).await? {
+            if n.metadata.deletion_timestamp.is_none() {
+                break;
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(120), "namespace {NS} stays terminating");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let _ = ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?).await;
         let svc: Api<Service> = Api::namespaced(client.clone(), NS);
         let _ = svc
@@ -282,6 +291,9 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
     // The appliance's control loop on in-memory workers, fed by the API server.
     let mut boot = bootstrap(a.maglev_size)?;
     boot.admin.listen = None;
+    // The worker sleeps when idle, as in the lab: on a small machine a busy-polling worker
+    // would take a core from the control loop being measured.
+    boot.workers.idle_backoff = true;
     let kube = fulcrum_control::k8s::Kube::connect(Some(kubeconfig))?;
     let control = fulcrum_control::admin::ControlState::new(Some(kube.mirror.clone()));
     let specs: Vec<WorkerSpec<MemoryPort>> = (0..a.workers)
@@ -325,15 +337,18 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
         let ip: std::net::IpAddr = addr.parse()?;
         while !has(ip) {
             anyhow::ensure!(t0.elapsed() < Duration::from_secs(30), "change {i} never reached the workers");
-            std::hint::spin_loop();
+            std::thread::sleep(Duration::from_micros(200));
         }
         h.record(t0.elapsed().as_micros() as u64)?;
     }
     stop.store(true, Ordering::Relaxed);
     let served = serving.join().map_err(|_| anyhow::anyhow!("the control loop panicked"))?;
+    // The Service and slice go; the namespace stays (deleting one needs the namespace
+    // controller, which a bare API server like ../shared/k8s does not run).
     rt.block_on(async {
-        let ns: Api<Namespace> = Api::all(client.clone());
-        let _ = ns.delete(NS, &DeleteParams::default()).await;
+        let svc: Api<Service> = Api::namespaced(client.clone(), NS);
+        let _ = svc.delete("web", &DeleteParams::default()).await;
+        let _ = slices.delete("web-a", &DeleteParams::default()).await;
     });
     served?;
     println!(
