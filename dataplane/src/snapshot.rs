@@ -279,6 +279,10 @@ pub struct Snapshot {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Certificates that could not be used, and why.
     pub tls_warnings: Vec<String>,
+    /// Whether this appliance answers ARP/NDP for the VIPs and the Ingress address: true alone,
+    /// only on the leader of a pair (the standby forwards what reaches it but does not claim
+    /// the addresses). Turning true makes worker 0 announce them (gratuitous ARP, unsolicited NA).
+    pub answers_vips: bool,
 }
 
 /// What `lookup` found for a destination.
@@ -312,6 +316,7 @@ impl Snapshot {
             l7: Arc::new(Router::default()),
             tls: None,
             tls_warnings: vec![],
+            answers_vips: true,
         }
     }
 
@@ -410,7 +415,23 @@ impl Snapshot {
             l7: Arc::new(Router::compile(&state.l7)),
             tls,
             tls_warnings,
+            answers_vips: true,
         })
+    }
+
+    /// This snapshot as the next generation, with the VIPs claimed or not (a change of leader
+    /// needs no recompile).
+    pub fn with_vip_owner(&self, owner: bool, generation: u64) -> Snapshot {
+        Snapshot { generation, answers_vips: owner, ..self.clone() }
+    }
+
+    /// Every address this appliance claims when it answers for the VIPs: each VIP once, and the
+    /// Ingress address.
+    pub fn claimed_addresses(&self, l7: Option<std::net::Ipv4Addr>) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.services.iter().map(|s| s.vip).chain(l7.map(IpAddr::V4)).collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Per packet: which service a destination (as ::ffff:v4 or v6 u128) and port are.

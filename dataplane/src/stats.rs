@@ -77,6 +77,8 @@ pub struct CoreStats {
     pub arp_replies: u64,
     pub ndp_replies: u64,
     pub echo_replies: u64,
+    /// Gratuitous ARPs and unsolicited neighbour advertisements sent for claimed addresses.
+    pub announcements: u64,
     pub icmp_errors_forwarded: u64,
     /// FullNAT return packets passed to the core that owns their SNAT port.
     pub handed_off: u64,
@@ -134,6 +136,7 @@ impl CoreStats {
         self.arp_replies += o.arp_replies;
         self.ndp_replies += o.ndp_replies;
         self.echo_replies += o.echo_replies;
+        self.announcements += o.announcements;
         self.icmp_errors_forwarded += o.icmp_errors_forwarded;
         self.handed_off += o.handed_off;
         self.handoff_received += o.handoff_received;
@@ -163,7 +166,7 @@ impl CoreStats {
         serde_json::json!({
             "rx": self.rx, "tx": self.tx, "drops": drops,
             "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
-            "echo_replies": self.echo_replies, "icmp_errors_forwarded": self.icmp_errors_forwarded,
+            "echo_replies": self.echo_replies, "announcements": self.announcements, "icmp_errors_forwarded": self.icmp_errors_forwarded,
             "handed_off": self.handed_off, "handoff_received": self.handoff_received,
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},

@@ -249,6 +249,11 @@ struct Affinity {
     capacity: usize,
 }
 
+/// Gratuitous ARP / unsolicited NA rounds on taking the addresses, one second apart (a lost
+/// frame is sent again; MetalLB and keepalived also repeat them).
+const ANNOUNCE_ROUNDS: u8 = 3;
+const ANNOUNCE_INTERVAL_MS: u64 = 1000;
+
 pub struct Worker {
     pub cfg: WorkerConfig,
     snap: Arc<Snapshot>,
@@ -270,6 +275,9 @@ pub struct Worker {
     to_resolve: Vec<u16>,
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
+    /// Announcements of the claimed addresses still to send, and when the next is due.
+    announce_rounds: u8,
+    next_announce_ms: u64,
     /// The HTTP reverse proxy (Ingress), when configured.
     proxy: Option<Box<Proxy>>,
     l7_addr: Option<u32>,
@@ -334,6 +342,10 @@ impl Worker {
             keys6: [FlowKey::default(); BURST],
             to_resolve: Vec::new(),
             solicit: ArrayVec::new(),
+            // Only on taking the addresses over (a pair starts as standby and is told when it
+            // leads); a lone appliance answers ARP from the start and announces nothing.
+            announce_rounds: 0,
+            next_announce_ms: 0,
             now: 0,
             now_ms: 0,
             inserted_this_burst: false,
@@ -344,6 +356,10 @@ impl Worker {
 
     /// Switches to a new snapshot; called between bursts. Established flows keep their backends.
     pub fn set_snapshot(&mut self, snap: Arc<Snapshot>) {
+        if snap.answers_vips && !self.snap.answers_vips {
+            self.announce_rounds = ANNOUNCE_ROUNDS;
+            self.next_announce_ms = 0;
+        }
         self.stats.resize(snap.stat_slots.0, snap.stat_slots.1);
         if let Some(p) = self.proxy.as_mut() {
             p.set_router(snap.l7.clone());
@@ -423,6 +439,9 @@ impl Worker {
             }
         }
         self.send_solicitations(port);
+        if self.announce_rounds > 0 && self.now_ms >= self.next_announce_ms {
+            self.announce(port);
+        }
         self.run_proxy(port);
         let now = self.now;
         self.ct4.sweep(now, 8);
@@ -479,6 +498,34 @@ impl Worker {
         for _ in tx.drain(..) {
             self.stats.drop(DropReason::TxFull);
         }
+    }
+
+    /// Announces the claimed addresses (worker 0 only: one announcement per appliance), so
+    /// that clients and routers move them here at once after a takeover instead of when their
+    /// ARP/NDP entries expire.
+    fn announce<P: Port>(&mut self, port: &mut P) {
+        self.announce_rounds -= 1;
+        self.next_announce_ms = self.now_ms + ANNOUNCE_INTERVAL_MS;
+        if self.cfg.core_index != 0 || !self.snap.answers_vips {
+            return;
+        }
+        let snap = self.snap_ref();
+        let mut tx: Burst<P::Buf> = Burst::new();
+        for ip in snap.claimed_addresses(self.l7_addr.map(Into::into)) {
+            if tx.is_full() {
+                self.send(port, &mut tx);
+            }
+            let Some(mut b) = port.alloc() else { break };
+            let ok = match ip {
+                IpAddr::V4(a) => neigh::gratuitous_arp(&mut b, &self.cfg.iface, a),
+                IpAddr::V6(a) => neigh::unsolicited_na(&mut b, &self.cfg.iface, a),
+            };
+            if ok {
+                tx.push(b);
+                self.stats.announcements += 1;
+            }
+        }
+        self.send(port, &mut tx);
     }
 
     fn send_solicitations<P: Port>(&mut self, port: &mut P) {
@@ -702,7 +749,7 @@ impl Worker {
     fn arp<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info) -> Verdict {
         let snap = &self.snap;
         let l7 = self.l7_addr.map(|a| IpAddr::V4(a.into()));
-        let is_vip = |ip| snap.is_vip(ip) || Some(ip) == l7;
+        let is_vip = |ip| snap.answers_vips && (snap.is_vip(ip) || Some(ip) == l7);
         neigh::handle_arp(buf, l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats)
     }
 
@@ -785,7 +832,7 @@ impl Worker {
                     return;
                 }
                 let snap = &self.snap;
-                let is_vip = |ip| snap.is_vip(ip);
+                let is_vip = |ip| snap.answers_vips && snap.is_vip(ip);
                 let v = neigh::handle_icmpv6_local(
                     buf,
                     l2,

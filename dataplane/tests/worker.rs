@@ -1427,3 +1427,41 @@ fn echo_reply_to_a_group_address_comes_from_our_mac() {
     let (sent, _) = h.step(1, &frame);
     assert_eq!(&sent[0][6..12], &LB_MAC);
 }
+
+/// A standby (snapshot with `answers_vips: false`) leaves ARP for the VIPs to the leader but
+/// still answers for its own address; when it takes over, worker 0 announces every VIP with a
+/// gratuitous ARP (and IPv6 VIPs with an unsolicited neighbour advertisement), three rounds a
+/// second apart, and answers ARP for them.
+#[test]
+fn standby_does_not_claim_vips_and_announces_them_on_takeover() {
+    let mut h = H::new(fixed_services());
+    let standby = Arc::new(snapshot(fixed_services(), 2).with_vip_owner(false, 2));
+    h.w.set_snapshot(standby.clone());
+    let who_has_vip = eth([0xff; 6], GW_MAC, 0x0806, &arp(1, GW_MAC, GW4, [0; 6], WEB_VIP));
+    let who_has_us = eth([0xff; 6], GW_MAC, 0x0806, &arp(1, GW_MAC, GW4, [0; 6], LB4));
+    let (sent, _) = h.step(10, &who_has_vip);
+    assert!(sent.is_empty(), "the standby answered ARP for a VIP: {sent:?}");
+    let (sent, _) = h.step(11, &who_has_us);
+    assert_eq!(sent.len(), 1, "its own address is still answered");
+
+    h.w.set_snapshot(Arc::new(standby.with_vip_owner(true, 3)));
+    h.w.poll(&mut h.port, 20);
+    let sent = h.port.take_tx();
+    let vips: std::collections::BTreeSet<IpAddr> = fixed_services().iter().map(|s| s.vip).collect();
+    assert_eq!(sent.len(), vips.len(), "one announcement per VIP");
+    let garp = eth([0xff; 6], LB_MAC, 0x0806, &arp(1, LB_MAC, WEB_VIP, [0; 6], WEB_VIP));
+    assert!(sent.contains(&garp), "gratuitous ARP for {WEB_VIP}");
+    let na = sent.iter().filter(|f| f[12..14] == [0x86, 0xdd]).map(|f| parse(f)).find(|p| p.l4().first() == Some(&136));
+    assert!(na.is_some_and(|p| p.dst == ip("ff02::1")), "unsolicited NA for the IPv6 VIP to all nodes");
+    h.w.poll(&mut h.port, 500);
+    assert!(h.port.take_tx().is_empty(), "next round a second later");
+    h.w.poll(&mut h.port, 1020);
+    assert_eq!(h.port.take_tx().len(), vips.len());
+    h.w.poll(&mut h.port, 2020);
+    assert_eq!(h.port.take_tx().len(), vips.len());
+    h.w.poll(&mut h.port, 3020);
+    assert!(h.port.take_tx().is_empty(), "three rounds");
+    let (sent, _) = h.step(3021, &who_has_vip);
+    assert_eq!(sent.len(), 1, "the leader answers ARP for the VIP");
+    assert_eq!(h.w.stats.announcements, 3 * vips.len() as u64);
+}
