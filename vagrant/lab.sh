@@ -20,13 +20,14 @@ topo_load
 LAB_DIR="${FL_LAB_DIR:-/run/fulcrum-lab}"
 PID_DIR="$LAB_DIR/pids"
 
-all_ns() { echo "$NET_NS $LB_NS $CLIENT_NS $(for b in "${LAB_BACKENDS[@]}"; do be_var "$b" NS; echo -n " "; done)"; }
+all_ns() { echo "$NET_NS $LB_NS $PEER_NS $CLIENT_NS $(for b in "${LAB_BACKENDS[@]}"; do be_var "$b" NS; echo -n " "; done)"; }
 ns_exists() { ip netns list 2>/dev/null | awk '{print $1}' | grep -qx "$1"; }
 
 role_ns() {
     case "$1" in
     client) echo "$CLIENT_NS" ;;
     lb | appliance | fulcrum) echo "$LB_NS" ;;
+    lb2 | peer) echo "$PEER_NS" ;;
     net | bridge | router) echo "$NET_NS" ;;
     *)
         local n
@@ -109,6 +110,10 @@ cmd_up() {
     ensure_ns "$LB_NS"
     ensure_link lb "$LB_NS" "$LB_IF" "$LB_MAC"
     configure_appliance_port "$LB_NS" "$LB_IF" "$LB_MAC"
+    # The second appliance of a pair (idle unless a Fulcrum is started there).
+    ensure_ns "$PEER_NS"
+    ensure_link lb2 "$PEER_NS" "$PEER_IF" "$PEER_MAC"
+    configure_appliance_port "$PEER_NS" "$PEER_IF" "$PEER_MAC"
 
     # The client.
     ensure_ns "$CLIENT_NS"

@@ -34,6 +34,43 @@ pub struct Bootstrap {
     /// The management endpoint (`/metrics`, `/healthz`, `/readyz`, `/snapshot`).
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Two appliances as a pair (Kubernetes mode): a Lease elects the one that claims the VIPs
+    /// (answers ARP/NDP) and writes status. Absent: this appliance always claims them.
+    #[serde(default)]
+    pub leader_election: Option<LeaderElectionConfig>,
+}
+
+/// The Lease (coordination.k8s.io/v1) two appliances contend for.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct LeaderElectionConfig {
+    #[serde(default = "default_lease_name")]
+    pub lease_name: String,
+    #[serde(default = "default_lease_namespace")]
+    pub lease_namespace: String,
+    /// This appliance's name in the Lease (must differ between the two); default: the host
+    /// name and the first port's MAC.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// How long a leader that stops renewing keeps the Lease (the takeover time after a crash).
+    #[serde(default = "default_lease_seconds")]
+    pub lease_seconds: u32,
+    /// How often the leader renews, and the standby looks.
+    #[serde(default = "default_renew_seconds")]
+    pub renew_seconds: u32,
+}
+
+fn default_lease_name() -> String {
+    "fulcrum".into()
+}
+fn default_lease_namespace() -> String {
+    "kube-system".into()
+}
+fn default_lease_seconds() -> u32 {
+    15
+}
+fn default_renew_seconds() -> u32 {
+    5
 }
 
 /// Which `type: LoadBalancer` Services Fulcrum serves and gives addresses to.
@@ -361,6 +398,14 @@ impl Bootstrap {
     pub fn validate(&self) -> Result<(), (String, String)> {
         fn fail<T>(field: impl Into<String>, msg: impl Into<String>) -> Result<T, (String, String)> {
             Err((field.into(), msg.into()))
+        }
+        if let Some(le) = &self.leader_election {
+            if le.renew_seconds == 0 || le.renew_seconds >= le.lease_seconds {
+                return fail(
+                    "leader_election.renew_seconds",
+                    format!("{} must be at least 1 and less than lease_seconds ({})", le.renew_seconds, le.lease_seconds),
+                );
+            }
         }
         if self.load_balancer.class.trim().is_empty() {
             return fail("load_balancer.class", "must not be empty");

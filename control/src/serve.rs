@@ -157,9 +157,28 @@ where
     control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(t0.elapsed().as_micros() as u64);
     control.objects_with_problems.store(first.translation.problems.len() as u64, Ordering::Relaxed);
     let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
-    if let (Some(k), Some(wb)) = (kube, writeback.as_mut()) {
+    // Who claims the VIPs and writes status: the Lease's holder when two appliances run as a
+    // pair, else this appliance alone.
+    let leader = match (kube, &boot.leader_election) {
+        (Some(k), Some(le)) => {
+            let identity = le.identity.clone().unwrap_or_else(|| crate::k8s::lease::default_identity(boot));
+            let election = crate::k8s::lease::Election::new(k.client.clone(), le.clone(), identity);
+            let flag = election.leader.clone();
+            k.spawn(election.run());
+            flag
+        }
+        (None, Some(_)) => {
+            eprintln!("fulcrum: note: leader_election applies with --kubeconfig only; serving as the only appliance");
+            Arc::new(AtomicBool::new(true))
+        }
+        _ => Arc::new(AtomicBool::new(true)),
+    };
+    let mut leading = leader.load(Ordering::Acquire);
+    if let (Some(k), Some(wb), true) = (kube, writeback.as_mut(), leading) {
         wb.write(boot, k, &first);
     }
+    let mut first = first;
+    first.snapshot.answers_vips = leading;
     let mut last_state: DesiredState = first.translation.state.clone();
     eprintln!("fulcrum: serving {} VIP ports (snapshot {generation}) from {source}", first.snapshot.services.len());
     let shared = Shared::new(Arc::new(first.snapshot), specs.len());
@@ -196,7 +215,20 @@ where
                 shared.snapshot.reclaim();
             }
         }
-        let forced = hup.swap(false, Ordering::AcqRel);
+        let mut forced = hup.swap(false, Ordering::AcqRel);
+        let lead = leader.load(Ordering::Acquire);
+        if lead != leading {
+            // Claim (or release) the VIPs now, without a recompile; a new leader also writes
+            // status, so it rebuilds right after.
+            leading = lead;
+            generation += 1;
+            let s = shared.snapshot.current().with_vip_owner(lead, generation);
+            shared.snapshot.publish(Arc::new(s));
+            pending = Some((generation, Instant::now()));
+            control.snapshots_published.fetch_add(1, Ordering::Relaxed);
+            eprintln!("fulcrum: {} the VIPs (snapshot {generation})", if lead { "claiming" } else { "releasing" });
+            forced |= lead;
+        }
         let due = match &opts.input {
             Input::Manifests { path, watch_every } => {
                 if forced || watch_every.is_some_and(|w| last_watch.elapsed() >= w) {
@@ -215,12 +247,13 @@ where
             let t0 = Instant::now();
             let built = read(&opts.input).and_then(|o| build(boot, o, strict, generation + 1, &mut ids, &source));
             match built {
-                Ok(b) => {
+                Ok(mut b) => {
+                    b.snapshot.answers_vips = leading;
                     let us = t0.elapsed().as_micros() as u64;
                     control.last_build_us.store(us, Ordering::Relaxed);
                     control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
                     control.objects_with_problems.store(b.translation.problems.len() as u64, Ordering::Relaxed);
-                    if let (Some(k), Some(wb)) = (kube, writeback.as_mut()) {
+                    if let (Some(k), Some(wb), true) = (kube, writeback.as_mut(), leading) {
                         wb.write(boot, k, &b);
                     }
                     // Our own status writes come back as changes; an unchanged state is not

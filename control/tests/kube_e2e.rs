@@ -39,6 +39,8 @@ struct Teardown {
     apiserver: Option<PathBuf>,
     /// The API server as restarted by the test (the first one is the start script's).
     restarted: Option<Child>,
+    /// Anything else started (the second appliance, a relay).
+    others: Vec<Child>,
 }
 
 fn stop(c: &mut Child) {
@@ -64,6 +66,9 @@ fn stop_apiserver(dir: &Path) {
 impl Drop for Teardown {
     fn drop(&mut self) {
         if let Some(c) = self.fulcrum.as_mut() {
+            stop(c);
+        }
+        for c in self.others.iter_mut() {
             stop(c);
         }
         if let Some(dir) = &self.apiserver {
@@ -163,7 +168,7 @@ fn kubernetes_end_to_end() {
     let api_dir = dir.join("apiserver");
 
     assert!(lab(&["up"]).status.success(), "lab.sh up");
-    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()), restarted: None };
+    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()), restarted: None, others: Vec::new() };
     let start_api = || {
         let o = Command::new("ip")
             .args(["netns", "exec", "fl-lb", "bash"])
@@ -379,6 +384,84 @@ fn kubernetes_end_to_end() {
     while curl("http://10.20.0.1/").is_some() {
         assert!(t.elapsed() < Duration::from_secs(10), "deleted Service still served");
     }
+
+    // 8. Two appliances as a pair: a Lease elects the one that claims the VIPs. The client
+    // reaches the VIP on-link here (ARP for the VIP itself, as in an L2 deployment), so the
+    // takeover is visible: the leader killed, the other announces the VIP and serves it.
+    if let Some(mut a) = teardown.fulcrum.take() {
+        stop(&mut a);
+    }
+    let election = "leader_election:\n  identity: IDENT\n  lease_namespace: default\n  lease_seconds: 4\n  renew_seconds: 1\n";
+    std::fs::write(dir.join("a.yaml"), format!("{boot}{}", election.replace("IDENT", "lb-a"))).unwrap();
+    let boot_b = boot
+        .replace("02:f1:00:00:00:01", "02:f1:00:00:00:03")
+        .replace("10.10.0.2/24", "10.10.0.3/24")
+        .replace("fd00:10::2/64", "fd00:10::3/64")
+        .replace("\"--file-prefix\", \"fulcrum\"", "\"--file-prefix\", \"fulcrum-b\"");
+    assert!(boot_b.contains("fulcrum-b") && boot_b.contains("10.10.0.3/24"), "the example bootstrap's port changed");
+    std::fs::write(dir.join("b.yaml"), format!("{boot_b}{}", election.replace("IDENT", "lb-b"))).unwrap();
+    // The API server listens on fl-lb's loopback; fl-lb2 reaches it through a relay.
+    let relay = Command::new("ip")
+        .args(["netns", "exec", "fl-lb2", "socat", "TCP-LISTEN:16443,bind=127.0.0.1,fork,reuseaddr"])
+        .arg("EXEC:ip netns exec fl-lb socat STDIO TCP\\:127.0.0.1\\:16443")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("socat relay");
+    teardown.others.push(relay);
+    let appliance = |ns: &str, config: &str, iface: &str, logname: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, fulcrum, "run", "--config"])
+            .arg(dir.join(config))
+            .arg("--kubeconfig")
+            .arg(&k.kubeconfig)
+            .args(["--device", &format!("net_af_packet0,iface={iface}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(logname)).unwrap())
+            .spawn()
+            .expect("fulcrum run")
+    };
+    let holder = || k.run(&["-n", "default", "get", "lease", "fulcrum", "-o", "jsonpath={.spec.holderIdentity}"], None).1;
+    let mut a = appliance("fl-lb", "a.yaml", "veth-lb", "a.log");
+    let t = Instant::now();
+    while holder().trim() != "lb-a" {
+        assert!(t.elapsed() < Duration::from_secs(20), "lb-a never took the Lease: {}", holder());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    teardown.others.push(appliance("fl-lb2", "b.yaml", "veth-lb2", "b.log"));
+    let (ok, _) = client(&["ip", "route", "replace", "10.20.0.2/32", "dev", "veth-client"]);
+    assert!(ok, "on-link route to the VIP");
+    let t = Instant::now();
+    while curl("http://10.20.0.2/").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "VIP not served by the leader");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(holder().trim(), "lb-a", "the standby took the Lease from a live leader");
+    let neigh = client(&["ip", "neigh", "show", "10.20.0.2"]).1;
+    assert!(neigh.contains("02:f1:00:00:00:01"), "VIP resolved to the leader: {neigh}");
+    // The leader dies without a word (SIGKILL: no Lease release, no goodbye).
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
+    let _ = a.wait();
+    let t = Instant::now();
+    loop {
+        let neigh = client(&["ip", "neigh", "show", "10.20.0.2"]).1;
+        if neigh.contains("02:f1:00:00:00:03") && curl("http://10.20.0.2/").is_some() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no takeover: {neigh} holder {}\n{}",
+            holder(),
+            std::fs::read_to_string(dir.join("b.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("leader killed -> VIP served by the other appliance: {:?}", t.elapsed());
+    assert_eq!(holder().trim(), "lb-b");
+    let b_log = std::fs::read_to_string(dir.join("b.log")).unwrap_or_default();
+    assert!(b_log.contains("became the leader") && b_log.contains("claiming the VIPs"), "{b_log}");
+
     drop(teardown);
     eprintln!("{}", log());
     let _ = std::fs::remove_dir_all(&dir);

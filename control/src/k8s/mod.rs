@@ -12,6 +12,7 @@
 //! contents, so the last snapshot keeps serving. When it returns, the watchers list again and what
 //! changed meanwhile arrives as one more change.
 
+pub mod lease;
 pub mod status;
 
 use anyhow::{bail, Context};
