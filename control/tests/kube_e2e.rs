@@ -6,32 +6,12 @@
 //! The API server runs on the loopback of the appliance's namespace (fl-lb), the appliance's
 //! management network here; kubectl runs there too.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
-}
-
-fn lab(args: &[&str]) -> std::process::Output {
-    Command::new("bash").arg(repo().join("vagrant/lab.sh")).args(args).output().expect("lab.sh")
-}
-
-/// Runs CMD in the client namespace; (success, stdout).
-fn client(cmd: &[&str]) -> (bool, String) {
-    let o = Command::new("ip").args(["netns", "exec", "fl-client"]).args(cmd).output().expect("ip netns exec");
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-fn curl(url: &str) -> Option<String> {
-    let (ok, out) = client(&["curl", "-s", "-m", "3", "--fail", url]);
-    ok.then(|| out.trim().to_string())
-}
 
 /// Everything this test started, stopped in reverse order even when it fails.
 struct Teardown {
@@ -41,17 +21,6 @@ struct Teardown {
     restarted: Option<Child>,
     /// Anything else started (the second appliance, a relay).
     others: Vec<Child>,
-}
-
-fn stop(c: &mut Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(5) && !matches!(c.try_wait(), Ok(Some(_))) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
 }
 
 fn stop_apiserver(dir: &Path) {
@@ -377,7 +346,43 @@ fn kubernetes_end_to_end() {
     };
     eprintln!("{published}");
 
-    // 7. Service deleted: the VIP stops answering.
+    // 7. Ingress + TLS Secret made with kubectl: the Ingress shows the L7 address in its
+    // status; HTTPS to the host works with the Secret's certificate; the Secret replaced: new
+    // handshakes get the new certificate, a connection open across the change lives on.
+    let tls = dir.join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    make_ca(&tls);
+    let ca = tls.join("ca.crt");
+    k.apply(&secure_ingress(&tls_secret(&tls, "v1", "shop"), "shop"));
+    k.wait_lb_ips("ingress", "shop", "secure", "10.20.0.100");
+    let https = || {
+        client(&[
+            "curl", "-s", "-m", "5", "--fail", "--cacert", ca.to_str().unwrap(), "--resolve",
+            "secure.lab:443:10.20.0.100", "https://secure.lab/",
+        ])
+    };
+    let t = Instant::now();
+    while !https().0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "HTTPS to secure.lab never worked:\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(["be1", "be2", "be3"].contains(&https().1.trim()), "{:?}", https());
+    assert!(tls_subject(&ca).contains("O = v1"), "{}", tls_subject(&ca));
+    let flag = tls.join("swapped");
+    let held = hold_tls_connection(&ca, &flag);
+    std::thread::sleep(Duration::from_millis(1000));
+    k.apply(&tls_secret(&tls, "v2", "shop"));
+    let t = Instant::now();
+    while !tls_subject(&ca).contains("O = v2") {
+        assert!(t.elapsed() < Duration::from_secs(10), "the new certificate never served: {}", tls_subject(&ca));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(&flag, "").unwrap();
+    let out = held.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["v1", "HTTP/1.1 200 OK"], "the open TLS connection lived on: {text}");
+
+    // 8. Service deleted: the VIP stops answering.
     let (ok, out) = k.run(&["-n", "shop", "delete", "service", "web"], None);
     assert!(ok, "{out}");
     let t = Instant::now();
@@ -385,7 +390,7 @@ fn kubernetes_end_to_end() {
         assert!(t.elapsed() < Duration::from_secs(10), "deleted Service still served");
     }
 
-    // 8. Two appliances as a pair: a Lease elects the one that claims the VIPs. The client
+    // 9. Two appliances as a pair: a Lease elects the one that claims the VIPs. The client
     // reaches the VIP on-link here (ARP for the VIP itself, as in an L2 deployment), so the
     // takeover is visible: the leader killed, the other announces the VIP and serves it.
     if let Some(mut a) = teardown.fulcrum.take() {

@@ -2,112 +2,22 @@
 //! ping) and real backends (nginx, UDP echo). Needs root (namespaces, DPDK); skipped otherwise.
 //! One test function: the lab is one set of namespaces, so its steps run in order.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn lab(args: &[&str]) -> std::process::Output {
-    Command::new("bash").arg(repo().join("vagrant/lab.sh")).args(args).output().expect("lab.sh")
-}
-
-/// Runs CMD in the client namespace; (success, stdout).
-fn client(cmd: &[&str]) -> (bool, String) {
-    let o = Command::new("ip").args(["netns", "exec", "fl-client"]).args(cmd).output().expect("ip netns exec");
-    (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
-fn curl(url: &str) -> Option<String> {
-    let (ok, out) = client(&["curl", "-s", "-m", "3", "--fail", url]);
-    ok.then(|| out.trim().to_string())
-}
 
 struct Teardown(Option<Child>);
 
 impl Drop for Teardown {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(5) && !matches!(c.try_wait(), Ok(Some(_))) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop(&mut c);
         }
         lab(&["down"]);
     }
-}
-
-/// Runs openssl in `dir`; panics with its output if it fails.
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// A certificate for secure.lab (organisation `org`) signed by dir/ca.*, as a Secret manifest.
-fn tls_secret(dir: &Path, org: &str) -> String {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            &format!("/CN=secure.lab/O={org}"),
-            "-keyout",
-            &format!("{org}.key"),
-            "-out",
-            &format!("{org}.csr"),
-        ],
-    );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:secure.lab\n").unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{org}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            &format!("{org}.crt"),
-        ],
-    );
-    let b64 = |f: &str| {
-        let o = Command::new("base64").args(["-w0", f]).current_dir(dir).output().unwrap();
-        String::from_utf8(o.stdout).unwrap()
-    };
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: secure-tls, namespace: lab}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
-        b64(&format!("{org}.crt")),
-        b64(&format!("{org}.key"))
-    )
-}
-
-fn secure_ingress(secret: &str) -> String {
-    format!(
-        "\n---\n{secret}---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {{name: secure, namespace: lab}}\nspec:\n  ingressClassName: fulcrum\n  tls: [{{hosts: [secure.lab], secretName: secure-tls}}]\n  rules:\n  - host: secure.lab\n    http:\n      paths:\n      - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}\n"
-    )
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
 }
 
 #[test]
@@ -145,29 +55,10 @@ fn lab_end_to_end() {
     let manifests = dir.join("manifests.yaml");
     // TLS for secure.lab: a CA made here and a certificate it signs, in a kubernetes.io/tls
     // Secret that an Ingress names (a second certificate replaces it further down).
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Fulcrum e2e CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-        ],
-    );
-    let secret_v1 = tls_secret(&dir, "v1");
+    make_ca(&dir);
+    let secret_v1 = tls_secret(&dir, "v1", "lab");
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
-        + &secure_ingress(&secret_v1);
+        + &secure_ingress(&secret_v1, "lab");
     std::fs::write(&manifests, &lab_manifests).unwrap();
     let child = Command::new("ip")
         .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
@@ -317,24 +208,12 @@ fn lab_end_to_end() {
         "http://secure.lab/x?y=1",
     ]);
     assert!(head.contains("Location: https://secure.lab/x?y=1"), "{head}");
-    let subject = || -> String {
-        let (_, out) = client(&["bash", "-c", &format!(
-            "openssl s_client -connect 10.20.0.100:443 -servername secure.lab -CAfile {} </dev/null 2>/dev/null | grep -m1 '^subject='",
-            ca.display())]);
-        out
-    };
+    let subject = || tls_subject(&ca);
     assert!(subject().contains("O = v1"), "s_client shows the Secret's certificate: {:?}", subject());
     let flag = dir.join("swapped");
-    let held = Command::new("ip")
-        .args(["netns", "exec", "fl-client", "python3", "-c"])
-        .arg(format!(
-            "import socket,ssl,time,os\nctx=ssl.create_default_context(cafile='{}')\ns=ctx.wrap_socket(socket.create_connection(('10.20.0.100',443)),server_hostname='secure.lab')\nprint(dict(x[0] for x in s.getpeercert()['subject'])['organizationName'],flush=True)\nt=time.time()\nwhile not os.path.exists('{}') and time.time()-t<20: time.sleep(0.1)\ns.sendall(b'GET / HTTP/1.1\\r\\nHost: secure.lab\\r\\n\\r\\n')\nprint(s.recv(200).split(b'\\r\\n')[0].decode(),flush=True)",
-            ca.display(), flag.display()))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let held = hold_tls_connection(&ca, &flag);
     std::thread::sleep(Duration::from_millis(1000));
-    let secret_v2 = tls_secret(&dir, "v2");
+    let secret_v2 = tls_secret(&dir, "v2", "lab");
     std::fs::write(&manifests, lab_manifests.replace(&secret_v1, &secret_v2)).unwrap();
     hup();
     std::fs::write(&flag, "").unwrap();
