@@ -273,6 +273,9 @@ pub struct Worker {
     /// Neighbours the snapshot's backends are reached through, still to resolve: solicited a
     /// few per loop iteration, so that the first packet to a backend finds its MAC known.
     to_resolve: Vec<u16>,
+    /// After a snapshot switch: the next backend whose neighbour to check (a few thousand per
+    /// loop iteration, so a switch to 100,000 backends does not stall a burst).
+    resolve_cursor: Option<usize>,
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
     /// Announcements of the claimed addresses still to send, and when the next is due.
@@ -341,6 +344,7 @@ impl Worker {
             next_hop_slot: (None, None),
             keys6: [FlowKey::default(); BURST],
             to_resolve: Vec::new(),
+            resolve_cursor: None,
             solicit: ArrayVec::new(),
             // Only on taking the addresses over (a pair starts as standby and is told when it
             // leads); a lone appliance answers ARP from the start and announces nothing.
@@ -366,15 +370,30 @@ impl Worker {
             p.set_tls(snap.tls.clone());
         }
         self.snap = snap;
-        self.queue_backend_neighbors();
+        self.to_resolve.clear();
+        self.resolve_cursor = Some(0);
     }
 
     /// Queues the neighbours of every backend for resolution (the kernel would hold the first
     /// packet while it resolves; we resolve ahead instead, so it is never dropped).
     fn queue_backend_neighbors(&mut self) {
-        let snap = self.snap_ref();
         self.to_resolve.clear();
-        for b in &snap.backends {
+        self.resolve_cursor = Some(0);
+        while self.resolve_cursor.is_some() {
+            self.queue_some_backend_neighbors();
+        }
+    }
+
+    /// Backends checked per call of `queue_some_backend_neighbors`.
+    const RESOLVE_STEP: usize = 4096;
+
+    /// Checks the next `RESOLVE_STEP` backends' neighbours (see `resolve_cursor`).
+    fn queue_some_backend_neighbors(&mut self) {
+        let Some(from) = self.resolve_cursor else { return };
+        let snap = self.snap_ref();
+        let to = (from + Self::RESOLVE_STEP).min(snap.backends.len());
+        self.resolve_cursor = (to < snap.backends.len()).then_some(to);
+        for b in &snap.backends[from..to] {
             if let Ok(idx) = self.neighbor_index(b.addr) {
                 if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
                     self.to_resolve.push(idx);
@@ -432,6 +451,7 @@ impl Worker {
     pub fn housekeeping<P: Port>(&mut self, port: &mut P, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.now = self.now_ms as u32;
+        self.queue_some_backend_neighbors();
         while !self.solicit.is_full() {
             let Some(idx) = self.to_resolve.pop() else { break };
             if self.neigh.mac_at(idx).is_none() && self.neigh.should_solicit(idx, self.now_ms) {
