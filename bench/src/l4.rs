@@ -146,6 +146,7 @@ fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value>
             protocol: Protocol::Tcp,
             mode,
             affinity: None,
+            health: None,
             endpoints: (0..a.backends)
                 .map(|i| Endpoint {
                     addr: IpAddr::V4(Ipv4Addr::new(10, 30, (i >> 8) as u8, i as u8)),

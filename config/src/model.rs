@@ -84,6 +84,20 @@ pub struct ClientIpAffinity {
     pub timeout_seconds: u32,
 }
 
+/// An active health check of a Service's endpoints (annotations `fulcrum.io/health-check*`),
+/// sent from the data plane so that probes take the path traffic takes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct HealthCheck {
+    /// `None`: a TCP connect; `Some(path)`: an HTTP/1.1 GET of the path, 2xx or 3xx passes.
+    pub http_path: Option<String>,
+    pub interval_ms: u32,
+    /// A probe without an answer after this long fails.
+    pub timeout_ms: u32,
+    /// Consecutive failures that take an endpoint out, and passes that bring it back.
+    pub fall: u8,
+    pub rise: u8,
+}
+
 /// One L4 virtual service: a VIP, a port and a protocol, and where its flows go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VipService {
@@ -95,6 +109,7 @@ pub struct VipService {
     pub protocol: Protocol,
     pub mode: ForwardingMode,
     pub affinity: Option<ClientIpAffinity>,
+    pub health: Option<HealthCheck>,
     /// Sorted by (addr, port) so that equal inputs give equal tables.
     pub endpoints: Vec<Endpoint>,
 }

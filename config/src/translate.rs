@@ -7,7 +7,8 @@ use crate::bootstrap::{Bootstrap, VipPool};
 use crate::error::ConfigError;
 use crate::manifests::{self, object_name, Objects, Source, Sourced};
 use crate::model::{
-    ClientIpAffinity, DesiredState, Endpoint, EndpointState, ForwardingMode, ObjectRef, Protocol, VipService,
+    ClientIpAffinity, DesiredState, Endpoint, EndpointState, ForwardingMode, HealthCheck, ObjectRef, Protocol,
+    VipService,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -19,6 +20,9 @@ use std::path::Path;
 pub const ANNOTATION_LB_IPS: &str = "fulcrum.io/load-balancer-ips";
 /// `fullnat` or `dsr-ipip`.
 pub const ANNOTATION_FORWARDING: &str = "fulcrum.io/forwarding";
+/// Active health checks: `tcp` or `http`; with `-path`, `-interval` (seconds), `-timeout`
+/// (seconds), `-fall`, `-rise`.
+pub const ANNOTATION_HEALTH: &str = "fulcrum.io/health-check";
 /// Services with the same value may share a VIP (on different ports).
 pub const ANNOTATION_SHARED_IP: &str = "fulcrum.io/allow-shared-ip";
 /// The label tying an EndpointSlice to its Service.
@@ -264,6 +268,7 @@ pub const REASON_ADDRESS_TAKEN: &str = "AddressTaken";
 fn validate_spec(boot: &Bootstrap, lb: &Lb<'_>) -> Result<(), ConfigError> {
     forwarding_mode(boot, lb)?;
     affinity(lb)?;
+    health_check(lb)?;
     let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Err(lb.err("spec.ports", "a LoadBalancer Service needs at least one port"));
@@ -287,6 +292,7 @@ fn lb_services(
     let invalid = |e| (REASON_INVALID, e);
     let mode = forwarding_mode(boot, lb).map_err(invalid)?;
     let affinity = affinity(lb).map_err(invalid)?;
+    let health = health_check(lb).map_err(invalid)?;
     let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Err(invalid(lb.err("spec.ports", "a LoadBalancer Service needs at least one port")));
@@ -316,6 +322,7 @@ fn lb_services(
                     protocol,
                     mode,
                     affinity: affinity.clone(),
+                    health: health.clone(),
                     endpoints,
                 },
                 pi,
@@ -554,6 +561,52 @@ fn check_shared_ips(lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>) {
             problems.push(Problem { kind: "Service", object: lbs[i].id.clone(), reason: REASON_ADDRESS_TAKEN, error });
         }
     }
+}
+
+/// The Service's active health check, from its annotations.
+fn health_check(lb: &Lb<'_>) -> Result<Option<HealthCheck>, ConfigError> {
+    let Some(kind) = lb.annotation(ANNOTATION_HEALTH) else {
+        return Ok(None);
+    };
+    let key = |k: &str| format!("{ANNOTATION_HEALTH}-{k}");
+    let number = |k: &str, default: f64, min: f64, max: f64| -> Result<f64, ConfigError> {
+        let name = key(k);
+        match lb.annotation(&name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<f64>() {
+                Ok(n) if (min..=max).contains(&n) => Ok(n),
+                _ => Err(lb.err(annotation_field(&name), format!("{v:?} is not a number in {min}..={max}"))),
+            },
+        }
+    };
+    let http_path = match kind {
+        "tcp" => None,
+        "http" => {
+            let path = lb.annotation(&key("path")).unwrap_or("/");
+            if !path.starts_with('/') || path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+                return Err(lb.err(annotation_field(&key("path")), format!("{path:?} is not an absolute path")));
+            }
+            Some(path.to_string())
+        }
+        other => {
+            return Err(lb.err(
+                annotation_field(ANNOTATION_HEALTH),
+                format!("{other:?} is not a health check; allowed values: tcp, http"),
+            ))
+        }
+    };
+    let interval = number("interval", 5.0, 0.1, 3600.0)?;
+    let timeout = number("timeout", interval.min(2.0), 0.05, 3600.0)?;
+    if timeout > interval {
+        return Err(lb.err(annotation_field(&key("timeout")), format!("{timeout} s exceeds the interval ({interval} s)")));
+    }
+    Ok(Some(HealthCheck {
+        http_path,
+        interval_ms: (interval * 1000.0) as u32,
+        timeout_ms: (timeout * 1000.0) as u32,
+        fall: number("fall", 2.0, 1.0, 10.0)? as u8,
+        rise: number("rise", 2.0, 1.0, 10.0)? as u8,
+    }))
 }
 
 fn forwarding_mode(boot: &Bootstrap, lb: &Lb<'_>) -> Result<ForwardingMode, ConfigError> {
@@ -869,6 +922,30 @@ mod tests {
         b.l7 = Some(serde_yaml_ng::from_str("address: 10.20.0.4").unwrap());
         let state = run_with(&b, &[svc("a", "", HTTP)]).unwrap();
         assert_eq!(vips(&state)[0].1, "10.20.0.5");
+    }
+
+    #[test]
+    fn health_check_annotations() {
+        let with = |ann: &str| run(&[svc("web", &format!(", annotations: {{{ann}}}"), HTTP)]);
+        let h = with("fulcrum.io/health-check: http, fulcrum.io/health-check-path: /healthz, \
+                      fulcrum.io/health-check-interval: '0.5', fulcrum.io/health-check-rise: '3'")
+        .unwrap()
+        .services[0]
+            .health
+            .clone()
+            .unwrap();
+        assert_eq!(h, HealthCheck { http_path: Some("/healthz".into()), interval_ms: 500, timeout_ms: 500, fall: 2, rise: 3 });
+        let t = with("fulcrum.io/health-check: tcp").unwrap().services[0].health.clone().unwrap();
+        assert_eq!((t.http_path, t.interval_ms, t.timeout_ms), (None, 5000, 2000));
+        assert!(with("").unwrap().services[0].health.is_none());
+        let e = with("fulcrum.io/health-check: icmp").unwrap_err().to_string();
+        assert!(e.contains(r#"field metadata.annotations["fulcrum.io/health-check"]: "icmp" is not a health check"#), "{e}");
+        let e = with("fulcrum.io/health-check: tcp, fulcrum.io/health-check-interval: '1', fulcrum.io/health-check-timeout: '2'")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds the interval"), "{e}");
+        let e = with("fulcrum.io/health-check: http, fulcrum.io/health-check-path: 'x y'").unwrap_err().to_string();
+        assert!(e.contains("is not an absolute path"), "{e}");
     }
 
     #[test]

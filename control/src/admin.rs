@@ -221,7 +221,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 14] = [
+    let per_core: [(&str, &str, &str, Get); 18] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -240,6 +240,14 @@ pub fn render_metrics(state: &ControlState) -> String {
             c.l7.connections
         }),
         ("fulcrum_l7_requests_total", "counter", "HTTP requests received.", |c| c.l7.requests),
+        ("fulcrum_health_probes_total", "counter", "Active health probes completed.", |c| c.l7.health_probes),
+        ("fulcrum_health_probe_failures_total", "counter", "Active health probes failed.", |c| c.l7.health_failures),
+        ("fulcrum_health_transitions_total", "counter", "Endpoints going down or up by their checks.", |c| {
+            c.l7.health_transitions
+        }),
+        ("fulcrum_health_endpoints_down", "gauge", "Endpoints out of the tables by their checks.", |c| {
+            c.health_down.len() as u64
+        }),
     ];
     for (name, kind, help, get) in per_core {
         o.family(name, kind, help);

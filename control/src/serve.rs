@@ -15,7 +15,9 @@ use fulcrum_config::translate::{translate_each, Translation};
 use fulcrum_config::{Bootstrap, DesiredState, Objects};
 use fulcrum_dataplane::port::Port;
 use fulcrum_dataplane::runtime::{self, Idle, Shared, WorkerSpec};
-use fulcrum_dataplane::snapshot::{Snapshot, StatIds};
+use fulcrum_config::model::EndpointState;
+use fulcrum_dataplane::snapshot::{HealthTarget, Snapshot, StatIds};
+use std::net::{IpAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -71,8 +73,10 @@ pub fn build(
     generation: u64,
     ids: &mut StatIds,
     source: &str,
+    down: &[HealthTarget],
 ) -> anyhow::Result<Built> {
-    let translation = translate_each(boot, &objects);
+    let mut translation = translate_each(boot, &objects);
+    mark_down(&mut translation.state, down);
     if strict {
         if let Some(p) = translation.problems.first() {
             return Err(anyhow::anyhow!("{}", p.error));
@@ -81,6 +85,24 @@ pub fn build(
     let snapshot = Snapshot::compile_with(boot, &translation.state, generation, ids)
         .with_context(|| format!("{source}: cannot compile the snapshot"))?;
     Ok(Built { snapshot, objects, translation })
+}
+
+/// Endpoints failing their Service's active health check take no new flows (established ones
+/// stay, as for an endpoint that is not ready).
+fn mark_down(state: &mut DesiredState, down: &[HealthTarget]) {
+    if down.is_empty() {
+        return;
+    }
+    for s in &mut state.services {
+        let Some(check) = &s.health else { continue };
+        for e in &mut s.endpoints {
+            let IpAddr::V4(a) = e.addr else { continue };
+            let t = HealthTarget { endpoint: SocketAddrV4::new(a, e.port), check: check.clone() };
+            if down.binary_search(&t).is_ok() {
+                e.state = EndpointState::NotReady;
+            }
+        }
+    }
 }
 
 /// Reads the objects of an input now (the manifests, or the API server's mirror).
@@ -153,7 +175,7 @@ where
         debounce.mark_seen(k.mirror.changes());
     }
     let t0 = Instant::now();
-    let first = build(boot, read(&opts.input)?, strict, generation, &mut ids, &source)?;
+    let first = build(boot, read(&opts.input)?, strict, generation, &mut ids, &source, &[])?;
     control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(t0.elapsed().as_micros() as u64);
     control.objects_with_problems.store(first.translation.problems.len() as u64, Ordering::Relaxed);
     let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
@@ -202,6 +224,7 @@ where
     };
     let mut last_watch = Instant::now();
     let mut last_stats = Instant::now();
+    let mut down: Vec<HealthTarget> = Vec::new();
     // A published generation not yet running on every worker, and when it was published.
     let mut pending: Option<(u64, Instant)> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -216,6 +239,18 @@ where
             }
         }
         let mut forced = hup.swap(false, Ordering::AcqRel);
+        // Active health checks (worker 0 probes): a changed down set rebuilds the tables.
+        let now_down = shared.stats[0].lock().unwrap_or_else(|e| e.into_inner()).health_down.clone();
+        let health_changed = now_down != down;
+        if health_changed {
+            for t in now_down.iter().filter(|t| !down.contains(t)) {
+                eprintln!("fulcrum: health check: {} down", t.endpoint);
+            }
+            for t in down.iter().filter(|t| !now_down.contains(t)) {
+                eprintln!("fulcrum: health check: {} up", t.endpoint);
+            }
+            down = now_down;
+        }
         let lead = leader.load(Ordering::Acquire);
         if lead != leading {
             // Claim (or release) the VIPs now, without a recompile; a new leader also writes
@@ -242,10 +277,11 @@ where
                 }
             }
             Input::Kubernetes(k) => debounce.due(k.mirror.changes(), Instant::now()) || forced,
-        };
+        } || health_changed;
         if due {
             let t0 = Instant::now();
-            let built = read(&opts.input).and_then(|o| build(boot, o, strict, generation + 1, &mut ids, &source));
+            let built =
+                read(&opts.input).and_then(|o| build(boot, o, strict, generation + 1, &mut ids, &source, &down));
             match built {
                 Ok(mut b) => {
                     b.snapshot.answers_vips = leading;

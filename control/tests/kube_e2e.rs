@@ -117,11 +117,6 @@ fn slice(svc: &str, backends: &[&str]) -> String {
     s
 }
 
-/// Which lab backends answered `n` new connections to `url`.
-fn backends_seen(url: &str, n: usize) -> std::collections::BTreeSet<String> {
-    (0..n).map(|_| curl(url).unwrap_or_else(|| panic!("{url} not served"))).collect()
-}
-
 #[test]
 fn kubernetes_end_to_end() {
     if !is_root() {

@@ -313,4 +313,42 @@ fn lab_end_to_end() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "the long-lived download broke: {text}");
     assert_eq!(text.trim(), "1048576 200", "whole body over the connection to {victim}");
+
+    // 4. Active health checks from the data plane: an HTTP check every 0.5 s (fall 2, rise 2).
+    // be3's nginx stopped: within two intervals (plus the copy-out) new connections stop going
+    // there, though its EndpointSlice still says ready; started again: it comes back.
+    let checked = "\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: checked\n  namespace: lab\n  annotations:\n    \
+        fulcrum.io/health-check: http\n    fulcrum.io/health-check-path: /\n    fulcrum.io/health-check-interval: \"0.5\"\n    \
+        fulcrum.io/health-check-timeout: \"0.4\"\nspec:\n  type: LoadBalancer\n  loadBalancerIP: 10.20.0.30\n  ports:\n  - \
+        {name: http, port: 80, targetPort: 8080, protocol: TCP}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+        metadata:\n  name: checked-a\n  namespace: lab\n  labels: {kubernetes.io/service-name: checked}\naddressType: IPv4\n\
+        ports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- addresses: [\"10.10.0.11\"]\n- addresses: [\"10.10.0.12\"]\n\
+        - addresses: [\"10.10.0.13\"]\n";
+    std::fs::write(&manifests, format!("{lab_manifests}{checked}")).unwrap();
+    hup();
+    let t = Instant::now();
+    while backends_seen("http://10.20.0.30/", 30).len() < 3 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the checked Service never reached all three backends");
+    }
+    let pid = std::fs::read_to_string("/run/fulcrum-lab/pids/be3-nginx.pid").expect("be3's nginx pid");
+    let _ = Command::new("kill").arg(pid.trim()).status();
+    let stopped = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        // Connections to be3 are refused now; the others answer.
+        let seen: Vec<Option<String>> = (0..20).map(|_| curl("http://10.20.0.30/")).collect();
+        if seen.iter().all(|b| b.as_deref().is_some_and(|b| b != "be3")) {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(5), "be3 still picked after its check failed: {seen:?}");
+    }
+    eprintln!("be3 stopped -> out of the table after {:?}", stopped.elapsed());
+    assert!(stopped.elapsed() < Duration::from_millis(2500), "two intervals (1 s) plus detection took {:?}", stopped.elapsed());
+    assert!(lab(&["up"]).status.success(), "lab.sh up restarts be3's nginx");
+    let t = Instant::now();
+    while !backends_seen("http://10.20.0.30/", 30).contains("be3") {
+        assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
+    }
+    eprintln!("be3 started -> back in the table after {:?}", t.elapsed());
 }
+

@@ -219,6 +219,23 @@ pub struct StatIds {
 /// order (the backend's Maglev key is `addr:port`, formatted only when a table is built).
 type MaglevKey = (u32, Vec<(IpAddr, u16, u32)>);
 
+fn health_targets(state: &DesiredState) -> Vec<HealthTarget> {
+    let mut v: Vec<HealthTarget> = state
+        .services
+        .iter()
+        .filter_map(|s| s.health.as_ref().map(|c| (s, c)))
+        .flat_map(|(s, c)| {
+            s.endpoints.iter().filter_map(move |e| match e.addr {
+                IpAddr::V4(a) => Some(HealthTarget { endpoint: std::net::SocketAddrV4::new(a, e.port), check: c.clone() }),
+                IpAddr::V6(_) => None,
+            })
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
 /// Builds the tables not found in `cache`, on several threads when there are many.
 fn build_tables(keys: &[MaglevKey], cache: &HashMap<MaglevKey, MaglevTable>) -> Vec<MaglevTable> {
     let build = |k: &MaglevKey| -> MaglevTable {
@@ -283,6 +300,16 @@ pub struct Snapshot {
     /// only on the leader of a pair (the standby forwards what reaches it but does not claim
     /// the addresses). Turning true makes worker 0 announce them (gratuitous ARP, unsolicited NA).
     pub answers_vips: bool,
+    /// Endpoints to probe (Services with an active health check; IPv4 endpoints: the probes
+    /// use the proxy's TCP stack), each (endpoint, check) once.
+    pub health: Vec<HealthTarget>,
+}
+
+/// One endpoint and the check to run against it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct HealthTarget {
+    pub endpoint: std::net::SocketAddrV4,
+    pub check: fulcrum_config::model::HealthCheck,
 }
 
 /// What `lookup` found for a destination.
@@ -317,6 +344,7 @@ impl Snapshot {
             tls: None,
             tls_warnings: vec![],
             answers_vips: true,
+            health: vec![],
         }
     }
 
@@ -416,6 +444,7 @@ impl Snapshot {
             tls,
             tls_warnings,
             answers_vips: true,
+            health: health_targets(state),
         })
     }
 
@@ -557,6 +586,7 @@ maglev: {table_size: 1009}
             protocol: Protocol::Tcp,
             mode: ForwardingMode::FullNat,
             affinity: None,
+            health: None,
             endpoints: eps
                 .iter()
                 .map(|&(i, st)| Endpoint {

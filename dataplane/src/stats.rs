@@ -99,6 +99,9 @@ pub struct CoreStats {
     /// HTTP request latency in microseconds, from a request head to its response head (None
     /// without L7). Copied out with the counters, not kept here per packet.
     pub l7_latency_us: Option<hdrhistogram::Histogram<u64>>,
+    /// Endpoints failing their active health check (worker 0 probes), copied out with the
+    /// counters; the control thread takes them out of the tables.
+    pub health_down: Vec<crate::snapshot::HealthTarget>,
 }
 
 impl CoreStats {
@@ -119,6 +122,11 @@ impl CoreStats {
     }
     /// Adds another core's counters into this one (for totals).
     pub fn merge(&mut self, o: &CoreStats) {
+        if !o.health_down.is_empty() {
+            self.health_down.extend(o.health_down.iter().cloned());
+            self.health_down.sort();
+            self.health_down.dedup();
+        }
         match (&mut self.l7_latency_us, &o.l7_latency_us) {
             (Some(a), Some(b)) => {
                 let _ = a.add(b);
@@ -176,6 +184,8 @@ impl CoreStats {
                                  "4xx": self.l7.responses[2], "5xx": self.l7.responses[3]},
                    "errors_local": self.l7.errors_local, "upstream_connects": self.l7.upstream_connects,
                    "upstream_reused": self.l7.upstream_reused, "segments_unwanted": self.l7.segments_unwanted},
+            "health": {"probes": self.l7.health_probes, "failures": self.l7.health_failures,
+                       "transitions": self.l7.health_transitions, "down": self.health_down.len()},
         })
     }
 }

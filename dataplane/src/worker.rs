@@ -323,6 +323,10 @@ impl Worker {
                 };
                 let mut p = Box::new(Proxy::new(pc, snap.l7.clone()));
                 p.set_tls(snap.tls.clone());
+                // Health probes: from worker 0 only, one probe per endpoint per appliance.
+                if cfg.core_index == 0 {
+                    p.set_health_targets(&snap.health);
+                }
                 Some(p)
             }
             _ => None,
@@ -368,6 +372,9 @@ impl Worker {
         if let Some(p) = self.proxy.as_mut() {
             p.set_router(snap.l7.clone());
             p.set_tls(snap.tls.clone());
+            if self.cfg.core_index == 0 {
+                p.set_health_targets(&snap.health);
+            }
         }
         self.snap = snap;
         self.to_resolve.clear();
@@ -443,6 +450,7 @@ impl Worker {
     pub fn stats_copy(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
+        s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
         s
     }
 

@@ -95,6 +95,7 @@ fn service(
         protocol: proto,
         mode,
         affinity: None,
+        health: None,
         endpoints: eps
             .iter()
             .map(|&(a, p, state)| Endpoint { addr: ip(a), port: p, state, weight: 1, target: None })

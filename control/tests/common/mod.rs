@@ -122,3 +122,8 @@ pub fn hold_tls_connection(ca: &Path, flag: &Path) -> Child {
         .spawn()
         .unwrap()
 }
+
+/// Which backends answered `n` new connections to `url` (failed attempts left out).
+pub fn backends_seen(url: &str, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n).filter_map(|_| curl(url)).collect()
+}

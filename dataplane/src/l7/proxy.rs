@@ -12,6 +12,8 @@
 //! sends garbage; 504 if it does not answer in time), stream the response, then read the next
 //! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
 
+
+mod health;
 use super::client_io::{self as io, TlsSide};
 use super::http::body::BodyReader;
 use super::http::head::{self, ClientInfo};
@@ -54,6 +56,10 @@ pub struct ProxyStats {
     pub upstream_connects: u64,
     pub upstream_reused: u64,
     pub segments_unwanted: u64,
+    /// Health probes completed, failed, and endpoint up/down changes.
+    pub health_probes: u64,
+    pub health_failures: u64,
+    pub health_transitions: u64,
 }
 
 impl ProxyStats {
@@ -67,6 +73,9 @@ impl ProxyStats {
         self.upstream_connects += o.upstream_connects;
         self.upstream_reused += o.upstream_reused;
         self.segments_unwanted += o.segments_unwanted;
+        self.health_probes += o.health_probes;
+        self.health_failures += o.health_failures;
+        self.health_transitions += o.health_transitions;
     }
 }
 
@@ -151,6 +160,8 @@ pub struct Proxy {
     /// Request latency (head in to response head out), microseconds. A clock read per request
     /// (vDSO, no syscall), recorded into this core's own histogram.
     pub latency_us: hdrhistogram::Histogram<u64>,
+    probes: Vec<health::Probe>,
+    last_probe_ms: u64,
 }
 
 const SCRATCH: usize = 16 * 1024;
@@ -183,6 +194,8 @@ impl Proxy {
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             stats: ProxyStats::default(),
             latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            probes: Vec::new(),
+            last_probe_ms: 0,
         }
     }
 
@@ -333,6 +346,7 @@ impl Proxy {
                 }
             }
         }
+        self.run_probes(now_ms);
         let mut due = Vec::new();
         if now_ms != self.last_timers_ms {
             self.last_timers_ms = now_ms;
@@ -542,6 +556,20 @@ impl Proxy {
     }
 
     /// An idle pooled connection to `ep`, or a new one.
+    /// The next of this core's upstream ports not in use towards `ep`, and the connection's key.
+    fn free_upstream_port(&mut self, ep: SocketAddrV4) -> Option<(u16, ConnKey)> {
+        let (lo, hi) = self.cfg.upstream_ports;
+        for _ in 0..=(hi - lo) {
+            let port = self.next_port;
+            self.next_port = if port >= hi { lo } else { port + 1 };
+            let key = (u32::from(*ep.ip()), ep.port(), port);
+            if self.stack.lookup(key).is_none() {
+                return Some((port, key));
+            }
+        }
+        None
+    }
+
     fn upstream_for(&mut self, ep: SocketAddrV4) -> Option<usize> {
         while let Some(u) = self.idle.get_mut(&ep).and_then(Vec::pop) {
             let ok = {
@@ -556,14 +584,7 @@ impl Proxy {
             }
             self.drop_upstream(u, true);
         }
-        let (lo, hi) = self.cfg.upstream_ports;
-        for _ in 0..=(hi - lo) {
-            let port = self.next_port;
-            self.next_port = if port >= hi { lo } else { port + 1 };
-            let key = (u32::from(*ep.ip()), ep.port(), port);
-            if self.stack.lookup(key).is_some() {
-                continue;
-            }
+        if let Some((port, key)) = self.free_upstream_port(ep) {
             let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
             self.stats.upstream_connects += 1;
             let up = Upstream {
