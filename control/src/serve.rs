@@ -181,10 +181,12 @@ where
     let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
     // Who claims the VIPs and writes status: the Lease's holder when two appliances run as a
     // pair, else this appliance alone.
+    let mut election_end = None;
     let leader = match (kube, &boot.leader_election) {
         (Some(k), Some(le)) => {
             let identity = le.identity.clone().unwrap_or_else(|| crate::k8s::lease::default_identity(boot));
-            let election = crate::k8s::lease::Election::new(k.client.clone(), le.clone(), identity);
+            let mut election = crate::k8s::lease::Election::new(k.client.clone(), le.clone(), identity);
+            election_end = Some((election.stop.clone(), election.on_stopped()));
             let flag = election.leader.clone();
             k.spawn(election.run());
             flag
@@ -319,6 +321,13 @@ where
     }
     shared.stop();
     admin_stop.store(true, Ordering::Relaxed);
+    // A clean stop hands the Lease over at once (the election task releases it).
+    if let Some((stop_election, stopped)) = election_end {
+        stop_election.store(true, Ordering::Release);
+        if stopped.recv_timeout(Duration::from_secs(3)).is_err() {
+            eprintln!("fulcrum: the leader election did not end within 3 s");
+        }
+    }
     for h in handles {
         if h.join().is_err() {
             anyhow::bail!("a worker thread panicked");

@@ -429,6 +429,7 @@ fn kubernetes_end_to_end() {
         std::thread::sleep(Duration::from_millis(200));
     }
     teardown.others.push(appliance("fl-lb2", "b.yaml", "veth-lb2", "b.log"));
+    let b_pid = teardown.others.last().map(|c| c.id() as i32).unwrap();
     let (ok, _) = client(&["ip", "route", "replace", "10.20.0.2/32", "dev", "veth-client"]);
     assert!(ok, "on-link route to the VIP");
     let t = Instant::now();
@@ -461,6 +462,26 @@ fn kubernetes_end_to_end() {
     assert_eq!(holder().trim(), "lb-b");
     let b_log = std::fs::read_to_string(dir.join("b.log")).unwrap_or_default();
     assert!(b_log.contains("became the leader") && b_log.contains("claiming the VIPs"), "{b_log}");
+
+    // A clean stop hands over at once: lb-a back as the standby, lb-b stopped with SIGTERM
+    // releases the Lease, and lb-a takes it well before lease_seconds (4 s) would have run out.
+    teardown.others.push(appliance("fl-lb", "a.yaml", "veth-lb", "a2.log"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(holder().trim(), "lb-b", "the restarted standby took the Lease from a live leader");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(b_pid, libc::SIGTERM) };
+    let t = Instant::now();
+    while holder().trim() != "lb-a" {
+        assert!(t.elapsed() < Duration::from_secs(10), "no handover after a clean stop: {}", holder());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("leader stopped cleanly -> Lease taken by the other after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "the Lease was not released: {:?}", t.elapsed());
+    let t = Instant::now();
+    while !client(&["ip", "neigh", "show", "10.20.0.2"]).1.contains("02:f1:00:00:00:01") || curl("http://10.20.0.2/").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "lb-a does not serve the VIP after the handover");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     drop(teardown);
     eprintln!("{}", log());

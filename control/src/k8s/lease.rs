@@ -31,6 +31,10 @@ pub struct Election {
     observed: Option<(Observed, Instant)>,
     last_renewed: Option<Instant>,
     pub leader: Arc<AtomicBool>,
+    /// Set to end the election: the task then gives the Lease up if it holds it, and says so
+    /// on `stopped`.
+    pub stop: Arc<AtomicBool>,
+    stopped: Option<std::sync::mpsc::Sender<()>>,
 }
 
 fn now() -> MicroTime {
@@ -40,7 +44,23 @@ fn now() -> MicroTime {
 impl Election {
     pub fn new(client: Client, cfg: LeaderElectionConfig, identity: String) -> Election {
         let api = Api::namespaced(client, &cfg.lease_namespace);
-        Election { cfg, identity, api, observed: None, last_renewed: None, leader: Arc::new(AtomicBool::new(false)) }
+        Election {
+            cfg,
+            identity,
+            api,
+            observed: None,
+            last_renewed: None,
+            leader: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            stopped: None,
+        }
+    }
+
+    /// A receiver that gets one message when the election has ended (after `stop`).
+    pub fn on_stopped(&mut self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.stopped = Some(tx);
+        rx
     }
 
     fn lease_duration(&self) -> Duration {
@@ -99,6 +119,21 @@ impl Election {
     pub async fn run(mut self) {
         let renew = Duration::from_secs(self.cfg.renew_seconds as u64);
         loop {
+            if self.stop.load(Ordering::Acquire) {
+                // A clean stop hands the Lease over at once (a crash leaves it to expire).
+                if self.leader.load(Ordering::Acquire) {
+                    match release(&self.api, &self.cfg, &self.identity).await {
+                        Ok(true) => eprintln!("fulcrum: Lease released"),
+                        Ok(false) => {}
+                        Err(e) => eprintln!("fulcrum: cannot release the Lease: {e}"),
+                    }
+                    self.leader.store(false, Ordering::Release);
+                }
+                if let Some(tx) = self.stopped.take() {
+                    let _ = tx.send(());
+                }
+                return;
+            }
             let result = self.round().await;
             let was = self.leader.load(Ordering::Acquire);
             let now_leader = match result {
@@ -126,8 +161,30 @@ impl Election {
             // The standby looks more often than the leader renews, so that it notices expiry
             // within a second of it.
             let wait = if now_leader { renew } else { renew.min(Duration::from_secs(1)) };
-            tokio::time::sleep(wait).await;
+            let until = Instant::now() + wait;
+            while Instant::now() < until && !self.stop.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+    }
+}
+
+/// Gives the Lease up if this appliance holds it (a clean stop): the holder is cleared, so the
+/// other appliance takes over at its next look instead of after `lease_seconds`.
+async fn release(api: &Api<Lease>, cfg: &LeaderElectionConfig, identity: &str) -> Result<bool, kube::Error> {
+    let Some(lease) = api.get_opt(&cfg.lease_name).await? else { return Ok(false) };
+    let mut spec = lease.spec.clone().unwrap_or_default();
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(false);
+    }
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(now());
+    let updated = Lease { metadata: lease.metadata, spec: Some(spec) };
+    match api.replace(&cfg.lease_name, &PostParams::default(), &updated).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
