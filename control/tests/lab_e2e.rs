@@ -344,7 +344,18 @@ fn lab_end_to_end() {
     }
     eprintln!("be3 stopped -> out of the table after {:?}", stopped.elapsed());
     assert!(stopped.elapsed() < Duration::from_millis(2500), "two intervals (1 s) plus detection took {:?}", stopped.elapsed());
-    assert!(lab(&["up"]).status.success(), "lab.sh up restarts be3's nginx");
+    // nginx's master exits once its workers are done; lab.sh up starts it again only after that.
+    let gone = Instant::now();
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    };
+    while running() {
+        assert!(gone.elapsed() < Duration::from_secs(10), "be3's nginx does not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let up = lab(&["up"]);
+    assert!(up.status.success(), "lab.sh up restarts be3's nginx: {}", String::from_utf8_lossy(&up.stderr));
     let t = Instant::now();
     while !backends_seen("http://10.20.0.30/", 30).contains("be3") {
         assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
