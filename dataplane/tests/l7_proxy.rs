@@ -312,3 +312,39 @@ fn tls_1_2_and_resumption() {
     assert!(resp.starts_with(b"HTTP/1.1 200"));
     assert_eq!(c.conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "resumed from a ticket");
 }
+
+/// Active health checks from the proxy's stack: an HTTP check of a backend that answers passes;
+/// a TCP check of a port nobody listens on fails (RST) and, after `fall` probes, is down; when
+/// the targets change, probes of targets that stay keep their state.
+#[test]
+fn health_probes_mark_a_refusing_endpoint_down() {
+    use fulcrum_config::model::HealthCheck;
+    use fulcrum_dataplane::snapshot::HealthTarget;
+    use std::net::SocketAddrV4;
+    let mut lab = Lab::new(vec![], Limits::default());
+    let check = |http: bool| HealthCheck {
+        http_path: http.then(|| "/healthz".to_string()),
+        interval_ms: 50,
+        timeout_ms: 40,
+        fall: 2,
+        rise: 2,
+    };
+    let good = HealthTarget { endpoint: SocketAddrV4::new(BE1, 8080), check: check(true) };
+    let refused = HealthTarget { endpoint: SocketAddrV4::new(BE2, 9999), check: check(false) };
+    lab.proxy.set_health_targets(&[good.clone(), refused.clone()]);
+    for _ in 0..40 {
+        lab.tick();
+    }
+    assert!(lab.proxy.health_down().is_empty(), "one failure is not enough (fall 2)");
+    for _ in 0..200 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.health_down(), vec![refused.clone()]);
+    assert!(lab.backends[0].requests >= 3, "the HTTP check reached be1: {}", lab.backends[0].requests);
+    assert!(lab.proxy.stats.health_probes >= 8 && lab.proxy.stats.health_failures >= 2, "{:?}", lab.proxy.stats);
+    // The refused target stays down across a change of targets; a dropped one is forgotten.
+    lab.proxy.set_health_targets(&[refused.clone()]);
+    assert_eq!(lab.proxy.health_down(), vec![refused]);
+    lab.proxy.set_health_targets(&[]);
+    assert!(lab.proxy.health_down().is_empty());
+}
