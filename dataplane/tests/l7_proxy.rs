@@ -343,7 +343,7 @@ fn health_probes_mark_a_refusing_endpoint_down() {
     assert!(lab.backends[0].requests >= 3, "the HTTP check reached be1: {}", lab.backends[0].requests);
     assert!(lab.proxy.stats.health_probes >= 8 && lab.proxy.stats.health_failures >= 2, "{:?}", lab.proxy.stats);
     // The refused target stays down across a change of targets; a dropped one is forgotten.
-    lab.proxy.set_health_targets(&[refused.clone()]);
+    lab.proxy.set_health_targets(std::slice::from_ref(&refused));
     assert_eq!(lab.proxy.health_down(), vec![refused]);
     lab.proxy.set_health_targets(&[]);
     assert!(lab.proxy.health_down().is_empty());
