@@ -315,8 +315,8 @@ fn lab_end_to_end() {
     assert_eq!(text.trim(), "1048576 200", "whole body over the connection to {victim}");
 
     // 4. Active health checks from the data plane: an HTTP check every 0.5 s (fall 2, rise 2).
-    // be3's nginx stopped: within two intervals (plus the copy-out) new connections stop going
-    // there, though its EndpointSlice still says ready; started again: it comes back.
+    // be3 unreachable: within two intervals (plus the timeout and the copy-out) new connections
+    // stop going there, though its EndpointSlice still says ready; reachable again: it comes back.
     let checked = "\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: checked\n  namespace: lab\n  annotations:\n    \
         fulcrum.io/health-check: http\n    fulcrum.io/health-check-path: /\n    fulcrum.io/health-check-interval: \"0.5\"\n    \
         fulcrum.io/health-check-timeout: \"0.4\"\nspec:\n  type: LoadBalancer\n  loadBalancerIP: 10.20.0.30\n  ports:\n  - \
@@ -330,36 +330,38 @@ fn lab_end_to_end() {
     while backends_seen("http://10.20.0.30/", 30).len() < 3 {
         assert!(t.elapsed() < Duration::from_secs(10), "the checked Service never reached all three backends");
     }
-    let pid = std::fs::read_to_string("/run/fulcrum-lab/pids/be3-nginx.pid").expect("be3's nginx pid");
-    let _ = Command::new("kill").arg(pid.trim()).status();
-    let stopped = Instant::now();
-    loop {
-        std::thread::sleep(Duration::from_millis(100));
-        // Connections to be3 are refused now; the others answer.
-        let seen: Vec<Option<String>> = (0..20).map(|_| curl("http://10.20.0.30/")).collect();
-        if seen.iter().all(|b| b.as_deref().is_some_and(|b| b != "be3")) {
-            break;
-        }
-        assert!(stopped.elapsed() < Duration::from_secs(5), "be3 still picked after its check failed: {seen:?}");
-    }
-    eprintln!("be3 stopped -> out of the table after {:?}", stopped.elapsed());
-    assert!(stopped.elapsed() < Duration::from_millis(2500), "two intervals (1 s) plus detection took {:?}", stopped.elapsed());
-    // nginx's master exits once its workers are done; lab.sh up starts it again only after that.
-    let gone = Instant::now();
-    let running = || {
-        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-            .is_ok_and(|st| st.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+    // be3 drops off the segment (its link down: probes time out, as for a crashed host).
+    let metric = |name: &str| -> Option<f64> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.trim().split(' ').next_back()?.parse::<f64>().ok())
+            .reduce(|a, b| a + b)
     };
-    while running() {
-        assert!(gone.elapsed() < Duration::from_secs(10), "be3's nginx does not exit");
+    let be3_link = |state: &str| {
+        let o = lab(&["exec", "be3", "ip", "link", "set", "veth-be3", state]);
+        assert!(o.status.success(), "be3 link {state}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    be3_link("down");
+    let stopped = Instant::now();
+    while metric("fulcrum_health_endpoints_down{") != Some(1.0) {
+        assert!(stopped.elapsed() < Duration::from_secs(5), "be3 never marked down: {:?}", metric("fulcrum_health_endpoints_down{"));
         std::thread::sleep(Duration::from_millis(50));
     }
-    let up = lab(&["up"]);
-    assert!(up.status.success(), "lab.sh up restarts be3's nginx: {}", String::from_utf8_lossy(&up.stderr));
+    eprintln!("be3 off the link -> marked down after {:?}", stopped.elapsed());
+    // Two intervals (1 s) and the probe timeout (0.4 s), plus the 100 ms copy-out.
+    assert!(stopped.elapsed() < Duration::from_millis(2500), "took {:?}", stopped.elapsed());
+    std::thread::sleep(Duration::from_millis(200));
+    let seen: Vec<Option<String>> = (0..20).map(|_| curl("http://10.20.0.30/")).collect();
+    assert!(seen.iter().all(|b| b.as_deref().is_some_and(|b| b != "be3")), "new connections still went to be3: {seen:?}");
+    be3_link("up");
     let t = Instant::now();
     while !backends_seen("http://10.20.0.30/", 30).contains("be3") {
         assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
     }
-    eprintln!("be3 started -> back in the table after {:?}", t.elapsed());
+    eprintln!("be3 back on the link -> back in the table after {:?}", t.elapsed());
 }
 
