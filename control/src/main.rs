@@ -41,8 +41,10 @@ fn main() {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 // kube warns on every connection to a server whose kubeconfig skips TLS
-                // verification; once, from the user's own kubeconfig, is enough (it is in it).
-                "warn,kube_client::client::tls=error".into()
+                // verification (the user's own kubeconfig says so), and logs every failed
+                // reconnection while the API server is away; Fulcrum says the latter once per
+                // outage itself, and counts them in /metrics.
+                "warn,kube_client::client::tls=error,kube_client::client::builder=off".into()
             }),
         )
         .with_writer(std::io::stderr)

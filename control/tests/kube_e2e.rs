@@ -237,9 +237,20 @@ fn kubernetes_end_to_end() {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let argv: Vec<String> =
         cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-    let _ = Command::new("kill").arg(&pid).status();
+    // SIGKILL, a crash: a SIGTERM'd kube-apiserver stops listening but keeps serving the watches
+    // it has (it drains them for up to a minute), so the watchers would not notice.
+    let _ = Command::new("kill").args(["-9", &pid]).status();
     std::thread::sleep(Duration::from_secs(2));
     assert!(!k.run(&["get", "ns", "shop"], None).0, "the API server is down");
+    let admin = |path: &str| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", &format!("http://127.0.0.1:9100{path}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(admin("/metrics").contains("fulcrum_kubernetes_connected 0"), "the outage is seen: {}", admin("/metrics"));
+    assert!(admin("/readyz").contains("Kubernetes API unreachable"), "{}", admin("/readyz"));
     for _ in 0..10 {
         assert!(curl("http://10.20.0.1/").is_some(), "traffic stopped with the API server:\n{}", log());
     }

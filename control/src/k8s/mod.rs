@@ -269,7 +269,7 @@ async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client
                 let stream = watcher(api, wc()).default_backoff().reflect(w);
                 futures::pin_mut!(stream);
                 while let Some(item) = stream.next().await {
-                    m.note(item.map(|_| ()).map_err(|e| format!("EndpointSlices: {e}")));
+                    m.note(item.map(|_| ()).map_err(|e| format!("EndpointSlice watch: {e}")));
                 }
             });
         }
@@ -315,7 +315,7 @@ where
         let stream = watcher(api, config).default_backoff().reflect(writer);
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
-            m.note(item.map(|_| ()).map_err(|e| format!("{kind}s: {e}")));
+            m.note(item.map(|_| ()).map_err(|e| format!("{kind} watch: {e}")));
         }
     });
 }
