@@ -363,5 +363,7 @@ fn lab_end_to_end() {
         assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
     }
     eprintln!("be3 back on the link -> back in the table after {:?}", t.elapsed());
+    // Kept when the test fails (certificates, manifests), removed when it passes.
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
