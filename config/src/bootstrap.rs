@@ -372,6 +372,11 @@ impl Serialize for MacAddr {
 }
 
 impl Bootstrap {
+    /// Whether `ip` lies in one of the VIP pools.
+    pub fn in_vip_pools(&self, ip: &std::net::IpAddr) -> bool {
+        self.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
+    }
+
     /// Reads and validates a bootstrap file.
     pub fn load(path: &Path) -> Result<Bootstrap, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::io(path, e))?;

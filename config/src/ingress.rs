@@ -284,7 +284,7 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
     let mut services = BTreeMap::new();
     for s in &objects.services {
         let m = &s.object.metadata;
-        services.insert(ObjectRef { namespace: ns(m), name: m.name.clone().unwrap_or_default() }, &s.object);
+        services.insert(ObjectRef::of(m), &s.object);
     }
     let mut state = L7State::default();
     // Precedence: oldest first, then namespace/name (manifests rarely carry creation times).
@@ -299,7 +299,7 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
     let mut tls_hosts: BTreeMap<HostMatch, (ObjectRef, bool)> = BTreeMap::new();
     for s in ings {
         let ing = &s.object;
-        let id = ObjectRef { namespace: ns(&ing.metadata), name: ing.metadata.name.clone().unwrap_or_default() };
+        let id = ObjectRef::of(&ing.metadata);
         let ctx = Ctx { source: &s.source, id: id.clone() };
         if id.name.is_empty() {
             return Err(ctx.err("metadata.name", "an Ingress needs a name"));

@@ -12,6 +12,16 @@ pub struct ObjectRef {
     pub name: String,
 }
 
+impl ObjectRef {
+    /// The object's `namespace/name`; the namespace defaults to `default`, as kubectl's does.
+    pub fn of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+        ObjectRef {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".to_string()),
+            name: meta.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

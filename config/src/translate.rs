@@ -85,10 +85,6 @@ fn describe_pools(pools: &[VipPool]) -> String {
     format!("VIP pools: {}", list.join("; "))
 }
 
-fn in_pools(boot: &Bootstrap, ip: &IpAddr) -> bool {
-    boot.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
-}
-
 /// Translates everything; the result is sorted by (vip, protocol, port). Strict: the first
 /// problem with any object is the error (files are fixed and re-read as a whole).
 pub fn translate(boot: &Bootstrap, objects: &Objects) -> Result<DesiredState, ConfigError> {
@@ -141,7 +137,7 @@ pub fn translate_each(boot: &Bootstrap, objects: &Objects) -> Translation {
             continue;
         }
         let meta = &s.object.metadata;
-        let id = ObjectRef { namespace: namespace(&meta.namespace), name: meta.name.clone().unwrap_or_default() };
+        let id = ObjectRef::of(meta);
         if !is_our_class(boot, spec) {
             t.other_class.push(id);
             continue;
@@ -234,20 +230,16 @@ fn ingresses_each(
             Ok(state) => return state,
             Err(error) => {
                 // The error names the Ingress as `Ingress namespace/name`; leave that one out.
-                let named = error.object.as_deref().and_then(|o| o.strip_prefix("Ingress ")).map(str::to_string);
-                let mut next = current.clone();
-                let before = next.ingresses.len();
-                if let Some(named) = &named {
-                    next.ingresses.retain(|i| {
-                        let m = &i.object.metadata;
-                        format!("{}/{}", namespace(&m.namespace), m.name.as_deref().unwrap_or("")) != *named
-                    });
-                }
-                let object = named
+                let object = error
+                    .object
                     .as_deref()
+                    .and_then(|o| o.strip_prefix("Ingress "))
                     .and_then(|n| n.split_once('/'))
                     .map(|(ns, name)| ObjectRef { namespace: ns.into(), name: name.into() })
                     .unwrap_or(ObjectRef { namespace: String::new(), name: String::new() });
+                let mut next = current.clone();
+                let before = next.ingresses.len();
+                next.ingresses.retain(|i| ObjectRef::of(&i.object.metadata) != object);
                 problems.push(Problem { kind: "Ingress", object, reason: REASON_INVALID, error });
                 if next.ingresses.len() == before {
                     // Not attributable to one Ingress: serve no routes rather than loop.
@@ -349,7 +341,7 @@ fn requested_vips(boot: &Bootstrap, lb: &Lb<'_>) -> Result<Vec<(IpAddr, String)>
         if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
             return Err(lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip))));
         }
-        if !in_pools(boot, &ip) {
+        if !boot.in_vip_pools(&ip) {
             return Err(lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools))));
         }
         vips.push((ip, field));
@@ -390,7 +382,7 @@ fn assign_vips(boot: &Bootstrap, lbs: &mut [Lb<'_>], problems: &mut Vec<Problem>
         for (k, ing) in ingress.into_iter().flatten().enumerate() {
             let Some(ip) = ing.ip.as_deref().and_then(|s| s.trim().parse::<IpAddr>().ok()) else { continue };
             let free = taken.get(&ip).is_none_or(|&j| shareable(&lbs[j], lb));
-            if free && in_pools(boot, &ip) && !vips.iter().any(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
+            if free && boot.in_vip_pools(&ip) && !vips.iter().any(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
                 vips.push((ip, format!("status.loadBalancer.ingress[{k}].ip")));
             }
         }

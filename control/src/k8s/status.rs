@@ -33,19 +33,9 @@ pub struct StatusWrite {
     pub ips: Vec<IpAddr>,
 }
 
-fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
-    ObjectRef {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
-    }
-}
 
 fn parse_ips<'a>(ips: impl Iterator<Item = Option<&'a String>>) -> Vec<Option<IpAddr>> {
     ips.map(|ip| ip.and_then(|s| s.parse().ok())).collect()
-}
-
-fn in_pools(boot: &Bootstrap, ip: &IpAddr) -> bool {
-    boot.vip_pools.iter().any(|p| p.cidrs.iter().any(|c| c.contains(ip)))
 }
 
 /// The status writes that make every object we serve show its addresses. A Service of ours that
@@ -56,13 +46,13 @@ pub fn status_writes(boot: &Bootstrap, objects: &Objects, t: &Translation) -> Ve
     let failed: BTreeSet<&ObjectRef> =
         t.problems.iter().filter(|p| p.kind == "Service").map(|p| &p.object).collect();
     for s in &objects.services {
-        let object = id(&s.object.metadata);
+        let object = ObjectRef::of(&s.object.metadata);
         let lb = s.object.status.as_ref().and_then(|st| st.load_balancer.as_ref());
         let current = parse_ips(lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().map(|i| i.ip.as_ref()));
         let want: Vec<IpAddr> = match t.addresses.get(&object) {
             Some(ips) => ips.clone(),
             None if failed.contains(&object) && !current.is_empty() => {
-                if !current.iter().all(|ip| ip.is_some_and(|ip| in_pools(boot, &ip))) {
+                if !current.iter().all(|ip| ip.is_some_and(|ip| boot.in_vip_pools(&ip))) {
                     continue; // not addresses of ours: leave them alone
                 }
                 Vec::new()
@@ -77,7 +67,7 @@ pub fn status_writes(boot: &Bootstrap, objects: &Objects, t: &Translation) -> Ve
         let ours: BTreeSet<&ObjectRef> = t.state.l7.ingresses.iter().collect();
         let want = vec![IpAddr::V4(l7.address)];
         for i in &objects.ingresses {
-            let object = id(&i.object.metadata);
+            let object = ObjectRef::of(&i.object.metadata);
             if !ours.contains(&object) {
                 continue;
             }
@@ -149,9 +139,9 @@ impl EventLog {
 /// A reference to the object (with its uid, so `kubectl describe` lists the Event).
 fn reference(objects: &Objects, kind: &str, object: &ObjectRef) -> Option<ObjectReference> {
     match kind {
-        "Service" => objects.services.iter().find(|s| id(&s.object.metadata) == *object).map(|s| s.object.object_ref(&())),
+        "Service" => objects.services.iter().find(|s| ObjectRef::of(&s.object.metadata) == *object).map(|s| s.object.object_ref(&())),
         "Ingress" => {
-            objects.ingresses.iter().find(|s| id(&s.object.metadata) == *object).map(|s| s.object.object_ref(&()))
+            objects.ingresses.iter().find(|s| ObjectRef::of(&s.object.metadata) == *object).map(|s| s.object.object_ref(&()))
         }
         _ => None,
     }
