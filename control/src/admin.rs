@@ -8,6 +8,7 @@
 
 use crate::k8s::Mirror;
 use fulcrum_dataplane::runtime::Shared;
+use fulcrum_dataplane::snapshot::ServiceEntry;
 use fulcrum_dataplane::stats::{CoreStats, DropReason};
 use hdrhistogram::Histogram;
 use std::fmt::Write as _;
@@ -51,6 +52,14 @@ impl ControlState {
             publish_latency_us: h(),
             build_us: h(),
         })
+    }
+
+    /// A snapshot was built (translate + compile) in `took`, leaving `problems` objects out.
+    pub fn record_build(&self, took: Duration, problems: usize) {
+        let us = took.as_micros() as u64;
+        self.last_build_us.store(us, Ordering::Relaxed);
+        self.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
+        self.objects_with_problems.store(problems as u64, Ordering::Relaxed);
     }
 
     pub fn tick(&self) {
@@ -211,6 +220,17 @@ impl Out {
     }
 }
 
+/// The labels naming a VIP port: its Service, port name, address, port and protocol.
+fn vip_labels(e: &ServiceEntry) -> Vec<(&'static str, String)> {
+    vec![
+        ("service", e.service.to_string()),
+        ("port_name", e.port_name.clone()),
+        ("vip", e.vip.to_string()),
+        ("port", e.port.to_string()),
+        ("protocol", if e.proto == 6 { "TCP" } else { "UDP" }.to_string()),
+    ]
+}
+
 /// Every counter, per core where the data plane keeps it per core.
 pub fn render_metrics(state: &ControlState) -> String {
     let mut o = Out(String::with_capacity(16 * 1024));
@@ -277,7 +297,6 @@ pub fn render_metrics(state: &ControlState) -> String {
 
     if let Some(s) = shared.as_ref() {
         let snap = s.snapshot.current();
-        let proto = |p: u8| if p == 6 { "TCP" } else { "UDP" }.to_string();
         for (name, help, bytes) in [
             ("fulcrum_vip_packets_total", "Packets to a VIP port (client to service).", false),
             ("fulcrum_vip_bytes_total", "Bytes to a VIP port (client to service).", true),
@@ -285,14 +304,7 @@ pub fn render_metrics(state: &ControlState) -> String {
             o.family(name, "counter", help);
             for e in &snap.services {
                 let c = total.per_vip.get(e.stat_id as usize).copied().unwrap_or_default();
-                let labels = [
-                    ("service", e.service.to_string()),
-                    ("port_name", e.port_name.clone()),
-                    ("vip", e.vip.to_string()),
-                    ("port", e.port.to_string()),
-                    ("protocol", proto(e.proto)),
-                ];
-                o.sample(name, &labels, if bytes { c.bytes } else { c.packets });
+                o.sample(name, &vip_labels(e), if bytes { c.bytes } else { c.packets });
             }
         }
         for (name, help, bytes) in [
@@ -303,14 +315,8 @@ pub fn render_metrics(state: &ControlState) -> String {
             for e in &snap.services {
                 for b in &snap.backends[e.backends.start as usize..e.backends.end as usize] {
                     let c = total.per_backend.get(b.stat_id as usize).copied().unwrap_or_default();
-                    let labels = [
-                        ("service", e.service.to_string()),
-                        ("port_name", e.port_name.clone()),
-                        ("vip", e.vip.to_string()),
-                        ("port", e.port.to_string()),
-                        ("protocol", proto(e.proto)),
-                        ("endpoint", SocketAddr::new(b.addr, b.port).to_string()),
-                    ];
+                    let mut labels = vip_labels(e);
+                    labels.push(("endpoint", SocketAddr::new(b.addr, b.port).to_string()));
                     o.sample(name, &labels, if bytes { c.bytes } else { c.packets });
                 }
             }

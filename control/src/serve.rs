@@ -150,6 +150,14 @@ impl Writeback {
     }
 }
 
+/// Hands `snap` to the workers; returns its generation and when, to time their switch.
+fn publish(shared: &Shared, control: &ControlState, snap: Snapshot) -> (u64, Instant) {
+    let g = snap.generation;
+    shared.snapshot.publish(Arc::new(snap));
+    control.snapshots_published.fetch_add(1, Ordering::Relaxed);
+    (g, Instant::now())
+}
+
 /// Runs the workers until SIGINT or SIGTERM (or `stop` is set). Returns the final counters.
 pub fn serve<P>(
     boot: &Bootstrap,
@@ -176,8 +184,7 @@ where
     }
     let t0 = Instant::now();
     let first = build(boot, read(&opts.input)?, strict, generation, &mut ids, &source, &[])?;
-    control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(t0.elapsed().as_micros() as u64);
-    control.objects_with_problems.store(first.translation.problems.len() as u64, Ordering::Relaxed);
+    control.record_build(t0.elapsed(), first.translation.problems.len());
     let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
     // Who claims the VIPs and writes status: the Lease's holder when two appliances run as a
     // pair, else this appliance alone.
@@ -259,10 +266,7 @@ where
             // status, so it rebuilds right after.
             leading = lead;
             generation += 1;
-            let s = shared.snapshot.current().with_vip_owner(lead, generation);
-            shared.snapshot.publish(Arc::new(s));
-            pending = Some((generation, Instant::now()));
-            control.snapshots_published.fetch_add(1, Ordering::Relaxed);
+            pending = Some(publish(&shared, &control, shared.snapshot.current().with_vip_owner(lead, generation)));
             eprintln!("fulcrum: {} the VIPs (snapshot {generation})", if lead { "claiming" } else { "releasing" });
             forced |= lead;
         }
@@ -287,10 +291,7 @@ where
             match built {
                 Ok(mut b) => {
                     b.snapshot.answers_vips = leading;
-                    let us = t0.elapsed().as_micros() as u64;
-                    control.last_build_us.store(us, Ordering::Relaxed);
-                    control.build_us.lock().unwrap_or_else(|e| e.into_inner()).saturating_record(us);
-                    control.objects_with_problems.store(b.translation.problems.len() as u64, Ordering::Relaxed);
+                    control.record_build(t0.elapsed(), b.translation.problems.len());
                     if let (Some(k), Some(wb), true) = (kube, writeback.as_mut(), leading) {
                         wb.write(boot, k, &b);
                     }
@@ -300,9 +301,7 @@ where
                         generation += 1;
                         let n = b.snapshot.services.len();
                         last_state = b.translation.state;
-                        shared.snapshot.publish(Arc::new(b.snapshot));
-                        pending = Some((generation, Instant::now()));
-                        control.snapshots_published.fetch_add(1, Ordering::Relaxed);
+                        pending = Some(publish(&shared, &control, b.snapshot));
                         eprintln!("fulcrum: {source} changed: serving {n} VIP ports (snapshot {generation})");
                     }
                 }
