@@ -114,6 +114,17 @@ fn objects(a: &ControlArgs) -> anyhow::Result<Objects> {
     Ok(o)
 }
 
+/// `n` workers on in-memory ports, unpinned.
+fn memory_workers(boot: &Bootstrap, n: usize) -> Vec<WorkerSpec<MemoryPort>> {
+    (0..n)
+        .map(|i| WorkerSpec {
+            config: WorkerConfig::from_bootstrap(boot, i as u16, n as u16),
+            cpu: None,
+            port: MemoryPort::new(),
+        })
+        .collect()
+}
+
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -187,13 +198,7 @@ fn build_and_publish(a: &ControlArgs) -> anyhow::Result<()> {
     );
 
     // Publish to running workers: from `publish` until every worker runs it.
-    let specs: Vec<WorkerSpec<MemoryPort>> = (0..a.workers)
-        .map(|i| WorkerSpec {
-            config: WorkerConfig::from_bootstrap(&boot, i as u16, a.workers as u16),
-            cpu: None,
-            port: MemoryPort::new(),
-        })
-        .collect();
+    let specs = memory_workers(&boot, a.workers);
     let shared = Shared::new(Arc::new(snap), a.workers);
     let handles = runtime::spawn(specs, shared.clone(), Idle::BusyPoll)?;
     let t = Instant::now();
@@ -296,13 +301,7 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
     boot.workers.idle_backoff = true;
     let kube = fulcrum_control::k8s::Kube::connect(Some(kubeconfig))?;
     let control = fulcrum_control::admin::ControlState::new(Some(kube.mirror.clone()));
-    let specs: Vec<WorkerSpec<MemoryPort>> = (0..a.workers)
-        .map(|i| WorkerSpec {
-            config: WorkerConfig::from_bootstrap(&boot, i as u16, a.workers as u16),
-            cpu: None,
-            port: MemoryPort::new(),
-        })
-        .collect();
+    let specs = memory_workers(&boot, a.workers);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let opts = fulcrum_control::serve::ServeOptions {
         input: fulcrum_control::serve::Input::Kubernetes(kube),
