@@ -12,6 +12,11 @@ mod pktgen;
 mod report;
 mod router;
 
+// The same allocator as the appliance (see control/src/main.rs), so that control-plane figures
+// are the appliance's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(name = "fulcrum-bench", version, about = "Fulcrum benchmarks: one JSON line per result")]
 struct Cli {
