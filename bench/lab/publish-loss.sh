@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Packets lost while snapshots are published: `fulcrum-bench pktgen` in the client namespace
+# sends UDP at a constant rate to the lab's UDP VIP (10.20.0.11:5353, echoed by the three
+# backends) through `fulcrum run` on the appliance's veth, twice for the same time: once with the
+# manifests left alone, once while another Service's endpoints are rewritten every CHANGE_MS
+# milliseconds (each rewrite is a full recompile and publish; Fulcrum checks the manifests every
+# 50 ms). Counts the publishes from /metrics. Prints one JSON line. Needs root; tears the lab
+# down on exit.
+#
+#   bash bench/lab/publish-loss.sh [SECONDS] [RATE] [CHANGE_MS]
+#   (FULCRUM / FULCRUM_BENCH = paths to the binaries; default: target/release)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+FULCRUM="${FULCRUM:-$ROOT/target/release/fulcrum}"
+BENCH="${FULCRUM_BENCH:-$ROOT/target/release/fulcrum-bench}"
+SECS="${1:-20}"
+RATE="${2:-20000}"
+CHANGE_MS="${3:-200}"
+LAB="$ROOT/vagrant/lab.sh"
+TMP="$(mktemp -d)"
+APPLIANCE=""
+cleanup() {
+    [ -n "$APPLIANCE" ] && kill "$APPLIANCE" 2>/dev/null && wait "$APPLIANCE" 2>/dev/null || true
+    bash "$LAB" down >/dev/null 2>&1 || true
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+for b in "$FULCRUM" "$BENCH"; do
+    [ -x "$b" ] || { echo "build first: cargo build --release -p fulcrum -p fulcrum-bench" >&2; exit 1; }
+done
+bash "$LAB" down >/dev/null 2>&1 || true
+bash "$LAB" up >/dev/null
+
+# Another Service whose only endpoint moves on every change (its table, its VIP entry and the
+# whole snapshot are rebuilt; the probed Service's flows must not notice).
+churn() {
+    cat >"$TMP/manifests/churn.yaml.new" <<EOF
+apiVersion: v1
+kind: Service
+metadata: {name: churn, namespace: lab}
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 10.20.0.99
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: churn-v4, namespace: lab, labels: {kubernetes.io/service-name: churn}}
+addressType: IPv4
+endpoints: [{addresses: ["10.10.1.$1"], conditions: {ready: true}}]
+ports: [{name: http, protocol: TCP, port: 8080}]
+EOF
+    mv "$TMP/manifests/churn.yaml.new" "$TMP/manifests/churn.yaml"
+}
+mkdir "$TMP/manifests"
+cp "$ROOT/config/examples/bootstrap.yaml" "$TMP/"
+cp "$ROOT/config/examples/lab/manifests.yaml" "$TMP/manifests/lab.yaml"
+churn 1
+ip netns exec fl-lb "$FULCRUM" run --config "$TMP/bootstrap.yaml" --manifests "$TMP/manifests" \
+    --device net_af_packet0,iface=veth-lb --watch-every 0.05 >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
+APPLIANCE=$!
+for _ in $(seq 1 40); do
+    ip netns exec fl-client ping -c1 -W1 10.20.0.11 >/dev/null 2>&1 && break
+    sleep 0.25
+done
+published() {
+    ip netns exec fl-lb curl -s http://127.0.0.1:9100/metrics | awk '$1 == "fulcrum_snapshots_published_total" {print $2}'
+}
+trial() {
+    ip netns exec fl-client "$BENCH" pktgen --port net_af_packet0,iface=veth-client --rate "$RATE" \
+        --seconds "$SECS" --flows 256 --dst-ip 10.20.0.11 --dst-port 5353 --drain-ms 500 2>"$TMP/pktgen.err" |
+        grep '"bench":"pktgen"' | tail -1
+}
+
+QUIET_BEFORE="$(published)"
+QUIET="$(trial)"
+QUIET_AFTER="$(published)"
+
+( i=2; while :; do churn $((i % 200 + 1)); i=$((i + 1)); sleep "$(awk "BEGIN {print $CHANGE_MS / 1000}")"; done ) &
+CHURNER=$!
+CHURN_BEFORE="$(published)"
+CHURN="$(trial)"
+CHURN_AFTER="$(published)"
+kill "$CHURNER"; wait "$CHURNER" 2>/dev/null || true
+kill -0 "$APPLIANCE" || { echo "fulcrum exited:"; cat "$TMP/fulcrum.err"; exit 1; } >&2
+
+python3 - "$SECS" "$RATE" "$CHANGE_MS" "$QUIET" "$CHURN" $((QUIET_AFTER - QUIET_BEFORE)) $((CHURN_AFTER - CHURN_BEFORE)) <<'PY'
+import json, sys
+secs, rate, change_ms = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+quiet, churn = json.loads(sys.argv[4]), json.loads(sys.argv[5])
+def summary(d, publishes):
+    lat = d["latency_ns"]
+    us = lambda v: None if v is None else v / 1e3
+    return {"sent": d["sent"], "received": d["received"], "lost": d["lost"], "tx_rejected": d["tx_rejected"],
+            "generator_limited": d["generator_limited"], "publishes": publishes,
+            "rtt_p50_us": us(lat["p50"]), "rtt_p99_us": us(lat["p99"]), "rtt_max_us": us(lat["max"])}
+load = open("/proc/loadavg").read().split()[0]
+print(json.dumps({"bench": "publish-loss", "seconds": secs, "rate_pps": rate, "change_every_ms": change_ms,
+                  "io": "af_packet", "without_changes": summary(quiet, int(sys.argv[6])),
+                  "with_changes": summary(churn, int(sys.argv[7])), "loadavg": float(load)}))
+PY
