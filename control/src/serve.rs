@@ -124,20 +124,12 @@ fn describe(input: &Input) -> String {
 struct Writeback {
     events: EventLog,
     recorder: kube::runtime::events::Recorder,
+    statuses: status::StatusWriter,
 }
 
 impl Writeback {
     fn write(&mut self, boot: &Bootstrap, kube: &Kube, built: &Built) {
-        for w in status::status_writes(boot, &built.objects, &built.translation) {
-            let client = kube.client.clone();
-            kube.spawn(async move {
-                let what = format!("{:?} {}", w.kind, w.object);
-                match status::write_status(client, w).await {
-                    Ok(()) => tracing::info!("status written: {what}"),
-                    Err(e) => eprintln!("fulcrum: cannot write the status of {what}: {e}"),
-                }
-            });
-        }
+        self.statuses.send(status::status_writes(boot, &built.objects, &built.translation));
         for w in self.events.new_warnings(&built.objects, &built.translation.problems) {
             eprintln!("fulcrum: {}: {}", w.reason, w.note);
             let recorder = self.recorder.clone();
@@ -185,7 +177,11 @@ where
     let t0 = Instant::now();
     let first = build(boot, read(&opts.input)?, strict, generation, &mut ids, &source, &[])?;
     control.record_build(t0.elapsed(), first.translation.problems.len());
-    let mut writeback = kube.map(|k| Writeback { events: EventLog::default(), recorder: status::recorder(k.client.clone()) });
+    let mut writeback = kube.map(|k| Writeback {
+        events: EventLog::default(),
+        recorder: status::recorder(k.client.clone()),
+        statuses: status::StatusWriter::start(k),
+    });
     // Who claims the VIPs and writes status: the Lease's holder when two appliances run as a
     // pair, else this appliance alone.
     let mut election_end = None;

@@ -34,6 +34,79 @@ pub struct StatusWrite {
 }
 
 
+/// Status requests in flight at once.
+pub const STATUS_CONCURRENCY: usize = 16;
+
+/// Writes statuses in the background, at most STATUS_CONCURRENCY requests at a time and one per
+/// object, the latest wanted addresses winning. (Spawning a request per write per build sent
+/// 10,000 at once for 10,000 new Services, again at every rebuild until they landed: the client
+/// ran out of connections and the watches fell behind.) A failed write is not retried here:
+/// the object still differs at the next build, which sends it again.
+pub struct StatusWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<StatusWrite>>,
+}
+
+impl StatusWriter {
+    /// Starts the writer on `kube`'s runtime.
+    pub fn start(kube: &crate::k8s::Kube) -> StatusWriter {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        kube.spawn(write_loop(kube.client.clone(), rx));
+        StatusWriter { tx }
+    }
+
+    /// Queues the writes of one build (replacing queued writes of the same objects).
+    pub fn send(&self, writes: Vec<StatusWrite>) {
+        if !writes.is_empty() {
+            let _ = self.tx.send(writes);
+        }
+    }
+}
+
+async fn write_loop(client: Client, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<StatusWrite>>) {
+    use futures::StreamExt;
+    type Key = (Kind, ObjectRef);
+    let mut queued: std::collections::BTreeMap<Key, StatusWrite> = Default::default();
+    let mut in_flight: std::collections::BTreeMap<Key, Vec<IpAddr>> = Default::default();
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    while open || !running.is_empty() {
+        // Start what may start: not past the limit, not an object already being written.
+        while running.len() < STATUS_CONCURRENCY {
+            let Some(key) = queued.keys().find(|k| !in_flight.contains_key(*k)).cloned() else { break };
+            let w = queued.remove(&key).expect("found above");
+            in_flight.insert(key.clone(), w.ips.clone());
+            let client = client.clone();
+            running.push(async move {
+                let what = format!("{:?} {}", w.kind, w.object);
+                match write_status(client, w).await {
+                    Ok(()) => tracing::info!("status written: {what}"),
+                    Err(e) => eprintln!("fulcrum: cannot write the status of {what}: {e}"),
+                }
+                key
+            });
+        }
+        tokio::select! {
+            batch = rx.recv(), if open => match batch {
+                Some(writes) => {
+                    for w in writes {
+                        let key = (w.kind, w.object.clone());
+                        // Being written already, with these addresses: nothing to add.
+                        if in_flight.get(&key) == Some(&w.ips) {
+                            queued.remove(&key);
+                            continue;
+                        }
+                        queued.insert(key, w);
+                    }
+                }
+                None => open = false,
+            },
+            Some(key) = running.next(), if !running.is_empty() => {
+                in_flight.remove(&key);
+            }
+        }
+    }
+}
+
 fn parse_ips<'a>(ips: impl Iterator<Item = Option<&'a String>>) -> Vec<Option<IpAddr>> {
     ips.map(|ip| ip.and_then(|s| s.parse().ok())).collect()
 }
