@@ -53,6 +53,15 @@ pub struct ControlArgs {
     /// Changes timed in the latency run.
     #[arg(long, default_value_t = 100)]
     pub changes: usize,
+    /// Other LoadBalancer Services (each with an EndpointSlice of --endpoints) created at the API
+    /// server before the latency run, so that every change is a rebuild of that many; deleted
+    /// after.
+    #[arg(long, default_value_t = 0)]
+    pub api_services: usize,
+    /// Seconds to wait after the first full snapshot before timing changes (the statuses of new
+    /// Services are written meanwhile; each write is a watch event and a rebuild).
+    #[arg(long, default_value_t = 0.0)]
+    pub api_settle: f64,
 }
 
 fn bootstrap(maglev: u32) -> anyhow::Result<Bootstrap> {
@@ -252,6 +261,59 @@ fn endpoints(addr: &str) -> serde_json::Value {
     json!([{"addresses": [addr], "conditions": {"ready": true}}])
 }
 
+/// Requests in flight while creating or deleting the background Services.
+const CONCURRENT_REQUESTS: usize = 32;
+
+/// Creates Services `bg-0`.. with an EndpointSlice each (`e` endpoints), as many requests in
+/// flight as CONCURRENT_REQUESTS; those already there are left as they are.
+async fn background_services(
+    client: &kube::Client,
+    slices: &kube::Api<kube::api::DynamicObject>,
+    apiv: &str,
+    n: usize,
+    e: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    use kube::api::{Api, PostParams};
+    let svc: Api<Service> = Api::namespaced(client.clone(), NS);
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let (svc, slices) = (svc.clone(), slices.clone());
+            async move {
+                let name = format!("bg-{i}");
+                let service: Service = serde_json::from_value(json!({"metadata": {"name": name},
+                    "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))?;
+                let eps: Vec<serde_json::Value> = (0..e)
+                    .map(|k| {
+                        let m = i * e + k;
+                        json!({"addresses": [format!("10.{}.{}.{}", 64 + (m >> 16) % 64, (m >> 8) & 255, m & 255)],
+                               "conditions": {"ready": true}})
+                    })
+                    .collect();
+                let slice: kube::api::DynamicObject = serde_json::from_value(json!({
+                    "apiVersion": format!("discovery.k8s.io/{apiv}"), "kind": "EndpointSlice",
+                    "metadata": {"name": format!("{name}-a"), "labels": {"kubernetes.io/service-name": name}},
+                    "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                    "endpoints": eps
+                }))?;
+                for r in [svc.create(&PostParams::default(), &service).await.map(|_| ()),
+                          slices.create(&PostParams::default(), &slice).await.map(|_| ())] {
+                    match r {
+                        Ok(()) => {}
+                        Err(kube::Error::Api(s)) if s.code == 409 => {} // there from an earlier run
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(CONCURRENT_REQUESTS)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
 fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
     use k8s_openapi::api::core::v1::{Namespace, Service};
     use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -292,6 +354,11 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
         let _ = slices.create(&PostParams::default(), &slice).await;
         anyhow::Ok(())
     })?;
+    let t = Instant::now();
+    rt.block_on(background_services(&client, &slices, &apiv, a.api_services, a.endpoints))?;
+    if a.api_services > 0 {
+        eprintln!("created {} Services and EndpointSlices in {:.1} s", a.api_services, t.elapsed().as_secs_f64());
+    }
 
     // The appliance's control loop on in-memory workers, fed by the API server.
     let mut boot = bootstrap(a.maglev_size)?;
@@ -323,10 +390,12 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
         found && shared.running_generation.iter().all(|g| g.load(Ordering::Acquire) >= snap.generation)
     };
     let t = Instant::now();
-    while !has("10.1.0.1".parse()?) {
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(30), "the first snapshot never had the bench Service");
+    let complete = || control.shared().is_some_and(|sh| sh.snapshot.current().services.len() > a.api_services);
+    while !has("10.1.0.1".parse()?) || !complete() {
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(300), "the first snapshot never had the bench Services");
         std::thread::sleep(Duration::from_millis(5));
     }
+    std::thread::sleep(Duration::from_secs_f64(a.api_settle));
     let mut h = Histogram::<u64>::new(3)?;
     for i in 2..a.changes + 2 {
         let addr = format!("10.1.{}.{}", i / 250, i % 250 + 1);
@@ -345,15 +414,27 @@ fn api_latency(a: &ControlArgs, kubeconfig: &Path) -> anyhow::Result<()> {
     // The Service and slice go; the namespace stays (deleting one needs the namespace
     // controller, which a bare API server like ../shared/k8s does not run).
     rt.block_on(async {
+        use futures::StreamExt;
         let svc: Api<Service> = Api::namespaced(client.clone(), NS);
         let _ = svc.delete("web", &DeleteParams::default()).await;
         let _ = slices.delete("web-a", &DeleteParams::default()).await;
+        let names: Vec<String> = (0..a.api_services).map(|i| format!("bg-{i}")).collect();
+        futures::stream::iter(names.iter())
+            .for_each_concurrent(CONCURRENT_REQUESTS, |n| {
+                let (svc, slices) = (svc.clone(), slices.clone());
+                async move {
+                    let _ = svc.delete(n, &DeleteParams::default()).await;
+                    let _ = slices.delete(&format!("{n}-a"), &DeleteParams::default()).await;
+                }
+            })
+            .await;
     });
     served?;
     println!(
         "{}",
         json!({"bench": "control", "what": "api_to_worker", "changes": h.len(),
-               "endpointslice_version": apiv,
+               "endpointslice_version": apiv, "other_services": a.api_services, "settle_s": a.api_settle,
+               "endpoints_per_other_service": if a.api_services > 0 { a.endpoints } else { 0 },
                "p50_ms": h.value_at_quantile(0.5) as f64 / 1e3,
                "p99_ms": h.value_at_quantile(0.99) as f64 / 1e3,
                "max_ms": h.max() as f64 / 1e3,
