@@ -17,7 +17,7 @@
 //! with neither service nor resource) is an error naming the file, document, object and field.
 
 use crate::error::ConfigError;
-use crate::manifests::{Objects, Source};
+use crate::manifests::{Objects, Source, Sourced};
 use crate::model::ObjectRef;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -424,13 +424,7 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
         })
         .collect();
     // Slices by Service, once: looking them up per backend keeps this linear in objects.
-    let mut slices: HashMap<ObjectRef, Vec<&EndpointSlice>> = HashMap::new();
-    for s in &objects.endpoint_slices {
-        let m = &s.object.metadata;
-        if let Some(svc) = m.labels.as_ref().and_then(|l| l.get(crate::translate::LABEL_SERVICE_NAME)) {
-            slices.entry(ObjectRef { namespace: ns(m), name: svc.clone() }).or_default().push(&s.object);
-        }
-    }
+    let slices = crate::translate::slices_by_service(objects);
     for h in &mut state.hosts {
         for p in &mut h.paths {
             resolve_endpoints(&slices, &services, &mut p.backend);
@@ -467,7 +461,7 @@ fn tls_secret(objects: &Objects, id: &ObjectRef) -> Result<(Vec<u8>, Vec<u8>), S
 
 /// Fills a backend's endpoints: the Service port's name selects the EndpointSlice port (TCP).
 fn resolve_endpoints(
-    slices: &HashMap<ObjectRef, Vec<&EndpointSlice>>,
+    slices: &HashMap<ObjectRef, Vec<&Sourced<EndpointSlice>>>,
     services: &HashMap<ObjectRef, &Service>,
     b: &mut L7Backend,
 ) {
@@ -483,7 +477,7 @@ fn resolve_endpoints(
     let name = sp.name.as_deref().unwrap_or("");
     let mut ready = Vec::new();
     let mut serving = Vec::new();
-    for s in slices.get(&b.service).into_iter().flatten() {
+    for s in slices.get(&b.service).into_iter().flatten().map(|s| &s.object) {
         if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
             continue;
         }
