@@ -368,29 +368,28 @@ impl CounterIds {
         };
         &mut ports[i]
     }
-    fn service(&mut self, s: &VipService, proto: u8) -> u16 {
+    /// A Service port's counter ids, with one lookup of the port: its endpoints' in order (into
+    /// `backends`), then its VIP entry's (returned).
+    fn ids(&mut self, s: &VipService, proto: u8, backends: &mut Vec<u32>) -> u16 {
+        let mut next_backend = self.backends;
         // Past 65535 distinct VIP ports, the last slot is shared (counters only blur).
-        let next = self.services.min(u16::MAX as usize) as u16;
+        let next_service = self.services.min(u16::MAX as usize) as u16;
         let ids = self.port(s);
-        if let Some(v) = ids.vips.iter().find(|v| (v.0, v.1, v.2) == (s.vip, s.port, proto)) {
-            return v.3;
-        }
-        ids.vips.push((s.vip, s.port, proto, next));
-        self.services += 1;
-        next
-    }
-    /// Backend ids of a Service port's endpoints, in order.
-    fn backends(&mut self, s: &VipService, out: &mut Vec<u32>) {
-        let mut next = self.backends;
-        let ids = self.port(s);
-        out.clear();
+        backends.clear();
         for e in &s.endpoints {
-            out.push(*ids.backends.entry((e.addr, e.port)).or_insert_with(|| {
-                next += 1;
-                next - 1
+            backends.push(*ids.backends.entry((e.addr, e.port)).or_insert_with(|| {
+                next_backend += 1;
+                next_backend - 1
             }));
         }
-        self.backends = next;
+        let known = ids.vips.iter().find(|v| (v.0, v.1, v.2) == (s.vip, s.port, proto)).map(|v| v.3);
+        let service = known.unwrap_or_else(|| {
+            ids.vips.push((s.vip, s.port, proto, next_service));
+            next_service
+        });
+        self.backends = next_backend;
+        self.services += known.is_none() as usize;
+        service
     }
 }
 
@@ -423,7 +422,8 @@ fn entries(state: &DesiredState, live: &[usize], ids: &mut CounterIds) -> Entrie
     for (si, s) in state.services.iter().enumerate() {
         let start = e.backends.len() as u32;
         let ready = s.endpoints.iter().any(|e| e.state == EndpointState::Ready);
-        ids.backends(s, &mut backend_ids);
+        let proto = s.protocol.ip_number();
+        let service_id = ids.ids(s, proto, &mut backend_ids);
         for (ep, &stat_id) in s.endpoints.iter().zip(&backend_ids) {
             e.backends.push(BackendEntry {
                 stat_id,
@@ -435,11 +435,10 @@ fn entries(state: &DesiredState, live: &[usize], ids: &mut CounterIds) -> Entrie
                 maglev_slots: 0,
             });
         }
-        let proto = s.protocol.ip_number();
         e.vip_entries.push((ip_u128(s.vip), ((proto as u32) << 16) | s.port as u32, si as u16));
         e.vip_entries.push((ip_u128(s.vip), 0, ANY_PORT));
         e.services.push(ServiceEntry {
-            stat_id: ids.service(s, proto),
+            stat_id: service_id,
             service: s.service.clone(),
             port_name: s.port_name.clone(),
             vip: s.vip,
