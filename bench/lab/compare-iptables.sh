@@ -6,22 +6,11 @@
 #
 #   bash bench/lab/compare-iptables.sh [SECONDS]      (FULCRUM=path/to/fulcrum to pick a binary)
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-FULCRUM="${FULCRUM:-$ROOT/target/release/fulcrum}"
+. "$(dirname "$0")/common.sh"
 SECS="${1:-10}"
-LAB="$ROOT/vagrant/lab.sh"
-TMP="$(mktemp -d)"
-APPLIANCE=""
-cleanup() {
-    [ -n "$APPLIANCE" ] && kill "$APPLIANCE" 2>/dev/null && wait "$APPLIANCE" 2>/dev/null || true
-    bash "$LAB" down >/dev/null 2>&1 || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
 [ -x "$FULCRUM" ] || { echo "build first: cargo build --release -p fulcrum" >&2; exit 1; }
 command -v iptables >/dev/null || apt-get install -y -q iptables >/dev/null
-bash "$LAB" down >/dev/null 2>&1 || true
-bash "$LAB" up >/dev/null
+lab_up
 
 client() { ip netns exec fl-client "$FULCRUM" lab-client --http 10.20.0.10:80 --udp 10.20.0.11:5353 --seconds "$SECS" | tail -1; }
 wait_ping() {

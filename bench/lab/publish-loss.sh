@@ -10,26 +10,15 @@
 #   bash bench/lab/publish-loss.sh [SECONDS] [RATE] [CHANGE_MS]
 #   (FULCRUM / FULCRUM_BENCH = paths to the binaries; default: target/release)
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
-FULCRUM="${FULCRUM:-$ROOT/target/release/fulcrum}"
+. "$(dirname "$0")/common.sh"
 BENCH="${FULCRUM_BENCH:-$ROOT/target/release/fulcrum-bench}"
 SECS="${1:-20}"
 RATE="${2:-20000}"
 CHANGE_MS="${3:-200}"
-LAB="$ROOT/vagrant/lab.sh"
-TMP="$(mktemp -d)"
-APPLIANCE=""
-cleanup() {
-    [ -n "$APPLIANCE" ] && kill "$APPLIANCE" 2>/dev/null && wait "$APPLIANCE" 2>/dev/null || true
-    bash "$LAB" down >/dev/null 2>&1 || true
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
 for b in "$FULCRUM" "$BENCH"; do
     [ -x "$b" ] || { echo "build first: cargo build --release -p fulcrum -p fulcrum-bench" >&2; exit 1; }
 done
-bash "$LAB" down >/dev/null 2>&1 || true
-bash "$LAB" up >/dev/null
+lab_up
 
 # Another Service whose only endpoint moves on every change (its table, its VIP entry and the
 # whole snapshot are rebuilt; the probed Service's flows must not notice).
