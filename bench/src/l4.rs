@@ -81,7 +81,7 @@ pub(crate) const VIP: [u8; 4] = [10, 20, 0, 10];
 
 pub fn run(a: &L4Args) -> anyhow::Result<()> {
     if a.workers <= 1 || a.io != IoArg::Memory {
-        let v = measure(a, a.core)?;
+        let v = measure(a, a.core, None)?;
         if !v.is_null() {
             report::print(v);
         }
@@ -91,8 +91,11 @@ pub fn run(a: &L4Args) -> anyhow::Result<()> {
 }
 
 /// `--workers N`: N pinned workers at once (cores 0..N), each with its own tables and traffic,
-/// as the appliance runs them. One JSON line: per-worker and total Mpps, and the scaling
-/// efficiency against N times the single-worker figure measured first in the same run.
+/// as the appliance runs them. All N start their timed established phase together (a barrier
+/// after the SYN phases), so the figures are of N cores loading memory at the same time. One
+/// JSON line: per-worker, median and total Mpps, and the scaling efficiency against N times the
+/// single-worker figure measured first in the same run (both the total's and the median's:
+/// on a shared host single cores vary by tens of percent, and the median shows the trend).
 fn scaling(a: &L4Args) -> anyhow::Result<()> {
     let ncores = core_affinity::get_core_ids().map(|c| c.len()).unwrap_or(1);
     let mut curve = Vec::new();
@@ -102,8 +105,10 @@ fn scaling(a: &L4Args) -> anyhow::Result<()> {
             eprintln!("fulcrum-bench: {n} workers > {ncores} cores; stopping the curve there");
             break;
         }
+        let start = std::sync::Barrier::new(n);
+        let start = &start;
         let results: Vec<anyhow::Result<serde_json::Value>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..n).map(|i| s.spawn(move || measure(a, Some(i)))).collect();
+            let hs: Vec<_> = (0..n).map(|i| s.spawn(move || measure(a, Some(i), Some(start)))).collect();
             hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))).collect()
         });
         let mut per = Vec::new();
@@ -112,8 +117,15 @@ fn scaling(a: &L4Args) -> anyhow::Result<()> {
         }
         let total: f64 = per.iter().sum();
         let base = *single.get_or_insert(total);
+        let mut sorted = per.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = sorted[sorted.len() / 2];
         curve.push(serde_json::json!({"workers": n, "mpps_total": total, "mpps_per_worker": per,
-                                      "efficiency": total / (base * n as f64)}));
+                                      "mpps_worker_median": median,
+                                      "mpps_worker_min": sorted[0],
+                                      "mpps_worker_max": sorted[sorted.len() - 1],
+                                      "efficiency": total / (base * n as f64),
+                                      "efficiency_median": median / base}));
     }
     report::print(serde_json::json!({
         "bench": "l4-scaling",
@@ -126,43 +138,21 @@ fn scaling(a: &L4Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One worker on `core`: the SYN phase then the established phase; the result as JSON
-/// (Null when the DPDK path printed its own line).
-fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value> {
+/// One worker on `core`: the SYN phase then the established phase (after `start`, when given,
+/// lets every worker of a scaling point through); the result as JSON (Null when the DPDK path
+/// printed its own line).
+fn measure(a: &L4Args, core: Option<usize>, start: Option<&std::sync::Barrier>) -> anyhow::Result<serde_json::Value> {
     let core = crate::pin(core);
-    let mut boot = Bootstrap::parse(Path::new("<bench>"), BOOTSTRAP)?;
-    // Room for every flow with a quarter to spare, as an operator would size it.
-    boot.conntrack.capacity = a.flows + a.flows / 4;
-    let mode = match a.mode {
-        ModeArg::Fullnat => ForwardingMode::FullNat,
-        ModeArg::DsrIpip => ForwardingMode::DsrIpip,
+    let (mut w, mut gen) = match worker(a) {
+        Ok(wg) => wg,
+        Err(e) => {
+            // The other workers of this point wait at the barrier: let them through, then fail.
+            if let Some(b) = start {
+                b.wait();
+            }
+            return Err(e);
+        }
     };
-    let state = DesiredState {
-        services: vec![VipService {
-            service: ObjectRef { namespace: "bench".into(), name: "web".into() },
-            port_name: "http".into(),
-            vip: IpAddr::V4(Ipv4Addr::from(VIP)),
-            port: 80,
-            protocol: Protocol::Tcp,
-            mode,
-            affinity: None,
-            health: None,
-            endpoints: (0..a.backends)
-                .map(|i| Endpoint {
-                    addr: IpAddr::V4(Ipv4Addr::new(10, 30, (i >> 8) as u8, i as u8)),
-                    port: 8080,
-                    state: EndpointState::Ready,
-                    weight: 1,
-                    target: None,
-                })
-                .collect(),
-        }],
-        ..Default::default()
-    };
-    let snap = Arc::new(Snapshot::compile(&boot, &state, 1)?);
-    let cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
-    let mut w = Worker::new(cfg, snap)?;
-    let mut gen = Generator::new(a.flows);
     if a.io == IoArg::DpdkNull {
         crate::l4_dpdk::run(a, core, w, gen)?;
         return Ok(serde_json::Value::Null);
@@ -173,6 +163,9 @@ fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value>
     let t_new = drive(&mut w, &mut gen, &mut pool, a.flows as u64, |g, b, i| g.syn(b, i as u32));
     let new_flows_per_s = a.flows as f64 / t_new.worker_s;
     let syn_drops = w.stats.total_drops();
+    if let Some(b) = start {
+        b.wait();
+    }
 
     // Phase 2: established traffic, random flows, for the requested time.
     let mut rng = 0x1234_5678_9abc_def1u64;
@@ -230,6 +223,42 @@ fn measure(a: &L4Args, core: Option<usize>) -> anyhow::Result<serde_json::Value>
         anyhow::bail!("the worker dropped packets: {drops:?}");
     }
     Ok(v)
+}
+
+/// The bench's worker: one VIP, `--backends` endpoints, conntrack sized for `--flows`.
+fn worker(a: &L4Args) -> anyhow::Result<(Worker, Generator)> {
+    let mut boot = Bootstrap::parse(Path::new("<bench>"), BOOTSTRAP)?;
+    // Room for every flow with a quarter to spare, as an operator would size it.
+    boot.conntrack.capacity = a.flows + a.flows / 4;
+    let mode = match a.mode {
+        ModeArg::Fullnat => ForwardingMode::FullNat,
+        ModeArg::DsrIpip => ForwardingMode::DsrIpip,
+    };
+    let state = DesiredState {
+        services: vec![VipService {
+            service: ObjectRef { namespace: "bench".into(), name: "web".into() },
+            port_name: "http".into(),
+            vip: IpAddr::V4(Ipv4Addr::from(VIP)),
+            port: 80,
+            protocol: Protocol::Tcp,
+            mode,
+            affinity: None,
+            health: None,
+            endpoints: (0..a.backends)
+                .map(|i| Endpoint {
+                    addr: IpAddr::V4(Ipv4Addr::new(10, 30, (i >> 8) as u8, i as u8)),
+                    port: 8080,
+                    state: EndpointState::Ready,
+                    weight: 1,
+                    target: None,
+                })
+                .collect(),
+        }],
+        ..Default::default()
+    };
+    let snap = Arc::new(Snapshot::compile(&boot, &state, 1)?);
+    let cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
+    Ok((Worker::new(cfg, snap)?, Generator::new(a.flows)))
 }
 
 #[derive(Default)]
