@@ -82,11 +82,14 @@ fn objects(a: &ControlArgs) -> anyhow::Result<Objects> {
     let mut o = Objects::default();
     for i in 0..a.services {
         let name = format!("svc-{i}");
-        o.services.push(at(&source, serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": "bench"},
-            "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
-        }))?));
+        o.services.push(at(
+            &source,
+            serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "bench"},
+                "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}
+            }))?,
+        ));
         let endpoints: Vec<serde_json::Value> = (0..a.endpoints)
             .map(|e| {
                 let n = i * a.endpoints + e;
@@ -94,14 +97,17 @@ fn objects(a: &ControlArgs) -> anyhow::Result<Objects> {
                        "conditions": {"ready": true}})
             })
             .collect();
-        o.endpoint_slices.push(at(&source, serde_json::from_value(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": format!("{name}-a"), "namespace": "bench",
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-            "endpoints": endpoints
-        }))?));
+        o.endpoint_slices.push(at(
+            &source,
+            serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{name}-a"), "namespace": "bench",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": endpoints
+            }))?,
+        ));
     }
     for ing in 0..a.ingress_rules.div_ceil(10) {
         let rules: Vec<serde_json::Value> = (0..10)
@@ -114,11 +120,14 @@ fn objects(a: &ControlArgs) -> anyhow::Result<Objects> {
                 }]}})
             })
             .collect();
-        o.ingresses.push(at(&source, serde_json::from_value(json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
-            "metadata": {"name": format!("ing-{ing}"), "namespace": "bench"},
-            "spec": {"ingressClassName": "fulcrum", "rules": rules}
-        }))?));
+        o.ingresses.push(at(
+            &source,
+            serde_json::from_value(json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                "metadata": {"name": format!("ing-{ing}"), "namespace": "bench"},
+                "spec": {"ingressClassName": "fulcrum", "rules": rules}
+            }))?,
+        ));
     }
     Ok(o)
 }
@@ -297,8 +306,10 @@ async fn background_services(
                     "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                     "endpoints": eps
                 }))?;
-                for r in [svc.create(&PostParams::default(), &service).await.map(|_| ()),
-                          slices.create(&PostParams::default(), &slice).await.map(|_| ())] {
+                for r in [
+                    svc.create(&PostParams::default(), &service).await.map(|_| ()),
+                    slices.create(&PostParams::default(), &slice).await.map(|_| ()),
+                ] {
                     match r {
                         Ok(()) => {}
                         Err(kube::Error::Api(s)) if s.code == 409 => {} // there from an earlier run
