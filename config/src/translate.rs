@@ -619,7 +619,10 @@ fn health_check(lb: &Lb<'_>) -> Result<Option<HealthCheck>, ConfigError> {
         }
     };
     let interval = number("interval", 5.0, 0.1, 3600.0)?;
-    let timeout = number("timeout", interval.min(2.0), 0.05, 3600.0)?;
+    let fall = number("fall", 2.0, 1.0, 10.0)? as u8;
+    // The default timeout lets a dead endpoint leave within two intervals: confirming probes
+    // run interval / fall apart, and each may take the timeout (see the prober).
+    let timeout = number("timeout", (interval / fall as f64).min(2.0), 0.05, 3600.0)?;
     if timeout > interval {
         return Err(lb.err(annotation_field(&key("timeout")), format!("{timeout} s exceeds the interval ({interval} s)")));
     }
@@ -627,7 +630,7 @@ fn health_check(lb: &Lb<'_>) -> Result<Option<HealthCheck>, ConfigError> {
         http_path,
         interval_ms: (interval * 1000.0) as u32,
         timeout_ms: (timeout * 1000.0) as u32,
-        fall: number("fall", 2.0, 1.0, 10.0)? as u8,
+        fall,
         rise: number("rise", 2.0, 1.0, 10.0)? as u8,
     }))
 }
@@ -953,7 +956,7 @@ mod tests {
             .health
             .clone()
             .unwrap();
-        assert_eq!(h, HealthCheck { http_path: Some("/healthz".into()), interval_ms: 500, timeout_ms: 500, fall: 2, rise: 3 });
+        assert_eq!(h, HealthCheck { http_path: Some("/healthz".into()), interval_ms: 500, timeout_ms: 250, fall: 2, rise: 3 });
         let t = with("fulcrum.io/health-check: tcp").unwrap().services[0].health.clone().unwrap();
         assert_eq!((t.http_path, t.interval_ms, t.timeout_ms), (None, 5000, 2000));
         assert!(with("").unwrap().services[0].health.is_none());

@@ -7,7 +7,8 @@
 //!   owner of its SNAT port through a single-producer single-consumer ring per pair of cores
 //!   (`rtrb`: wait-free, loads and stores only).
 //!
-//! Each worker copies its counters out every ~100 ms for the control thread to read.
+//! Each worker copies its counters out every ~100 ms for the control thread to read, and at once
+//! when a health check verdict changes (the control thread then rebuilds without the endpoint).
 
 use crate::port::{Burst, Port, BURST};
 use crate::snapshot::Snapshot;
@@ -162,6 +163,7 @@ fn run_worker<P: Port>(
     let mut generation = w.snapshot().generation;
     shared.running_generation[index].store(generation, Ordering::Release);
     let mut last_publish = 0u64;
+    let mut transitions = 0u64;
     let mut empty_polls = 0u32;
     let mut rx: Burst<P::Buf> = Burst::new();
     let mut tx: Burst<P::Buf> = Burst::new();
@@ -201,8 +203,9 @@ fn run_worker<P: Port>(
             }
         }
         w.housekeeping(&mut port, now_ms);
-        if now_ms >= last_publish + 100 {
+        if now_ms >= last_publish + 100 || w.health_transitions() != transitions {
             last_publish = now_ms;
+            transitions = w.health_transitions();
             *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
         }
         if work == 0 {

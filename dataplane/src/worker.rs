@@ -446,6 +446,12 @@ impl Worker {
         n
     }
 
+    /// How many times an endpoint's health check verdict changed on this worker: the runtime
+    /// hands the counters over at once when this moves, not at the next ~100 ms copy.
+    pub fn health_transitions(&self) -> u64 {
+        self.proxy.as_ref().map_or(0, |p| p.stats.health_transitions)
+    }
+
     /// The counters with the proxy's latency histogram, for the control thread (every ~100 ms).
     pub fn stats_copy(&self) -> CoreStats {
         let mut s = self.stats.clone();

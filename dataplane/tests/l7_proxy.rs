@@ -43,6 +43,8 @@ struct Lab {
     client: Host,
     backends: Vec<Backend>,
     now: u64,
+    /// Hosts taken off the link: packets to and from them are lost (no RST, no ICMP).
+    cut: Vec<Ipv4Addr>,
 }
 
 impl Lab {
@@ -69,6 +71,7 @@ impl Lab {
             client: Host::new(CLIENT, 7),
             backends: vec![Backend::new(BE1, "be1"), Backend::new(BE2, "be2")],
             now: 1,
+            cut: vec![],
         }
     }
 
@@ -84,7 +87,8 @@ impl Lab {
         }
         let mut to_proxy: Vec<Vec<u8>> = self.client.dev.tx.drain(..).collect();
         for b in &mut self.backends {
-            to_proxy.extend(b.host.dev.tx.drain(..));
+            let lost = self.cut.contains(&b.host.addr);
+            to_proxy.extend(b.host.dev.tx.drain(..).filter(|_| !lost));
         }
         for p in &to_proxy {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
@@ -99,7 +103,7 @@ impl Lab {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
             if dst == self.client.addr {
                 self.client.dev.rx.push_back(p);
-            } else if let Some(b) = self.backends.iter_mut().find(|b| b.host.addr == dst) {
+            } else if let Some(b) = self.backends.iter_mut().find(|b| b.host.addr == dst && !self.cut.contains(&dst)) {
                 b.host.dev.rx.push_back(p);
             }
         }
@@ -332,10 +336,15 @@ fn health_probes_mark_a_refusing_endpoint_down() {
     let good = HealthTarget { endpoint: SocketAddrV4::new(BE1, 8080), check: check(true) };
     let refused = HealthTarget { endpoint: SocketAddrV4::new(BE2, 9999), check: check(false) };
     lab.proxy.set_health_targets(&[good.clone(), refused.clone()]);
-    for _ in 0..40 {
+    for _ in 0..10 {
         lab.tick();
     }
     assert!(lab.proxy.health_down().is_empty(), "one failure is not enough (fall 2)");
+    // The second, confirming probe follows half an interval after the first.
+    for _ in 0..30 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.health_down(), vec![refused.clone()]);
     for _ in 0..200 {
         lab.tick();
     }
@@ -347,4 +356,42 @@ fn health_probes_mark_a_refusing_endpoint_down() {
     assert_eq!(lab.proxy.health_down(), vec![refused]);
     lab.proxy.set_health_targets(&[]);
     assert!(lab.proxy.health_down().is_empty());
+}
+
+/// A backend taken off the link (no RST: its probes time out) is down within two intervals of
+/// the cut, whatever the probes' phase at that moment, with fall 2 and the default timeout
+/// (interval / fall); put back, it is up again within two intervals (rise 2).
+#[test]
+fn a_dead_endpoint_is_down_within_two_intervals() {
+    use fulcrum_config::model::HealthCheck;
+    use fulcrum_dataplane::snapshot::HealthTarget;
+    use std::net::SocketAddrV4;
+    let interval = 100;
+    let check = HealthCheck { http_path: None, interval_ms: interval, timeout_ms: interval / 2, fall: 2, rise: 2 };
+    let target = HealthTarget { endpoint: SocketAddrV4::new(BE1, 8080), check };
+    let mut worst = (0, 0);
+    for phase in [0, 7, 23, 49, 50, 51, 76, 93, 99] {
+        let mut lab = Lab::new(vec![], Limits::default());
+        lab.proxy.set_health_targets(std::slice::from_ref(&target));
+        for _ in 0..300 + phase {
+            lab.tick();
+        }
+        assert!(lab.proxy.health_down().is_empty(), "be1 answers: up");
+        lab.cut.push(BE1);
+        let cut_at = lab.now;
+        while lab.proxy.health_down().is_empty() && lab.now < cut_at + 1000 {
+            lab.tick();
+        }
+        let down_after = lab.now - cut_at;
+        assert!(down_after <= 2 * interval as u64, "phase {phase}: down {down_after} ms after the cut");
+        lab.cut.clear();
+        let back_at = lab.now;
+        while !lab.proxy.health_down().is_empty() && lab.now < back_at + 1000 {
+            lab.tick();
+        }
+        let up_after = lab.now - back_at;
+        assert!(up_after <= 2 * interval as u64, "phase {phase}: up {up_after} ms after the link came back");
+        worst = (worst.0.max(down_after), worst.1.max(up_after));
+    }
+    eprintln!("interval {interval} ms: worst down {} ms, worst up {} ms after the change", worst.0, worst.1);
 }

@@ -2,8 +2,9 @@
 //! core's upstream ports, so that a probe takes the path traffic takes (same source, same
 //! next hop, same NIC). A TCP check passes when the connection is established; an HTTP check
 //! when the status line of a `GET` is 2xx or 3xx. `fall` failures in a row take an endpoint out,
-//! `rise` passes bring it back; the control thread reads the down set with the counters and
-//! republishes the tables without it.
+//! `rise` passes bring it back (probes run faster while a change is being confirmed, see
+//! `finish_probe`); the worker hands the down set to the control thread as soon as it changes,
+//! and the control thread republishes the tables without it.
 
 use super::Proxy;
 use crate::l7::stack::{ConnKey, SockRef};
@@ -146,7 +147,6 @@ impl Proxy {
             None => now_ms,
         };
         let c = &p.target.check;
-        p.next_ms = started + c.interval_ms as u64;
         if pass {
             p.fails = 0;
             p.passes = p.passes.saturating_add(1);
@@ -162,6 +162,15 @@ impl Proxy {
                 self.stats.health_transitions += 1;
             }
         }
+        // While a verdict is being confirmed (some failures of an up endpoint, some passes of a
+        // down one), probes run `fall` (or `rise`) times as often: a dead endpoint is out within
+        // two intervals of its death when the timeout is at most interval / fall (one interval
+        // at most until the first probe after it, then `fall` probes interval / fall apart), and
+        // a refusing one always is; likewise back within two intervals.
+        let confirming = if p.up { p.fails } else { p.passes };
+        let needed = if p.up { c.fall } else { c.rise };
+        let gap = if confirming > 0 { c.interval_ms / needed.max(1) as u32 } else { c.interval_ms };
+        p.next_ms = started + gap as u64;
         self.stats.health_probes += 1;
         if !pass {
             self.stats.health_failures += 1;
