@@ -109,7 +109,7 @@ fn mark_down(state: &mut DesiredState, down: &[HealthTarget]) {
 fn read(input: &Input) -> anyhow::Result<Objects> {
     match input {
         Input::Manifests { path, .. } => Ok(fulcrum_config::manifests::load(path)?),
-        Input::Kubernetes(k) => k.mirror.objects(),
+        Input::Kubernetes(k) => Ok(k.mirror.objects()),
     }
 }
 

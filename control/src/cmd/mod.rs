@@ -37,7 +37,7 @@ impl InputArgs {
             Some(m) => Ok((fulcrum_config::manifests::load(m)?, m.display().to_string())),
             None => {
                 let k = fulcrum_control::k8s::Kube::connect(self.kubeconfig().as_deref())?;
-                Ok((k.mirror.objects()?, k.mirror.server.clone()))
+                Ok((k.mirror.objects(), k.mirror.server.clone()))
             }
         }
     }

@@ -18,7 +18,7 @@ pub mod status;
 use anyhow::{bail, Context};
 use fulcrum_config::manifests::endpoint_slice_from_v1beta1;
 use fulcrum_config::{Objects, Source, Sourced};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
@@ -31,17 +31,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// EndpointSlices as the server serves them: `discovery.k8s.io/v1` from Kubernetes 1.21,
-/// `v1beta1` only before (converted to v1 when read).
-enum Slices {
-    V1(Store<EndpointSlice>),
-    V1beta1(Store<DynamicObject>),
-}
-
 /// What the watch tasks keep current and the control loop reads.
 pub struct Mirror {
     services: Store<Service>,
-    slices: Slices,
+    /// `discovery.k8s.io/v1`, as served from Kubernetes 1.21, or converted from `v1beta1` as
+    /// each event arrives from older servers (once per change, not per rebuild).
+    slices: Store<EndpointSlice>,
     ingresses: Store<Ingress>,
     classes: Store<IngressClass>,
     secrets: Store<Secret>,
@@ -58,7 +53,7 @@ pub struct Mirror {
 
 impl Mirror {
     /// Every object mirrored now, in a stable order (namespace/name) whatever order events came in.
-    pub fn objects(&self) -> anyhow::Result<Objects> {
+    pub fn objects(&self) -> Objects {
         let source = Source::api(&self.server);
         fn sorted<K>(store: &Store<K>, source: &Source) -> Vec<Sourced<K>>
         where
@@ -73,31 +68,14 @@ impl Mirror {
             });
             v
         }
-        let endpoint_slices = match &self.slices {
-            Slices::V1(s) => sorted(s, &source),
-            Slices::V1beta1(s) => {
-                let mut out = Vec::new();
-                for o in sorted(s, &source) {
-                    let mut value = serde_json::to_value(&o.object)?;
-                    value["apiVersion"] = "discovery.k8s.io/v1beta1".into();
-                    value["kind"] = "EndpointSlice".into();
-                    match endpoint_slice_from_v1beta1(value, &source) {
-                        Ok(object) => out.push(Sourced { source: source.clone(), object }),
-                        // The server validated it; a slice we cannot read is left out and said.
-                        Err(e) => tracing::warn!("EndpointSlice left out: {e}"),
-                    }
-                }
-                out
-            }
-        };
-        Ok(Objects {
+        Objects {
             services: sorted(&self.services, &source),
-            endpoint_slices,
+            endpoint_slices: sorted(&self.slices, &source),
             ingresses: sorted(&self.ingresses, &source),
             ingress_classes: sorted(&self.classes, &source),
             secrets: sorted(&self.secrets, &source),
             skipped: Vec::new(),
-        })
+        }
     }
 
     pub fn changes(&self) -> u64 {
@@ -233,18 +211,10 @@ async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client
     let ingresses: Writer<Ingress> = Writer::default();
     let classes: Writer<IngressClass> = Writer::default();
     let secrets: Writer<Secret> = Writer::default();
-    let (slices, slice_writer) = if slices_v1 {
-        let w: Writer<EndpointSlice> = Writer::default();
-        (Slices::V1(w.as_reader()), SliceWriter::V1(w))
-    } else {
-        let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
-        let ar = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
-        let w: Writer<DynamicObject> = Writer::new(ar.clone());
-        (Slices::V1beta1(w.as_reader()), SliceWriter::V1beta1(w, ar))
-    };
+    let slices: Writer<EndpointSlice> = Writer::default();
     let mirror = Arc::new(Mirror {
         services: services.as_reader(),
-        slices,
+        slices: slices.as_reader(),
         ingresses: ingresses.as_reader(),
         classes: classes.as_reader(),
         secrets: secrets.as_reader(),
@@ -255,34 +225,28 @@ async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client
         server: url.clone(),
     });
     let wc = watcher::Config::default;
-    watch(Api::<Service>::all(client.clone()), wc(), services, &mirror);
-    watch(Api::<Ingress>::all(client.clone()), wc(), ingresses, &mirror);
-    watch(Api::<IngressClass>::all(client.clone()), wc(), classes, &mirror);
+    reflect(watcher(Api::<Service>::all(client.clone()), wc()), services, "Service", &mirror);
+    reflect(watcher(Api::<Ingress>::all(client.clone()), wc()), ingresses, "Ingress", &mirror);
+    reflect(watcher(Api::<IngressClass>::all(client.clone()), wc()), classes, "IngressClass", &mirror);
     // Only TLS Secrets: the others are none of our business (and may be many and large).
-    watch(Api::<Secret>::all(client.clone()), wc().fields("type=kubernetes.io/tls"), secrets, &mirror);
-    match slice_writer {
-        SliceWriter::V1(w) => watch(Api::<EndpointSlice>::all(client.clone()), wc(), w, &mirror),
-        SliceWriter::V1beta1(w, ar) => {
-            let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-            let m = mirror.clone();
-            tokio::spawn(async move {
-                let stream = watcher(api, wc()).default_backoff().reflect(w);
-                futures::pin_mut!(stream);
-                while let Some(item) = stream.next().await {
-                    m.note(item.map(|_| ()).map_err(|e| format!("EndpointSlice watch: {e}")));
-                }
-            });
-        }
+    let tls = wc().fields("type=kubernetes.io/tls");
+    reflect(watcher(Api::<Secret>::all(client.clone()), tls), secrets, "Secret", &mirror);
+    if slices_v1 {
+        reflect(watcher(Api::<EndpointSlice>::all(client.clone()), wc()), slices, "EndpointSlice", &mirror);
+    } else {
+        let gvk = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+        let ar = ApiResource::from_gvk_with_plural(&gvk, "endpointslices");
+        let source = Source::api(&url);
+        let events = watcher(Api::<DynamicObject>::all_with(client.clone(), &ar), wc())
+            .try_filter_map(move |e| futures::future::ready(Ok(slice_event_from_v1beta1(e, &source))));
+        reflect(events, slices, "EndpointSlice", &mirror);
     }
     let sync = async {
         mirror.services.wait_until_ready().await?;
         mirror.ingresses.wait_until_ready().await?;
         mirror.classes.wait_until_ready().await?;
         mirror.secrets.wait_until_ready().await?;
-        match &mirror.slices {
-            Slices::V1(s) => s.wait_until_ready().await?,
-            Slices::V1beta1(s) => s.wait_until_ready().await?,
-        }
+        mirror.slices.wait_until_ready().await?;
         Ok::<_, reflector::store::WriterDropped>(())
     };
     match tokio::time::timeout(SYNC_TIMEOUT, sync).await {
@@ -297,27 +261,55 @@ async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client
     Ok((mirror, client))
 }
 
-#[allow(clippy::large_enum_variant)] // one, at start-up
-enum SliceWriter {
-    V1(Writer<EndpointSlice>),
-    V1beta1(Writer<DynamicObject>, ApiResource),
-}
-
 /// One reflector task: list, then watch, backing off and retrying on errors; every event bumps
-/// the change counter.
-fn watch<K>(api: Api<K>, config: watcher::Config, writer: Writer<K>, mirror: &Arc<Mirror>)
+/// the change counter. What is kept of each object is trimmed first (see `trim`).
+fn reflect<K, S>(events: S, writer: Writer<K>, kind: &'static str, mirror: &Arc<Mirror>)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
 {
     let m = mirror.clone();
-    let kind = K::kind(&()).to_string();
     tokio::spawn(async move {
-        let stream = watcher(api, config).default_backoff().reflect(writer);
+        let stream = events.default_backoff().modify(trim).reflect(writer);
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
             m.note(item.map(|_| ()).map_err(|e| format!("{kind} watch: {e}")));
         }
     });
+}
+
+/// Drops what nobody here reads and every rebuild would otherwise copy: the managed fields and
+/// kubectl's copy of the last applied object (each about as large as the object itself).
+fn trim<K: kube::Resource>(o: &mut K) {
+    let meta = o.meta_mut();
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// A `discovery.k8s.io/v1beta1` EndpointSlice event as v1 (servers before 1.21), converted as it
+/// arrives. The server validated the object; one we still cannot read is said and left out: a
+/// new version of it takes the old one out of the store, and a listed one is skipped.
+fn slice_event_from_v1beta1(e: watcher::Event<DynamicObject>, source: &Source) -> Option<watcher::Event<EndpointSlice>> {
+    use watcher::Event;
+    let key = |o: &DynamicObject| EndpointSlice { metadata: o.metadata.clone(), ..Default::default() };
+    let convert = |o: DynamicObject| -> Option<EndpointSlice> {
+        let mut value = serde_json::to_value(&o).ok()?;
+        value["apiVersion"] = "discovery.k8s.io/v1beta1".into();
+        value["kind"] = "EndpointSlice".into();
+        endpoint_slice_from_v1beta1(value, source).map_err(|e| tracing::warn!("EndpointSlice left out: {e}")).ok()
+    };
+    Some(match e {
+        Event::Apply(o) => {
+            let k = key(&o);
+            convert(o).map_or(Event::Delete(k), Event::Apply)
+        }
+        Event::InitApply(o) => Event::InitApply(convert(o)?),
+        Event::Delete(o) => Event::Delete(key(&o)),
+        Event::Init => Event::Init,
+        Event::InitDone => Event::InitDone,
+    })
 }
 
 /// Hands the control loop a new set of objects when the mirror changed and then stayed quiet for
@@ -391,5 +383,63 @@ mod tests {
         }
         // The first unseen change came at i = 1 (80 ms): 200 ms later is i = 11.
         assert_eq!(fired, Some(11), "max_wait (200 ms) after the first unseen change");
+    }
+
+    /// What the reflectors keep: no managed fields, no kubectl copy of the object, everything
+    /// else (our annotations included) as it came.
+    #[test]
+    fn trimmed_objects_keep_what_translation_reads() {
+        let mut svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop",
+                "annotations": {"fulcrum.io/forwarding": "dsr-ipip",
+                                "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": true}"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"type": "LoadBalancer"}
+        }))
+        .unwrap();
+        super::trim(&mut svc);
+        assert_eq!(svc.metadata.managed_fields, None);
+        let a = svc.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.len(), 1);
+        assert_eq!(a["fulcrum.io/forwarding"], "dsr-ipip");
+        assert_eq!(svc.spec.unwrap().type_.as_deref(), Some("LoadBalancer"));
+    }
+
+    /// v1beta1 slices become v1 as their events arrive; one that cannot be read is left out:
+    /// skipped while listing, removed (a deletion of its key) when it changes later.
+    #[test]
+    fn v1beta1_slice_events_are_converted_once() {
+        use kube::runtime::watcher::Event;
+        let source = fulcrum_config::Source::api("https://api.example:6443");
+        let slice = |topology: serde_json::Value| -> kube::api::DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": "web-a", "namespace": "shop", "resourceVersion": "7",
+                             "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": true}, "topology": topology}]
+            }))
+            .unwrap()
+        };
+        let good = slice(serde_json::json!({"kubernetes.io/hostname": "node-1"}));
+        let bad = slice(serde_json::json!("not a map"));
+        let Some(Event::Apply(v1)) = super::slice_event_from_v1beta1(Event::Apply(good.clone()), &source) else {
+            panic!("a valid slice is applied");
+        };
+        assert_eq!(v1.metadata.name.as_deref(), Some("web-a"));
+        assert_eq!(v1.endpoints[0].addresses, vec!["10.1.0.5".to_string()]);
+        assert_eq!(v1.endpoints[0].node_name.as_deref(), Some("node-1"), "topology's hostname is v1's nodeName");
+        assert!(matches!(super::slice_event_from_v1beta1(Event::InitApply(good.clone()), &source), Some(Event::InitApply(_))));
+        match super::slice_event_from_v1beta1(Event::Apply(bad.clone()), &source) {
+            Some(Event::Delete(k)) => {
+                assert_eq!((k.metadata.namespace.as_deref(), k.metadata.name.as_deref()), (Some("shop"), Some("web-a")));
+                assert!(k.endpoints.is_empty());
+            }
+            other => panic!("an unreadable new version removes the old one: {other:?}"),
+        }
+        assert!(super::slice_event_from_v1beta1(Event::InitApply(bad), &source).is_none(), "skipped while listing");
+        assert!(matches!(super::slice_event_from_v1beta1(Event::Delete(good), &source), Some(Event::Delete(_))));
+        assert!(matches!(super::slice_event_from_v1beta1(Event::InitDone, &source), Some(Event::InitDone)));
     }
 }
