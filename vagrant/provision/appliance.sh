@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Appliance VM: DPDK from Debian, hugepages, and the two data NICs (MACs LB_MAC, LB2_MAC) bound
-# to vfio-pci in no-IOMMU mode (VMs have no vIOMMU by default). The kernel keeps only the
-# management NIC; Fulcrum owns LB_IP4/LB_IP6 on the data NICs in user space.
+# Appliance VM: DPDK from Debian, hugepages, and the data NICs bound to vfio-pci in no-IOMMU mode
+# (VMs have no vIOMMU by default). The kernel keeps only the management NIC; Fulcrum owns the
+# appliance's addresses on the data NICs in user space.
+# Usage: appliance.sh [MAC...]: the data NICs by MAC; default LB_MAC LB2_MAC (the first
+# appliance); the pair's second appliance passes PEER_MAC.
 # Writes /etc/fulcrum-lab/ports.env with the PCI addresses (for the bootstrap file's `device:`).
 . "$(dirname "$0")/common.sh"
+if [ $# -gt 0 ]; then data_macs=("$@"); else data_macs=("$LB_MAC" "$LB2_MAC"); fi
 apt_install dpdk dpdk-dev libdpdk-dev pkg-config build-essential clang libclang-dev curl git \
     iproute2 pciutils kmod
 
@@ -36,7 +39,7 @@ mkdir -p /etc/fulcrum-lab
 state=/etc/fulcrum-lab/ports.env
 touch "$state"
 i=0
-for mac in "$LB_MAC" "$LB2_MAC"; do
+for mac in "${data_macs[@]}"; do
     key="LAB${i}_PCI"
     if dev="$(iface_by_mac "$mac")"; then
         pci="$(pci_of "$dev")" || lab_die "no PCI device behind $dev ($mac)"
@@ -54,4 +57,4 @@ for mac in "$LB_MAC" "$LB2_MAC"; do
     i=$((i + 1))
 done
 dpdk-devbind.py --status-dev net | sed -n '1,12p'
-lab_log "appliance: Fulcrum owns $LB_IP4 $LB_IP6 on $LB_MAC; bootstrap device: \"$(sed -n 's/^LAB0_PCI=//p' "$state")\" (and LAB1_PCI for a second port); EAL args without --no-huge/--no-pci"
+lab_log "appliance: data NICs ${data_macs[*]}; bootstrap device: \"$(sed -n 's/^LAB0_PCI=//p' "$state")\" (and LAB1_PCI for a second port); EAL args without --no-huge/--no-pci"
