@@ -5,6 +5,7 @@
 //! socket is made at SYN time in a shard with no other listener (one listener takes one
 //! handshake), and only shards that received segments or have sockets with work are polled.
 
+use super::buffers::BufferPool;
 use ahash::AHashMap;
 use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
@@ -79,6 +80,9 @@ struct Shard {
     iface: Interface,
     dev: Queues,
     sockets: SocketSet<'static>,
+    /// Per socket, the addresses of its receive and transmit buffers (from the stack's pools),
+    /// given back when the socket is removed.
+    lent: Vec<(SocketHandle, usize, usize)>,
     used: usize,
     /// A socket in Listen state (at most one per shard).
     listening: bool,
@@ -106,11 +110,17 @@ pub struct Stack {
     /// Shards with segments queued or sockets that changed: to poll.
     dirty: Vec<u32>,
     now: Instant,
+    // Declared after `shards`: fields drop in order, so the sockets holding these buffers go
+    // first.
+    rx_buffers: BufferPool,
+    tx_buffers: BufferPool,
 }
 
 impl Stack {
     pub fn new(cfg: StackConfig) -> Stack {
         Stack {
+            rx_buffers: BufferPool::new(cfg.rx_buffer),
+            tx_buffers: BufferPool::new(cfg.tx_buffer),
             cfg,
             shards: Vec::new(),
             demux: AHashMap::new(),
@@ -118,6 +128,11 @@ impl Stack {
             dirty: Vec::new(),
             now: Instant::from_millis(0),
         }
+    }
+
+    /// Bytes held for socket buffers (in use or kept for the next connections).
+    pub fn buffer_bytes(&self) -> usize {
+        self.rx_buffers.held_bytes() + self.tx_buffers.held_bytes()
     }
 
     pub fn set_now(&mut self, now_ms: u64) {
@@ -141,7 +156,14 @@ impl Stack {
         // A /32 interface still needs a route to answer anyone (DESIGN.md); the gateway is
         // never resolved on an IP-only interface.
         let _ = iface.routes_mut().add_default_ipv4_route(self.cfg.own_addr);
-        self.shards.push(Shard { iface, dev, sockets: SocketSet::new(Vec::new()), used: 0, listening: false });
+        self.shards.push(Shard {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            lent: Vec::new(),
+            used: 0,
+            listening: false,
+        });
         (self.shards.len() - 1) as u32
     }
 
@@ -156,14 +178,35 @@ impl Stack {
         self.new_shard()
     }
 
-    fn socket(&self) -> tcp::Socket<'static> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.cfg.rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.cfg.tx_buffer]),
-        );
+    /// A new socket on buffers from the pools, and their addresses (see `add` and `discard`).
+    fn socket(&mut self) -> (tcp::Socket<'static>, usize, usize) {
+        // SAFETY: the buffers go back to the pools only when the socket is gone (`discard`,
+        // `flush_removals`), and the pools outlive every socket (field order of `Stack`).
+        let (rx, tx) = unsafe { (self.rx_buffers.take(), self.tx_buffers.take()) };
+        let (rx_at, tx_at) = (rx.as_mut_ptr() as usize, tx.as_mut_ptr() as usize);
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         s.set_nagle_enabled(false);
         s.set_ack_delay(Some(Duration::from_millis(1)));
-        s
+        (s, rx_at, tx_at)
+    }
+
+    /// Puts a socket from `socket` into a shard.
+    fn add(&mut self, shard: u32, sock: (tcp::Socket<'static>, usize, usize)) -> SocketHandle {
+        let s = &mut self.shards[shard as usize];
+        let handle = s.sockets.add(sock.0);
+        s.lent.push((handle, sock.1, sock.2));
+        s.used += 1;
+        handle
+    }
+
+    /// Drops a socket from `socket` that was never added.
+    fn discard(&mut self, sock: (tcp::Socket<'static>, usize, usize)) {
+        drop(sock.0);
+        // SAFETY: the socket that held them is gone; each is given back once.
+        unsafe {
+            self.rx_buffers.give_back(sock.1 as *mut u8);
+            self.tx_buffers.give_back(sock.2 as *mut u8);
+        }
     }
 
     /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
@@ -175,13 +218,12 @@ impl Stack {
             None if syn && listen_port => {
                 let shard = self.shard_with_room(true);
                 let mut sock = self.socket();
-                if sock.listen(IpEndpoint::new(self.cfg.l7_addr.into(), key.2)).is_err() {
+                if sock.0.listen(IpEndpoint::new(self.cfg.l7_addr.into(), key.2)).is_err() {
+                    self.discard(sock);
                     return false;
                 }
-                let s = &mut self.shards[shard as usize];
-                let handle = s.sockets.add(sock);
-                s.used += 1;
-                s.listening = true;
+                let handle = self.add(shard, sock);
+                self.shards[shard as usize].listening = true;
                 let r = SockRef { shard, handle };
                 self.demux.insert(key, r);
                 r
@@ -259,12 +301,13 @@ impl Stack {
     pub fn connect(&mut self, remote: (Ipv4Addr, u16), local_port: u16) -> Option<SockRef> {
         let shard = self.shard_with_room(false);
         let mut sock = self.socket();
-        let s = &mut self.shards[shard as usize];
         let remote_ep = IpEndpoint::new(remote.0.into(), remote.1);
         let local = IpEndpoint::new(self.cfg.own_addr.into(), local_port);
-        sock.connect(s.iface.context(), remote_ep, local).ok()?;
-        let handle = s.sockets.add(sock);
-        s.used += 1;
+        if sock.0.connect(self.shards[shard as usize].iface.context(), remote_ep, local).is_err() {
+            self.discard(sock);
+            return None;
+        }
+        let handle = self.add(shard, sock);
         let r = SockRef { shard, handle };
         self.demux.insert((u32::from(remote.0), remote.1, local_port), r);
         self.mark(shard);
@@ -289,8 +332,16 @@ impl Stack {
             let st = self.tcp(r).state();
             if matches!(st, tcp::State::Closed | tcp::State::TimeWait) {
                 let s = &mut self.shards[r.shard as usize];
-                s.sockets.remove(r.handle);
+                drop(s.sockets.remove(r.handle));
                 s.used -= 1;
+                if let Some(i) = s.lent.iter().position(|l| l.0 == r.handle) {
+                    let (_, rx, tx) = s.lent.swap_remove(i);
+                    // SAFETY: the socket that held them was just dropped; given back once.
+                    unsafe {
+                        self.rx_buffers.give_back(rx as *mut u8);
+                        self.tx_buffers.give_back(tx as *mut u8);
+                    }
+                }
                 if self.demux.get(&key) == Some(&r) {
                     self.demux.remove(&key);
                 }
