@@ -141,6 +141,10 @@ pub struct Proxy {
     tls: Option<Arc<rustls::ServerConfig>>,
     clients: Vec<Option<Client>>,
     ups: Vec<Option<Upstream>>,
+    /// Slots of `clients` and `ups` freed for good (a slot is also empty while its client is
+    /// being run): the next new connection takes one instead of searching.
+    free_clients: Vec<usize>,
+    free_ups: Vec<usize>,
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
     /// run when that shard received segments.
     by_shard: Vec<Vec<usize>>,
@@ -185,6 +189,8 @@ impl Proxy {
             tls: None,
             clients: Vec::new(),
             ups: Vec::new(),
+            free_clients: Vec::new(),
+            free_ups: Vec::new(),
             by_shard: Vec::new(),
             deadlines: std::collections::BinaryHeap::new(),
             last_sweep_ms: 0,
@@ -281,7 +287,7 @@ impl Proxy {
                 relayed: 0,
                 started: None,
             };
-            let idx = insert(&mut self.clients, c);
+            let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.clients[idx].as_mut().unwrap().idx = idx;
             self.attach(sock.shard, idx);
             self.watch(now_ms + self.cfg.header_timeout_ms, idx);
@@ -596,7 +602,7 @@ impl Proxy {
                 buf: Vec::with_capacity(1024),
                 idle_since: None,
             };
-            return Some(insert(&mut self.ups, up));
+            return Some(insert(&mut self.ups, &mut self.free_ups, up));
         }
         None
     }
@@ -926,6 +932,7 @@ impl Proxy {
 
     fn drop_upstream(&mut self, u: usize, from_pool: bool) {
         let up = self.ups[u].take().expect("live upstream");
+        self.free_ups.push(u);
         if !from_pool {
             if let Some(v) = self.idle.get_mut(&up.endpoint) {
                 v.retain(|&x| x != u);
@@ -1011,6 +1018,7 @@ impl Proxy {
         }
         self.detach(c.sock.shard, c.idx);
         self.stack.remove_later(c.sock, c.key);
+        self.free_clients.push(c.idx);
     }
 }
 
@@ -1021,12 +1029,15 @@ fn body_status(e: super::http::body::BodyError) -> u16 {
     }
 }
 
-fn insert<T>(v: &mut Vec<Option<T>>, x: T) -> usize {
-    if let Some(i) = v.iter().position(Option::is_none) {
-        v[i] = Some(x);
-        i
-    } else {
-        v.push(Some(x));
-        v.len() - 1
+/// Puts `x` in a slot freed for good (most recently freed first: its memory is warm), or at the
+/// end.
+fn insert<T>(v: &mut Vec<Option<T>>, free: &mut Vec<usize>, x: T) -> usize {
+    while let Some(i) = free.pop() {
+        if v[i].is_none() {
+            v[i] = Some(x);
+            return i;
+        }
     }
+    v.push(Some(x));
+    v.len() - 1
 }
