@@ -8,6 +8,9 @@ pub const HEADROOM: usize = 128;
 /// Total room per buffer, as DPDK's default mbuf data room.
 pub const BUF_SIZE: usize = 2048 + HEADROOM;
 
+use std::cell::RefCell;
+use std::mem::ManuallyDrop;
+
 pub trait PacketBuf {
     /// The packet's bytes.
     fn data(&self) -> &[u8];
@@ -30,14 +33,25 @@ pub trait PacketBuf {
 
 /// An in-memory buffer laid out like an mbuf. For tests, benches and the in-memory port.
 pub struct HeapBuf {
-    room: Box<[u8; BUF_SIZE]>,
+    room: ManuallyDrop<Box<[u8; BUF_SIZE]>>,
     off: u16,
     len: u16,
 }
 
+/// Rooms kept per thread for reuse, at most this many.
+const SPARE_ROOMS: usize = 4096;
+
+thread_local! {
+    /// Rooms of dropped buffers, for the next `HeapBuf::new` on this thread: as a DPDK mempool
+    /// takes freed mbufs back (so that a benchmark on in-memory buffers does not time the
+    /// allocator and page faults). A reused room holds old bytes, as a reused mbuf does.
+    static SPARE: RefCell<Vec<Box<[u8; BUF_SIZE]>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl HeapBuf {
     pub fn new() -> Self {
-        HeapBuf { room: Box::new([0u8; BUF_SIZE]), off: HEADROOM as u16, len: 0 }
+        let room = SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Box::new([0u8; BUF_SIZE]));
+        HeapBuf { room: ManuallyDrop::new(room), off: HEADROOM as u16, len: 0 }
     }
 
     /// A buffer holding a copy of `bytes` after the standard headroom.
@@ -60,6 +74,20 @@ impl HeapBuf {
     pub fn reset(&mut self) {
         self.off = HEADROOM as u16;
         self.len = 0;
+    }
+}
+
+impl Drop for HeapBuf {
+    fn drop(&mut self) {
+        // SAFETY: `room` is not used again: this is the buffer's end.
+        let room = unsafe { ManuallyDrop::take(&mut self.room) };
+        // During thread exit the spare list may be gone already; the room is then just freed.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_ROOMS {
+                s.push(room);
+            }
+        });
     }
 }
 

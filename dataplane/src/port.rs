@@ -28,9 +28,6 @@ pub struct MemoryPort {
     pub tx: Vec<HeapBuf>,
     /// Maximum packets `tx_burst` takes per call (simulates a full queue when small).
     pub tx_limit: Option<usize>,
-    /// Buffers whose frames were taken, for the next `alloc` or `push_rx`: recycled as a DPDK
-    /// mempool recycles mbufs, so that a benchmark on this port does not time the allocator.
-    free: Vec<HeapBuf>,
 }
 
 impl MemoryPort {
@@ -38,20 +35,11 @@ impl MemoryPort {
         Self::default()
     }
     pub fn push_rx(&mut self, frame: &[u8]) {
-        let b = match self.free.pop() {
-            Some(mut b) => {
-                b.fill(frame);
-                b
-            }
-            None => HeapBuf::from_slice(frame),
-        };
-        self.rx.push_back(b);
+        self.rx.push_back(HeapBuf::from_slice(frame));
     }
     /// Takes the frames sent so far.
     pub fn take_tx(&mut self) -> Vec<Vec<u8>> {
-        let frames = self.tx.iter().map(|b| b.data().to_vec()).collect();
-        self.free.extend(self.tx.drain(..));
-        frames
+        self.tx.drain(..).map(|b| b.data().to_vec()).collect()
     }
 }
 
@@ -70,12 +58,6 @@ impl Port for MemoryPort {
         n
     }
     fn alloc(&mut self) -> Option<HeapBuf> {
-        Some(match self.free.pop() {
-            Some(mut b) => {
-                b.reset();
-                b
-            }
-            None => HeapBuf::new(),
-        })
+        Some(HeapBuf::new())
     }
 }
