@@ -260,6 +260,9 @@ pub fn render_metrics(state: &ControlState) -> String {
             c.l7.connections
         }),
         ("fulcrum_l7_requests_total", "counter", "HTTP requests received.", |c| c.l7.requests),
+        ("fulcrum_l7_socket_buffer_bytes", "gauge", "Bytes held for TCP socket buffers (in use or kept for reuse).", |c| {
+            c.l7.socket_buffer_bytes
+        }),
         ("fulcrum_health_probes_total", "counter", "Active health probes completed.", |c| c.l7.health_probes),
         ("fulcrum_health_probe_failures_total", "counter", "Active health probes failed.", |c| c.l7.health_failures),
         ("fulcrum_health_transitions_total", "counter", "Endpoints going down or up by their checks.", |c| {

@@ -509,6 +509,7 @@ impl Worker {
             tx.push(b);
         });
         self.send(port, &mut tx);
+        proxy.stats.socket_buffer_bytes = proxy.stack.buffer_bytes() as u64;
         let st = proxy.stats;
         self.stats.l7 = st;
         self.proxy = Some(proxy);

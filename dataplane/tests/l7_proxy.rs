@@ -213,6 +213,8 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
     assert_eq!(st.responses[0], 10);
     assert!(st.upstream_connects <= 4 && st.upstream_reused >= 6, "kept-alive upstreams reused: {st:?}");
     assert_eq!(lab.proxy.client_count(), 1, "one keep-alive client connection");
+    // A handful of sockets: one 2 MiB chunk of receive buffers and one of transmit buffers.
+    assert_eq!(lab.proxy.stack.buffer_bytes(), 2 * (2 << 20));
 }
 
 #[test]

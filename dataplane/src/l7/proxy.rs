@@ -60,6 +60,9 @@ pub struct ProxyStats {
     pub health_probes: u64,
     pub health_failures: u64,
     pub health_transitions: u64,
+    /// Bytes held for socket buffers, in use or kept for reuse (a gauge: the peak of open
+    /// sockets times their buffer size, in 2 MiB steps).
+    pub socket_buffer_bytes: u64,
 }
 
 impl ProxyStats {
@@ -76,6 +79,7 @@ impl ProxyStats {
         self.health_probes += o.health_probes;
         self.health_failures += o.health_failures;
         self.health_transitions += o.health_transitions;
+        self.socket_buffer_bytes += o.socket_buffer_bytes;
     }
 }
 
