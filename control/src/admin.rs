@@ -241,7 +241,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 18] = [
+    let per_core: [(&str, &str, &str, Get); 19] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),

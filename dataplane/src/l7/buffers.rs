@@ -86,7 +86,7 @@ impl BufferPool {
         let a = buf as usize;
         self.chunks.iter().any(|c| {
             let start = c.as_ptr() as usize;
-            a >= start && a < start + self.chunk.size() && (a - start) % self.size == 0
+            a >= start && a < start + self.chunk.size() && (a - start).is_multiple_of(self.size)
         })
     }
 
