@@ -302,4 +302,77 @@ mod tests {
         let o = objects(&[bad("192.0.2.9")]);
         assert!(status_writes(&b, &o, &translate_each(&b, &o)).is_empty());
     }
+
+    /// The writer against a mock API server that answers when the test says: a write of an
+    /// object being written waits for it and only the latest addresses go; no more than
+    /// STATUS_CONCURRENCY requests are ever in flight; a failed write does not stop the others.
+    #[tokio::test(flavor = "current_thread")]
+    async fn writes_are_one_per_object_latest_wins_and_bounded() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        use tower_test::mock;
+        let (svc, mut api) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(svc, "default");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(client, rx));
+        let w = |name: &str, ip: &str| StatusWrite {
+            kind: Kind::Service,
+            object: ObjectRef { namespace: "shop".into(), name: name.into() },
+            ips: vec![ip.parse().unwrap()],
+        };
+        // What one request asks for: (path, the addresses in its merge patch).
+        async fn body_of(req: Request<Body>) -> (String, String) {
+            let path = req.uri().path().to_string();
+            let bytes = req.into_body().collect_bytes().await.unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            (path, v["status"]["loadBalancer"]["ingress"][0]["ip"].as_str().unwrap().to_string())
+        }
+        let ok = || Response::builder().status(200).body(Body::from(b"{}".to_vec())).unwrap();
+        // No request within 50 ms.
+        async fn quiet(api: &mut mock::Handle<Request<Body>, Response<Body>>) -> bool {
+            tokio::time::timeout(std::time::Duration::from_millis(50), api.next_request()).await.is_err()
+        }
+
+        tx.send(vec![w("web", "10.20.0.4")]).unwrap();
+        let (req, first) = api.next_request().await.unwrap();
+        assert_eq!(body_of(req).await, ("/api/v1/namespaces/shop/services/web/status".into(), "10.20.0.4".into()));
+        // Two newer versions while the first is in flight: they wait, and only the last goes.
+        tx.send(vec![w("web", "10.20.0.5")]).unwrap();
+        tx.send(vec![w("web", "10.20.0.6")]).unwrap();
+        assert!(quiet(&mut api).await, "a second write of the object went out while the first was in flight");
+        first.send_response(ok());
+        let (req, second) = api.next_request().await.unwrap();
+        assert_eq!(body_of(req).await.1, "10.20.0.6", "the latest addresses, the one in between skipped");
+        // The same addresses again while they are being written: nothing more to send.
+        tx.send(vec![w("web", "10.20.0.6")]).unwrap();
+        tokio::task::yield_now().await;
+        second.send_response(ok());
+        assert!(quiet(&mut api).await, "the same addresses were written twice");
+
+        // 40 objects at once: 16 requests go out, the rest wait for answers.
+        tx.send((0..40).map(|i| w(&format!("svc-{i}"), "10.20.0.7")).collect()).unwrap();
+        let mut pending = Vec::new();
+        for _ in 0..STATUS_CONCURRENCY {
+            pending.push(api.next_request().await.unwrap());
+        }
+        assert!(quiet(&mut api).await, "a 17th request went out before any answer");
+        // Answer them (the first with a server error: the others go on), then the rest arrive.
+        let mut answered = 0;
+        for (i, (_, send)) in pending.drain(..).enumerate() {
+            if i == 0 {
+                send.send_response(Response::builder().status(500).body(Body::from(b"{}".to_vec())).unwrap());
+            } else {
+                send.send_response(ok());
+            }
+            answered += 1;
+        }
+        while answered < 40 {
+            let (_, send) = api.next_request().await.unwrap();
+            send.send_response(ok());
+            answered += 1;
+        }
+        drop(tx);
+        writer.await.unwrap();
+        assert!(api.next_request().await.is_none(), "nothing after the last write");
+    }
 }
