@@ -203,9 +203,10 @@ fn run_worker<P: Port>(
             }
         }
         w.housekeeping(&mut port, now_ms);
-        if now_ms >= last_publish + 100 || w.health_transitions() != transitions {
+        // A changed health verdict goes to the control thread at once, not at the next copy.
+        if now_ms >= last_publish + 100 || w.stats.l7.health_transitions != transitions {
             last_publish = now_ms;
-            transitions = w.health_transitions();
+            transitions = w.stats.l7.health_transitions;
             *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
         }
         if work == 0 {

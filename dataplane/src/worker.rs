@@ -446,17 +446,12 @@ impl Worker {
         n
     }
 
-    /// How many times an endpoint's health check verdict changed on this worker: the runtime
-    /// hands the counters over at once when this moves, not at the next ~100 ms copy.
-    pub fn health_transitions(&self) -> u64 {
-        self.proxy.as_ref().map_or(0, |p| p.stats.health_transitions)
-    }
-
     /// The counters with the proxy's latency histogram, for the control thread (every ~100 ms).
     pub fn stats_copy(&self) -> CoreStats {
         let mut s = self.stats.clone();
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
+        s.l7.socket_buffer_bytes = self.proxy.as_ref().map_or(0, |p| p.stack.buffer_bytes() as u64);
         s
     }
 
@@ -509,7 +504,6 @@ impl Worker {
             tx.push(b);
         });
         self.send(port, &mut tx);
-        proxy.stats.socket_buffer_bytes = proxy.stack.buffer_bytes() as u64;
         let st = proxy.stats;
         self.stats.l7 = st;
         self.proxy = Some(proxy);

@@ -61,7 +61,8 @@ pub struct ProxyStats {
     pub health_failures: u64,
     pub health_transitions: u64,
     /// Bytes held for socket buffers, in use or kept for reuse (a gauge: the peak of open
-    /// sockets times their buffer size, in 2 MiB steps).
+    /// sockets times their buffer size, in 2 MiB steps). Filled in the worker's copy of its
+    /// counters for the control thread, not per loop.
     pub socket_buffer_bytes: u64,
 }
 
