@@ -39,10 +39,6 @@ impl BufferPool {
         BufferPool { size, chunk, chunks: Vec::new(), free: Vec::new() }
     }
 
-    pub fn buffer_size(&self) -> usize {
-        self.size
-    }
-
     /// Buffers handed out and not given back.
     pub fn in_use(&self) -> usize {
         self.chunks.len() * (self.chunk.size() / self.size) - self.free.len()
