@@ -293,20 +293,21 @@ fn trim<K: kube::Resource>(o: &mut K) {
 /// new version of it takes the old one out of the store, and a listed one is skipped.
 fn slice_event_from_v1beta1(e: watcher::Event<DynamicObject>, source: &Source) -> Option<watcher::Event<EndpointSlice>> {
     use watcher::Event;
-    let key = |o: &DynamicObject| EndpointSlice { metadata: o.metadata.clone(), ..Default::default() };
-    let convert = |o: DynamicObject| -> Option<EndpointSlice> {
-        let mut value = serde_json::to_value(&o).ok()?;
+    // A slice with the key only, for deletions: a deleted or unreadable object's metadata moves.
+    let key = |o: DynamicObject| EndpointSlice { metadata: o.metadata, ..Default::default() };
+    let convert = |o: &DynamicObject| -> Option<EndpointSlice> {
+        let mut value = serde_json::to_value(o).ok()?;
         value["apiVersion"] = "discovery.k8s.io/v1beta1".into();
         value["kind"] = "EndpointSlice".into();
         endpoint_slice_from_v1beta1(value, source).map_err(|e| tracing::warn!("EndpointSlice left out: {e}")).ok()
     };
     Some(match e {
-        Event::Apply(o) => {
-            let k = key(&o);
-            convert(o).map_or(Event::Delete(k), Event::Apply)
-        }
-        Event::InitApply(o) => Event::InitApply(convert(o)?),
-        Event::Delete(o) => Event::Delete(key(&o)),
+        Event::Apply(o) => match convert(&o) {
+            Some(s) => Event::Apply(s),
+            None => Event::Delete(key(o)),
+        },
+        Event::InitApply(o) => Event::InitApply(convert(&o)?),
+        Event::Delete(o) => Event::Delete(key(o)),
         Event::Init => Event::Init,
         Event::InitDone => Event::InitDone,
     })
