@@ -412,7 +412,8 @@ struct Entries {
 }
 
 /// The entries of every service (Maglev fields left empty).
-fn entries(state: &DesiredState, live: &[usize], ids: &mut CounterIds) -> Entries {
+/// `terminating_fallback[i]`: service i sends new flows to its terminating endpoints (pass 1).
+fn entries(state: &DesiredState, terminating_fallback: &[bool], ids: &mut CounterIds) -> Entries {
     let mut e = Entries {
         services: Vec::with_capacity(state.services.len()),
         backends: Vec::with_capacity(state.services.iter().map(|s| s.endpoints.len()).sum()),
@@ -421,7 +422,6 @@ fn entries(state: &DesiredState, live: &[usize], ids: &mut CounterIds) -> Entrie
     let mut backend_ids = Vec::new();
     for (si, s) in state.services.iter().enumerate() {
         let start = e.backends.len() as u32;
-        let ready = s.endpoints.iter().any(|e| e.state == EndpointState::Ready);
         let proto = s.protocol.ip_number();
         let service_id = ids.ids(s, proto, &mut backend_ids);
         for (ep, &stat_id) in s.endpoints.iter().zip(&backend_ids) {
@@ -447,7 +447,7 @@ fn entries(state: &DesiredState, live: &[usize], ids: &mut CounterIds) -> Entrie
             mode: s.mode.into(),
             affinity_ms: s.affinity.as_ref().map(|a| a.timeout_seconds.saturating_mul(1000)),
             backends: start..e.backends.len() as u32,
-            terminating_fallback: !ready && live[si] > 0,
+            terminating_fallback: terminating_fallback[si],
             maglev: MaglevTable::default(),
         });
     }
@@ -541,7 +541,7 @@ impl Snapshot {
         // Pass 1: each service's Maglev inputs. New flows go to ready endpoints, or to serving
         // terminating ones when none is ready (kube-proxy's fallback).
         let mut keys: Vec<MaglevKey> = Vec::with_capacity(state.services.len());
-        let mut live = Vec::with_capacity(state.services.len());
+        let mut terminating_fallback = Vec::with_capacity(state.services.len());
         for s in &state.services {
             let ready = s.endpoints.iter().any(|e| e.state == EndpointState::Ready);
             let takes_new = |st: EndpointState| {
@@ -561,7 +561,7 @@ impl Snapshot {
                 return Err(CompileError::TableTooSmall { service: s.service.to_string(), backends: n, m });
             }
             keys.push((m, inputs));
-            live.push(n);
+            terminating_fallback.push(!ready && n > 0);
         }
         // Pass 2: the tables (reused when unchanged since the last compile), and meanwhile on
         // another thread everything that does not depend on them: the entries, the router, the
@@ -570,7 +570,7 @@ impl Snapshot {
         let (tables, (mut entries, l7, (tls, tls_warnings), health)) = std::thread::scope(|scope| {
             let rest = scope.spawn(|| {
                 (
-                    entries(state, &live, counters),
+                    entries(state, &terminating_fallback, counters),
                     Arc::new(Router::compile(&state.l7)),
                     crate::l7::tls::server_config(&state.l7.certificates),
                     health_targets(state),
