@@ -38,8 +38,11 @@ pub struct HeapBuf {
     len: u16,
 }
 
-/// Rooms kept per thread for reuse, at most this many.
-const SPARE_ROOMS: usize = 4096;
+/// Rooms kept per thread for reuse, at most this many: the size of a large DPDK mempool. The L7
+/// bench at 10,000 connections has ~20,000 frames in flight at once; with 4,096 kept, the rest
+/// went back to the allocator and came back as fresh pages (5% of the worker's time in page
+/// faults, none of them the worker's).
+const SPARE_ROOMS: usize = 32768;
 
 thread_local! {
     /// Rooms of dropped buffers, for the next `HeapBuf::new` on this thread: as a DPDK mempool
