@@ -8,5 +8,4 @@ pub mod proxy;
 pub mod router;
 pub mod sim;
 pub mod stack;
-pub mod timer_wheel;
 pub mod tls;
