@@ -218,6 +218,23 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
 }
 
 #[test]
+fn heads_that_straddle_the_end_of_a_socket_ring_are_read_whole() {
+    // 600 requests one after another on one connection, through 8 KiB socket rings: request
+    // heads (client side) and response heads (upstream side) land across the rings' ends many
+    // times. Each must be answered in a few ticks; a head read only up to the ring's end looked
+    // incomplete and waited for the once-a-second sweep (1,000 ticks).
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40002);
+    for i in 0..600 {
+        let req = format!("GET /item/{i}?pad={} HTTP/1.1\r\nHost: shop.example\r\n\r\n", "p".repeat(i % 37));
+        let before = lab.now;
+        let resp = lab.exchange(h, req.as_bytes(), 1500, complete);
+        assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "request {i}: {:?}", String::from_utf8_lossy(&resp));
+        assert!(lab.now - before < 20, "request {i} took {} ticks", lab.now - before);
+    }
+}
+
+#[test]
 fn a_large_body_streams_through_small_buffers() {
     let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
     let h = lab.connect(40001);

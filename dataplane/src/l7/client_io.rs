@@ -125,15 +125,31 @@ pub fn recv_into(stack: &mut Stack, sock: SockRef, tls: &mut Tls, out: &mut Vec<
             t.plain_in.drain(..n);
             n
         }
-        None => stack
-            .tcp(sock)
+        None => recv_tcp_into(stack.tcp(sock), out, max),
+    }
+}
+
+/// Appends up to `max` received bytes of a TCP socket to `out`. smoltcp's `recv` hands over
+/// only the contiguous part of its receive ring, so a head that straddles the ring's end comes
+/// in two pieces: one call took the first, the head looked incomplete, and with nothing more
+/// to arrive the connection waited for the once-a-second sweep (every ~100 keep-alive requests
+/// per connection in the lab).
+pub fn recv_tcp_into(s: &mut smoltcp::socket::tcp::Socket, out: &mut Vec<u8>, max: usize) -> usize {
+    let mut got = 0;
+    while got < max {
+        let n = s
             .recv(|d| {
-                let n = d.len().min(max);
+                let n = d.len().min(max - got);
                 out.extend_from_slice(&d[..n]);
                 (n, n)
             })
-            .unwrap_or(0),
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got += n;
     }
+    got
 }
 
 /// Copies request bytes into `buf` without taking them.

@@ -653,11 +653,7 @@ impl Proxy {
             let s = self.stack.tcp(up.sock);
             let room = self.cfg.limits.max_header_bytes.saturating_sub(up.buf.len());
             if s.can_recv() && room > 0 {
-                let _ = s.recv(|d| {
-                    let n = d.len().min(room);
-                    up.buf.extend_from_slice(&d[..n]);
-                    (n, ())
-                });
+                io::recv_tcp_into(s, &mut up.buf, room);
             }
         }
         loop {
