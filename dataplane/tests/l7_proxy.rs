@@ -245,6 +245,10 @@ fn a_large_body_streams_through_small_buffers() {
     let resp = lab.exchange(h, &req, 20_000, complete);
     assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "{:?}", String::from_utf8_lossy(&resp[..resp.len().min(200)]));
     assert!(resp.ends_with(&body), "the echoed body came back whole");
+    // Each side's window is 8 KiB and every tick is a round trip: 400 KiB in and out takes
+    // ~50 ticks when a poll sends all a window allows (it took 307 when smoltcp was asked for
+    // one segment per socket per poll and the rest waited for an ACK or the next millisecond).
+    assert!(lab.now < 120, "{} ms for 200 KiB each way", lab.now);
 }
 
 #[test]

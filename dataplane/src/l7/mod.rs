@@ -8,4 +8,5 @@ pub mod proxy;
 pub mod router;
 pub mod sim;
 pub mod stack;
+pub mod timer_wheel;
 pub mod tls;
