@@ -20,6 +20,7 @@ use super::http::head::{self, ClientInfo};
 use super::http::Limits;
 use super::router::{Route, Router};
 use super::stack::{ConnKey, SockRef, Stack, StackConfig};
+use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
 use smoltcp::socket::tcp::State;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -153,9 +154,14 @@ pub struct Proxy {
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
     /// run when that shard received segments.
     by_shard: Vec<Vec<usize>>,
-    /// (when, client): deadlines to look at (head, upstream and idle timeouts), earliest first.
-    /// Entries are not removed when a deadline moves: a client run early finds nothing due.
-    deadlines: std::collections::BinaryHeap<std::cmp::Reverse<(u64, usize)>>,
+    /// (when, client): deadlines to look at (head, upstream and idle timeouts); a wheel, since
+    /// every request files one. Entries are not removed when a deadline moves: a client run
+    /// early finds nothing due.
+    deadlines: TimerWheel,
+    /// `run`'s lists, kept between runs so that a run allocates nothing.
+    busy: Vec<u32>,
+    todo: Vec<usize>,
+    due: Vec<u32>,
     /// When every client was last run (a safety net, once a second), and the stack's timers
     /// last checked.
     last_sweep_ms: u64,
@@ -197,7 +203,10 @@ impl Proxy {
             free_clients: Vec::new(),
             free_ups: Vec::new(),
             by_shard: Vec::new(),
-            deadlines: std::collections::BinaryHeap::new(),
+            deadlines: TimerWheel::new(0),
+            busy: Vec::new(),
+            todo: Vec::new(),
+            due: Vec::new(),
             last_sweep_ms: 0,
             last_timers_ms: 0,
             idle: AHashMap::new(),
@@ -312,27 +321,23 @@ impl Proxy {
     /// `emit` gets every IP packet to send.
     pub fn run(&mut self, now_ms: u64, emit: impl FnMut(&[u8])) {
         self.stack.set_now(now_ms);
-        let mut polled = Vec::new();
-        self.stack.poll_ingress(&mut polled);
+        let mut busy = std::mem::take(&mut self.busy);
+        let mut todo = std::mem::take(&mut self.todo);
+        busy.clear();
+        todo.clear();
+        self.stack.busy_shards(&mut busy);
         // Only the clients whose shards got segments and those with a deadline due (plus all of
         // them once a second): the cost of a loop follows the traffic, not the connections.
-        let sweep = now_ms >= self.last_sweep_ms + 1000;
-        let mut todo: Vec<usize> = if sweep {
+        if now_ms >= self.last_sweep_ms + 1000 {
             self.last_sweep_ms = now_ms;
-            (0..self.clients.len()).collect()
+            todo.extend(0..self.clients.len());
         } else {
-            polled.iter().flat_map(|&s| self.by_shard.get(s as usize).into_iter().flatten().copied()).collect()
-        };
-        while let Some(&std::cmp::Reverse((t, i))) = self.deadlines.peek() {
-            if t > now_ms {
-                break;
-            }
-            self.deadlines.pop();
-            todo.push(i);
+            todo.extend(busy.iter().flat_map(|&s| self.by_shard.get(s as usize).into_iter().flatten().copied()));
         }
+        self.deadlines.expire(now_ms, |_, i| todo.push(i as usize));
         todo.sort_unstable();
         todo.dedup();
-        for i in todo {
+        for &i in &todo {
             if let Some(mut c) = self.clients[i].take() {
                 let before = c.deadline;
                 let keep = self.step(&mut c, now_ms);
@@ -357,20 +362,24 @@ impl Proxy {
                 }
             }
         }
+        self.busy = busy;
+        self.todo = todo;
         self.run_probes(now_ms);
-        let mut due = Vec::new();
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
         if now_ms != self.last_timers_ms {
             self.last_timers_ms = now_ms;
             self.reap_idle(now_ms);
             self.stack.due_shards(&mut due);
         }
         self.stack.poll_egress(&due, emit);
+        self.due = due;
         // After egress, so that an aborted socket's RST went out first.
         self.stack.flush_removals();
     }
 
     fn watch(&mut self, when: u64, client: usize) {
-        self.deadlines.push(std::cmp::Reverse((when, client)));
+        self.deadlines.schedule(when, client as u32);
     }
 
     fn attach(&mut self, shard: u32, client: usize) {

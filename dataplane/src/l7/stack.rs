@@ -9,12 +9,11 @@
 use super::buffers::BufferPool;
 use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
-use smoltcp::iface::{Config, Interface, PollIngressSingleResult, PollResult, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
-use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 /// Sockets per shard. DESIGN.md measured one socket per interface fastest at every
@@ -41,44 +40,54 @@ pub struct SockRef {
 /// (the L7 address for clients, the appliance's own for upstreams) use disjoint ports.
 pub type ConnKey = (u32, u16, u16);
 
-/// IP packets in and out of one shard, buffers recycled.
-#[derive(Default)]
-struct Queues {
-    rx: VecDeque<Vec<u8>>,
-    tx: VecDeque<Vec<u8>>,
-    free: Vec<Vec<u8>>,
+/// The device smoltcp polls, made for each call over the stack's shared packet buffers: a
+/// segment is processed as it arrives (no per-shard queue to copy it into and find again cold),
+/// and what any shard sends lands in one list that stays in cache, whatever the connections.
+struct Io<'a> {
+    rx: Option<&'a [u8]>,
+    tx: &'a mut Vec<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
     mtu: usize,
 }
 
-pub struct RxTok(Vec<u8>);
-pub struct TxTok<'a>(&'a mut Queues);
+pub struct RxTok<'a>(&'a [u8]);
+pub struct TxTok<'a> {
+    tx: &'a mut Vec<Vec<u8>>,
+    free: &'a mut Vec<Vec<u8>>,
+}
 
-impl smoltcp::phy::RxToken for RxTok {
+impl smoltcp::phy::RxToken for RxTok<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        f(self.0)
     }
 }
 
 impl smoltcp::phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut b = self.0.free.pop().unwrap_or_default();
+        let mut b = self.free.pop().unwrap_or_default();
         b.clear();
         b.resize(len, 0);
         let r = f(&mut b);
-        self.0.tx.push_back(b);
+        self.tx.push(b);
         r
     }
 }
 
-impl Device for Queues {
-    type RxToken<'a> = RxTok;
-    type TxToken<'a> = TxTok<'a>;
-    fn receive(&mut self, _: Instant) -> Option<(RxTok, TxTok<'_>)> {
-        let p = self.rx.pop_front()?;
-        Some((RxTok(p), TxTok(self)))
+impl<'a> Device for Io<'a> {
+    type RxToken<'b>
+        = RxTok<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = TxTok<'b>
+    where
+        Self: 'b;
+    fn receive(&mut self, _: Instant) -> Option<(RxTok<'_>, TxTok<'_>)> {
+        let p = self.rx.take()?;
+        Some((RxTok(p), TxTok { tx: self.tx, free: self.free }))
     }
     fn transmit(&mut self, _: Instant) -> Option<TxTok<'_>> {
-        Some(TxTok(self))
+        Some(TxTok { tx: self.tx, free: self.free })
     }
     fn capabilities(&self) -> DeviceCapabilities {
         let mut c = DeviceCapabilities::default();
@@ -90,7 +99,6 @@ impl Device for Queues {
 
 struct Shard {
     iface: Interface,
-    dev: Queues,
     sockets: SocketSet<'static>,
     /// Per socket, the addresses of its receive and transmit buffers (from the stack's pools),
     /// given back when the socket is removed.
@@ -133,6 +141,10 @@ pub struct Stack {
     roomy: Vec<u32>,
     /// When shards' sockets next need a poll without new segments.
     timers: TimerWheel,
+    /// IP packets the shards sent, in order, until `poll_egress` hands them out.
+    out: Vec<Vec<u8>>,
+    /// Packet buffers to reuse.
+    free: Vec<Vec<u8>>,
     now: Instant,
     // Declared after `shards`: fields drop in order, so the sockets holding these buffers go
     // first.
@@ -153,6 +165,8 @@ impl Stack {
             scratch: Vec::new(),
             roomy: Vec::new(),
             timers: TimerWheel::new(0),
+            out: Vec::new(),
+            free: Vec::new(),
             now: Instant::from_millis(0),
         }
     }
@@ -171,7 +185,7 @@ impl Stack {
     }
 
     fn new_shard(&mut self) -> u32 {
-        let mut dev = Queues { mtu: self.cfg.mtu, ..Default::default() };
+        let mut dev = Io { rx: None, tx: &mut self.out, free: &mut self.free, mtu: self.cfg.mtu };
         let mut config = Config::new(HardwareAddress::Ip);
         // smoltcp's default seed is 0: predictable initial sequence numbers.
         config.random_seed = self.cfg.seed ^ (self.shards.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -185,7 +199,6 @@ impl Stack {
         let _ = iface.routes_mut().add_default_ipv4_route(self.cfg.own_addr);
         self.shards.push(Shard {
             iface,
-            dev,
             sockets: SocketSet::new(Vec::new()),
             lent: Vec::new(),
             used: 0,
@@ -279,10 +292,15 @@ impl Stack {
             None => return false,
         };
         let s = &mut self.shards[r.shard as usize];
-        let mut b = s.dev.free.pop().unwrap_or_default();
-        b.clear();
-        b.extend_from_slice(ip);
-        s.dev.rx.push_back(b);
+        let mut io = Io { rx: Some(ip), tx: &mut self.out, free: &mut self.free, mtu: self.cfg.mtu };
+        s.iface.poll_ingress_single(self.now, &mut io, &mut s.sockets);
+        if s.listening {
+            s.listening = s.sockets.iter().any(|(_, sock)| match sock {
+                smoltcp::socket::Socket::Tcp(t) => t.state() == tcp::State::Listen,
+                #[allow(unreachable_patterns)]
+                _ => false,
+            });
+        }
         self.mark(r.shard);
         true
     }
@@ -295,22 +313,10 @@ impl Stack {
         }
     }
 
-    /// Runs smoltcp on the shards that received segments: their sockets see the data. Adds
-    /// those shards to `polled`.
-    pub fn poll_ingress(&mut self, polled: &mut Vec<u32>) {
-        let now = self.now;
-        polled.extend_from_slice(&self.dirty);
-        for &i in &self.dirty {
-            let s = &mut self.shards[i as usize];
-            while s.iface.poll_ingress_single(now, &mut s.dev, &mut s.sockets) != PollIngressSingleResult::None {}
-            if s.listening {
-                s.listening = s.sockets.iter().any(|(_, sock)| match sock {
-                    smoltcp::socket::Socket::Tcp(t) => t.state() == tcp::State::Listen,
-                    #[allow(unreachable_patterns)]
-                    _ => false,
-                });
-            }
-        }
+    /// Adds the shards that received segments or whose sockets the caller touched since the
+    /// last `poll_egress` (their sockets have news for the caller) to `busy`.
+    pub fn busy_shards(&self, busy: &mut Vec<u32>) {
+        busy.extend_from_slice(&self.dirty);
     }
 
     /// Sends what sockets have to send (data, ACKs, retransmissions due) on the given shards
@@ -325,15 +331,18 @@ impl Stack {
         let fresh = std::mem::take(&mut self.scratch);
         let mut shards = std::mem::replace(&mut self.dirty, fresh);
         let mut again = Vec::new();
+        // What ingress answered at once (an RST, a challenge ACK) goes first.
+        self.free.extend(self.out.drain(..).inspect(|p| out(p)));
         for &i in &shards {
             let s = &mut self.shards[i as usize];
             s.dirty = false;
             let mut rounds = 0;
-            while s.iface.poll_egress(now, &mut s.dev, &mut s.sockets) == PollResult::SocketStateChanged {
-                while let Some(p) = s.dev.tx.pop_front() {
-                    out(&p);
-                    s.dev.free.push(p);
+            loop {
+                let mut io = Io { rx: None, tx: &mut self.out, free: &mut self.free, mtu: self.cfg.mtu };
+                if s.iface.poll_egress(now, &mut io, &mut s.sockets) != PollResult::SocketStateChanged {
+                    break;
                 }
+                self.free.extend(self.out.drain(..).inspect(|p| out(p)));
                 rounds += 1;
                 if rounds == EGRESS_ROUNDS {
                     again.push(i);
