@@ -251,12 +251,8 @@ impl Stack {
         let handle = s.sockets.add(sock.0);
         s.lent.push((handle, sock.1, sock.2));
         s.used += 1;
-        if s.used >= SHARD_SOCKETS && s.roomy {
-            s.roomy = false;
-            if let Some(k) = self.roomy.iter().rposition(|&i| i == shard) {
-                self.roomy.swap_remove(k);
-            }
-        }
+        // A shard that fills stays in `roomy` until `shard_with_room` passes it (its check is
+        // the one that counts), so filling one costs no search of the list.
         handle
     }
 
