@@ -2,16 +2,19 @@
 # Fulcrum's L7 proxy beside nginx and HAProxy as reverse proxies, in the same namespace lab
 # (vagrant/lab.sh), with the same backends (nginx on be1-be3:8080), the same client (wrk, keep-alive,
 # from fl-client) and the same load, one after another on the appliance's veth. Each proxy gets one
-# worker (Fulcrum: one worker core on DPDK AF_PACKET; nginx: worker_processes 1; HAProxy:
+# worker (Fulcrum: one worker core on DPDK, AF_XDP or AF_PACKET as IO says; nginx: worker_processes 1; HAProxy:
 # nbthread 1) and keeps upstream connections alive. Prints one JSON line and a table.
 # Needs root; tears the lab down on exit.
 #
-#   bash bench/lab/compare-l7.sh [SECONDS] [CONNECTIONS]   (FULCRUM=path/to/fulcrum to pick a binary)
+#   bash bench/lab/compare-l7.sh [SECONDS] [CONNECTIONS]
+#   (FULCRUM=path/to/fulcrum to pick a binary; IO=af_xdp|af_packet, default af_xdp as the lab)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 FULCRUM="${FULCRUM:-$ROOT/target/release/fulcrum}"
 SECS="${1:-10}"
 CONNS="${2:-16}"
+IO="${IO:-af_xdp}"
+case "$IO" in af_xdp | af_packet) ;; *) echo "IO must be af_xdp or af_packet, not $IO" >&2; exit 2 ;; esac
 LAB="$ROOT/vagrant/lab.sh"
 TMP="$(mktemp -d)"
 PIDS=()
@@ -58,7 +61,7 @@ wait_http() {
 # 1. Fulcrum (the lab bootstrap's l7 section serves the lab's Ingresses on 10.20.0.100).
 cp "$ROOT/config/examples/bootstrap.yaml" "$ROOT/config/examples/lab/manifests.yaml" "$TMP/"
 ip netns exec fl-lb "$FULCRUM" run --config "$TMP/bootstrap.yaml" --manifests "$TMP/manifests.yaml" \
-    --device net_af_packet0,iface=veth-lb >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
+    --device "net_${IO}0,iface=veth-lb" >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
 PIDS+=($!)
 wait_http fulcrum
 FULCRUM_JSON="$(load fulcrum)"
@@ -110,13 +113,13 @@ PIDS+=($!)
 wait_http haproxy
 HAPROXY_JSON="$(load haproxy)"
 
-python3 - "$SECS" "$CONNS" "$FULCRUM_JSON" "$NGINX_JSON" "$HAPROXY_JSON" <<'PY'
+python3 - "$SECS" "$CONNS" "$FULCRUM_JSON" "$NGINX_JSON" "$HAPROXY_JSON" "$IO" <<'PY'
 import json, sys
 secs, conns = float(sys.argv[1]), int(sys.argv[2])
 f, n, h = (json.loads(x) for x in sys.argv[3:6])
 load = float(open("/proc/loadavg").read().split()[0])
 out = {"bench": "lab-compare-l7", "seconds": secs, "connections": conns, "client": "wrk -t1 keep-alive",
-       "fulcrum_af_packet": f, "nginx": n, "haproxy": h,
+       "fulcrum_io": sys.argv[6], "fulcrum": f, "nginx": n, "haproxy": h,
        "ratio_fulcrum_to_nginx": (f["requests_per_s"] or 0) / max(1e-9, n["requests_per_s"] or 0),
        "ratio_fulcrum_to_haproxy": (f["requests_per_s"] or 0) / max(1e-9, h["requests_per_s"] or 0),
        "loadavg": load}

@@ -13,6 +13,7 @@
 #include <rte_ethdev.h>
 #include <rte_mbuf.h>
 #include <rte_mempool.h>
+#include <rte_mbuf_pool_ops.h>
 #include <rte_dev.h>
 
 /* Layout of struct rte_mbuf that Rust reads directly (no FFI call per packet), and the
@@ -45,6 +46,14 @@ unsigned fl_lcore_id(void);
 uint64_t fl_rdtsc(void);
 uint64_t fl_get_tsc_hz(void);
 unsigned fl_mempool_avail_count(const struct rte_mempool *mp);
+/* A packet pool whose objects are packed back to back (RTE_MEMPOOL_F_NO_IOVA_CONTIG), see
+ * shim.c. NULL with rte_errno set on failure. */
+struct rte_mempool *fl_pktmbuf_pool_create_packed(const char *name, unsigned n, unsigned cache,
+                                                  uint16_t data_room, int socket);
+/* How a pool lies in memory: its memory chunks, and the bytes per object (header + element +
+ * trailer: the stride when packed). */
+unsigned fl_mempool_nb_mem_chunks(const struct rte_mempool *mp);
+uint32_t fl_mempool_obj_stride(const struct rte_mempool *mp);
 /* RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP (function-like macros bindgen cannot read). */
 uint64_t fl_rss_hf_default(void);
 

@@ -244,3 +244,41 @@ fn vdev_hotplugged_after_init_opens_and_queues_are_send() {
     let e = eal.probe("net_bogus0").unwrap_err().to_string();
     assert!(e.contains("rte_dev_probe(net_bogus0)"), "{e}");
 }
+
+/// Lowest and highest mbuf address of a pool, all of its mbufs taken out and given back.
+fn mbuf_span(pool: &Mempool) -> (usize, usize) {
+    let all: Vec<Mbuf> = (0..pool.size()).map(|_| pool.alloc().expect("every mbuf")).collect();
+    assert!(pool.alloc().is_none(), "the pool is empty now");
+    let addrs: Vec<usize> = all.iter().map(|m| m.as_ptr() as usize).collect();
+    (*addrs.iter().min().unwrap(), *addrs.iter().max().unwrap())
+}
+
+#[test]
+fn packed_pool_is_one_block_of_equal_frames() {
+    // What AF_XDP's driver assumes when it registers a pool as its UMEM (base, mbufs x frame).
+    let (_eal, _g) = eal();
+    let packed = Mempool::new_packed("packed_pool", 1023, 0, SOCKET_ANY).unwrap();
+    assert_eq!(packed.mem_chunks(), 1);
+    let frame = packed.frame_size() as usize;
+    assert!(frame >= 128 + fulcrum_dpdk::MBUF_BUF_SIZE as usize, "{frame}");
+    let (lo, hi) = mbuf_span(&packed);
+    assert_eq!(hi - lo, (packed.size() as usize - 1) * frame, "mbufs back to back, {frame} bytes apart");
+    assert_eq!(packed.available(), packed.size(), "all given back");
+    // Packed mbufs are ordinary mbufs: data in and out, across a page boundary too.
+    let mut m = packed.alloc().unwrap();
+    assert!(m.fill(&frame_bytes(1500)));
+    assert_eq!(m.data(), &frame_bytes(1500)[..]);
+    assert_eq!(m.data_off(), fulcrum_dpdk::MBUF_HEADROOM);
+    drop(m);
+    // The default pool (no hugepages here) keeps each mbuf inside a 4 KiB page: spread wider
+    // than mbufs x frame, the reason the packed one exists.
+    let paged = Mempool::new("paged_pool", 1023, 0, SOCKET_ANY).unwrap();
+    let (lo, hi) = mbuf_span(&paged);
+    assert!(hi - lo > (paged.size() as usize - 1) * paged.frame_size() as usize, "default pool packed after all?");
+    let e = Mempool::new_packed("packed_pool", 15, 0, SOCKET_ANY).unwrap_err().to_string();
+    assert!(e.contains("packed pool(packed_pool") && e.contains("exists"), "{e}");
+}
+
+fn frame_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|b| (b * 13) as u8).collect()
+}

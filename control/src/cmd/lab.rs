@@ -42,6 +42,8 @@ pub struct Args {
 
 const HTTP_TARGETS: &[&str] = &["10.20.0.10:80", "[fd00:20::10]:80", "10.20.0.12:8080"];
 const UDP_TARGET: &str = "10.20.0.11:5353";
+/// The lab Ingress's host on the bootstrap's `l7.address`: through Fulcrum's HTTP proxy.
+const INGRESS_TARGET: &str = "10.20.0.100:80=web.lab";
 
 fn lab_dir(a: &Args) -> PathBuf {
     a.lab_dir
@@ -198,6 +200,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     for t in HTTP_TARGETS {
         cmd.args(["--http", t]);
     }
+    cmd.args(["--ingress", INGRESS_TARGET]);
     cmd.args(["--udp", UDP_TARGET, "--seconds", &a.duration.to_string()]);
     let mut client = cmd.stdout(Stdio::piped()).spawn().context("cannot start the lab client")?;
     let out = BufReader::new(client.stdout.take().unwrap());

@@ -1,7 +1,7 @@
 //! `fulcrum lab-client` (hidden): the lab's traffic, run inside the client namespace by
 //! `fulcrum lab`. Real TCP and UDP through the kernel: HTTP/1.1 GETs on fresh connections to
-//! the TCP VIPs (each a new flow through the appliance, so the spread is visible) and datagrams
-//! to the UDP VIP. Every second it prints one JSON line of cumulative counts; the backend is
+//! the TCP VIPs (each a new flow through the appliance, so the spread is visible) and to the
+//! Ingress address (the appliance's own HTTP proxy, by Host), and datagrams to the UDP VIP. Every second it prints one JSON line of cumulative counts; the backend is
 //! read from each answer (the lab's nginx and UDP echo name themselves).
 
 use std::collections::BTreeMap;
@@ -14,6 +14,9 @@ pub struct Args {
     /// HTTP targets (VIP:port), requests spread round robin over them.
     #[arg(long, value_name = "ADDR", required = true)]
     pub http: Vec<SocketAddr>,
+    /// HTTP targets served by host (ADDR=HOST: the Host header sent), in the same rotation.
+    #[arg(long, value_name = "ADDR=HOST", value_parser = parse_ingress)]
+    pub ingress: Vec<(SocketAddr, String)>,
     /// UDP echo target (VIP:port).
     #[arg(long, value_name = "ADDR")]
     pub udp: Option<SocketAddr>,
@@ -32,12 +35,23 @@ struct Counts {
     last_error: Option<String>,
 }
 
-/// One GET on a new connection; returns the body's first word (the backend's name).
-fn get(addr: SocketAddr) -> Result<String, String> {
+fn parse_ingress(s: &str) -> Result<(SocketAddr, String), String> {
+    let (addr, host) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected ADDR=HOST"))?;
+    let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    if host.is_empty() {
+        return Err(format!("{s:?}: empty host"));
+    }
+    Ok((addr, host.to_string()))
+}
+
+/// One GET on a new connection (Host: `host`, else the address); returns the body's first word
+/// (the backend's name).
+fn get(addr: SocketAddr, host: Option<&str>) -> Result<String, String> {
     let mut s =
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect {addr}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    let host = addr.ip();
+    let ip = addr.ip().to_string();
+    let host = host.unwrap_or(&ip);
     write!(s, "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
         .map_err(|e| format!("send {addr}: {e}"))?;
     let mut resp = Vec::new();
@@ -67,9 +81,16 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let mut i = 0usize;
     let mut buf = [0u8; 512];
     while start.elapsed().as_secs_f64() < a.seconds {
-        let target = a.http[i % a.http.len()];
+        let n = a.http.len() + a.ingress.len();
+        let (target, host) = match a.http.get(i % n) {
+            Some(&t) => (t, None),
+            None => {
+                let (t, h) = &a.ingress[i % n - a.http.len()];
+                (*t, Some(h.as_str()))
+            }
+        };
         i += 1;
-        match get(target) {
+        match get(target, host) {
             Ok(b) => {
                 c.requests += 1;
                 *c.per_backend.entry(b).or_default() += 1;

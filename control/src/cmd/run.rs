@@ -1,9 +1,9 @@
 //! `fulcrum run`: the appliance. DPDK on the bootstrap file's port, one pinned worker per
 //! configured core (one rx and one tx queue each, RSS across them), manifests watched.
 
-use fulcrum_control::serve::{serve, Input, ServeOptions};
 use anyhow::Context;
 use fulcrum_config::Bootstrap;
+use fulcrum_control::serve::{serve, Input, ServeOptions};
 use fulcrum_dataplane::runtime::WorkerSpec;
 use fulcrum_dataplane::worker::WorkerConfig;
 use fulcrum_dpdk::{Eal, EthPort, Mempool, PortConf};
@@ -84,15 +84,24 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
     let workers = boot.workers.cores.len() as u16;
     let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
     // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
-    // AF_XDP reception stalled with large pools here (without hugepages: 8191 mbufs stopped
-    // after ~4.7k packets, 32767 after ~19k, always ~0.58 packets per mbuf, with the pool's
-    // free count steady and the pool in one memory chunk); 4095 (under the driver's default of
-    // 4096 UMEM frames) runs on. Cause not found yet, so an AF_XDP port gets a pool that small
-    // unless --mbufs says otherwise.
     let af_xdp = port_cfg.device.starts_with("net_af_xdp");
-    let default_mbufs = if af_xdp { 4095 } else { (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1 };
+    let default_mbufs = (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1;
     let n_mbufs = a.mbufs.unwrap_or(default_mbufs);
-    let pool = Mempool::new("fulcrum-pkts", n_mbufs, 256, -1).context("cannot create the packet pool")?;
+    // AF_XDP's driver makes the pool's memory the socket's UMEM: it must be one block of equal
+    // frames (see Mempool::new_packed), or the kernel refuses the mbufs past its end.
+    let pool = if af_xdp {
+        let pool = Mempool::new_packed("fulcrum-pkts", n_mbufs, 256, -1).context("cannot create the packet pool")?;
+        if pool.mem_chunks() != 1 {
+            anyhow::bail!(
+                "the packet pool ({n_mbufs} mbufs) lies in {} memory chunks; an AF_XDP port needs one: \
+                 give DPDK more memory (-m in eal_args) or fewer mbufs (--mbufs)",
+                pool.mem_chunks()
+            );
+        }
+        pool
+    } else {
+        Mempool::new("fulcrum-pkts", n_mbufs, 256, -1).context("cannot create the packet pool")?
+    };
     let conf = PortConf {
         rx_queues: workers,
         tx_queues: workers,
