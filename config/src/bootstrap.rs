@@ -408,7 +408,10 @@ impl Bootstrap {
             if le.renew_seconds == 0 || le.renew_seconds >= le.lease_seconds {
                 return fail(
                     "leader_election.renew_seconds",
-                    format!("{} must be at least 1 and less than lease_seconds ({})", le.renew_seconds, le.lease_seconds),
+                    format!(
+                        "{} must be at least 1 and less than lease_seconds ({})",
+                        le.renew_seconds, le.lease_seconds
+                    ),
                 );
             }
         }

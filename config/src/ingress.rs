@@ -241,8 +241,11 @@ fn backend(
     let at = |suffix: &str| format!("{}{suffix}", field());
     let Some(s) = &b.service else {
         if b.resource.is_some() {
-            warnings
-                .push(format!("Ingress {}: {}: resource backends are not supported; ignored", ctx.id, at(".resource")));
+            warnings.push(format!(
+                "Ingress {}: {}: resource backends are not supported; ignored",
+                ctx.id,
+                at(".resource")
+            ));
             return Ok(None);
         }
         return Err(ctx.err(field(), "a backend needs a service (or a resource)"));
@@ -251,13 +254,10 @@ fn backend(
         return Err(ctx.err(at(".service.name"), "a backend service needs a name"));
     }
     let service = ObjectRef { namespace: ctx.id.namespace.clone(), name: s.name.clone() };
-    let port =
-        s.port.as_ref().ok_or_else(|| ctx.err(at(".service.port"), "a backend service needs a port"))?;
+    let port = s.port.as_ref().ok_or_else(|| ctx.err(at(".service.port"), "a backend service needs a port"))?;
     let ports = services.get(&service).and_then(|svc| svc.spec.as_ref()).and_then(|sp| sp.ports.as_ref());
     let (resolved, why) = match (port.number, port.name.as_deref()) {
-        (Some(_), Some(_)) => {
-            return Err(ctx.err(at(".service.port"), "give the port by number or by name, not both"))
-        }
+        (Some(_), Some(_)) => return Err(ctx.err(at(".service.port"), "give the port by number or by name, not both")),
         (None, None) => return Err(ctx.err(at(".service.port"), "needs a number or a name")),
         (Some(n), None) if !(1..=65535).contains(&n) => {
             return Err(ctx.err(at(".service.port.number"), format!("{n} is not a port (1-65535)")))
@@ -384,16 +384,21 @@ pub fn translate_ingresses(objects: &Objects, sel: &ClassSelection) -> Result<L7
                     Some(x) if x.starts_with('/') => x.to_string(),
                     None | Some("") if p.path_type == "ImplementationSpecific" => "/".to_string(),
                     Some(x) => {
-                        return Err(ctx
-                            .err(format!("{}.path", field()), format!("{x:?} must be an absolute path (start with '/')")))
+                        return Err(ctx.err(
+                            format!("{}.path", field()),
+                            format!("{x:?} must be an absolute path (start with '/')"),
+                        ))
                     }
                     None => return Err(ctx.err(format!("{}.path", field()), "required for Exact and Prefix paths")),
                 };
                 if path.bytes().any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#') {
-                    return Err(ctx
-                        .err(format!("{}.path", field()), format!("{path:?}: no spaces, '?', '#' or control characters")));
+                    return Err(ctx.err(
+                        format!("{}.path", field()),
+                        format!("{path:?}: no spaces, '?', '#' or control characters"),
+                    ));
                 }
-                let Some(b) = backend(&ctx, &|| format!("{}.backend", field()), &p.backend, &services, &mut state.warnings)?
+                let Some(b) =
+                    backend(&ctx, &|| format!("{}.backend", field()), &p.backend, &services, &mut state.warnings)?
                 else {
                     continue;
                 };

@@ -370,7 +370,9 @@ fn requested_vips(boot: &Bootstrap, lb: &Lb<'_>) -> Result<Vec<(IpAddr, String)>
     for (text, field) in requested {
         let ip: IpAddr = text.parse().map_err(|_| lb.err(&field, format!("{text:?} is not an IP address")))?;
         if let Some((other, _)) = vips.iter().find(|(v, _)| v.is_ipv4() == ip.is_ipv4()) {
-            return Err(lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip))));
+            return Err(
+                lb.err(&field, format!("{ip} and {other} are both {}: at most one VIP per family", family(&ip)))
+            );
         }
         if !boot.in_vip_pools(&ip) {
             return Err(lb.err(&field, format!("{ip} is outside every VIP pool ({})", describe_pools(&boot.vip_pools))));
@@ -624,7 +626,9 @@ fn health_check(lb: &Lb<'_>) -> Result<Option<HealthCheck>, ConfigError> {
     // run interval / fall apart, and each may take the timeout (see the prober).
     let timeout = number("timeout", (interval / fall as f64).min(2.0), 0.05, 3600.0)?;
     if timeout > interval {
-        return Err(lb.err(annotation_field(&key("timeout")), format!("{timeout} s exceeds the interval ({interval} s)")));
+        return Err(
+            lb.err(annotation_field(&key("timeout")), format!("{timeout} s exceeds the interval ({interval} s)"))
+        );
     }
     Ok(Some(HealthCheck {
         http_path,
@@ -949,22 +953,32 @@ mod tests {
     #[test]
     fn health_check_annotations() {
         let with = |ann: &str| run(&[svc("web", &format!(", annotations: {{{ann}}}"), HTTP)]);
-        let h = with("fulcrum.io/health-check: http, fulcrum.io/health-check-path: /healthz, \
-                      fulcrum.io/health-check-interval: '0.5', fulcrum.io/health-check-rise: '3'")
+        let h = with(
+            "fulcrum.io/health-check: http, fulcrum.io/health-check-path: /healthz, \
+                      fulcrum.io/health-check-interval: '0.5', fulcrum.io/health-check-rise: '3'",
+        )
         .unwrap()
         .services[0]
             .health
             .clone()
             .unwrap();
-        assert_eq!(h, HealthCheck { http_path: Some("/healthz".into()), interval_ms: 500, timeout_ms: 250, fall: 2, rise: 3 });
+        assert_eq!(
+            h,
+            HealthCheck { http_path: Some("/healthz".into()), interval_ms: 500, timeout_ms: 250, fall: 2, rise: 3 }
+        );
         let t = with("fulcrum.io/health-check: tcp").unwrap().services[0].health.clone().unwrap();
         assert_eq!((t.http_path, t.interval_ms, t.timeout_ms), (None, 5000, 2000));
         assert!(with("").unwrap().services[0].health.is_none());
         let e = with("fulcrum.io/health-check: icmp").unwrap_err().to_string();
-        assert!(e.contains(r#"field metadata.annotations["fulcrum.io/health-check"]: "icmp" is not a health check"#), "{e}");
-        let e = with("fulcrum.io/health-check: tcp, fulcrum.io/health-check-interval: '1', fulcrum.io/health-check-timeout: '2'")
-            .unwrap_err()
-            .to_string();
+        assert!(
+            e.contains(r#"field metadata.annotations["fulcrum.io/health-check"]: "icmp" is not a health check"#),
+            "{e}"
+        );
+        let e = with(
+            "fulcrum.io/health-check: tcp, fulcrum.io/health-check-interval: '1', fulcrum.io/health-check-timeout: '2'",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("exceeds the interval"), "{e}");
         let e = with("fulcrum.io/health-check: http, fulcrum.io/health-check-path: 'x y'").unwrap_err().to_string();
         assert!(e.contains("is not an absolute path"), "{e}");

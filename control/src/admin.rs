@@ -87,7 +87,10 @@ impl ControlState {
         }
         let api = match &self.kube {
             Some(m) if !m.connected() => {
-                format!(", Kubernetes API unreachable ({}): serving the last snapshot", m.last_error().unwrap_or_default())
+                format!(
+                    ", Kubernetes API unreachable ({}): serving the last snapshot",
+                    m.last_error().unwrap_or_default()
+                )
             }
             _ => String::new(),
         };
@@ -97,8 +100,13 @@ impl ControlState {
 
 /// Serves until `stop` is set. Returns once the socket is bound, so that a bad address is an error
 /// at start-up and not a silent absence.
-pub fn start(addr: SocketAddr, state: Arc<ControlState>, stop: Arc<AtomicBool>) -> anyhow::Result<std::thread::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin endpoint: cannot listen on {addr}: {e}"))?;
+pub fn start(
+    addr: SocketAddr,
+    state: Arc<ControlState>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let listener =
+        TcpListener::bind(addr).map_err(|e| anyhow::anyhow!("admin endpoint: cannot listen on {addr}: {e}"))?;
     listener.set_nonblocking(true)?;
     eprintln!("fulcrum: admin endpoint on http://{addr}/ (/metrics /healthz /readyz /snapshot)");
     Ok(std::thread::Builder::new().name("fulcrum-admin".into()).spawn(move || {
@@ -260,9 +268,12 @@ pub fn render_metrics(state: &ControlState) -> String {
             c.l7.connections
         }),
         ("fulcrum_l7_requests_total", "counter", "HTTP requests received.", |c| c.l7.requests),
-        ("fulcrum_l7_socket_buffer_bytes", "gauge", "Bytes held for TCP socket buffers (in use or kept for reuse).", |c| {
-            c.l7.socket_buffer_bytes
-        }),
+        (
+            "fulcrum_l7_socket_buffer_bytes",
+            "gauge",
+            "Bytes held for TCP socket buffers (in use or kept for reuse).",
+            |c| c.l7.socket_buffer_bytes,
+        ),
         ("fulcrum_health_probes_total", "counter", "Active health probes completed.", |c| c.l7.health_probes),
         ("fulcrum_health_probe_failures_total", "counter", "Active health probes failed.", |c| c.l7.health_failures),
         ("fulcrum_health_transitions_total", "counter", "Endpoints going down or up by their checks.", |c| {
@@ -287,7 +298,11 @@ pub fn render_metrics(state: &ControlState) -> String {
     o.family("fulcrum_l7_responses_total", "counter", "HTTP responses sent to clients, by status class.");
     for (i, c) in cores.iter().enumerate() {
         for (k, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-            o.sample("fulcrum_l7_responses_total", &[("core", i.to_string()), ("class", class.to_string())], c.l7.responses[k]);
+            o.sample(
+                "fulcrum_l7_responses_total",
+                &[("core", i.to_string()), ("class", class.to_string())],
+                c.l7.responses[k],
+            );
         }
     }
     let mut total = CoreStats::default();
@@ -295,7 +310,11 @@ pub fn render_metrics(state: &ControlState) -> String {
         total.merge(c);
     }
     if let Some(h) = total.l7_latency_us.as_ref() {
-        o.summary_us("fulcrum_l7_request_duration_seconds", "From a request's head to its response's head, as the proxy saw it.", h);
+        o.summary_us(
+            "fulcrum_l7_request_duration_seconds",
+            "From a request's head to its response's head, as the proxy saw it.",
+            h,
+        );
     }
 
     if let Some(s) = shared.as_ref() {
@@ -335,7 +354,11 @@ pub fn render_metrics(state: &ControlState) -> String {
     }
     o.family("fulcrum_snapshots_published_total", "counter", "Snapshots published to the workers.");
     o.sample("fulcrum_snapshots_published_total", &[], state.snapshots_published.load(Ordering::Relaxed));
-    o.family("fulcrum_snapshots_rejected_total", "counter", "Inputs that did not compile (the last snapshot kept serving).");
+    o.family(
+        "fulcrum_snapshots_rejected_total",
+        "counter",
+        "Inputs that did not compile (the last snapshot kept serving).",
+    );
     o.sample("fulcrum_snapshots_rejected_total", &[], state.snapshots_rejected.load(Ordering::Relaxed));
     o.family("fulcrum_objects_with_problems", "gauge", "Objects left out of the last snapshot (see Events and logs).");
     o.sample("fulcrum_objects_with_problems", &[], state.objects_with_problems.load(Ordering::Relaxed));

@@ -44,15 +44,13 @@ fn main() {
     // One crypto provider for the whole process (the L7 TLS server and the Kubernetes client).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                // kube warns on every connection to a server whose kubeconfig skips TLS
-                // verification (the user's own kubeconfig says so), and logs every failed
-                // reconnection while the API server is away; Fulcrum says the latter once per
-                // outage itself, and counts them in /metrics.
-                "warn,kube_client::client::tls=error,kube_client::client::builder=off".into()
-            }),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            // kube warns on every connection to a server whose kubeconfig skips TLS
+            // verification (the user's own kubeconfig says so), and logs every failed
+            // reconnection while the API server is away; Fulcrum says the latter once per
+            // outage itself, and counts them in /metrics.
+            "warn,kube_client::client::tls=error,kube_client::client::builder=off".into()
+        }))
         .with_writer(std::io::stderr)
         .init();
     let result = match &cli.cmd {

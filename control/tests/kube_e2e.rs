@@ -132,7 +132,8 @@ fn kubernetes_end_to_end() {
     let api_dir = dir.join("apiserver");
 
     assert!(lab(&["up"]).status.success(), "lab.sh up");
-    let mut teardown = Teardown { fulcrum: None, apiserver: Some(api_dir.clone()), restarted: None, others: Vec::new() };
+    let mut teardown =
+        Teardown { fulcrum: None, apiserver: Some(api_dir.clone()), restarted: None, others: Vec::new() };
     let start_api = || {
         let o = Command::new("ip")
             .args(["netns", "exec", "fl-lb", "bash"])
@@ -342,13 +343,20 @@ fn kubernetes_end_to_end() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("wrk during 1,000 API changes:\n{text}");
     assert!(out.status.success(), "{text}");
-    assert!(!text.contains("Socket errors") && !text.contains("Non-2xx"), "requests failed during the changes:\n{text}");
+    assert!(
+        !text.contains("Socket errors") && !text.contains("Non-2xx"),
+        "requests failed during the changes:\n{text}"
+    );
     let published = {
         let o = Command::new("ip")
             .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("fulcrum_snapshots_published_total ")).unwrap_or("").to_string()
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.starts_with("fulcrum_snapshots_published_total "))
+            .unwrap_or("")
+            .to_string()
     };
     eprintln!("{published}");
 
@@ -363,8 +371,16 @@ fn kubernetes_end_to_end() {
     k.wait_lb_ips("ingress", "shop", "secure", "10.20.0.100");
     let https = || {
         client(&[
-            "curl", "-s", "-m", "5", "--fail", "--cacert", ca.to_str().unwrap(), "--resolve",
-            "secure.lab:443:10.20.0.100", "https://secure.lab/",
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "--fail",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "--resolve",
+            "secure.lab:443:10.20.0.100",
+            "https://secure.lab/",
         ])
     };
     let t = Instant::now();
@@ -402,7 +418,8 @@ fn kubernetes_end_to_end() {
     if let Some(mut a) = teardown.fulcrum.take() {
         stop(&mut a);
     }
-    let election = "leader_election:\n  identity: IDENT\n  lease_namespace: default\n  lease_seconds: 4\n  renew_seconds: 1\n";
+    let election =
+        "leader_election:\n  identity: IDENT\n  lease_namespace: default\n  lease_seconds: 4\n  renew_seconds: 1\n";
     std::fs::write(dir.join("a.yaml"), format!("{boot}{}", election.replace("IDENT", "lb-a"))).unwrap();
     let boot_b = boot
         .replace("02:f1:00:00:00:01", "02:f1:00:00:00:03")
@@ -432,7 +449,8 @@ fn kubernetes_end_to_end() {
             .spawn()
             .expect("fulcrum run")
     };
-    let holder = || k.run(&["-n", "default", "get", "lease", "fulcrum", "-o", "jsonpath={.spec.holderIdentity}"], None).1;
+    let holder =
+        || k.run(&["-n", "default", "get", "lease", "fulcrum", "-o", "jsonpath={.spec.holderIdentity}"], None).1;
     let mut a = appliance("fl-lb", "a.yaml", "veth-lb", "a.log");
     let t = Instant::now();
     while holder().trim() != "lb-a" {
@@ -489,7 +507,9 @@ fn kubernetes_end_to_end() {
     eprintln!("leader stopped cleanly -> Lease taken by the other after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(3), "the Lease was not released: {:?}", t.elapsed());
     let t = Instant::now();
-    while !client(&["ip", "neigh", "show", "10.20.0.2"]).1.contains("02:f1:00:00:00:01") || curl("http://10.20.0.2/").is_none() {
+    while !client(&["ip", "neigh", "show", "10.20.0.2"]).1.contains("02:f1:00:00:00:01")
+        || curl("http://10.20.0.2/").is_none()
+    {
         assert!(t.elapsed() < Duration::from_secs(10), "lb-a does not serve the VIP after the handover");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -31,7 +31,11 @@ pub struct SnapshotCell {
 
 impl SnapshotCell {
     pub fn new(s: Arc<Snapshot>) -> SnapshotCell {
-        SnapshotCell { generation: AtomicU64::new(s.generation), current: Mutex::new(s), retired: Mutex::new(Vec::new()) }
+        SnapshotCell {
+            generation: AtomicU64::new(s.generation),
+            current: Mutex::new(s),
+            retired: Mutex::new(Vec::new()),
+        }
     }
 
     /// Makes `s` current; workers switch at their next loop iteration. Never blocks a worker

@@ -252,7 +252,9 @@ fn health_targets(state: &DesiredState) -> Vec<HealthTarget> {
         .filter_map(|s| s.health.as_ref().map(|c| (s, c)))
         .flat_map(|(s, c)| {
             s.endpoints.iter().filter_map(move |e| match e.addr {
-                IpAddr::V4(a) => Some(HealthTarget { endpoint: std::net::SocketAddrV4::new(a, e.port), check: c.clone() }),
+                IpAddr::V4(a) => {
+                    Some(HealthTarget { endpoint: std::net::SocketAddrV4::new(a, e.port), check: c.clone() })
+                }
                 IpAddr::V6(_) => None,
             })
         })
@@ -309,15 +311,14 @@ fn build_tables(keys: &[MaglevKey], cache: &HashMap<MaglevKey, BuiltTable>) -> V
             push_maglev_key(&mut names, a, p);
             ends.push(names.len());
         }
-        let inputs: Vec<MaglevInput> = k
-            .1
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, _, weight))| {
-                let start = if i == 0 { 0 } else { ends[i - 1] };
-                MaglevInput { key: &names[start..ends[i]], weight }
-            })
-            .collect();
+        let inputs: Vec<MaglevInput> =
+            k.1.iter()
+                .enumerate()
+                .map(|(i, &(_, _, weight))| {
+                    let start = if i == 0 { 0 } else { ends[i - 1] };
+                    MaglevInput { key: &names[start..ends[i]], weight }
+                })
+                .collect();
         let (table, shares) = MaglevTable::build_with_shares(&inputs, k.0);
         BuiltTable { table, shares }
     };
@@ -551,11 +552,8 @@ impl Snapshot {
                     st == EndpointState::Terminating
                 }
             };
-            let inputs: Vec<(IpAddr, u16, u32)> = s
-                .endpoints
-                .iter()
-                .map(|e| (e.addr, e.port, if takes_new(e.state) { e.weight } else { 0 }))
-                .collect();
+            let inputs: Vec<(IpAddr, u16, u32)> =
+                s.endpoints.iter().map(|e| (e.addr, e.port, if takes_new(e.state) { e.weight } else { 0 })).collect();
             let n = inputs.iter().filter(|i| i.2 > 0).count();
             if n >= m as usize {
                 return Err(CompileError::TableTooSmall { service: s.service.to_string(), backends: n, m });
@@ -711,8 +709,13 @@ mod tests {
             rng = super::mix64(rng);
             rng
         };
-        let mut addrs: Vec<IpAddr> = vec![Ipv4Addr::new(0, 0, 0, 0).into(), Ipv4Addr::new(255, 255, 255, 255).into(),
-            Ipv4Addr::new(10, 0, 9, 100).into(), Ipv6Addr::LOCALHOST.into(), "fd00::1:0:0:2".parse().unwrap()];
+        let mut addrs: Vec<IpAddr> = vec![
+            Ipv4Addr::new(0, 0, 0, 0).into(),
+            Ipv4Addr::new(255, 255, 255, 255).into(),
+            Ipv4Addr::new(10, 0, 9, 100).into(),
+            Ipv6Addr::LOCALHOST.into(),
+            "fd00::1:0:0:2".parse().unwrap(),
+        ];
         for _ in 0..1000 {
             addrs.push(Ipv4Addr::from(next() as u32).into());
             addrs.push(Ipv6Addr::from((next() as u128) << 64 | next() as u128).into());

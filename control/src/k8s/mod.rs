@@ -152,8 +152,7 @@ impl Kube {
                 }
             });
         })?;
-        let (mirror, client, runtime) =
-            rx.recv().context("the Kubernetes client thread ended before connecting")??;
+        let (mirror, client, runtime) = rx.recv().context("the Kubernetes client thread ended before connecting")??;
         Ok(Kube { mirror, client, runtime, stop, thread: Some(thread) })
     }
 
@@ -185,7 +184,9 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<(Client, String)> {
                 .await
                 .with_context(|| format!("{}: cannot use the kubeconfig", path.display()))?
         }
-        None => kube::Config::infer().await.context("no kubeconfig given and none found (in-cluster or $KUBECONFIG)")?,
+        None => {
+            kube::Config::infer().await.context("no kubeconfig given and none found (in-cluster or $KUBECONFIG)")?
+        }
     };
     let url = config.cluster_url.to_string().trim_end_matches('/').to_string();
     Ok((Client::try_from(config).context("cannot build the Kubernetes client")?, url))
@@ -193,10 +194,8 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<(Client, String)> {
 
 async fn start(kubeconfig: Option<&Path>) -> anyhow::Result<(Arc<Mirror>, Client)> {
     let (client, url) = client(kubeconfig).await?;
-    let version = client
-        .apiserver_version()
-        .await
-        .with_context(|| format!("cannot reach the Kubernetes API server at {url}"))?;
+    let version =
+        client.apiserver_version().await.with_context(|| format!("cannot reach the Kubernetes API server at {url}"))?;
     let discovery = kube::discovery::oneshot::group(&client, "discovery.k8s.io")
         .await
         .with_context(|| format!("{url}: the server serves no discovery.k8s.io API (EndpointSlices)"))?;
@@ -291,7 +290,10 @@ fn trim<K: kube::Resource>(o: &mut K) {
 /// A `discovery.k8s.io/v1beta1` EndpointSlice event as v1 (servers before 1.21), converted as it
 /// arrives. The server validated the object; one we still cannot read is said and left out: a
 /// new version of it takes the old one out of the store, and a listed one is skipped.
-fn slice_event_from_v1beta1(e: watcher::Event<DynamicObject>, source: &Source) -> Option<watcher::Event<EndpointSlice>> {
+fn slice_event_from_v1beta1(
+    e: watcher::Event<DynamicObject>,
+    source: &Source,
+) -> Option<watcher::Event<EndpointSlice>> {
     use watcher::Event;
     // A slice with the key only, for deletions: a deleted or unreadable object's metadata moves.
     let key = |o: DynamicObject| EndpointSlice { metadata: o.metadata, ..Default::default() };
@@ -431,10 +433,16 @@ mod tests {
         assert_eq!(v1.metadata.name.as_deref(), Some("web-a"));
         assert_eq!(v1.endpoints[0].addresses, vec!["10.1.0.5".to_string()]);
         assert_eq!(v1.endpoints[0].node_name.as_deref(), Some("node-1"), "topology's hostname is v1's nodeName");
-        assert!(matches!(super::slice_event_from_v1beta1(Event::InitApply(good.clone()), &source), Some(Event::InitApply(_))));
+        assert!(matches!(
+            super::slice_event_from_v1beta1(Event::InitApply(good.clone()), &source),
+            Some(Event::InitApply(_))
+        ));
         match super::slice_event_from_v1beta1(Event::Apply(bad.clone()), &source) {
             Some(Event::Delete(k)) => {
-                assert_eq!((k.metadata.namespace.as_deref(), k.metadata.name.as_deref()), (Some("shop"), Some("web-a")));
+                assert_eq!(
+                    (k.metadata.namespace.as_deref(), k.metadata.name.as_deref()),
+                    (Some("shop"), Some("web-a"))
+                );
                 assert!(k.endpoints.is_empty());
             }
             other => panic!("an unreadable new version removes the old one: {other:?}"),

@@ -33,7 +33,6 @@ pub struct StatusWrite {
     pub ips: Vec<IpAddr>,
 }
 
-
 /// Status requests in flight at once.
 pub const STATUS_CONCURRENCY: usize = 16;
 
@@ -116,8 +115,7 @@ fn parse_ips<'a>(ips: impl Iterator<Item = Option<&'a String>>) -> Vec<Option<Ip
 /// never shows an address that does not answer.
 pub fn status_writes(boot: &Bootstrap, objects: &Objects, t: &Translation) -> Vec<StatusWrite> {
     let mut out = Vec::new();
-    let failed: BTreeSet<&ObjectRef> =
-        t.problems.iter().filter(|p| p.kind == "Service").map(|p| &p.object).collect();
+    let failed: BTreeSet<&ObjectRef> = t.problems.iter().filter(|p| p.kind == "Service").map(|p| &p.object).collect();
     for s in &objects.services {
         let object = ObjectRef::of(&s.object.metadata);
         let lb = s.object.status.as_ref().and_then(|st| st.load_balancer.as_ref());
@@ -145,8 +143,7 @@ pub fn status_writes(boot: &Bootstrap, objects: &Objects, t: &Translation) -> Ve
                 continue;
             }
             let lb = i.object.status.as_ref().and_then(|st| st.load_balancer.as_ref());
-            let current =
-                parse_ips(lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().map(|i| i.ip.as_ref()));
+            let current = parse_ips(lb.and_then(|l| l.ingress.as_ref()).into_iter().flatten().map(|i| i.ip.as_ref()));
             if current != vec![Some(want[0])] {
                 out.push(StatusWrite { kind: Kind::Ingress, object, ips: want.clone() });
             }
@@ -212,10 +209,16 @@ impl EventLog {
 /// A reference to the object (with its uid, so `kubectl describe` lists the Event).
 fn reference(objects: &Objects, kind: &str, object: &ObjectRef) -> Option<ObjectReference> {
     match kind {
-        "Service" => objects.services.iter().find(|s| ObjectRef::of(&s.object.metadata) == *object).map(|s| s.object.object_ref(&())),
-        "Ingress" => {
-            objects.ingresses.iter().find(|s| ObjectRef::of(&s.object.metadata) == *object).map(|s| s.object.object_ref(&()))
-        }
+        "Service" => objects
+            .services
+            .iter()
+            .find(|s| ObjectRef::of(&s.object.metadata) == *object)
+            .map(|s| s.object.object_ref(&())),
+        "Ingress" => objects
+            .ingresses
+            .iter()
+            .find(|s| ObjectRef::of(&s.object.metadata) == *object)
+            .map(|s| s.object.object_ref(&())),
         _ => None,
     }
 }
@@ -245,14 +248,16 @@ mod tests {
     use std::path::Path;
 
     fn boot() -> Bootstrap {
-        let mut b = Bootstrap::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples/bootstrap.yaml")))
-            .unwrap();
+        let mut b =
+            Bootstrap::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/examples/bootstrap.yaml")))
+                .unwrap();
         b.vip_pools[0].cidrs = vec!["10.20.0.4/31".parse().unwrap()];
         b
     }
 
     fn svc(name: &str, status_ip: Option<&str>) -> String {
-        let status = status_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
+        let status =
+            status_ip.map(|ip| format!("status: {{loadBalancer: {{ingress: [{{ip: {ip}}}]}}}}\n")).unwrap_or_default();
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo, uid: u-{name}}}\n\
              spec: {{type: LoadBalancer, ports: [{{port: 80}}]}}\n{status}"
@@ -277,8 +282,16 @@ mod tests {
         assert_eq!(
             writes,
             vec![
-                StatusWrite { kind: Kind::Service, object: ObjectRef { namespace: "demo".into(), name: "a".into() }, ips: vec!["10.20.0.4".parse().unwrap()] },
-                StatusWrite { kind: Kind::Ingress, object: ObjectRef { namespace: "demo".into(), name: "web".into() }, ips: vec!["10.20.0.100".parse().unwrap()] },
+                StatusWrite {
+                    kind: Kind::Service,
+                    object: ObjectRef { namespace: "demo".into(), name: "a".into() },
+                    ips: vec!["10.20.0.4".parse().unwrap()]
+                },
+                StatusWrite {
+                    kind: Kind::Ingress,
+                    object: ObjectRef { namespace: "demo".into(), name: "web".into() },
+                    ips: vec!["10.20.0.100".parse().unwrap()]
+                },
             ]
         );
         let mut log = EventLog::default();

@@ -52,8 +52,21 @@ pub fn make_ca(dir: &Path) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj",
-            "/CN=Fulcrum e2e CA", "-keyout", "ca.key", "-out", "ca.crt",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Fulcrum e2e CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
         ],
     );
 }
@@ -64,16 +77,39 @@ pub fn tls_secret(dir: &Path, org: &str, ns: &str) -> String {
     openssl(
         dir,
         &[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj",
-            &format!("/CN=secure.lab/O={org}"), "-keyout", &format!("{org}.key"), "-out", &format!("{org}.csr"),
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            &format!("/CN=secure.lab/O={org}"),
+            "-keyout",
+            &format!("{org}.key"),
+            "-out",
+            &format!("{org}.csr"),
         ],
     );
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=DNS:secure.lab\n").unwrap();
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &format!("{org}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "2", "-extfile", "ext.cnf", "-out", &format!("{org}.crt"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{org}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            &format!("{org}.crt"),
         ],
     );
     let b64 = |f: &str| {

@@ -12,7 +12,6 @@
 //! sends garbage; 504 if it does not answer in time), stream the response, then read the next
 //! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
 
-
 mod health;
 use super::client_io::{self as io, TlsSide};
 use super::http::body::BodyReader;

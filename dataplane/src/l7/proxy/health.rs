@@ -45,7 +45,14 @@ impl Proxy {
         for t in targets {
             match old.iter().position(|p| p.target == *t) {
                 Some(i) => self.probes.push(old.swap_remove(i)),
-                None => self.probes.push(Probe { target: t.clone(), up: true, fails: 0, passes: 0, next_ms: 0, attempt: None }),
+                None => self.probes.push(Probe {
+                    target: t.clone(),
+                    up: true,
+                    fails: 0,
+                    passes: 0,
+                    next_ms: 0,
+                    attempt: None,
+                }),
             }
         }
         for p in old {
@@ -75,9 +82,10 @@ impl Proxy {
             let verdict = match attempt.as_mut() {
                 None if now_ms >= self.probes[i].next_ms => {
                     let ep = self.probes[i].target.endpoint;
-                    match self.free_upstream_port(ep).and_then(|(port, key)| {
-                        self.stack.connect((*ep.ip(), ep.port()), port).map(|sock| (sock, key))
-                    }) {
+                    match self
+                        .free_upstream_port(ep)
+                        .and_then(|(port, key)| self.stack.connect((*ep.ip(), ep.port()), port).map(|sock| (sock, key)))
+                    {
                         Some((sock, key)) => {
                             attempt = Some(Attempt { sock, key, started_ms: now_ms, sent: false, buf: Vec::new() });
                             None
