@@ -22,6 +22,7 @@ use super::stack::{ConnKey, SockRef, Stack, StackConfig};
 use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
 use smoltcp::socket::tcp::State;
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -502,9 +503,7 @@ impl Proxy {
             // A host with TLS: plain HTTP is sent to HTTPS (308 keeps the method and body).
             let location = format!("https://{host}{}", r.target);
             self.count_response(308);
-            let mut out = Vec::new();
-            head::redirect_response(&location, &mut out);
-            c.out.extend_from_slice(&out);
+            head::redirect_response(&location, &mut c.out);
             c.buf.clear();
             c.phase = Phase::Closing;
             return self.closing(c);
@@ -528,7 +527,9 @@ impl Proxy {
             c.buf = buf;
             return self.fail(c, 503);
         };
-        let peer = c.peer.to_string();
+        // The client's address as text on the stack: no String per request.
+        let mut peer = arrayvec::ArrayString::<16>::new();
+        let _ = write!(peer, "{}", c.peer);
         let up = self.ups[u].as_mut().expect("live upstream");
         let proto = if c.tls.is_some() { "https" } else { "http" };
         head::write_upstream_request(&r, ClientInfo { addr: &peer, proto }, &mut up.out);
@@ -689,18 +690,14 @@ impl Proxy {
             let up_keep = res.keep_alive;
             if (100..200).contains(&status) && status != 101 {
                 // Interim (100 Continue): relay and read on.
-                let mut out = std::mem::take(&mut c.out);
-                head::write_client_response(&res, true, &mut out);
-                c.out.extend_from_slice(&out);
+                head::write_client_response(&res, true, &mut c.out);
                 let mut rest = buf;
                 rest.drain(..head_len);
                 self.ups[u].as_mut().unwrap().buf = rest;
                 continue;
             }
             let client_keep = c.keep_alive && up_keep;
-            let mut out = Vec::new();
-            head::write_client_response(&res, client_keep, &mut out);
-            c.out.extend_from_slice(&out);
+            head::write_client_response(&res, client_keep, &mut c.out);
             c.keep_alive = client_keep;
             self.count_response(status);
             self.record_latency(c);
@@ -894,9 +891,7 @@ impl Proxy {
         self.count_response(status);
         self.record_latency(c);
         let keep = status == 404 && c.keep_alive && c.buf.is_empty();
-        let mut out = Vec::new();
-        head::error_response(status, keep, &mut out);
-        c.out.extend_from_slice(&out);
+        head::error_response(status, keep, &mut c.out);
         if keep {
             c.phase = Phase::Head;
             c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;

@@ -391,11 +391,11 @@ fn forwarded_element(out: &mut Vec<u8>, addr: &str, proto: &str, host: Option<&s
     }
 }
 
-/// Writes the head to send the client for an upstream `res` into `out` (cleared first):
+/// Appends the head to send the client for an upstream `res` to `out` (the client's pending
+/// output, so no buffer of its own per response):
 /// end-to-end headers kept, hop-by-hop removed, framing restated, and `Connection: close` when
 /// the client's connection will not be kept.
 pub fn write_client_response(res: &ResponseHead, client_keep_alive: bool, out: &mut Vec<u8>) {
-    out.clear();
     let mut tokens = arrayvec::ArrayVec::new();
     connection_tokens(res.headers, &mut tokens);
     let _ = write!(out, "HTTP/1.1 {} {}\r\n", res.status, reason(res.status));
@@ -456,19 +456,17 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// A 308 to `location` (HTTP to HTTPS), closing the connection after it.
+/// Appends a 308 to `location` (HTTP to HTTPS), closing the connection after it.
 pub fn redirect_response(location: &str, out: &mut Vec<u8>) {
-    out.clear();
     let _ = write!(
         out,
         "HTTP/1.1 308 Permanent Redirect\r\nLocation: {location}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
 }
 
-/// A complete response the proxy makes itself (errors, redirects): small body, connection closed
-/// after it unless `keep_alive`.
+/// Appends a complete response the proxy makes itself (errors, redirects): small body,
+/// connection closed after it unless `keep_alive`.
 pub fn error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {
-    out.clear();
     let r = reason(status);
     // Body: "STATUS REASON\n".
     let _ = write!(
@@ -591,11 +589,14 @@ mod tests {
         let mut storage = [httparse::EMPTY_HEADER; 64];
         let raw = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\n";
         let r = parse_response(raw, "GET", &l, &mut storage).unwrap().unwrap();
+        // Appended after what the client still has to receive (here the 200's head).
         write_client_response(&r, true, &mut out);
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\n"
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n\
+             HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\n"
         );
+        out.clear();
         error_response(503, false, &mut out);
         let s = String::from_utf8(out.clone()).unwrap();
         let body = s.split("\r\n\r\n").nth(1).unwrap();
