@@ -156,6 +156,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut done = 0u64;
     let mut warm_left = a.warmup * a.conns as u64;
     let mut worker_ns = 0u128;
+    let (mut frames_in, mut frames_out) = (0u64, 0u64);
     let mut now_ms = 1u64;
     let mut rounds = 0u64;
     let mut closing: Vec<SocketHandle> = Vec::new();
@@ -193,6 +194,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                         warm_left -= 1;
                         if warm_left == 0 {
                             worker_ns = 0;
+                            (frames_in, frames_out) = (0, 0);
                         }
                     } else {
                         lat.record(t.elapsed().as_nanos().max(1) as u64)?;
@@ -240,11 +242,13 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // Hosts -> the worker's port, as Ethernet frames.
         for p in client.dev.tx.drain(..) {
             port.push_rx(&frame(&p, LB_MAC, mac_of(client_addr)));
+            frames_in += 1;
         }
         for b in backends.iter_mut() {
             let mac = mac_of(b.host.addr);
             for p in b.host.dev.tx.drain(..) {
                 port.push_rx(&frame(&p, LB_MAC, mac));
+                frames_in += 1;
             }
         }
         // The worker: everything received, then its housekeeping (the proxy runs there).
@@ -258,6 +262,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         worker_ns += t.elapsed().as_nanos();
         // The worker's frames -> the hosts.
         for f in port.take_tx() {
+            frames_out += 1;
             if f.len() < 34 || f[12..14] != [0x08, 0x00] {
                 continue;
             }
@@ -294,6 +299,10 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "requests": done,
         "warmup_requests_per_conn": a.warmup,
         "worker_seconds": worker_s,
+        // Frames into and out of the worker per timed request: more at high latency when
+        // delayed ACKs fire alone instead of riding on the next segment.
+        "frames_in_per_request": frames_in as f64 / done.max(1) as f64,
+        "frames_out_per_request": frames_out as f64 / done.max(1) as f64,
         "wall_seconds": wall.elapsed().as_secs_f64(),
         "backends": a.backends,
         "upstream_connects": st.upstream_connects,
