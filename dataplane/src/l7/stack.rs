@@ -269,6 +269,18 @@ impl Stack {
     /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
     /// local port). A SYN to `listen_port` from an unknown peer gets a new listening socket.
     /// Returns false for a segment no socket wants (the caller drops and counts it).
+    /// Prefetches the shard `ingress` would process this connection's segment in (its
+    /// interface and socket set: the first lines `poll_ingress_single` reads).
+    #[inline]
+    pub fn prefetch(&self, key: ConnKey) {
+        if let Some(r) = self.demux.get(&key) {
+            let p = &self.shards[r.shard as usize] as *const Shard as *const u8;
+            for line in 0..std::mem::size_of::<Shard>().div_ceil(64) {
+                crate::mem::prefetch(p.wrapping_add(line * 64));
+            }
+        }
+    }
+
     pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> bool {
         let r = match self.demux.get(&key) {
             Some(&r) => r,
