@@ -266,9 +266,6 @@ impl Stack {
         }
     }
 
-    /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
-    /// local port). A SYN to `listen_port` from an unknown peer gets a new listening socket.
-    /// Returns false for a segment no socket wants (the caller drops and counts it).
     /// Prefetches the shard `ingress` would process this connection's segment in (its
     /// interface and socket set: the first lines `poll_ingress_single` reads).
     #[inline]
@@ -281,6 +278,9 @@ impl Stack {
         }
     }
 
+    /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
+    /// local port). A SYN to `listen_port` from an unknown peer gets a new listening socket.
+    /// Returns false for a segment no socket wants (the caller drops and counts it).
     pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> bool {
         let r = match self.demux.get(&key) {
             Some(&r) => r,
