@@ -418,3 +418,30 @@ fn a_dead_endpoint_is_down_within_two_intervals() {
     }
     eprintln!("interval {interval} ms: worst down {} ms, worst up {} ms after the change", worst.0, worst.1);
 }
+
+#[test]
+fn tls_connections_that_close_give_their_sockets_back() {
+    // Each TLS connection: a handshake, one keep-alive request, then the client closes, as a
+    // browser or `curl` does (FIN with or without close_notify). The proxy's sockets must go
+    // with them once the close is acknowledged.
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    for i in 0..40u16 {
+        let tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), "shop.example");
+        let (_, got, mut tls) = lab.tls_exchange_with(41000 + i, tls, req);
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+        if i % 2 == 0 {
+            tls.conn.send_close_notify();
+        }
+        let h = lab.client.sockets.iter().map(|(h, _)| h).last().unwrap();
+        let mut scratch = Vec::new();
+        tls.pump(lab.client.tcp(h), &mut scratch);
+        lab.client.tcp(h).close();
+        for _ in 0..50 {
+            lab.tick();
+        }
+        // What stays: the pooled keep-alive upstreams, one per backend at most.
+        let live = lab.proxy.stack.sockets_in_use();
+        assert!(live <= 2, "connection {i}: {live} proxy sockets alive");
+    }
+}

@@ -176,6 +176,11 @@ impl Stack {
         self.rx_buffers.held_bytes() + self.tx_buffers.held_bytes()
     }
 
+    /// Sockets alive (each holds a receive and a transmit buffer), listeners included.
+    pub fn sockets_in_use(&self) -> usize {
+        self.rx_buffers.in_use()
+    }
+
     pub fn set_now(&mut self, now_ms: u64) {
         self.now = Instant::from_millis(now_ms as i64);
     }
