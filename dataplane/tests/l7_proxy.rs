@@ -85,7 +85,8 @@ impl Lab {
             b.serve();
             b.host.poll(now);
         }
-        let mut to_proxy: Vec<Vec<u8>> = self.client.dev.tx.drain(..).collect();
+        let client_lost = self.cut.contains(&self.client.addr);
+        let mut to_proxy: Vec<Vec<u8>> = self.client.dev.tx.drain(..).filter(|_| !client_lost).collect();
         for b in &mut self.backends {
             let lost = self.cut.contains(&b.host.addr);
             to_proxy.extend(b.host.dev.tx.drain(..).filter(|_| !lost));
@@ -102,7 +103,9 @@ impl Lab {
         for p in out {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
             if dst == self.client.addr {
-                self.client.dev.rx.push_back(p);
+                if !client_lost {
+                    self.client.dev.rx.push_back(p);
+                }
             } else if let Some(b) = self.backends.iter_mut().find(|b| b.host.addr == dst && !self.cut.contains(&dst)) {
                 b.host.dev.rx.push_back(p);
             }
@@ -444,4 +447,33 @@ fn tls_connections_that_close_give_their_sockets_back() {
         let live = lab.proxy.stack.sockets_in_use();
         assert!(live <= 2, "connection {i}: {live} proxy sockets alive");
     }
+}
+
+#[test]
+fn a_client_that_vanishes_while_closing_does_not_keep_its_socket() {
+    // The client sends its FIN and drops off the network (a phone out of coverage): the
+    // proxy's FIN is never acknowledged. Its socket must not wait in LAST-ACK for ever: it is
+    // aborted once the idle timeout (10 s here) has passed.
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    let tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), "shop.example");
+    let (_, got, mut tls) = lab.tls_exchange_with(42000, tls, req);
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
+    for _ in 0..50 {
+        lab.tick();
+    }
+    let before = lab.proxy.stack.sockets_in_use();
+    tls.conn.send_close_notify();
+    let h = lab.client.sockets.iter().map(|(h, _)| h).last().unwrap();
+    tls.pump(lab.client.tcp(h), &mut Vec::new());
+    lab.client.tcp(h).close();
+    lab.tick(); // the close_notify and FIN reach the proxy
+    lab.cut.push(CLIENT);
+    let start = lab.now;
+    while lab.proxy.stack.sockets_in_use() >= before {
+        assert!(lab.now - start < 12_000, "the proxy still holds the vanished client's socket");
+        lab.tick();
+    }
+    assert!(lab.now - start >= 9_000, "aborted early, after {} ms", lab.now - start);
+    eprintln!("socket freed {} ms after the client vanished", lab.now - start);
 }
