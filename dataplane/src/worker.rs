@@ -227,7 +227,7 @@ pub(crate) enum Class {
         svc: u16,
     },
     Rev6,
-    /// A segment for the HTTP proxy's TCP stack (its socket prefetched in stage 1).
+    /// A segment for the HTTP proxy's TCP stack (its socket's shard prefetched in stage 1).
     Proxy,
 }
 

@@ -239,8 +239,6 @@ impl Proxy {
             || (dst == self.cfg.own_addr && (self.cfg.upstream_ports.0..=self.cfg.upstream_ports.1).contains(&dport))
     }
 
-    /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no
-    /// connection wants it (counted; a RST is not sent for it).
     /// Starts loading the state `ingress` will touch for this segment (its socket's shard), so
     /// that a burst's look-ups overlap. No effect on what `ingress` does.
     #[inline]
@@ -258,6 +256,8 @@ impl Proxy {
         self.stack.prefetch(key);
     }
 
+    /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no
+    /// connection wants it (counted; a RST is not sent for it).
     pub fn ingress(&mut self, ip: &[u8], now_ms: u64) -> bool {
         self.stack.set_now(now_ms);
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
