@@ -165,7 +165,7 @@ fn kubernetes_end_to_end() {
         .arg(dir.join("bootstrap.yaml"))
         .arg("--kubeconfig")
         .arg(&k.kubeconfig)
-        .args(["--device", "net_af_packet0,iface=veth-lb"])
+        .args(["--device", "net_af_xdp0,iface=veth-lb"])
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

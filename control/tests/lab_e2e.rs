@@ -70,7 +70,7 @@ fn lab_end_to_end() {
         .arg("--manifests")
         .arg(&manifests)
         // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
-        .args(["--device", "net_af_packet0,iface=veth-lb", "--watch-every", "0"])
+        .args(["--device", "net_af_xdp0,iface=veth-lb", "--watch-every", "0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
