@@ -14,6 +14,7 @@ use crate::l4::hash::mix64;
 use crate::l4::icmp_error;
 use crate::l4::snat::{self, SnatPorts};
 use crate::l7::proxy::{Proxy, ProxyConfig};
+use crate::l7::stack::ConnKey;
 use crate::neigh::{self, Interface, NeighborTable, Verdict};
 use crate::packet::PacketBuf;
 use crate::port::{Burst, Port, BURST};
@@ -718,12 +719,12 @@ impl Worker {
                         return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
                     if proto == PROTO_TCP && self.proxy.as_ref().is_some_and(|p| p.wants(dst.into(), dport)) {
-                        return self.proxy_later(buf, l3, m);
+                        return self.proxy_later((src, sport, dport), m);
                     }
                     Class::Rev4
                 }
                 VipMatch::NotVip if self.l7_addr == Some(dst) && proto == PROTO_TCP => {
-                    return self.proxy_later(buf, l3, m);
+                    return self.proxy_later((src, sport, dport), m);
                 }
                 VipMatch::NotVip => return drop(m, DropReason::NotForUs),
             };
@@ -743,8 +744,8 @@ impl Worker {
     /// segment handed over in stage 3, so that with many connections the cache misses of one
     /// burst's segments overlap instead of each stalling the stack in turn.
     #[inline(always)]
-    fn proxy_later<B: PacketBuf>(&mut self, buf: &B, l3: usize, m: &mut Meta) {
-        self.proxy.as_ref().expect("checked by the caller").prefetch(&buf.data()[l3..]);
+    fn proxy_later(&mut self, key: ConnKey, m: &mut Meta) {
+        self.proxy.as_ref().expect("checked by the caller").prefetch(key);
         m.class = Class::Proxy;
     }
 

@@ -239,20 +239,11 @@ impl Proxy {
             || (dst == self.cfg.own_addr && (self.cfg.upstream_ports.0..=self.cfg.upstream_ports.1).contains(&dport))
     }
 
-    /// Starts loading the state `ingress` will touch for this segment (its socket's shard), so
-    /// that a burst's look-ups overlap. No effect on what `ingress` does.
+    /// Starts loading the state `ingress` will touch for the segment of connection `key` (peer
+    /// address, peer port, local port: the caller has parsed them already), so that a burst's
+    /// look-ups overlap. No effect on what `ingress` does.
     #[inline]
-    pub fn prefetch(&self, ip: &[u8]) {
-        let ihl = ((ip[0] & 0x0f) as usize) * 4;
-        if ip.len() < ihl + 4 {
-            return;
-        }
-        let t = &ip[ihl..];
-        let key = (
-            u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            u16::from_be_bytes([t[0], t[1]]),
-            u16::from_be_bytes([t[2], t[3]]),
-        );
+    pub fn prefetch(&self, key: ConnKey) {
         self.stack.prefetch(key);
     }
 
