@@ -141,6 +141,21 @@ impl Lab {
         (cert, got, tls)
     }
 
+    /// The client ends the TLS connection `tls_exchange_with` made from `local_port`:
+    /// close_notify first when `notify`, then its FIN.
+    fn tls_close(&mut self, local_port: u16, tls: &mut TlsClient, notify: bool) {
+        let handles: Vec<SocketHandle> = self.client.sockets.iter().map(|(h, _)| h).collect();
+        let h = handles
+            .into_iter()
+            .find(|&h| self.client.tcp(h).local_endpoint().is_some_and(|e| e.port == local_port))
+            .expect("the connection's socket");
+        if notify {
+            tls.conn.send_close_notify();
+        }
+        tls.pump(self.client.tcp(h), &mut Vec::new());
+        self.client.tcp(h).close();
+    }
+
     /// Sends `req` on `h` and reads until `done(response so far)` or `ticks` rounds pass.
     fn exchange(&mut self, h: SocketHandle, req: &[u8], ticks: usize, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
         let mut sent = 0;
@@ -433,13 +448,7 @@ fn tls_connections_that_close_give_their_sockets_back() {
         let tls = TlsClient::new(&std::fs::read(fixture("ca.crt")).unwrap(), "shop.example");
         let (_, got, mut tls) = lab.tls_exchange_with(41000 + i, tls, req);
         assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got));
-        if i % 2 == 0 {
-            tls.conn.send_close_notify();
-        }
-        let h = lab.client.sockets.iter().map(|(h, _)| h).last().unwrap();
-        let mut scratch = Vec::new();
-        tls.pump(lab.client.tcp(h), &mut scratch);
-        lab.client.tcp(h).close();
+        lab.tls_close(41000 + i, &mut tls, i % 2 == 0);
         for _ in 0..50 {
             lab.tick();
         }
@@ -463,10 +472,7 @@ fn a_client_that_vanishes_while_closing_does_not_keep_its_socket() {
         lab.tick();
     }
     let before = lab.proxy.stack.sockets_in_use();
-    tls.conn.send_close_notify();
-    let h = lab.client.sockets.iter().map(|(h, _)| h).last().unwrap();
-    tls.pump(lab.client.tcp(h), &mut Vec::new());
-    lab.client.tcp(h).close();
+    lab.tls_close(42000, &mut tls, true);
     lab.tick(); // the close_notify and FIN reach the proxy
     lab.cut.push(CLIENT);
     let start = lab.now;
