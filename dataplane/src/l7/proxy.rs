@@ -268,14 +268,12 @@ impl Proxy {
         }
         let listen = dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || https);
         let key = (u32::from(src), sport, dport);
-        let known = self.stack_has(key);
-        if !self.stack.ingress(ip, key, syn, listen) {
+        let Some((sock, made)) = self.stack.ingress(ip, key, syn, listen) else {
             self.stats.segments_unwanted += 1;
             return false;
-        }
-        if !known && listen {
+        };
+        if made {
             // A new connection: the stack made its listening socket.
-            let sock = self.stack_ref(key).expect("socket just made");
             self.stats.connections += 1;
             let tls = if self.cfg.https_ports.contains(&dport) {
                 match &self.tls {
@@ -315,14 +313,6 @@ impl Proxy {
             self.watch(now_ms + self.cfg.header_timeout_ms, idx);
         }
         true
-    }
-
-    fn stack_has(&self, key: ConnKey) -> bool {
-        self.stack_ref(key).is_some()
-    }
-
-    fn stack_ref(&self, key: ConnKey) -> Option<SockRef> {
-        self.stack.lookup(key)
     }
 
     /// Runs the connections: after a burst's segments went in, and on every loop for timers.

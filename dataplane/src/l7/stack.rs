@@ -285,24 +285,25 @@ impl Stack {
 
     /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
     /// local port). A SYN to `listen_port` from an unknown peer gets a new listening socket.
-    /// Returns false for a segment no socket wants (the caller drops and counts it).
-    pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> bool {
-        let r = match self.demux.get(&key) {
-            Some(&r) => r,
+    /// Returns the socket it went to and whether that socket was made for it; None for a
+    /// segment no socket wants (the caller drops and counts it).
+    pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> Option<(SockRef, bool)> {
+        let (r, made) = match self.demux.get(&key) {
+            Some(&r) => (r, false),
             None if syn && listen_port => {
                 let shard = self.shard_with_room(true);
                 let mut sock = self.socket();
                 if sock.0.listen(IpEndpoint::new(self.cfg.l7_addr.into(), key.2)).is_err() {
                     self.discard(sock);
-                    return false;
+                    return None;
                 }
                 let handle = self.add(shard, sock);
                 self.shards[shard as usize].listening = true;
                 let r = SockRef { shard, handle };
                 self.demux.insert(key, r);
-                r
+                (r, true)
             }
-            None => return false,
+            None => return None,
         };
         let s = &mut self.shards[r.shard as usize];
         let mut io = Io { rx: Some(ip), tx: &mut self.out, free: &mut self.free, mtu: self.cfg.mtu };
@@ -315,7 +316,7 @@ impl Stack {
             });
         }
         self.mark(r.shard);
-        true
+        Some((r, made))
     }
 
     fn mark(&mut self, shard: u32) {
