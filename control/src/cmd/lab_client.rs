@@ -1,7 +1,8 @@
 //! `fulcrum lab-client` (hidden): the lab's traffic, run inside the client namespace by
 //! `fulcrum lab`. Real TCP and UDP through the kernel: HTTP/1.1 GETs on fresh connections to
 //! the TCP VIPs (each a new flow through the appliance, so the spread is visible) and to the
-//! Ingress address (the appliance's own HTTP proxy, by Host), and datagrams to the UDP VIP. Every second it prints one JSON line of cumulative counts; the backend is
+//! Ingress address (the appliance's own HTTP proxy, by Host), and datagrams to the UDP VIP.
+//! Every second it prints one JSON line of cumulative counts; the backend is
 //! read from each answer (the lab's nginx and UDP echo name themselves).
 
 use std::collections::BTreeMap;
