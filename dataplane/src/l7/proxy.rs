@@ -23,7 +23,7 @@ use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
 use smoltcp::socket::tcp::State;
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 /// How the proxy is set up on one worker.
@@ -517,7 +517,7 @@ impl Proxy {
                 return self.fail(c, 400);
             }
         };
-        let Some(ep) = self.pick(&target.endpoints) else {
+        let Some(ep) = self.pick(&target.endpoints_v4) else {
             c.buf = buf;
             return self.fail(c, 503);
         };
@@ -550,14 +550,7 @@ impl Proxy {
     }
 
     /// Power of two choices, by requests in flight.
-    fn pick(&mut self, eps: &[SocketAddr]) -> Option<SocketAddrV4> {
-        let v4: Vec<SocketAddrV4> = eps
-            .iter()
-            .filter_map(|e| match e {
-                SocketAddr::V4(a) => Some(*a),
-                SocketAddr::V6(_) => None,
-            })
-            .collect();
+    fn pick(&mut self, v4: &[SocketAddrV4]) -> Option<SocketAddrV4> {
         match v4.len() {
             0 => None,
             1 => Some(v4[0]),
@@ -573,7 +566,6 @@ impl Proxy {
         }
     }
 
-    /// An idle pooled connection to `ep`, or a new one.
     /// The next of this core's upstream ports not in use towards `ep`, and the connection's key.
     fn free_upstream_port(&mut self, ep: SocketAddrV4) -> Option<(u16, ConnKey)> {
         let (lo, hi) = self.cfg.upstream_ports;
@@ -588,6 +580,7 @@ impl Proxy {
         None
     }
 
+    /// An idle pooled connection to `ep`, or a new one.
     fn upstream_for(&mut self, ep: SocketAddrV4) -> Option<usize> {
         while let Some(u) = self.idle.get_mut(&ep).and_then(Vec::pop) {
             let ok = {

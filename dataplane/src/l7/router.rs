@@ -28,6 +28,9 @@ pub struct Target {
     pub why_unresolved: Option<String>,
     /// Where requests go (none ready: 503).
     pub endpoints: Vec<std::net::SocketAddr>,
+    /// The IPv4 ones: the proxy connects from the appliance's IPv4 address. Sorted out once
+    /// here, so that picking one per request allocates nothing.
+    pub endpoints_v4: Vec<std::net::SocketAddrV4>,
 }
 
 impl Target {
@@ -37,6 +40,14 @@ impl Target {
             port: b.port,
             why_unresolved: b.unresolved.clone(),
             endpoints: b.endpoints.clone(),
+            endpoints_v4: b
+                .endpoints
+                .iter()
+                .filter_map(|e| match e {
+                    std::net::SocketAddr::V4(a) => Some(*a),
+                    std::net::SocketAddr::V6(_) => None,
+                })
+                .collect(),
         }
     }
 }
