@@ -47,6 +47,13 @@ pub fn eal_args(boot: &Bootstrap, device: &str) -> Vec<String> {
     if is_pci(device) {
         args.push("-a".into());
         args.push(device.into());
+    } else if needs_af_xdp_copy_mode(&args, device) {
+        eprintln!(
+            "fulcrum: note: {} without hugepages runs in AF_XDP copy mode (force_copy=1): zero-copy \
+             drivers refuse frames that cross a 4 KiB page, which the port's packed pool has",
+            port_name(device)
+        );
+        args.push(format!("--vdev={device},force_copy=1"));
     } else {
         args.push(format!("--vdev={device}"));
     }
@@ -54,6 +61,19 @@ pub fn eal_args(boot: &Bootstrap, device: &str) -> Vec<String> {
         args.push(format!("--file-prefix=fulcrum-{}", std::process::id()));
     }
     args
+}
+
+/// Whether an AF_XDP device must be forced into copy mode. Its pool is packed (frames back to
+/// back, see `run`), so without hugepages most frames cross a 4 KiB page. In zero-copy mode the
+/// kernel checks that such a frame's pages are physically contiguous and drops fill and
+/// transmit descriptors that are not (their mbufs never come back: the pool drains and the
+/// port stalls); copy mode has no such check, and is what veth and drivers without zero-copy
+/// use anyway. With hugepages only the rare frame across a 2 MiB boundary is at risk (each
+/// lost once), so zero-copy stays available. A `force_copy` the user gave is kept.
+fn needs_af_xdp_copy_mode(eal_args: &[String], device: &str) -> bool {
+    port_name(device).starts_with("net_af_xdp")
+        && eal_args.iter().any(|a| a == "--no-huge")
+        && !device.split(',').any(|kv| kv.starts_with("force_copy="))
 }
 
 /// DPDK's name for the port a device string creates (the vdev name, or the PCI address).
@@ -153,5 +173,36 @@ mod tests {
         assert!(!is_pci("net_af_xdp0,iface=veth-lb"));
         assert_eq!(port_name("net_af_xdp0,iface=veth-lb"), "net_af_xdp0");
         assert_eq!(port_name("0000:03:00.0"), "0000:03:00.0");
+    }
+
+    fn boot_with(eal: &[&str]) -> Bootstrap {
+        let mut boot = Bootstrap::parse(
+            std::path::Path::new("config/examples/bootstrap.yaml"),
+            include_str!("../../../config/examples/bootstrap.yaml"),
+        )
+        .unwrap();
+        boot.eal_args = eal.iter().map(|s| s.to_string()).collect();
+        boot
+    }
+
+    fn vdev(args: &[String]) -> &str {
+        args.iter().find_map(|a| a.strip_prefix("--vdev=")).expect("a --vdev argument")
+    }
+
+    #[test]
+    fn af_xdp_without_hugepages_is_forced_into_copy_mode() {
+        let no_huge = boot_with(&["--no-huge", "-m", "512"]);
+        let huge = boot_with(&["-m", "512"]);
+        assert_eq!(vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1")), "net_af_xdp0,iface=eth1,force_copy=1");
+        // Hugepages: zero-copy stays possible.
+        assert_eq!(vdev(&eal_args(&huge, "net_af_xdp0,iface=eth1")), "net_af_xdp0,iface=eth1");
+        // The user's own choice is kept, either way.
+        assert_eq!(
+            vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1,force_copy=0")),
+            "net_af_xdp0,iface=eth1,force_copy=0"
+        );
+        // Other devices are untouched.
+        assert_eq!(vdev(&eal_args(&no_huge, "net_af_packet0,iface=eth1")), "net_af_packet0,iface=eth1");
+        assert_eq!(eal_args(&no_huge, "0000:03:00.0")[3..5], ["-a".to_string(), "0000:03:00.0".to_string()]);
     }
 }
