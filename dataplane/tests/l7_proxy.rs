@@ -236,6 +236,61 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
 }
 
 #[test]
+fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let h = lab.connect(40100);
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    let run = |lab: &mut Lab| {
+        for _ in 0..4 {
+            let resp = lab.exchange(h, req, 200, complete);
+            assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+        }
+    };
+    run(&mut lab);
+    // The client's socket and a pooled upstream per backend.
+    let with_pool = lab.proxy.stack.sockets_in_use();
+    assert!(with_pool >= 2, "{with_pool} sockets: no pooled upstream");
+
+    // The backends close their idle keep-alive connections (as servers do after their own
+    // keep-alive timeout): each pooled upstream goes when its FIN arrives, long before the
+    // proxy's idle timeout (10 s here), instead of waiting in CLOSE-WAIT.
+    for b in &mut lab.backends {
+        let open: Vec<_> = b
+            .host
+            .sockets
+            .iter()
+            .filter(|(_, s)| matches!(s, smoltcp::socket::Socket::Tcp(t) if t.state() == smoltcp::socket::tcp::State::Established))
+            .map(|(h, _)| h)
+            .collect();
+        for h in open {
+            b.host.tcp(h).close();
+        }
+    }
+    for _ in 0..50 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.stack.sockets_in_use(), 1, "only the client's socket is left");
+    // New requests open new upstreams.
+    let connects = lab.proxy.stats.upstream_connects;
+    run(&mut lab);
+    assert!(lab.proxy.stats.upstream_connects > connects, "closed upstreams were not reused");
+
+    // Idle: the pooled upstreams stay through the idle timeout and go soon after it. (The
+    // client's connection is closed at its own idle timeout too; its socket waits in
+    // FIN-WAIT-2 for a client that never closes its half, so it is counted apart.)
+    let pooled_at = lab.now;
+    let upstream_sockets = |lab: &Lab| lab.proxy.stack.sockets_in_use() - lab.proxy.client_count();
+    while lab.now < pooled_at + 9_500 {
+        lab.tick();
+    }
+    assert!(upstream_sockets(&lab) >= 1, "pooled upstreams went before their idle timeout");
+    while lab.now < pooled_at + 10_300 {
+        lab.tick();
+    }
+    assert_eq!(upstream_sockets(&lab), 0, "pooled upstreams kept past their idle timeout");
+}
+
+#[test]
 fn heads_that_straddle_the_end_of_a_socket_ring_are_read_whole() {
     // 600 requests one after another on one connection, through 8 KiB socket rings: request
     // heads (client side) and response heads (upstream side) land across the rings' ends many
