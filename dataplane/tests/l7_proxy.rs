@@ -277,7 +277,8 @@ fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
 
     // Idle: the pooled upstreams stay through the idle timeout and go soon after it. (The
     // client's connection is closed at its own idle timeout too; its socket waits in
-    // FIN-WAIT-2 for a client that never closes its half, so it is counted apart.)
+    // FIN-WAIT-2 for a client that never closes its half, so it is counted apart: see
+    // `a_client_that_never_finishes_the_close_is_aborted`.)
     let pooled_at = lab.now;
     let upstream_sockets = |lab: &Lab| lab.proxy.stack.sockets_in_use() - lab.proxy.client_count();
     while lab.now < pooled_at + 9_500 {
@@ -288,6 +289,32 @@ fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
         lab.tick();
     }
     assert_eq!(upstream_sockets(&lab), 0, "pooled upstreams kept past their idle timeout");
+}
+
+#[test]
+fn a_client_that_never_finishes_the_close_is_aborted() {
+    // A keep-alive client idles out: the proxy closes (FIN). The client acknowledges it but
+    // never closes its own half (its socket sits in CLOSE-WAIT, as a buggy or hostile client's
+    // would), leaving the proxy's socket in FIN-WAIT-2. It must not stay there for ever.
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let h = lab.connect(40200);
+    let resp = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n", 200, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+    let start = lab.now;
+    while lab.client.tcp(h).state() != smoltcp::socket::tcp::State::CloseWait {
+        assert!(lab.now - start < 11_000, "not closed at the idle timeout (10 s)");
+        lab.tick();
+    }
+    let closed_at = lab.now;
+    while lab.proxy.client_count() > 0 {
+        assert!(lab.now - closed_at < 61_000, "the proxy still holds the connection 61 s after closing it");
+        lab.tick();
+    }
+    assert!(lab.now - closed_at >= 59_000, "aborted early, {} ms after the close", lab.now - closed_at);
+    for _ in 0..10 {
+        lab.tick();
+    }
+    assert_eq!(lab.client.tcp(h).state(), smoltcp::socket::tcp::State::Closed, "the client got the RST");
 }
 
 #[test]

@@ -126,6 +126,9 @@ struct Client {
     relayed: u64,
     /// When the current request's head was complete (for the latency histogram).
     started: Option<std::time::Instant>,
+    /// Closing: when the connection is aborted if the client has not finished the close by
+    /// then (set when closing starts).
+    close_by: Option<u64>,
 }
 
 struct Upstream {
@@ -190,6 +193,11 @@ const SCRATCH: usize = 16 * 1024;
 
 /// Marks a pooled upstream's index in `Proxy::by_shard` (client indices never reach it).
 const IDLE_UPSTREAM: usize = 1 << (usize::BITS - 1);
+
+/// How long a connection may take to close once the proxy has closed it: a client that never
+/// sends its own FIN (or never acknowledges ours) would otherwise keep the socket in FIN-WAIT
+/// for ever. Linux's `tcp_fin_timeout` default.
+const FIN_TIMEOUT_MS: u64 = 60_000;
 
 /// How often pooled upstreams are checked for their idle timeout: the timeout is kept to
 /// within this.
@@ -322,6 +330,7 @@ impl Proxy {
                 endpoint: None,
                 relayed: 0,
                 started: None,
+                close_by: None,
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.clients[idx].as_mut().unwrap().idx = idx;
@@ -1029,6 +1038,13 @@ impl Proxy {
         if c.up.is_some() {
             self.release_upstream(c, false);
         }
+        let now = self.stack.now_ms();
+        let close_by = *c.close_by.get_or_insert(now + FIN_TIMEOUT_MS);
+        if now >= close_by {
+            return self.abort(c);
+        }
+        // `run` wakes the client then, if nothing else does first.
+        c.deadline = close_by;
         if c.out_off < c.out.len() && io::may_send(&mut self.stack, c.sock, &c.tls) {
             c.out_off += io::send(&mut self.stack, c.sock, &mut c.tls, &c.out[c.out_off..]);
         }
