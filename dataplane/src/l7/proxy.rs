@@ -618,8 +618,7 @@ impl Proxy {
             self.unfile_pooled(u);
             let ok = {
                 let up = self.ups[u].as_ref().expect("pooled upstream");
-                let s = self.stack.tcp(up.sock);
-                s.state() == State::Established && s.may_send() && !s.can_recv()
+                clean_keep_alive(self.stack.tcp(up.sock))
             };
             if ok {
                 self.ups[u].as_mut().unwrap().idle_since = None;
@@ -949,7 +948,7 @@ impl Proxy {
         self.detach(ushard, c.idx);
         let up = self.ups[u].as_mut().expect("live upstream");
         let s = self.stack.tcp(up.sock);
-        if reusable && s.state() == State::Established && !s.can_recv() {
+        if reusable && clean_keep_alive(s) {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
             up.buf.clear();
@@ -1014,8 +1013,7 @@ impl Proxy {
             return;
         }
         let sock = up.sock;
-        let s = self.stack.tcp(sock);
-        if s.state() == State::Established && s.may_send() && !s.can_recv() {
+        if clean_keep_alive(self.stack.tcp(sock)) {
             return;
         }
         self.unfile_pooled(u);
@@ -1090,6 +1088,13 @@ impl Proxy {
         self.stack.remove_later(c.sock, c.key);
         self.free_clients.push(c.idx);
     }
+}
+
+/// Whether an upstream connection can take the next request: open both ways (ESTABLISHED,
+/// which can also send) with nothing unread from the server. The one test for pooling a
+/// connection, keeping it pooled and taking it from the pool.
+fn clean_keep_alive(s: &smoltcp::socket::tcp::Socket) -> bool {
+    s.state() == State::Established && !s.can_recv()
 }
 
 fn body_status(e: super::http::body::BodyError) -> u16 {
