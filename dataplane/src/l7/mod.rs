@@ -7,6 +7,7 @@ pub mod http;
 pub mod proxy;
 pub mod router;
 pub mod sim;
+mod spare;
 pub mod stack;
 pub mod timer_wheel;
 pub mod tls;

@@ -18,6 +18,7 @@ use super::http::body::BodyReader;
 use super::http::head::{self, ClientInfo};
 use super::http::Limits;
 use super::router::{Route, Router};
+use super::spare::SpareBufs;
 use super::stack::{ConnKey, SockRef, Stack, StackConfig};
 use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
@@ -181,6 +182,8 @@ pub struct Proxy {
     next_port: u16,
     rng: u64,
     scratch: Box<[u8]>,
+    /// Head and output buffers lent to connections step by step.
+    spare: SpareBufs,
     pub stats: ProxyStats,
     /// Request latency (head in to response head out), microseconds. A clock read per request
     /// (vDSO, no syscall), recorded into this core's own histogram.
@@ -236,6 +239,7 @@ impl Proxy {
             idle: AHashMap::new(),
             in_flight: AHashMap::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
+            spare: SpareBufs::default(),
             stats: ProxyStats::default(),
             latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
             probes: Vec::new(),
@@ -317,7 +321,8 @@ impl Proxy {
                 key,
                 peer: src,
                 phase: Phase::Head,
-                buf: Vec::with_capacity(1024),
+                // Lent for each step (`SpareBufs`): none held while idle.
+                buf: Vec::new(),
                 out: Vec::new(),
                 out_off: 0,
                 deadline: now_ms + self.cfg.header_timeout_ms,
@@ -434,6 +439,33 @@ impl Proxy {
     }
 
     fn step(&mut self, c: &mut Client, now: u64) -> bool {
+        self.lend_buffers(c);
+        let keep = self.step_with_buffers(c, now);
+        self.settle_buffers(c);
+        keep
+    }
+
+    /// The connection's byte buffers for this step, from the shared spares (see `SpareBufs`).
+    fn lend_buffers(&mut self, c: &mut Client) {
+        self.spare.lend(&mut c.buf);
+        self.spare.lend(&mut c.out);
+        if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
+            self.spare.lend(&mut up.buf);
+            self.spare.lend(&mut up.out);
+        }
+    }
+
+    /// Takes back the buffers the step left empty.
+    fn settle_buffers(&mut self, c: &mut Client) {
+        self.spare.settle(&mut c.buf);
+        self.spare.settle_sent(&mut c.out, &mut c.out_off);
+        if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
+            self.spare.settle(&mut up.buf);
+            self.spare.settle_sent(&mut up.out, &mut up.out_off);
+        }
+    }
+
+    fn step_with_buffers(&mut self, c: &mut Client, now: u64) -> bool {
         io::pump(&mut self.stack, c.sock, &mut c.tls);
         if c.tls.as_ref().is_some_and(|t| t.failed) {
             // A failed handshake or a bad record: rustls queued the alert; send it and close.
@@ -561,6 +593,8 @@ impl Proxy {
         let mut peer = arrayvec::ArrayString::<16>::new();
         let _ = write!(peer, "{}", c.peer);
         let up = self.ups[u].as_mut().expect("live upstream");
+        self.spare.lend(&mut up.out);
+        self.spare.lend(&mut up.buf);
         let proto = if c.tls.is_some() { "https" } else { "http" };
         head::write_upstream_request(&r, ClientInfo { addr: &peer, proto }, &mut up.out);
         up.out_off = 0;
@@ -634,9 +668,9 @@ impl Proxy {
                 sock,
                 key,
                 endpoint: ep,
-                out: Vec::with_capacity(1024),
+                out: Vec::new(),
                 out_off: 0,
-                buf: Vec::with_capacity(1024),
+                buf: Vec::new(),
                 idle_since: None,
             };
             return Some(insert(&mut self.ups, &mut self.free_ups, up));
@@ -952,6 +986,8 @@ impl Proxy {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
             up.buf.clear();
+            self.spare.settle(&mut up.buf);
+            self.spare.settle_sent(&mut up.out, &mut up.out_off);
             let (ep, shard) = (up.endpoint, up.sock.shard);
             self.idle.entry(ep).or_default().push_back(u);
             self.attach(shard, IDLE_UPSTREAM | u);
