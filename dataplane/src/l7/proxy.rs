@@ -145,6 +145,19 @@ struct Upstream {
     idle_since: Option<u64>,
 }
 
+impl Upstream {
+    /// Its byte buffers while it carries a request (see `SpareBufs`).
+    fn lend_buffers(&mut self, spare: &mut SpareBufs) {
+        spare.lend(&mut self.buf);
+        spare.lend(&mut self.out);
+    }
+
+    fn settle_buffers(&mut self, spare: &mut SpareBufs) {
+        spare.settle(&mut self.buf);
+        spare.settle_sent(&mut self.out, &mut self.out_off);
+    }
+}
+
 pub struct Proxy {
     cfg: ProxyConfig,
     pub stack: Stack,
@@ -450,8 +463,7 @@ impl Proxy {
         self.spare.lend(&mut c.buf);
         self.spare.lend(&mut c.out);
         if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
-            self.spare.lend(&mut up.buf);
-            self.spare.lend(&mut up.out);
+            up.lend_buffers(&mut self.spare);
         }
     }
 
@@ -460,8 +472,7 @@ impl Proxy {
         self.spare.settle(&mut c.buf);
         self.spare.settle_sent(&mut c.out, &mut c.out_off);
         if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
-            self.spare.settle(&mut up.buf);
-            self.spare.settle_sent(&mut up.out, &mut up.out_off);
+            up.settle_buffers(&mut self.spare);
         }
     }
 
@@ -593,8 +604,7 @@ impl Proxy {
         let mut peer = arrayvec::ArrayString::<16>::new();
         let _ = write!(peer, "{}", c.peer);
         let up = self.ups[u].as_mut().expect("live upstream");
-        self.spare.lend(&mut up.out);
-        self.spare.lend(&mut up.buf);
+        up.lend_buffers(&mut self.spare);
         let proto = if c.tls.is_some() { "https" } else { "http" };
         head::write_upstream_request(&r, ClientInfo { addr: &peer, proto }, &mut up.out);
         up.out_off = 0;
@@ -986,8 +996,7 @@ impl Proxy {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
             up.buf.clear();
-            self.spare.settle(&mut up.buf);
-            self.spare.settle_sent(&mut up.out, &mut up.out_off);
+            up.settle_buffers(&mut self.spare);
             let (ep, shard) = (up.endpoint, up.sock.shard);
             self.idle.entry(ep).or_default().push_back(u);
             self.attach(shard, IDLE_UPSTREAM | u);
