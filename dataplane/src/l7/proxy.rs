@@ -674,15 +674,8 @@ impl Proxy {
         if let Some((port, key)) = self.free_upstream_port(ep) {
             let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
             self.stats.upstream_connects += 1;
-            let up = Upstream {
-                sock,
-                key,
-                endpoint: ep,
-                out: Vec::new(),
-                out_off: 0,
-                buf: Vec::new(),
-                idle_since: None,
-            };
+            let up =
+                Upstream { sock, key, endpoint: ep, out: Vec::new(), out_off: 0, buf: Vec::new(), idle_since: None };
             return Some(insert(&mut self.ups, &mut self.free_ups, up));
         }
         None
