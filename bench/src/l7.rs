@@ -91,6 +91,18 @@ fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
     [2, 0xbe, o[0], o[1], o[2], o[3]]
 }
 
+/// An IPv4 TCP segment with no payload and only ACK set: an acknowledgement that rode on
+/// nothing (a delayed ACK that fired alone, or a window update).
+fn is_pure_ack(ip: &[u8]) -> bool {
+    if ip.len() < 20 || ip[9] != 6 {
+        return false;
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let Some(tcp) = ip.get(ihl..total) else { return false };
+    tcp.len() >= 20 && tcp.len() == ((tcp[12] >> 4) as usize) * 4 && tcp[13] == 0x10
+}
+
 fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + ip.len());
     f.extend_from_slice(&dst);
@@ -173,6 +185,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut warm_left = a.warmup * a.conns as u64;
     let mut worker_ns = 0u128;
     let (mut frames_in, mut frames_out) = (0u64, 0u64);
+    // Frames out that carry nothing but an acknowledgement, to the client and to the backends.
+    let (mut acks_to_client, mut acks_to_backends) = (0u64, 0u64);
     let mut now_ms = 1u64;
     // The worker's busy time since the start, warm-up included (`--clock worker`).
     let mut busy_ns = 0u128;
@@ -215,6 +229,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                         if warm_left == 0 {
                             worker_ns = 0;
                             (frames_in, frames_out) = (0, 0);
+                            (acks_to_client, acks_to_backends) = (0, 0);
                         }
                     } else {
                         lat.record(t.elapsed().as_nanos().max(1) as u64)?;
@@ -298,9 +313,12 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             }
             let ip = f[14..].to_vec();
             let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+            let pure_ack = is_pure_ack(&ip);
             if dst == client_addr {
+                acks_to_client += pure_ack as u64;
                 client.dev.rx.push_back(ip);
             } else if let Some(b) = backends.iter_mut().find(|b| b.host.addr == dst) {
+                acks_to_backends += pure_ack as u64;
                 b.host.dev.rx.push_back(ip);
             }
         }
@@ -333,6 +351,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // delayed ACKs fire alone instead of riding on the next segment.
         "frames_in_per_request": frames_in as f64 / done.max(1) as f64,
         "frames_out_per_request": frames_out as f64 / done.max(1) as f64,
+        "pure_acks_to_clients_per_request": acks_to_client as f64 / done.max(1) as f64,
+        "pure_acks_to_backends_per_request": acks_to_backends as f64 / done.max(1) as f64,
         "wall_seconds": wall.elapsed().as_secs_f64(),
         "clock": match a.clock { Clock::Rounds => "rounds", Clock::Worker => "worker" },
         "clock_ms_at_end": now_ms,
