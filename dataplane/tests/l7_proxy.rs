@@ -45,6 +45,20 @@ struct Lab {
     now: u64,
     /// Hosts taken off the link: packets to and from them are lost (no RST, no ICMP).
     cut: Vec<Ipv4Addr>,
+    /// Ticks that backends' packets take to reach the proxy (a slow upstream), and those on
+    /// their way: (tick due, packet).
+    backend_latency: u64,
+    from_backends: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// Segments the proxy sent with no data and only ACK set: to the client, to backends.
+    pure_acks: (usize, usize),
+}
+
+/// An IPv4 TCP segment with no payload and no flag but ACK.
+fn is_pure_ack(p: &[u8]) -> bool {
+    let ihl = ((p[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([p[2], p[3]]) as usize;
+    let tcp = &p[ihl..total];
+    tcp.len() == ((tcp[12] >> 4) as usize) * 4 && tcp[13] == 0x10
 }
 
 impl Lab {
@@ -72,6 +86,9 @@ impl Lab {
             backends: vec![Backend::new(BE1, "be1"), Backend::new(BE2, "be2")],
             now: 1,
             cut: vec![],
+            backend_latency: 0,
+            from_backends: Default::default(),
+            pure_acks: (0, 0),
         }
     }
 
@@ -89,7 +106,11 @@ impl Lab {
         let mut to_proxy: Vec<Vec<u8>> = self.client.dev.tx.drain(..).filter(|_| !client_lost).collect();
         for b in &mut self.backends {
             let lost = self.cut.contains(&b.host.addr);
-            to_proxy.extend(b.host.dev.tx.drain(..).filter(|_| !lost));
+            let due = now + self.backend_latency;
+            self.from_backends.extend(b.host.dev.tx.drain(..).filter(|_| !lost).map(|p| (due, p)));
+        }
+        while self.from_backends.front().is_some_and(|(due, _)| *due <= now) {
+            to_proxy.push(self.from_backends.pop_front().unwrap().1);
         }
         for p in &to_proxy {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
@@ -102,6 +123,13 @@ impl Lab {
         self.proxy.run(now, |p| out.push(p.to_vec()));
         for p in out {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+            if is_pure_ack(&p) {
+                if dst == self.client.addr {
+                    self.pure_acks.0 += 1;
+                } else {
+                    self.pure_acks.1 += 1;
+                }
+            }
             if dst == self.client.addr {
                 if !client_lost {
                     self.client.dev.rx.push_back(p);
@@ -564,4 +592,100 @@ fn a_client_that_vanishes_while_closing_does_not_keep_its_socket() {
     }
     assert!(lab.now - start >= 9_000, "aborted early, after {} ms", lab.now - start);
     eprintln!("socket freed {} ms after the client vanished", lab.now - start);
+}
+
+/// Sends a GET for `path` on `h` and returns how many ticks the exchange took.
+fn timed_get(lab: &mut Lab, h: SocketHandle, path: &str) -> u64 {
+    let start = lab.now;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+    let resp = lab.exchange(h, req.as_bytes(), 200, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&resp));
+    lab.now - start
+}
+
+/// A POST whose head and body the client writes apart (its Nagle's algorithm then holds the
+/// body until the head is acknowledged); returns how many ticks the exchange took.
+fn timed_post_in_two_writes(lab: &mut Lab, h: SocketHandle) -> u64 {
+    for _ in 0..10 {
+        if lab.client.tcp(h).may_send() {
+            break;
+        }
+        lab.tick(); // a new connection's handshake
+    }
+    let start = lab.now;
+    let head = b"POST /form HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 5\r\n\r\n";
+    assert_eq!(lab.client.tcp(h).send_slice(head).unwrap(), head.len());
+    lab.tick();
+    let resp = lab.exchange(h, b"hello", 200, complete);
+    assert!(resp.ends_with(b"hello"), "{}", String::from_utf8_lossy(&resp));
+    lab.now - start
+}
+
+#[test]
+fn acks_ride_on_the_answers_once_a_connection_sends_whole_messages() {
+    // One endpoint 5 ms away: a 1 ms delayed ACK fires before the answer could carry it.
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()[..1])], Limits::default());
+    lab.backend_latency = 5;
+    let h = lab.connect(40000);
+    let mut alone = Vec::new();
+    for i in 0..6 {
+        let before = lab.pure_acks;
+        timed_get(&mut lab, h, &format!("/item/{i}"));
+        alone.push((lab.pure_acks.0 - before.0, lab.pure_acks.1 - before.1));
+    }
+    // The first exchange is quick on both sides (a connection's start); after it the request's
+    // ACK rides on the response, and the response's on the next request upstream.
+    assert!(alone[0].0 >= 1 && alone[0].1 >= 1, "quick at the start: {alone:?}");
+    assert_eq!(alone[1..], [(0, 0); 5], "ACKs sent alone (to the client, to the backend) per request: {alone:?}");
+    assert_eq!(lab.proxy.stats.upstream_connects, 1);
+}
+
+#[test]
+fn a_request_in_pieces_makes_the_clients_acks_quick_for_good() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()[..1])], Limits::default());
+    // On a new connection ACKs are quick: the head's ACK soon releases the body.
+    let fresh = lab.connect(40000);
+    let t = timed_post_in_two_writes(&mut lab, fresh);
+    assert!(t <= 8, "a request in pieces on a new connection took {t} ticks");
+    // After whole requests the proxy holds ACKs for the response to carry: the first request
+    // in pieces waits for that delayed ACK (40 ms) once, and then ACKs are quick again.
+    let h = lab.connect(40001);
+    for i in 0..3 {
+        let t = timed_get(&mut lab, h, &format!("/item/{i}"));
+        assert!(t <= 8, "GET {i} took {t} ticks");
+    }
+    let first = timed_post_in_two_writes(&mut lab, h);
+    assert!((30..=48).contains(&first), "the first request in pieces after whole ones took {first} ticks");
+    for _ in 0..3 {
+        let t = timed_post_in_two_writes(&mut lab, h);
+        assert!(t <= 8, "a request in pieces after that took {t} ticks");
+    }
+}
+
+#[test]
+fn a_response_in_pieces_makes_the_upstreams_acks_quick_for_good() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()[..1])], Limits::default());
+    // A backend that writes heads and bodies apart from the first response on: never held up.
+    lab.backends[0].split_writes = true;
+    let h = lab.connect(40000);
+    for i in 0..4 {
+        let t = timed_get(&mut lab, h, &format!("/split/{i}"));
+        assert!(t <= 8, "GET {i} from a backend writing in pieces took {t} ticks");
+    }
+    // A fresh upstream connection whose responses come whole gets delayed ACKs, until the
+    // backend starts writing in pieces: that response waits once, the next ones do not.
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40000);
+    for i in 0..3 {
+        let t = timed_get(&mut lab, h, &format!("/whole/{i}"));
+        assert!(t <= 8, "GET {i} took {t} ticks");
+    }
+    lab.backends[0].split_writes = true;
+    let first = timed_get(&mut lab, h, "/now-split");
+    assert!((30..=48).contains(&first), "the first response in pieces took {first} ticks");
+    for i in 0..3 {
+        let t = timed_get(&mut lab, h, &format!("/split/{i}"));
+        assert!(t <= 8, "GET {i} after that took {t} ticks");
+    }
+    assert_eq!(lab.proxy.stats.upstream_connects, 1, "one upstream connection throughout");
 }

@@ -13,6 +13,7 @@
 //! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
 
 mod health;
+use super::ack_pace::AckPace;
 use super::client_io::{self as io, TlsSide};
 use super::http::body::BodyReader;
 use super::http::head::{self, ClientInfo};
@@ -130,6 +131,8 @@ struct Client {
     /// Closing: when the connection is aborted if the client has not finished the close by
     /// then (set when closing starts).
     close_by: Option<u64>,
+    /// How long its socket holds ACKs: longer once its requests are seen to come whole.
+    ack: AckPace,
 }
 
 struct Upstream {
@@ -143,6 +146,8 @@ struct Upstream {
     buf: Vec<u8>,
     /// Idle in the pool since (ms), when not in use.
     idle_since: Option<u64>,
+    /// How long its socket holds ACKs: longer once its responses are seen to come whole.
+    ack: AckPace,
 }
 
 impl Upstream {
@@ -349,6 +354,7 @@ impl Proxy {
                 relayed: 0,
                 started: None,
                 close_by: None,
+                ack: AckPace::Quick,
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.clients[idx].as_mut().unwrap().idx = idx;
@@ -454,8 +460,42 @@ impl Proxy {
     fn step(&mut self, c: &mut Client, now: u64) -> bool {
         self.lend_buffers(c);
         let keep = self.step_with_buffers(c, now);
+        if keep {
+            self.note_pieces(c);
+        }
         self.settle_buffers(c);
         keep
+    }
+
+    /// After a step: a message the client or its upstream is sending that is still incomplete
+    /// with everything received read makes that side's ACKs quick for good (see `ack_pace`).
+    /// Also when the other side's buffer was full: a whole message then looks cut, which only
+    /// costs the longer delay.
+    fn note_pieces(&mut self, c: &mut Client) {
+        let (client_pieces, upstream_pieces) = match c.phase {
+            Phase::Head => (!c.buf.is_empty(), false),
+            Phase::Request | Phase::Response => {
+                let request_cut = c.req_body.as_ref().is_some_and(|b| !b.is_done());
+                let response_cut = match c.phase {
+                    Phase::Request => c.up.and_then(|u| self.ups[u].as_ref()).is_some_and(|up| !up.buf.is_empty()),
+                    _ => c.resp_body.as_ref().is_some_and(|b| !b.is_done()),
+                };
+                (request_cut, response_cut)
+            }
+            // Bytes both ways, in whatever pieces the application writes them.
+            Phase::Tunnel => (true, true),
+            Phase::Closing => (false, false),
+        };
+        if client_pieces {
+            let to = c.ack.after_pieces();
+            set_pace(&mut self.stack, c.sock, &mut c.ack, to);
+        }
+        if upstream_pieces {
+            if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
+                let to = up.ack.after_pieces();
+                set_pace(&mut self.stack, up.sock, &mut up.ack, to);
+            }
+        }
     }
 
     /// The connection's byte buffers for this step, from the shared spares (see `SpareBufs`).
@@ -674,8 +714,16 @@ impl Proxy {
         if let Some((port, key)) = self.free_upstream_port(ep) {
             let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
             self.stats.upstream_connects += 1;
-            let up =
-                Upstream { sock, key, endpoint: ep, out: Vec::new(), out_off: 0, buf: Vec::new(), idle_since: None };
+            let up = Upstream {
+                sock,
+                key,
+                endpoint: ep,
+                out: Vec::new(),
+                out_off: 0,
+                buf: Vec::new(),
+                idle_since: None,
+                ack: AckPace::Quick,
+            };
             return Some(insert(&mut self.ups, &mut self.free_ups, up));
         }
         None
@@ -882,6 +930,8 @@ impl Proxy {
             c.resp_body = None;
             c.req_body = None;
             if c.keep_alive && req_done {
+                let to = c.ack.after_whole_exchange();
+                set_pace(&mut self.stack, c.sock, &mut c.ack, to);
                 c.phase = Phase::Head;
                 c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
                 return if c.buf.is_empty() { true } else { self.read_head(c, self.stack.now_ms()) };
@@ -988,6 +1038,8 @@ impl Proxy {
         if reusable && clean_keep_alive(s) {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
+            let to = up.ack.after_whole_exchange();
+            set_pace(&mut self.stack, up.sock, &mut up.ack, to);
             up.buf.clear();
             up.settle_buffers(&mut self.spare);
             let (ep, shard) = (up.endpoint, up.sock.shard);
@@ -1131,6 +1183,14 @@ impl Proxy {
 /// Whether an upstream connection can take the next request: open both ways (ESTABLISHED,
 /// which can also send) with nothing unread from the server. The one test for pooling a
 /// connection, keeping it pooled and taking it from the pool.
+/// Moves a connection's ACK pace to `to`, telling its socket when the delay changes.
+fn set_pace(stack: &mut Stack, sock: SockRef, pace: &mut AckPace, to: AckPace) {
+    if to.delay_ms() != pace.delay_ms() {
+        stack.set_ack_delay(sock, to.delay_ms());
+    }
+    *pace = to;
+}
+
 fn clean_keep_alive(s: &smoltcp::socket::tcp::Socket) -> bool {
     s.state() == State::Established && !s.can_recv()
 }

@@ -103,13 +103,27 @@ impl Host {
 pub struct Backend {
     pub host: Host,
     pub name: &'static str,
-    /// Per socket: bytes received, bytes still to send.
-    conns: Vec<(SocketHandle, Vec<u8>, Vec<u8>)>,
+    conns: Vec<BackendConn>,
     pub requests: usize,
     /// Listening sockets kept ready (smoltcp has no backlog: a SYN finding none is reset).
     pub listeners: usize,
     /// Receive and send buffer per connection.
     pub buffer: usize,
+    /// Write each response's head, and its body only at the next `serve`: two writes, as
+    /// servers that do not gather them do (with Nagle's algorithm, the smoltcp default here,
+    /// the body then waits for the head's ACK).
+    pub split_writes: bool,
+}
+
+/// One of a backend's sockets and its bytes.
+struct BackendConn {
+    sock: SocketHandle,
+    /// Received, not yet answered.
+    inbuf: Vec<u8>,
+    /// Still to send.
+    out: Vec<u8>,
+    /// To send from the next `serve` on (`split_writes`).
+    later: Vec<u8>,
 }
 
 impl Backend {
@@ -125,6 +139,7 @@ impl Backend {
             requests: 0,
             listeners,
             buffer: 65536,
+            split_writes: false,
         };
         b.keep_listening();
         b
@@ -132,18 +147,20 @@ impl Backend {
 
     fn keep_listening(&mut self) {
         let listening =
-            self.conns.iter().filter(|(h, _, _)| self.host.sockets.get::<tcp::Socket>(*h).is_listening()).count();
+            self.conns.iter().filter(|c| self.host.sockets.get::<tcp::Socket>(c.sock).is_listening()).count();
         for _ in listening..self.listeners {
             let h = self.host.socket(self.buffer);
             self.host.tcp(h).listen(8080).expect("listen");
-            self.conns.push((h, vec![], vec![]));
+            self.conns.push(BackendConn { sock: h, inbuf: vec![], out: vec![], later: vec![] });
         }
     }
 
     /// Reads requests and queues responses; closed sockets are recycled.
     pub fn serve(&mut self) {
-        for (h, inbuf, out) in self.conns.iter_mut() {
-            let s = self.host.sockets.get_mut::<tcp::Socket>(*h);
+        let split = self.split_writes;
+        for BackendConn { sock, inbuf, out, later } in self.conns.iter_mut() {
+            let s = self.host.sockets.get_mut::<tcp::Socket>(*sock);
+            out.append(later);
             if !out.is_empty() && s.may_send() {
                 let n = s.send_slice(out).unwrap_or(0);
                 out.drain(..n);
@@ -155,6 +172,9 @@ impl Backend {
                 });
             }
             while let Some(end) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
+                if !later.is_empty() {
+                    break; // the next response's head waits for this one's body
+                }
                 let head = String::from_utf8_lossy(&inbuf[..end]).to_string();
                 let len: usize = head
                     .lines()
@@ -175,13 +195,17 @@ impl Backend {
                 out.extend_from_slice(
                     format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", resp_body.len()).as_bytes(),
                 );
-                out.extend_from_slice(&resp_body);
+                if split {
+                    later.extend_from_slice(&resp_body);
+                } else {
+                    out.extend_from_slice(&resp_body);
+                }
             }
             if !out.is_empty() && s.may_send() {
                 let n = s.send_slice(out).unwrap_or(0);
                 out.drain(..n);
             }
-            if matches!(s.state(), tcp::State::CloseWait) && out.is_empty() {
+            if matches!(s.state(), tcp::State::CloseWait) && out.is_empty() && later.is_empty() {
                 s.close();
             }
         }
@@ -189,12 +213,12 @@ impl Backend {
         let closed: Vec<SocketHandle> = self
             .conns
             .iter()
-            .filter(|(h, _, _)| self.host.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed)
-            .map(|(h, _, _)| *h)
+            .filter(|c| self.host.sockets.get::<tcp::Socket>(c.sock).state() == tcp::State::Closed)
+            .map(|c| c.sock)
             .collect();
         for h in closed {
             self.host.sockets.remove(h);
-            self.conns.retain(|(x, _, _)| *x != h);
+            self.conns.retain(|c| c.sock != h);
         }
         self.keep_listening();
     }

@@ -11,6 +11,7 @@
 //! shard only added ~600 bytes of state per connection, read cold on every segment at 10,000
 //! connections; the shared one stays in cache.
 
+use super::ack_pace::QUICK_ACK_MS;
 use super::buffers::BufferPool;
 use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
@@ -257,7 +258,7 @@ impl Stack {
         let (rx_at, tx_at) = (rx.as_mut_ptr() as usize, tx.as_mut_ptr() as usize);
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         s.set_nagle_enabled(false);
-        s.set_ack_delay(Some(Duration::from_millis(1)));
+        s.set_ack_delay(Some(Duration::from_millis(QUICK_ACK_MS)));
         (s, rx_at, tx_at)
     }
 
@@ -409,6 +410,14 @@ impl Stack {
     pub fn tcp(&mut self, r: SockRef) -> &mut tcp::Socket<'static> {
         self.mark(r.shard);
         self.shards[r.shard as usize].sockets.get_mut::<tcp::Socket>(r.handle)
+    }
+
+    /// How long the socket may hold back an ACK for the peer's next segments (see `ack_pace`).
+    /// A delayed-ACK timer already running keeps its time; nothing is due to send, so the
+    /// shard is not marked for a poll.
+    pub fn set_ack_delay(&mut self, r: SockRef, ms: u64) {
+        let s = self.shards[r.shard as usize].sockets.get_mut::<tcp::Socket>(r.handle);
+        s.set_ack_delay(Some(Duration::from_millis(ms)));
     }
 
     /// A socket's state, without marking its shard for a poll.
