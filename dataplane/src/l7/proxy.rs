@@ -1180,9 +1180,6 @@ impl Proxy {
     }
 }
 
-/// Whether an upstream connection can take the next request: open both ways (ESTABLISHED,
-/// which can also send) with nothing unread from the server. The one test for pooling a
-/// connection, keeping it pooled and taking it from the pool.
 /// Moves a connection's ACK pace to `to`, telling its socket when the delay changes.
 fn set_pace(stack: &mut Stack, sock: SockRef, pace: &mut AckPace, to: AckPace) {
     if to.delay_ms() != pace.delay_ms() {
@@ -1191,6 +1188,9 @@ fn set_pace(stack: &mut Stack, sock: SockRef, pace: &mut AckPace, to: AckPace) {
     *pace = to;
 }
 
+/// Whether an upstream connection can take the next request: open both ways (ESTABLISHED,
+/// which can also send) with nothing unread from the server. The one test for pooling a
+/// connection, keeping it pooled and taking it from the pool.
 fn clean_keep_alive(s: &smoltcp::socket::tcp::Socket) -> bool {
     s.state() == State::Established && !s.can_recv()
 }
