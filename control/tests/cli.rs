@@ -260,6 +260,17 @@ fn usage_errors_and_help() {
     }
     assert!(ok(&["check", "--help"]).contains("--manifests <PATH>"));
     assert!(ok(&["snapshot", "--help"]).contains("--full-tables"));
+    // Times that cannot be a duration are usage errors before anything starts, not a panic.
+    let manifests = examples().join("manifests");
+    for bad in
+        [&["--stats-every=-1"][..], &["--stats-every", "NaN"], &["--watch-every", "inf"], &["--watch-every", "soon"]]
+    {
+        let mut args = vec!["run", "--config", BOOTSTRAP, "--manifests", p(&manifests)];
+        args.extend_from_slice(bad);
+        let o = fulcrum(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("seconds"), "{bad:?}: {}", stderr(&o));
+    }
 }
 
 fn route(host: &str, path: &str) -> Value {

@@ -43,6 +43,16 @@ impl InputArgs {
     }
 }
 
+/// A time in seconds on the command line: finite and not negative (fractions allowed), so that
+/// turning it into a `Duration` cannot panic.
+pub fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?}: seconds must be a finite number, 0 or more"));
+    }
+    Ok(v)
+}
+
 /// Generation number of a snapshot compiled for inspection (the first one a run would publish).
 const FIRST_GENERATION: u64 = 1;
 

@@ -19,15 +19,15 @@ pub struct Args {
     pub config: PathBuf,
     #[command(flatten)]
     pub input: super::InputArgs,
-    /// Print the counters (JSON) to stderr every SECONDS.
-    #[arg(long, value_name = "SECONDS")]
+    /// Print the counters (JSON) to stderr every SECONDS; 0: never (as without the option).
+    #[arg(long, value_name = "SECONDS", value_parser = super::seconds)]
     pub stats_every: Option<f64>,
     /// Override the first port's device (e.g. `net_af_packet0,iface=veth-lb`).
     #[arg(long, value_name = "DEVARGS")]
     pub device: Option<String>,
     /// How often to check the manifests for changes, in seconds; 0: only on SIGHUP. (The
     /// Kubernetes API is watched: changes arrive as they happen.)
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = super::seconds)]
     pub watch_every: f64,
     /// Packet buffers (mbufs) in the pool; default: enough for every ring and burst, doubled.
     #[arg(long, value_name = "N")]
@@ -153,7 +153,11 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         "fulcrum: port {} ({}) up with {workers} worker(s) on CPU(s) {:?}",
         port_cfg.name, port_cfg.device, boot.workers.cores
     );
-    let opts = ServeOptions { input, stats_every: a.stats_every.map(Duration::from_secs_f64), control: None };
+    let opts = ServeOptions {
+        input,
+        stats_every: a.stats_every.filter(|&s| s > 0.0).map(Duration::from_secs_f64),
+        control: None,
+    };
     let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
     println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
     drop(port);
