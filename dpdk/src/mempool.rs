@@ -31,13 +31,19 @@ unsafe impl Sync for PoolInner {}
 impl Drop for PoolInner {
     fn drop(&mut self) {
         // Freeing a pool with mbufs still out would leave them dangling: leak it instead.
+        // By now every port using the pool is closed, so what is still out is held by a
+        // driver or leaked by us. DPDK 22.11's AF_XDP driver is one such driver: it keeps the
+        // mbufs of its fill ring (2048 per queue) when the port closes. Nothing outlives the
+        // process either way (the pool's memory goes with it), so say so plainly.
         // SAFETY: ptr is a live mempool.
         let avail = unsafe { ffi::fl_mempool_avail_count(self.ptr.as_ptr()) };
         if avail < self.size {
             eprintln!(
-                "fulcrum-dpdk: mempool {} dropped with {} mbufs still in use: not freeing it",
+                "fulcrum-dpdk: note: {} mbufs of pool {} were not given back after its ports closed \
+                 (DPDK 22.11's AF_XDP driver keeps those of its fill ring, 2048 per queue); the \
+                 pool is left for the process's exit to free",
+                self.size - avail,
                 self.name,
-                self.size - avail
             );
             return;
         }
