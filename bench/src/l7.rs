@@ -359,6 +359,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "backends": a.backends,
         "upstream_connects": st.upstream_connects,
         "upstream_reused": st.upstream_reused,
+        "proxy_steps": st.steps,
         "errors_local": st.errors_local,
         "socket_buffer_bytes": boot.l7.as_ref().map(|l| l.socket_buffer),
         // What the worker's socket-buffer pools hold at the end (in use or kept for reuse).

@@ -689,3 +689,82 @@ fn a_response_in_pieces_makes_the_upstreams_acks_quick_for_good() {
     }
     assert_eq!(lab.proxy.stats.upstream_connects, 1, "one upstream connection throughout");
 }
+
+#[test]
+fn a_stalled_response_costs_no_work_until_it_is_cut() {
+    let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40001);
+    // A 200 KiB echo that the client never reads: once its window and the buffers on the way
+    // are full, nothing moves.
+    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut req = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    let mut sent = 0;
+    while sent < req.len() {
+        let s = lab.client.tcp(h);
+        if s.may_send() {
+            sent += s.send_slice(&req[sent..]).unwrap();
+        }
+        lab.tick();
+        assert!(lab.now < 5_000, "the request went out");
+    }
+    for _ in 0..500 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.client_count(), 1);
+    // Past the upstream timeout (3 s) and up to the idle timeout (10 s) of no progress: a few
+    // steps for zero-window probes and deadlines, not one a millisecond.
+    let steps = lab.proxy.stats.steps;
+    let start = lab.now;
+    while lab.now < start + 9_000 {
+        lab.tick();
+    }
+    let stalled_steps = lab.proxy.stats.steps - steps;
+    assert!(stalled_steps < 100, "{stalled_steps} steps in 9 s of a stalled response");
+    assert_eq!(lab.proxy.client_count(), 1, "still within the idle timeout");
+    // Then the idle timeout ends it: cut, the upstream connection dropped with it.
+    while lab.now < start + 12_000 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.client_count(), 0, "a response stalled for the idle timeout is cut");
+    assert_eq!(lab.proxy.stack.sockets_in_use(), 0, "neither its socket nor the upstream's is left");
+}
+
+#[test]
+fn a_tunnel_lives_while_bytes_move_and_closes_after_the_idle_timeout() {
+    let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40001);
+    let up = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+    let resp = lab.exchange(h, up, 200, |r| r.windows(4).any(|w| w == b"\r\n\r\n"));
+    assert!(resp.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&resp));
+    // A message every 6 s: past the upstream timeout (3 s) and, in all, the idle timeout
+    // (10 s); each moves the deadline.
+    let steps = lab.proxy.stats.steps;
+    for i in 0..4 {
+        let start = lab.now;
+        while lab.now < start + 6_000 {
+            lab.tick();
+        }
+        let msg = format!("ping {i}");
+        let echo = lab.exchange(h, msg.as_bytes(), 50, |r| r.ends_with(msg.as_bytes()));
+        assert_eq!(echo, msg.as_bytes(), "message {i} after {} ms", lab.now - start);
+    }
+    let busy_steps = lab.proxy.stats.steps - steps;
+    assert!(busy_steps < 200, "{busy_steps} steps for 4 messages over 24 s");
+    // Then silence: closed once nothing has moved for the idle timeout (10 s), not before.
+    let start = lab.now;
+    while lab.now < start + 9_000 {
+        lab.tick();
+    }
+    assert!(lab.client.tcp(h).may_recv(), "still open 9 s into the silence");
+    while lab.now < start + 11_000 {
+        lab.tick();
+    }
+    assert!(!lab.client.tcp(h).may_recv(), "closed by the proxy after 10 s of silence");
+    lab.client.tcp(h).close();
+    for _ in 0..10 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.client_count(), 0);
+    assert_eq!(lab.proxy.stack.sockets_in_use(), 0, "the upstream connection went with it");
+}

@@ -68,6 +68,9 @@ pub struct ProxyStats {
     /// sockets times their buffer size, in 2 MiB steps). Filled in the worker's copy of its
     /// counters for the control thread, not per loop.
     pub socket_buffer_bytes: u64,
+    /// Connection steps run: the proxy's work, which should follow segments and deadlines,
+    /// not the number of connections or the time they stay open.
+    pub steps: u64,
 }
 
 impl ProxyStats {
@@ -85,6 +88,7 @@ impl ProxyStats {
         self.health_failures += o.health_failures;
         self.health_transitions += o.health_transitions;
         self.socket_buffer_bytes += o.socket_buffer_bytes;
+        self.steps += o.steps;
     }
 }
 
@@ -133,6 +137,10 @@ struct Client {
     close_by: Option<u64>,
     /// How long its socket holds ACKs: longer once its requests are seen to come whole.
     ack: AckPace,
+    /// Streaming a response body or tunnelling: when bytes last moved (ms). The deadline
+    /// follows it lazily (moved when it comes, not on every byte), so a transfer that stalls
+    /// for the idle timeout is cut and one that moves costs no timer work per step.
+    progress_ms: u64,
 }
 
 struct Upstream {
@@ -355,6 +363,7 @@ impl Proxy {
                 started: None,
                 close_by: None,
                 ack: AckPace::Quick,
+                progress_ms: now_ms,
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.clients[idx].as_mut().unwrap().idx = idx;
@@ -458,6 +467,7 @@ impl Proxy {
     }
 
     fn step(&mut self, c: &mut Client, now: u64) -> bool {
+        self.stats.steps += 1;
         self.lend_buffers(c);
         let keep = self.step_with_buffers(c, now);
         if keep {
@@ -811,6 +821,10 @@ impl Proxy {
             self.record_latency(c);
             let mut rest = buf;
             rest.drain(..head_len);
+            // From here the upstream timeout no longer applies: the idle timeout does, to bytes
+            // that stop moving.
+            c.progress_ms = now;
+            c.deadline = now + self.cfg.idle_timeout_ms;
             if status == 101 && c.upgrade {
                 c.out.extend_from_slice(&rest);
                 c.phase = Phase::Tunnel;
@@ -879,6 +893,7 @@ impl Proxy {
     fn response(&mut self, c: &mut Client) -> bool {
         let u = c.up.expect("a response has an upstream");
         let usock = self.ups[u].as_ref().unwrap().sock;
+        let now = self.stack.now_ms();
         loop {
             let body = c.resp_body.as_mut().expect("response body reader");
             if body.is_done() {
@@ -921,9 +936,16 @@ impl Proxy {
             io::discard_tcp(self.stack.tcp(usock), take);
             io::send(&mut self.stack, c.sock, &mut c.tls, &self.scratch[..take]);
             c.relayed += take as u64;
+            c.progress_ms = now;
         }
         self.stack.mark_dirty(usock);
         self.stack.mark_dirty(c.sock);
+        if !c.resp_body.as_ref().is_some_and(BodyReader::is_done) && !self.still_moving(c, now) {
+            // Nothing moved for the idle timeout (a client that stopped reading, a server that
+            // stopped sending): nothing honest is left to send; cut both.
+            self.release_upstream(c, false);
+            return self.abort(c);
+        }
         if c.resp_body.as_ref().is_some_and(BodyReader::is_done) {
             let req_done = c.req_body.as_ref().is_none_or(BodyReader::is_done);
             self.release_upstream(c, req_done);
@@ -974,13 +996,28 @@ impl Proxy {
         }
         self.stack.mark_dirty(usock);
         self.stack.mark_dirty(c.sock);
+        let now = self.stack.now_ms();
+        if a + b > 0 {
+            c.progress_ms = now;
+        }
         let (cs_open, us_open) = (io::may_recv(&mut self.stack, c.sock, &c.tls), self.stack.tcp(usock).may_recv());
-        if (!cs_open || !us_open) && a == 0 && b == 0 {
+        if (!cs_open || !us_open) && a == 0 && b == 0 || !self.still_moving(c, now) {
             self.release_upstream(c, false);
             c.phase = Phase::Closing;
             return self.closing(c);
         }
         true
+    }
+
+    /// Whether a response body or tunnel has moved within the idle timeout; when its deadline
+    /// comes with recent progress, the deadline moves to the progress plus the idle timeout.
+    fn still_moving(&self, c: &mut Client, now: u64) -> bool {
+        if now < c.deadline {
+            return true;
+        }
+        let until = c.progress_ms + self.cfg.idle_timeout_ms;
+        c.deadline = until;
+        now < until
     }
 
     fn record_latency(&mut self, c: &mut Client) {

@@ -124,6 +124,8 @@ struct BackendConn {
     out: Vec<u8>,
     /// To send from the next `serve` on (`split_writes`).
     later: Vec<u8>,
+    /// Answered an `Upgrade: websocket` request with 101: echoes raw bytes from then on.
+    upgraded: bool,
 }
 
 impl Backend {
@@ -151,14 +153,14 @@ impl Backend {
         for _ in listening..self.listeners {
             let h = self.host.socket(self.buffer);
             self.host.tcp(h).listen(8080).expect("listen");
-            self.conns.push(BackendConn { sock: h, inbuf: vec![], out: vec![], later: vec![] });
+            self.conns.push(BackendConn { sock: h, inbuf: vec![], out: vec![], later: vec![], upgraded: false });
         }
     }
 
     /// Reads requests and queues responses; closed sockets are recycled.
     pub fn serve(&mut self) {
         let split = self.split_writes;
-        for BackendConn { sock, inbuf, out, later } in self.conns.iter_mut() {
+        for BackendConn { sock, inbuf, out, later, upgraded } in self.conns.iter_mut() {
             let s = self.host.sockets.get_mut::<tcp::Socket>(*sock);
             out.append(later);
             if !out.is_empty() && s.may_send() {
@@ -170,6 +172,9 @@ impl Backend {
                     inbuf.extend_from_slice(d);
                     (d.len(), ())
                 });
+            }
+            if *upgraded {
+                out.append(inbuf); // a WebSocket's bytes, echoed
             }
             while let Some(end) = inbuf.windows(4).position(|w| w == b"\r\n\r\n") {
                 if !later.is_empty() {
@@ -183,6 +188,15 @@ impl Backend {
                     })
                     .unwrap_or(0);
                 if inbuf.len() < end + 4 + len {
+                    break;
+                }
+                if head.lines().any(|l| l.eq_ignore_ascii_case("upgrade: websocket")) {
+                    inbuf.drain(..end + 4);
+                    out.extend_from_slice(
+                        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                    );
+                    out.append(inbuf);
+                    *upgraded = true;
                     break;
                 }
                 let body = inbuf[end + 4..end + 4 + len].to_vec();
