@@ -768,3 +768,48 @@ fn a_tunnel_lives_while_bytes_move_and_closes_after_the_idle_timeout() {
     assert_eq!(lab.proxy.client_count(), 0);
     assert_eq!(lab.proxy.stack.sockets_in_use(), 0, "the upstream connection went with it");
 }
+
+#[test]
+fn idle_keep_alive_connections_cost_no_work_until_their_idle_timeout() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let conns: Vec<SocketHandle> = (0..50).map(|i| lab.connect(41000 + i)).collect();
+    for (i, &h) in conns.iter().enumerate() {
+        timed_get(&mut lab, h, &format!("/item/{i}"));
+    }
+    for _ in 0..100 {
+        lab.tick(); // the last ACKs and delayed ACKs settle
+    }
+    let steps = lab.proxy.stats.steps;
+    let start = lab.now;
+    while lab.now < start + 8_000 {
+        lab.tick();
+    }
+    // At most one look each, when the last request's upstream deadline (3 s) comes up and the
+    // next wake is filed (deadlines are filed lazily); no sweep over every connection.
+    let idle_steps = lab.proxy.stats.steps - steps;
+    assert!(idle_steps <= 50, "{idle_steps} steps for 50 idle connections in 8 s");
+    assert_eq!(lab.proxy.client_count(), 50);
+    // Each is looked at again when its idle timeout (10 s after its request) is up: closed.
+    while lab.now < start + 10_000 {
+        lab.tick();
+    }
+    assert!(conns.iter().all(|&h| !lab.client.tcp(h).may_recv()), "all closed by the proxy at the idle timeout");
+}
+
+#[test]
+fn a_keep_alive_connection_holds_about_one_deadline_however_many_requests_it_carries() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let h = lab.connect(40000);
+    for i in 0..200 {
+        timed_get(&mut lab, h, &format!("/item/{i}"));
+    }
+    // Each request moves the connection's deadline two or three times (upstream timeout,
+    // response progress, idle time), each 3-10 s out here; filing each would leave ~500 entries.
+    assert!(lab.proxy.deadline_entries() <= 4, "{} deadline entries", lab.proxy.deadline_entries());
+    // And the deadlines still hold: closed when idle for the idle timeout.
+    let start = lab.now;
+    while lab.now < start + 10_500 {
+        lab.tick();
+    }
+    assert!(!lab.client.tcp(h).may_recv(), "closed after 10 s idle");
+}

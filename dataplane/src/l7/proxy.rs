@@ -141,6 +141,9 @@ struct Client {
     /// follows it lazily (moved when it comes, not on every byte), so a transfer that stalls
     /// for the idle timeout is cut and one that moves costs no timer work per step.
     progress_ms: u64,
+    /// The time of its one entry in `Proxy::deadlines` that counts: entries filed before it
+    /// (deadlines that moved) are stale and wake nothing.
+    wake_at: u64,
 }
 
 struct Upstream {
@@ -197,9 +200,7 @@ pub struct Proxy {
     /// `reap_idle`'s list, kept between calls.
     gone_idle: Vec<usize>,
     last_reap_ms: u64,
-    /// When every client was last run (a safety net, once a second), and the stack's timers
-    /// last checked.
-    last_sweep_ms: u64,
+    /// When the stack's timers were last checked.
     last_timers_ms: u64,
     /// Per endpoint, pooled keep-alive upstreams, oldest first: taken from and given back at
     /// the back (the warmest first), timed out from the front.
@@ -260,7 +261,6 @@ impl Proxy {
             due: Vec::new(),
             gone_idle: Vec::new(),
             last_reap_ms: 0,
-            last_sweep_ms: 0,
             last_timers_ms: 0,
             idle: AHashMap::new(),
             in_flight: AHashMap::new(),
@@ -364,11 +364,14 @@ impl Proxy {
                 close_by: None,
                 ack: AckPace::Quick,
                 progress_ms: now_ms,
+                wake_at: 0,
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
-            self.clients[idx].as_mut().unwrap().idx = idx;
             self.attach(sock.shard, idx);
-            self.watch(now_ms + self.cfg.header_timeout_ms, idx);
+            let wake_at = self.deadlines.schedule(now_ms + self.cfg.header_timeout_ms, idx as u32);
+            let c = self.clients[idx].as_mut().unwrap();
+            c.idx = idx;
+            c.wake_at = wake_at;
         }
         true
     }
@@ -382,14 +385,18 @@ impl Proxy {
         busy.clear();
         todo.clear();
         self.stack.busy_shards(&mut busy);
-        // Only the clients whose shards got segments and those with a deadline due (plus all of
-        // them once a second): the cost of a loop follows the traffic, not the connections.
+        // Only the clients whose shards got segments and those with a deadline due: the cost
+        // of a loop follows the traffic, not the connections. Every phase has a deadline (head,
+        // idle, upstream, progress, close), so a connection that nothing wakes is looked at when
+        // its timeout is up at the latest. (A sweep over every client once a second did that
+        // before: O(connections) a second, ~10 ms of a core for 10,000 idle ones.)
         todo.extend(busy.iter().flat_map(|&s| self.by_shard.get(s as usize).into_iter().flatten().copied()));
-        if now_ms >= self.last_sweep_ms + 1000 {
-            self.last_sweep_ms = now_ms;
-            todo.extend(0..self.clients.len());
-        }
-        self.deadlines.expire(now_ms, |_, i| todo.push(i as usize));
+        let clients = &self.clients;
+        self.deadlines.expire(now_ms, |at, i| {
+            if clients[i as usize].as_ref().is_some_and(|c| c.wake_at == at) {
+                todo.push(i as usize);
+            }
+        });
         todo.sort_unstable();
         todo.dedup();
         // Pooled upstreams whose shards got segments sort last: looked at, not run.
@@ -402,19 +409,16 @@ impl Proxy {
                 let before = c.deadline;
                 let keep = self.step(&mut c, now_ms);
                 if keep {
-                    if c.deadline != before || c.deadline <= now_ms {
-                        // A new deadline, or one passed without an outcome yet: an idle
-                        // keep-alive connection is looked at again when its idle time is up,
-                        // anything else (a handshake in progress) in a millisecond.
-                        let idle_end = c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms);
-                        let wake = if c.deadline > now_ms {
-                            c.deadline
-                        } else if c.phase == Phase::Head && c.buf.is_empty() && idle_end > now_ms {
-                            idle_end
-                        } else {
-                            now_ms + 1
-                        };
-                        self.watch(wake, i);
+                    if c.deadline != before || c.wake_at <= now_ms {
+                        // A new deadline, or the time watched has passed without an outcome.
+                        // Only an earlier time is filed now: a later one is filed when the
+                        // entry already there comes up, so that a connection holds about one
+                        // entry however many requests it carries (a deadline moves 2-3 times
+                        // a request, each 10-60 s out).
+                        let wake = self.wake_time(&c, now_ms);
+                        if wake < c.wake_at || c.wake_at <= now_ms {
+                            c.wake_at = self.deadlines.schedule(wake, i as u32);
+                        }
                     }
                     self.clients[i] = Some(c);
                 } else {
@@ -441,8 +445,23 @@ impl Proxy {
         self.stack.flush_removals();
     }
 
-    fn watch(&mut self, when: u64, client: usize) {
-        self.deadlines.schedule(when, client as u32);
+    /// When `run` next looks at a client if nothing else wakes it: an idle keep-alive
+    /// connection (established, no TLS handshake going on, nothing of a next request received)
+    /// when its idle time is up; anything else at its deadline, or in a millisecond if that
+    /// has passed without an outcome yet.
+    fn wake_time(&self, c: &Client, now: u64) -> u64 {
+        let idle_end = c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms);
+        let idle = c.phase == Phase::Head
+            && c.buf.is_empty()
+            && !c.tls.as_ref().is_some_and(|t| t.handshaking())
+            && self.stack.state(c.sock) == State::Established;
+        if idle && idle_end > now {
+            idle_end
+        } else if c.deadline > now {
+            c.deadline
+        } else {
+            now + 1
+        }
     }
 
     fn attach(&mut self, shard: u32, client: usize) {
@@ -462,6 +481,11 @@ impl Proxy {
     }
 
     /// Connections open to clients.
+    /// Entries in the deadline wheel, stale ones included (about one per connection).
+    pub fn deadline_entries(&self) -> usize {
+        self.deadlines.len()
+    }
+
     pub fn client_count(&self) -> usize {
         self.clients.iter().flatten().count()
     }

@@ -23,10 +23,12 @@ impl TimerWheel {
         TimerWheel { slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_ms: now_ms }
     }
 
-    /// Asks for `id` at `at_ms` (a time already past fires at the next `expire`).
-    pub fn schedule(&mut self, at_ms: u64, id: u32) {
+    /// Asks for `id` at `at_ms` (a time already past fires at the next `expire`); returns the
+    /// time filed, which `expire` hands back.
+    pub fn schedule(&mut self, at_ms: u64, id: u32) -> u64 {
         let at = at_ms.max(self.next_ms);
         self.slots[at as usize % SLOTS].push((at, id));
+        at
     }
 
     /// Hands every entry due by `now_ms` to `fire` as (time asked for, id), in no set order.
