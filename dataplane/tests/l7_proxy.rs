@@ -813,3 +813,24 @@ fn a_keep_alive_connection_holds_about_one_deadline_however_many_requests_it_car
     }
     assert!(!lab.client.tcp(h).may_recv(), "closed after 10 s idle");
 }
+
+#[test]
+fn a_half_open_connection_is_dropped_without_a_look_every_millisecond() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let _h = lab.connect(40000);
+    lab.tick(); // the SYN arrives: the proxy makes the connection and answers SYN-ACK
+    assert_eq!(lab.proxy.client_count(), 1);
+    lab.cut.push(CLIENT); // ... which never comes back: half open
+    let steps = lab.proxy.stats.steps;
+    let start = lab.now;
+    while lab.now < start + 3_900 {
+        lab.tick();
+    }
+    let waiting_steps = lab.proxy.stats.steps - steps;
+    assert!(waiting_steps < 20, "{waiting_steps} steps for one half-open connection in 3.9 s");
+    assert_eq!(lab.proxy.client_count(), 1, "kept for twice the header timeout (2 s)");
+    while lab.now < start + 4_100 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.client_count(), 0, "dropped after twice the header timeout");
+}

@@ -447,18 +447,23 @@ impl Proxy {
 
     /// When `run` next looks at a client if nothing else wakes it: an idle keep-alive
     /// connection (established, no TLS handshake going on, nothing of a next request received)
-    /// when its idle time is up; anything else at its deadline, or in a millisecond if that
-    /// has passed without an outcome yet.
+    /// when its idle time is up; one still being accepted when `read_head` gives up on it;
+    /// anything else at its deadline, or in a millisecond if that has passed without an
+    /// outcome yet.
     fn wake_time(&self, c: &Client, now: u64) -> u64 {
+        let state = self.stack.state(c.sock);
         let idle_end = c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms);
         let idle = c.phase == Phase::Head
             && c.buf.is_empty()
             && !c.tls.as_ref().is_some_and(|t| t.handshaking())
-            && self.stack.state(c.sock) == State::Established;
+            && state == State::Established;
+        let accepting = c.phase == Phase::Head && matches!(state, State::Listen | State::SynReceived);
         if idle && idle_end > now {
             idle_end
         } else if c.deadline > now {
             c.deadline
+        } else if accepting {
+            (c.deadline + self.cfg.header_timeout_ms).max(now + 1)
         } else {
             now + 1
         }
