@@ -230,7 +230,8 @@ pub struct L7Timeouts {
     pub header_ms: u64,
     /// Waiting for an upstream's response head (504 after it).
     pub upstream_ms: u64,
-    /// A kept-alive client connection with no request.
+    /// A kept-alive client connection with no request; also a response body or WebSocket
+    /// tunnel with no byte moving either way (cut after it, as nginx's proxy_read_timeout).
     pub idle_ms: u64,
 }
 
