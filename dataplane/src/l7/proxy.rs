@@ -485,12 +485,12 @@ impl Proxy {
         }
     }
 
-    /// Connections open to clients.
     /// Entries in the deadline wheel, stale ones included (about one per connection).
     pub fn deadline_entries(&self) -> usize {
         self.deadlines.len()
     }
 
+    /// Connections open to clients.
     pub fn client_count(&self) -> usize {
         self.clients.iter().flatten().count()
     }
