@@ -140,6 +140,20 @@ impl Lab {
         }
     }
 
+    /// Ticks until the clock reads `t`.
+    fn run_until(&mut self, t: u64) {
+        while self.now < t {
+            self.tick();
+        }
+    }
+
+    /// Ticks for `ms` and returns how many connection steps the proxy ran meanwhile.
+    fn steps_during(&mut self, ms: u64) -> u64 {
+        let before = self.proxy.stats.steps;
+        self.run_until(self.now + ms);
+        self.proxy.stats.steps - before
+    }
+
     fn connect(&mut self, port: u16) -> SocketHandle {
         self.client.connect((L7, 80), port, 65536)
     }
@@ -362,14 +376,20 @@ fn heads_that_straddle_the_end_of_a_socket_ring_are_read_whole() {
     }
 }
 
+/// A POST of 200 KiB (the sim backends echo it back), and its body.
+fn upload_200k() -> (Vec<u8>, Vec<u8>) {
+    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut req = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    req.extend_from_slice(&body);
+    (req, body)
+}
+
 #[test]
 fn a_large_body_streams_through_small_buffers() {
     let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
     let h = lab.connect(40001);
     // 200 KiB through 8 KiB socket buffers: it can only pass by streaming.
-    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
-    let mut req = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-    req.extend_from_slice(&body);
+    let (req, body) = upload_200k();
     let resp = lab.exchange(h, &req, 20_000, complete);
     assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "{:?}", String::from_utf8_lossy(&resp[..resp.len().min(200)]));
     assert!(resp.ends_with(&body), "the echoed body came back whole");
@@ -696,9 +716,7 @@ fn a_stalled_response_costs_no_work_until_it_is_cut() {
     let h = lab.connect(40001);
     // A 200 KiB echo that the client never reads: once its window and the buffers on the way
     // are full, nothing moves.
-    let body: Vec<u8> = (0..200 * 1024).map(|i| (i % 251) as u8).collect();
-    let mut req = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
-    req.extend_from_slice(&body);
+    let (req, _) = upload_200k();
     let mut sent = 0;
     while sent < req.len() {
         let s = lab.client.tcp(h);
@@ -714,18 +732,12 @@ fn a_stalled_response_costs_no_work_until_it_is_cut() {
     assert_eq!(lab.proxy.client_count(), 1);
     // Past the upstream timeout (3 s) and up to the idle timeout (10 s) of no progress: a few
     // steps for zero-window probes and deadlines, not one a millisecond.
-    let steps = lab.proxy.stats.steps;
     let start = lab.now;
-    while lab.now < start + 9_000 {
-        lab.tick();
-    }
-    let stalled_steps = lab.proxy.stats.steps - steps;
+    let stalled_steps = lab.steps_during(9_000);
     assert!(stalled_steps < 100, "{stalled_steps} steps in 9 s of a stalled response");
     assert_eq!(lab.proxy.client_count(), 1, "still within the idle timeout");
     // Then the idle timeout ends it: cut, the upstream connection dropped with it.
-    while lab.now < start + 12_000 {
-        lab.tick();
-    }
+    lab.run_until(start + 12_000);
     assert_eq!(lab.proxy.client_count(), 0, "a response stalled for the idle timeout is cut");
     assert_eq!(lab.proxy.stack.sockets_in_use(), 0, "neither its socket nor the upstream's is left");
 }
@@ -742,9 +754,7 @@ fn a_tunnel_lives_while_bytes_move_and_closes_after_the_idle_timeout() {
     let steps = lab.proxy.stats.steps;
     for i in 0..4 {
         let start = lab.now;
-        while lab.now < start + 6_000 {
-            lab.tick();
-        }
+        lab.run_until(start + 6_000);
         let msg = format!("ping {i}");
         let echo = lab.exchange(h, msg.as_bytes(), 50, |r| r.ends_with(msg.as_bytes()));
         assert_eq!(echo, msg.as_bytes(), "message {i} after {} ms", lab.now - start);
@@ -753,13 +763,9 @@ fn a_tunnel_lives_while_bytes_move_and_closes_after_the_idle_timeout() {
     assert!(busy_steps < 200, "{busy_steps} steps for 4 messages over 24 s");
     // Then silence: closed once nothing has moved for the idle timeout (10 s), not before.
     let start = lab.now;
-    while lab.now < start + 9_000 {
-        lab.tick();
-    }
+    lab.run_until(start + 9_000);
     assert!(lab.client.tcp(h).may_recv(), "still open 9 s into the silence");
-    while lab.now < start + 11_000 {
-        lab.tick();
-    }
+    lab.run_until(start + 11_000);
     assert!(!lab.client.tcp(h).may_recv(), "closed by the proxy after 10 s of silence");
     lab.client.tcp(h).close();
     for _ in 0..10 {
@@ -779,20 +785,14 @@ fn idle_keep_alive_connections_cost_no_work_until_their_idle_timeout() {
     for _ in 0..100 {
         lab.tick(); // the last ACKs and delayed ACKs settle
     }
-    let steps = lab.proxy.stats.steps;
     let start = lab.now;
-    while lab.now < start + 8_000 {
-        lab.tick();
-    }
     // At most one look each, when the last request's upstream deadline (3 s) comes up and the
     // next wake is filed (deadlines are filed lazily); no sweep over every connection.
-    let idle_steps = lab.proxy.stats.steps - steps;
+    let idle_steps = lab.steps_during(8_000);
     assert!(idle_steps <= 50, "{idle_steps} steps for 50 idle connections in 8 s");
     assert_eq!(lab.proxy.client_count(), 50);
     // Each is looked at again when its idle timeout (10 s after its request) is up: closed.
-    while lab.now < start + 10_000 {
-        lab.tick();
-    }
+    lab.run_until(start + 10_000);
     assert!(conns.iter().all(|&h| !lab.client.tcp(h).may_recv()), "all closed by the proxy at the idle timeout");
 }
 
@@ -807,10 +807,7 @@ fn a_keep_alive_connection_holds_about_one_deadline_however_many_requests_it_car
     // response progress, idle time), each 3-10 s out here; filing each would leave ~500 entries.
     assert!(lab.proxy.deadline_entries() <= 4, "{} deadline entries", lab.proxy.deadline_entries());
     // And the deadlines still hold: closed when idle for the idle timeout.
-    let start = lab.now;
-    while lab.now < start + 10_500 {
-        lab.tick();
-    }
+    lab.run_until(lab.now + 10_500);
     assert!(!lab.client.tcp(h).may_recv(), "closed after 10 s idle");
 }
 
@@ -821,16 +818,10 @@ fn a_half_open_connection_is_dropped_without_a_look_every_millisecond() {
     lab.tick(); // the SYN arrives: the proxy makes the connection and answers SYN-ACK
     assert_eq!(lab.proxy.client_count(), 1);
     lab.cut.push(CLIENT); // ... which never comes back: half open
-    let steps = lab.proxy.stats.steps;
     let start = lab.now;
-    while lab.now < start + 3_900 {
-        lab.tick();
-    }
-    let waiting_steps = lab.proxy.stats.steps - steps;
+    let waiting_steps = lab.steps_during(3_900);
     assert!(waiting_steps < 20, "{waiting_steps} steps for one half-open connection in 3.9 s");
     assert_eq!(lab.proxy.client_count(), 1, "kept for twice the header timeout (2 s)");
-    while lab.now < start + 4_100 {
-        lab.tick();
-    }
+    lab.run_until(start + 4_100);
     assert_eq!(lab.proxy.client_count(), 0, "dropped after twice the header timeout");
 }
