@@ -228,7 +228,8 @@ pub struct L7Timeouts {
     /// From a connection's first byte (or the end of the previous response) to a complete
     /// request head: 408 after it, so slow clients cannot hold connections.
     pub header_ms: u64,
-    /// Waiting for an upstream's response head (504 after it).
+    /// Waiting for an upstream's response head, from the request's last byte sent upstream
+    /// (504 after it): an upload that keeps moving is not cut.
     pub upstream_ms: u64,
     /// A kept-alive client connection with no request; also a response body or WebSocket
     /// tunnel with no byte moving either way (cut after it, as nginx's proxy_read_timeout).

@@ -825,3 +825,24 @@ fn a_half_open_connection_is_dropped_without_a_look_every_millisecond() {
     lab.run_until(start + 4_100);
     assert_eq!(lab.proxy.client_count(), 0, "dropped after twice the header timeout");
 }
+
+#[test]
+fn an_upload_longer_than_the_upstream_timeout_goes_through_while_it_moves() {
+    let mut lab = Lab::new(vec![route("", "/", &eps()[..1])], Limits::default());
+    let h = lab.connect(40001);
+    // 20 KiB, 1 KiB every 500 ms: 10 s of upload against an upstream timeout of 3 s.
+    let body: Vec<u8> = (0..20 * 1024).map(|i| (i % 251) as u8).collect();
+    let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+    // `exchange` sends all of its bytes before `done` is asked; it reads what came meanwhile.
+    let mut got = lab.exchange(h, head.as_bytes(), 20, |_| false);
+    for piece in body.chunks(1024) {
+        lab.run_until(lab.now + 500);
+        assert!(got.is_empty(), "answered mid-upload at {} ms: {}", lab.now, String::from_utf8_lossy(&got));
+        got.extend(lab.exchange(h, piece, 5, |_| false));
+    }
+    assert!(lab.now > 10_000, "the upload took {} ms", lab.now);
+    let mut resp = got;
+    resp.extend(lab.exchange(h, b"", 200, complete));
+    assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&resp[..resp.len().min(200)]));
+    assert!(resp.ends_with(&body), "the echoed body came back whole");
+}

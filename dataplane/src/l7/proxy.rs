@@ -700,6 +700,7 @@ impl Proxy {
         c.relayed = 0;
         *self.in_flight.entry(ep).or_default() += 1;
         c.deadline = now + self.cfg.upstream_timeout_ms;
+        c.progress_ms = now;
         c.phase = Phase::Request;
         self.request(c, now)
     }
@@ -873,13 +874,30 @@ impl Proxy {
             return self.flush_client(c) && self.response(c);
         }
         if now >= c.deadline {
-            return self.upstream_failed(c, 504);
+            // The upstream timeout counts from the request's last byte sent upstream: an upload
+            // that keeps moving is not cut however long it takes.
+            let until = c.progress_ms + self.cfg.upstream_timeout_ms;
+            if now >= until {
+                return self.upstream_failed(c, 504);
+            }
+            c.deadline = until;
         }
         true
     }
 
     /// Moves request body bytes from the client to the upstream; Err(status) if they are bad.
+    /// Notes the time in `progress_ms` when bytes moved.
     fn request_body(&mut self, c: &mut Client, usock: SockRef) -> Result<(), u16> {
+        let moved = self.move_request_body(c, usock)?;
+        if moved > 0 {
+            c.progress_ms = self.stack.now_ms();
+        }
+        Ok(())
+    }
+
+    /// `request_body`'s work; Ok(bytes sent upstream).
+    fn move_request_body(&mut self, c: &mut Client, usock: SockRef) -> Result<usize, u16> {
+        let mut moved = 0;
         let reader = c.req_body.as_mut().expect("request body reader");
         // First what came with the head.
         if !c.buf.is_empty() {
@@ -890,8 +908,9 @@ impl Proxy {
             let sent = s.send_slice(&c.buf[..n]).unwrap_or(0);
             debug_assert_eq!(sent, n);
             c.buf.drain(..n);
+            moved += n;
             if !reader.is_done() && n < take {
-                return Ok(());
+                return Ok(moved);
             }
         }
         while !reader.is_done() {
@@ -912,11 +931,12 @@ impl Proxy {
             let take = reader.feed(&self.scratch[..n]).map_err(body_status)?;
             io::discard(&mut self.stack, c.sock, &mut c.tls, take);
             let _ = self.stack.tcp(usock).send_slice(&self.scratch[..take]);
+            moved += take;
             if take < n {
                 break; // the next request's bytes stay in the socket
             }
         }
-        Ok(())
+        Ok(moved)
     }
 
     fn response(&mut self, c: &mut Client) -> bool {
