@@ -511,28 +511,23 @@ impl Proxy {
     /// Also when the other side's buffer was full: a whole message then looks cut, which only
     /// costs the longer delay.
     fn note_pieces(&mut self, c: &mut Client) {
+        let request_cut = c.req_body.as_ref().is_some_and(|b| !b.is_done());
         let (client_pieces, upstream_pieces) = match c.phase {
             Phase::Head => (!c.buf.is_empty(), false),
-            Phase::Request | Phase::Response => {
-                let request_cut = c.req_body.as_ref().is_some_and(|b| !b.is_done());
-                let response_cut = match c.phase {
-                    Phase::Request => c.up.and_then(|u| self.ups[u].as_ref()).is_some_and(|up| !up.buf.is_empty()),
-                    _ => c.resp_body.as_ref().is_some_and(|b| !b.is_done()),
-                };
-                (request_cut, response_cut)
+            Phase::Request => {
+                (request_cut, c.up.and_then(|u| self.ups[u].as_ref()).is_some_and(|up| !up.buf.is_empty()))
             }
+            Phase::Response => (request_cut, c.resp_body.as_ref().is_some_and(|b| !b.is_done())),
             // Bytes both ways, in whatever pieces the application writes them.
             Phase::Tunnel => (true, true),
             Phase::Closing => (false, false),
         };
         if client_pieces {
-            let to = c.ack.after_pieces();
-            set_pace(&mut self.stack, c.sock, &mut c.ack, to);
+            set_pace(&mut self.stack, c.sock, &mut c.ack, AckPace::after_pieces);
         }
         if upstream_pieces {
             if let Some(up) = c.up.and_then(|u| self.ups[u].as_mut()) {
-                let to = up.ack.after_pieces();
-                set_pace(&mut self.stack, up.sock, &mut up.ack, to);
+                set_pace(&mut self.stack, up.sock, &mut up.ack, AckPace::after_pieces);
             }
         }
     }
@@ -873,14 +868,10 @@ impl Proxy {
             c.phase = Phase::Response;
             return self.flush_client(c) && self.response(c);
         }
-        if now >= c.deadline {
-            // The upstream timeout counts from the request's last byte sent upstream: an upload
-            // that keeps moving is not cut however long it takes.
-            let until = c.progress_ms + self.cfg.upstream_timeout_ms;
-            if now >= until {
-                return self.upstream_failed(c, 504);
-            }
-            c.deadline = until;
+        // The upstream timeout counts from the request's last byte sent upstream: an upload
+        // that keeps moving is not cut however long it takes.
+        if !self.still_moving(c, now, self.cfg.upstream_timeout_ms) {
+            return self.upstream_failed(c, 504);
         }
         true
     }
@@ -989,7 +980,9 @@ impl Proxy {
         }
         self.stack.mark_dirty(usock);
         self.stack.mark_dirty(c.sock);
-        if !c.resp_body.as_ref().is_some_and(BodyReader::is_done) && !self.still_moving(c, now) {
+        if !c.resp_body.as_ref().is_some_and(BodyReader::is_done)
+            && !self.still_moving(c, now, self.cfg.idle_timeout_ms)
+        {
             // Nothing moved for the idle timeout (a client that stopped reading, a server that
             // stopped sending): nothing honest is left to send; cut both.
             self.release_upstream(c, false);
@@ -1001,11 +994,10 @@ impl Proxy {
             c.resp_body = None;
             c.req_body = None;
             if c.keep_alive && req_done {
-                let to = c.ack.after_whole_exchange();
-                set_pace(&mut self.stack, c.sock, &mut c.ack, to);
+                set_pace(&mut self.stack, c.sock, &mut c.ack, AckPace::after_whole_exchange);
                 c.phase = Phase::Head;
-                c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
-                return if c.buf.is_empty() { true } else { self.read_head(c, self.stack.now_ms()) };
+                c.deadline = now + self.cfg.header_timeout_ms;
+                return if c.buf.is_empty() { true } else { self.read_head(c, now) };
             }
             c.phase = Phase::Closing;
             return self.closing(c);
@@ -1050,7 +1042,7 @@ impl Proxy {
             c.progress_ms = now;
         }
         let (cs_open, us_open) = (io::may_recv(&mut self.stack, c.sock, &c.tls), self.stack.tcp(usock).may_recv());
-        if (!cs_open || !us_open) && a == 0 && b == 0 || !self.still_moving(c, now) {
+        if (!cs_open || !us_open) && a == 0 && b == 0 || !self.still_moving(c, now, self.cfg.idle_timeout_ms) {
             self.release_upstream(c, false);
             c.phase = Phase::Closing;
             return self.closing(c);
@@ -1058,13 +1050,14 @@ impl Proxy {
         true
     }
 
-    /// Whether a response body or tunnel has moved within the idle timeout; when its deadline
-    /// comes with recent progress, the deadline moves to the progress plus the idle timeout.
-    fn still_moving(&self, c: &mut Client, now: u64) -> bool {
+    /// Whether bytes moved within `timeout_ms` (a request body going upstream, a response body
+    /// or a tunnel); when the deadline comes with more recent progress, it moves to that
+    /// progress plus `timeout_ms`.
+    fn still_moving(&self, c: &mut Client, now: u64, timeout_ms: u64) -> bool {
         if now < c.deadline {
             return true;
         }
-        let until = c.progress_ms + self.cfg.idle_timeout_ms;
+        let until = c.progress_ms + timeout_ms;
         c.deadline = until;
         now < until
     }
@@ -1124,8 +1117,7 @@ impl Proxy {
         if reusable && clean_keep_alive(s) {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
-            let to = up.ack.after_whole_exchange();
-            set_pace(&mut self.stack, up.sock, &mut up.ack, to);
+            set_pace(&mut self.stack, up.sock, &mut up.ack, AckPace::after_whole_exchange);
             up.buf.clear();
             up.settle_buffers(&mut self.spare);
             let (ep, shard) = (up.endpoint, up.sock.shard);
@@ -1266,8 +1258,9 @@ impl Proxy {
     }
 }
 
-/// Moves a connection's ACK pace to `to`, telling its socket when the delay changes.
-fn set_pace(stack: &mut Stack, sock: SockRef, pace: &mut AckPace, to: AckPace) {
+/// Moves a connection's ACK pace on by `next`, telling its socket when the delay changes.
+fn set_pace(stack: &mut Stack, sock: SockRef, pace: &mut AckPace, next: fn(AckPace) -> AckPace) {
+    let to = next(*pace);
     if to.delay_ms() != pace.delay_ms() {
         stack.set_ack_delay(sock, to.delay_ms());
     }
