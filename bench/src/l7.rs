@@ -12,7 +12,7 @@ use fulcrum_config::bootstrap::Bootstrap;
 use fulcrum_config::ingress::L7Certificate;
 use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::{DesiredState, ObjectRef};
-use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host, TlsClient};
+use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
 use fulcrum_dataplane::port::MemoryPort;
 use fulcrum_dataplane::snapshot::Snapshot;
 use fulcrum_dataplane::worker::{Worker, WorkerConfig};
@@ -89,18 +89,6 @@ const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [2, 0xbe, o[0], o[1], o[2], o[3]]
-}
-
-/// An IPv4 TCP segment with no payload and only ACK set: an acknowledgement that rode on
-/// nothing (a delayed ACK that fired alone, or a window update).
-fn is_pure_ack(ip: &[u8]) -> bool {
-    if ip.len() < 20 || ip[9] != 6 {
-        return false;
-    }
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
-    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-    let Some(tcp) = ip.get(ihl..total) else { return false };
-    tcp.len() >= 20 && tcp.len() == ((tcp[12] >> 4) as usize) * 4 && tcp[13] == 0x10
 }
 
 fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {

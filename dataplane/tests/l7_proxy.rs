@@ -8,7 +8,7 @@ use fulcrum_config::model::ObjectRef;
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
 use fulcrum_dataplane::l7::router::Router;
-use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host, TlsClient};
+use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
 use rustls::pki_types::pem::PemObject;
 use smoltcp::iface::SocketHandle;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -51,14 +51,6 @@ struct Lab {
     from_backends: std::collections::VecDeque<(u64, Vec<u8>)>,
     /// Segments the proxy sent with no data and only ACK set: to the client, to backends.
     pure_acks: (usize, usize),
-}
-
-/// An IPv4 TCP segment with no payload and no flag but ACK.
-fn is_pure_ack(p: &[u8]) -> bool {
-    let ihl = ((p[0] & 0x0f) as usize) * 4;
-    let total = u16::from_be_bytes([p[2], p[3]]) as usize;
-    let tcp = &p[ihl..total];
-    tcp.len() == ((tcp[12] >> 4) as usize) * 4 && tcp[13] == 0x10
 }
 
 impl Lab {

@@ -238,6 +238,18 @@ impl Backend {
     }
 }
 
+/// An IPv4 TCP segment with no payload and no flag but ACK: an acknowledgement that rode on
+/// nothing (a delayed ACK that fired alone, or a window update).
+pub fn is_pure_ack(ip: &[u8]) -> bool {
+    if ip.len() < 20 || ip[9] != 6 {
+        return false;
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
+    let Some(tcp) = ip.get(ihl..total) else { return false };
+    tcp.len() >= 20 && tcp.len() == ((tcp[12] >> 4) as usize) * 4 && tcp[13] == 0x10
+}
+
 /// Whether `resp` holds a complete response with a Content-Length body.
 pub fn response_complete(resp: &[u8]) -> Option<usize> {
     let end = resp.windows(4).position(|w| w == b"\r\n\r\n")?;
