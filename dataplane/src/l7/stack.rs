@@ -488,3 +488,44 @@ impl Stack {
         self.mark(r.shard);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::l7::sim::Host;
+    use std::net::Ipv4Addr;
+
+    /// The vendored smoltcp's one patch (vendor/README.md): a segment into a drained receive
+    /// buffer is placed from the buffer's first byte. Unpatched, 400-byte messages land at
+    /// offsets 0, 400 and 800 of a 1,024-byte ring, the third wraps and `recv` hands it out in
+    /// two pieces (224 + 176 bytes): on a keep-alive connection every request lands further
+    /// round the ring. (400 bytes stay within the window the client last heard of, so each
+    /// message arrives whole in one segment.)
+    #[test]
+    fn drained_receive_buffer_starts_over() {
+        let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
+        let mut server = Host::new(a, 1);
+        let mut client = Host::new(b, 2);
+        let ls = server.socket(1024);
+        server.tcp(ls).listen(8080).unwrap();
+        let cs = client.connect((a, 8080), 40000, 1024);
+        // 20 ms a round: past smoltcp's delayed ACK, which the client's Nagle waits for.
+        let mut now = 0;
+        let mut exchange = |client: &mut Host, server: &mut Host| {
+            for _ in 0..10 {
+                now += 20;
+                client.poll(now);
+                server.dev.rx.extend(client.dev.tx.drain(..));
+                server.poll(now);
+                client.dev.rx.extend(server.dev.tx.drain(..));
+            }
+        };
+        exchange(&mut client, &mut server);
+        for round in 0..3 {
+            client.tcp(cs).send_slice(&[round as u8; 400]).unwrap();
+            exchange(&mut client, &mut server);
+            let first_piece = server.tcp(ls).recv(|d| (d.len(), d.len())).unwrap();
+            assert_eq!(first_piece, 400, "message {round} came out of the receive buffer in pieces");
+            assert!(!server.tcp(ls).can_recv());
+        }
+    }
+}

@@ -2210,6 +2210,16 @@ impl<'a> Socket<'a> {
 
         let assembler_was_empty = self.assembler.is_empty();
 
+        // FULCRUM PATCH (see vendor/README.md): into a drained receive buffer, a segment is
+        // written from its first byte, as the transmit buffer already does on enqueue. Otherwise
+        // every segment lands further round the ring, each connection cycles its whole buffer
+        // through the cache, and a small message that straddles the end comes out in two pieces.
+        // Only with nothing out of order held: the assembler's offsets count from the read
+        // position.
+        if assembler_was_empty && self.rx_buffer.is_empty() {
+            self.rx_buffer.clear();
+        }
+
         // Try adding payload octets to the assembler.
         let Ok(contig_len) = self
             .assembler
