@@ -1,6 +1,8 @@
 //! `fulcrum-bench l7`: the real worker (Ethernet in, classification, the sharded TCP stack, the
 //! HTTP proxy, Ethernet out) on an in-memory port, one pinned core, with N keep-alive client
 //! connections and a few backends that are real TCP stacks of their own (smoltcp, in memory).
+//! The clients are hosts of 64 connections each on their own addresses behind a router (the
+//! port's next hop), as a load balancer sees them.
 //! Only the worker's time is counted for requests per second; the latency percentiles are
 //! round trips through the whole simulation (clients and backends included), in wall time.
 //! Timing starts after a warm-up (`--warmup` requests per connection): connection set-up and the
@@ -48,7 +50,7 @@ pub struct L7Args {
     pub core: Option<usize>,
     /// What the worker's millisecond clock follows. `rounds`: one millisecond every 4 rounds
     /// of all clients (the figures so far); per-millisecond work (stack timers, pooled
-    /// connections, the proxy's sweep) then runs far less often per request than on a real
+    /// connections, the proxy's deadlines) then runs far less often per request than on a real
     /// core, the more so with more connections. `worker`: the worker's own busy time, as if it
     /// ran alone on a saturated core with its peers elsewhere.
     #[arg(long, value_enum, default_value_t = Clock::Rounds)]
@@ -67,6 +69,7 @@ ports:
     device: "memory"
     mac: "02:f1:00:00:00:01"
     ipv4: 10.10.0.2/24
+    next_hop: {ipv4: 10.10.0.1}
 workers: {cores: [0]}
 vip_pools: [{name: bench, cidrs: [10.20.0.0/24]}]
 l7:
@@ -84,6 +87,25 @@ const HOST: &str = "shop.example";
 const TIME_WAIT_MS: u64 = 20;
 
 const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+/// The router the clients are behind (the port's next hop).
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+/// Client connections per simulated client host. smoltcp scans every socket of a host for each
+/// segment it takes in: one host with 10,000 sockets cost O(connections) per segment, swept
+/// megabytes through the worker core's cache between its polls (the worker's own state evicted
+/// by the simulator's), and took most of the bench's wall time. Clients on many addresses
+/// behind a router are also what a load balancer sees.
+const CONNS_PER_CLIENT_HOST: usize = 64;
+
+/// The address of simulated client host `k`, in 10.30.0.0/16 (behind the router).
+fn client_addr(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 30, (k / 250) as u8, (k % 250 + 1) as u8)
+}
+
+/// Which client host an address in 10.30.0.0/16 is.
+fn client_host_of(a: Ipv4Addr) -> Option<usize> {
+    let o = a.octets();
+    (o[0] == 10 && o[1] == 30 && (1..=250).contains(&o[3])).then(|| o[2] as usize * 250 + o[3] as usize - 1)
+}
 const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 
 fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
@@ -107,7 +129,6 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     );
     let core = crate::pin(a.core);
     let boot = Bootstrap::parse(Path::new("bench.yaml"), BOOTSTRAP)?;
-    let client_addr = Ipv4Addr::new(10, 10, 0, 10);
     let backend_addrs: Vec<Ipv4Addr> = (0..a.backends).map(|i| Ipv4Addr::new(10, 10, 0, 100 + i as u8)).collect();
     let endpoints: Vec<SocketAddr> = backend_addrs.iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
     let l7 = L7State {
@@ -138,20 +159,25 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
     cfg.ct_capacity = 1024;
     cfg.ct_capacity_v6 = 1024;
-    cfg.static_neighbors.push((IpAddr::V4(client_addr), mac_of(client_addr)));
+    cfg.static_neighbors.push((IpAddr::V4(ROUTER), mac_of(ROUTER)));
     for &b in &backend_addrs {
         cfg.static_neighbors.push((IpAddr::V4(b), mac_of(b)));
     }
     let mut w = Worker::new(cfg, snap)?;
     let mut port = MemoryPort::new();
-    let mut client = Host::new(client_addr, 99);
+    let mut clients: Vec<Host> =
+        (0..a.conns.div_ceil(CONNS_PER_CLIENT_HOST)).map(|k| Host::new(client_addr(k), 99 + k as u64)).collect();
     let mut backends: Vec<Backend> = backend_addrs
         .iter()
         .map(|&b| {
-            // Up to every connection's upstream at once on one backend, small buffers.
+            // Listeners for the upstream connections opened in one round: at the start every
+            // client's first request opens one, spread evenly by the proxy's least-outstanding
+            // choice (a SYN finding no listener is reset and the bench fails on the 502). Not
+            // one per client on every backend: each listener is one more socket smoltcp scans
+            // for every segment.
             let mut be = Backend::with_listeners(b, "be", 64);
             be.buffer = 16384;
-            be.listeners = a.conns + 64;
+            be.listeners = a.conns / a.backends * 3 / 2 + 64;
             be
         })
         .collect();
@@ -163,7 +189,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         let h = client.connect((L7_ADDR, port_no), next_port, 16384);
         (h, a.tls.then(|| TlsClient::new(CA, HOST)))
     };
-    let mut conns: Vec<(SocketHandle, Option<TlsClient>)> = (0..a.conns).map(|_| open(&mut client)).collect();
+    // Connection i is on client host i / CONNS_PER_CLIENT_HOST.
+    let mut conns: Vec<(SocketHandle, Option<TlsClient>)> =
+        (0..a.conns).map(|i| open(&mut clients[i / CONNS_PER_CLIENT_HOST])).collect();
     // Per connection: when its request went out (wall ns), and what came back so far.
     let mut sent_at: Vec<Option<Instant>> = vec![None; a.conns];
     let mut got: Vec<Vec<u8>> = vec![Vec::new(); a.conns];
@@ -179,7 +207,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     // The worker's busy time since the start, warm-up included (`--clock worker`).
     let mut busy_ns = 0u128;
     let mut rounds = 0u64;
-    let mut closing: Vec<(SocketHandle, Option<u64>)> = Vec::new();
+    let mut closing: Vec<(usize, SocketHandle, Option<u64>)> = Vec::new();
     let wall = Instant::now();
     while done < a.requests {
         rounds += 1;
@@ -191,6 +219,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         anyhow::ensure!(rounds < 50_000_000, "no progress: {done} requests done");
         // Clients: read responses, send the next request on idle connections.
         for i in 0..conns.len() {
+            let client = &mut clients[i / CONNS_PER_CLIENT_HOST];
             let (h, tls) = &mut conns[i];
             let s = client.tcp(*h);
             match tls {
@@ -226,8 +255,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                 }
                 if a.new_conn {
                     client.tcp(*h).close();
-                    closing.push((*h, None));
-                    conns[i] = open(&mut client);
+                    closing.push((i / CONNS_PER_CLIENT_HOST, *h, None));
+                    conns[i] = open(client);
                 }
             }
             let (h, tls) = &mut conns[i];
@@ -252,7 +281,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // then it has acknowledged the proxy's FIN. (Dropped at once, it never did, and every
         // TLS connection's proxy socket, closed gracefully after close_notify, sat in LAST-ACK
         // with its buffers for the rest of the run: 667 MB after 20,000 handshakes.)
-        closing.retain_mut(|(h, since)| {
+        closing.retain_mut(|(k, h, since)| {
+            let client = &mut clients[*k];
             let st = client.sockets.get::<smoltcp::socket::tcp::Socket>(*h).state();
             let gone = match st {
                 smoltcp::socket::tcp::State::Closed => true,
@@ -264,16 +294,20 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             }
             !gone
         });
-        client.poll(now_ms);
+        for c in clients.iter_mut() {
+            c.poll(now_ms);
+        }
         for b in backends.iter_mut() {
             b.host.poll(now_ms);
             b.serve();
             b.host.poll(now_ms);
         }
         // Hosts -> the worker's port, as Ethernet frames.
-        for p in client.dev.tx.drain(..) {
-            port.push_rx(&frame(&p, LB_MAC, mac_of(client_addr)));
-            frames_in += 1;
+        for c in clients.iter_mut() {
+            for p in c.dev.tx.drain(..) {
+                port.push_rx(&frame(&p, LB_MAC, mac_of(ROUTER)));
+                frames_in += 1;
+            }
         }
         for b in backends.iter_mut() {
             let mac = mac_of(b.host.addr);
@@ -302,9 +336,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             let ip = f[14..].to_vec();
             let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
             let pure_ack = is_pure_ack(&ip);
-            if dst == client_addr {
+            if let Some(c) = client_host_of(dst).and_then(|k| clients.get_mut(k)) {
                 acks_to_client += pure_ack as u64;
-                client.dev.rx.push_back(ip);
+                c.dev.rx.push_back(ip);
             } else if let Some(b) = backends.iter_mut().find(|b| b.host.addr == dst) {
                 acks_to_backends += pure_ack as u64;
                 b.host.dev.rx.push_back(ip);
