@@ -87,6 +87,7 @@ const HOST: &str = "shop.example";
 const TIME_WAIT_MS: u64 = 20;
 
 const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 /// The router the clients are behind (the port's next hop).
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 /// Client connections per simulated client host. smoltcp scans every socket of a host for each
@@ -106,7 +107,6 @@ fn client_host_of(a: Ipv4Addr) -> Option<usize> {
     let o = a.octets();
     (o[0] == 10 && o[1] == 30 && (1..=250).contains(&o[3])).then(|| o[2] as usize * 250 + o[3] as usize - 1)
 }
-const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 
 fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
@@ -429,4 +429,20 @@ fn raw_rustls_handshakes(cfg: Arc<rustls::ServerConfig>, n: usize) -> anyhow::Re
         }
     }
     Ok(n as f64 / (server_ns as f64 / 1e9))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_addresses_map_back_to_their_hosts() {
+        // 29,999 connections (the bench's most) need 469 hosts.
+        for k in 0..469 {
+            assert_eq!(client_host_of(client_addr(k)), Some(k), "{}", client_addr(k));
+        }
+        assert_eq!(client_host_of(ROUTER), None);
+        assert_eq!(client_host_of(L7_ADDR), None);
+        assert_eq!(client_host_of(Ipv4Addr::new(10, 30, 0, 0)), None);
+    }
 }
