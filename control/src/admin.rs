@@ -249,7 +249,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 19] = [
+    let per_core: [(&str, &str, &str, Get); 20] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -268,6 +268,12 @@ pub fn render_metrics(state: &ControlState) -> String {
             c.l7.connections
         }),
         ("fulcrum_l7_requests_total", "counter", "HTTP requests received.", |c| c.l7.requests),
+        (
+            "fulcrum_l7_upstream_ports_exhausted_total",
+            "counter",
+            "Requests answered 503 because every upstream port of the core towards their endpoint was in use.",
+            |c| c.l7.upstream_ports_exhausted,
+        ),
         (
             "fulcrum_l7_socket_buffer_bytes",
             "gauge",

@@ -183,7 +183,9 @@ impl CoreStats {
                    "responses": {"2xx": self.l7.responses[0], "3xx": self.l7.responses[1],
                                  "4xx": self.l7.responses[2], "5xx": self.l7.responses[3]},
                    "errors_local": self.l7.errors_local, "upstream_connects": self.l7.upstream_connects,
-                   "upstream_reused": self.l7.upstream_reused, "segments_unwanted": self.l7.segments_unwanted},
+                   "upstream_reused": self.l7.upstream_reused,
+                   "upstream_ports_exhausted": self.l7.upstream_ports_exhausted,
+                   "segments_unwanted": self.l7.segments_unwanted},
             "health": {"probes": self.l7.health_probes, "failures": self.l7.health_failures,
                        "transitions": self.l7.health_transitions, "down": self.health_down.len()},
         })

@@ -838,3 +838,35 @@ fn an_upload_longer_than_the_upstream_timeout_goes_through_while_it_moves() {
     assert!(resp.starts_with(b"HTTP/1.1 200 OK"), "{}", String::from_utf8_lossy(&resp[..resp.len().min(200)]));
     assert!(resp.ends_with(&body), "the echoed body came back whole");
 }
+
+#[test]
+fn requests_beyond_the_upstream_ports_of_an_endpoint_get_503_and_are_counted() {
+    let hosts = vec![route("", "/", &eps()[..1])];
+    let mut lab = Lab::new(hosts.clone(), Limits::default());
+    // Two upstream ports on this core: two requests in flight to the one endpoint hold both.
+    let mut cfg = lab.proxy.config().clone();
+    cfg.upstream_ports = (60000, 60001);
+    lab.proxy = Proxy::new(cfg, Arc::new(Router::compile(&L7State { hosts, ..Default::default() })));
+    lab.backend_latency = 200;
+    let conns: Vec<SocketHandle> = (0..3).map(|i| lab.connect(40001 + i)).collect();
+    for _ in 0..20 {
+        lab.tick();
+    }
+    let get = b"GET /slow HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    for &h in &conns[..2] {
+        lab.exchange(h, get, 5, |_| false);
+    }
+    let third = lab.exchange(conns[2], get, 50, complete);
+    assert!(third.starts_with(b"HTTP/1.1 503 "), "{}", String::from_utf8_lossy(&third));
+    assert_eq!(lab.proxy.stats.upstream_ports_exhausted, 1);
+    assert_eq!(lab.proxy.stats.upstream_connects, 2);
+    // The two in flight are answered; then their ports serve the next requests (kept alive).
+    for &h in &conns[..2] {
+        let got = lab.exchange(h, b"", 1_000, complete);
+        assert!(got.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&got));
+    }
+    let again = lab.exchange(conns[0], b"GET /again HTTP/1.1\r\nHost: shop.example\r\n\r\n", 1_000, complete);
+    assert!(again.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&again));
+    assert_eq!(lab.proxy.stats.upstream_ports_exhausted, 1);
+    assert_eq!(lab.proxy.stats.upstream_connects, 2, "the held ports were reused, not new ones");
+}

@@ -59,6 +59,10 @@ pub struct ProxyStats {
     pub errors_local: u64,
     pub upstream_connects: u64,
     pub upstream_reused: u64,
+    /// Requests answered 503 because every upstream port of this core was in use towards
+    /// their endpoint (`upstream_ports` wide per endpoint and core): raise the endpoints or the
+    /// cores, not the timeouts.
+    pub upstream_ports_exhausted: u64,
     pub segments_unwanted: u64,
     /// Health probes completed, failed, and endpoint up/down changes.
     pub health_probes: u64,
@@ -83,6 +87,7 @@ impl ProxyStats {
         self.errors_local += o.errors_local;
         self.upstream_connects += o.upstream_connects;
         self.upstream_reused += o.upstream_reused;
+        self.upstream_ports_exhausted += o.upstream_ports_exhausted;
         self.segments_unwanted += o.segments_unwanted;
         self.health_probes += o.health_probes;
         self.health_failures += o.health_failures;
@@ -206,6 +211,10 @@ pub struct Proxy {
     /// the back (the warmest first), timed out from the front.
     idle: AHashMap<SocketAddrV4, VecDeque<usize>>,
     in_flight: AHashMap<SocketAddrV4, u32>,
+    /// Per endpoint, live upstream connections (each holds one of this core's upstream ports
+    /// towards it): with all of them in use a request fails at once, instead of every request
+    /// probing the whole port range (4,096 look-ups each) while the endpoint is saturated.
+    ports_held: AHashMap<SocketAddrV4, u32>,
     next_port: u16,
     rng: u64,
     scratch: Box<[u8]>,
@@ -263,6 +272,7 @@ impl Proxy {
             last_reap_ms: 0,
             last_timers_ms: 0,
             idle: AHashMap::new(),
+            ports_held: AHashMap::new(),
             in_flight: AHashMap::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             spare: SpareBufs::default(),
@@ -746,22 +756,29 @@ impl Proxy {
             }
             self.drop_upstream(u, true);
         }
-        if let Some((port, key)) = self.free_upstream_port(ep) {
-            let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
-            self.stats.upstream_connects += 1;
-            let up = Upstream {
-                sock,
-                key,
-                endpoint: ep,
-                out: Vec::new(),
-                out_off: 0,
-                buf: Vec::new(),
-                idle_since: None,
-                ack: AckPace::Quick,
-            };
-            return Some(insert(&mut self.ups, &mut self.free_ups, up));
-        }
-        None
+        let (lo, hi) = self.cfg.upstream_ports;
+        let held = self.ports_held.get(&ep).copied().unwrap_or(0);
+        // Ports of closed connections stay taken until their sockets go (TIME-WAIT), so a
+        // count below the range can still find none: then the probe says so.
+        let free = if held > u32::from(hi - lo) { None } else { self.free_upstream_port(ep) };
+        let Some((port, key)) = free else {
+            self.stats.upstream_ports_exhausted += 1;
+            return None;
+        };
+        let sock = self.stack.connect((*ep.ip(), ep.port()), port)?;
+        self.stats.upstream_connects += 1;
+        *self.ports_held.entry(ep).or_default() += 1;
+        let up = Upstream {
+            sock,
+            key,
+            endpoint: ep,
+            out: Vec::new(),
+            out_off: 0,
+            buf: Vec::new(),
+            idle_since: None,
+            ack: AckPace::Quick,
+        };
+        Some(insert(&mut self.ups, &mut self.free_ups, up))
     }
 
     fn request(&mut self, c: &mut Client, now: u64) -> bool {
@@ -1131,6 +1148,12 @@ impl Proxy {
     fn drop_upstream(&mut self, u: usize, from_pool: bool) {
         let up = self.ups[u].take().expect("live upstream");
         self.free_ups.push(u);
+        if let Some(n) = self.ports_held.get_mut(&up.endpoint) {
+            *n -= 1;
+            if *n == 0 {
+                self.ports_held.remove(&up.endpoint);
+            }
+        }
         if !from_pool {
             if let Some(v) = self.idle.get_mut(&up.endpoint) {
                 v.retain(|&x| x != u);
