@@ -109,10 +109,10 @@ pub fn can_recv(stack: &mut Stack, sock: SockRef, tls: &Tls) -> bool {
 }
 
 /// More request bytes may still come.
-pub fn may_recv(stack: &mut Stack, sock: SockRef, tls: &Tls) -> bool {
+pub fn may_recv(stack: &Stack, sock: SockRef, tls: &Tls) -> bool {
     match tls {
-        Some(t) => !t.plain_in.is_empty() || (!t.eof && !t.failed && stack.tcp(sock).may_recv()),
-        None => stack.tcp(sock).may_recv(),
+        Some(t) => !t.plain_in.is_empty() || (!t.eof && !t.failed && stack.view(sock).may_recv()),
+        None => stack.view(sock).may_recv(),
     }
 }
 

@@ -589,7 +589,7 @@ impl Proxy {
     fn flush_client(&mut self, c: &mut Client) -> bool {
         if c.out_off < c.out.len() {
             if !io::may_send(&mut self.stack, c.sock, &c.tls) {
-                let st = self.stack.tcp(c.sock).state();
+                let st = self.stack.state(c.sock);
                 return st == State::SynReceived || st == State::Listen;
             }
             let n = io::send(&mut self.stack, c.sock, &mut c.tls, &c.out[c.out_off..]);
@@ -602,7 +602,7 @@ impl Proxy {
                 c.out_off = 0;
             }
         }
-        !matches!(self.stack.tcp(c.sock).state(), State::Closed | State::TimeWait)
+        !matches!(self.stack.state(c.sock), State::Closed | State::TimeWait)
     }
 
     fn read_head(&mut self, c: &mut Client, now: u64) -> bool {
@@ -620,7 +620,7 @@ impl Proxy {
                 // A handshake that does not finish in time: closed like a slow head.
                 return self.close(c);
             }
-            if !io::may_recv(&mut self.stack, c.sock, &c.tls)
+            if !io::may_recv(&self.stack, c.sock, &c.tls)
                 || now >= c.deadline + self.cfg.idle_timeout_ms.saturating_sub(self.cfg.header_timeout_ms)
             {
                 // Closed by the client, or idle too long between requests: close quietly.
@@ -638,7 +638,7 @@ impl Proxy {
                 if now >= c.deadline {
                     return self.fail(c, 408);
                 }
-                if !io::may_recv(&mut self.stack, c.sock, &c.tls) {
+                if !io::may_recv(&self.stack, c.sock, &c.tls) {
                     return self.fail(c, 400);
                 }
                 return true;
@@ -747,7 +747,7 @@ impl Proxy {
             self.unfile_pooled(u);
             let ok = {
                 let up = self.ups[u].as_ref().expect("pooled upstream");
-                clean_keep_alive(self.stack.tcp(up.sock))
+                clean_keep_alive(self.stack.view(up.sock))
             };
             if ok {
                 self.ups[u].as_mut().unwrap().idle_since = None;
@@ -785,12 +785,12 @@ impl Proxy {
         let u = c.up.expect("a request has an upstream");
         let (usock, state) = {
             let up = self.ups[u].as_ref().unwrap();
-            (up.sock, self.stack.tcp(up.sock).state())
+            (up.sock, self.stack.state(up.sock))
         };
         // The upstream refused or reset before answering.
         if matches!(state, State::Closed | State::TimeWait | State::CloseWait | State::LastAck)
             && self.ups[u].as_ref().unwrap().buf.is_empty()
-            && !self.stack.tcp(usock).can_recv()
+            && !self.stack.view(usock).can_recv()
         {
             return self.upstream_failed(c, 502);
         }
@@ -1058,7 +1058,7 @@ impl Proxy {
         if a + b > 0 {
             c.progress_ms = now;
         }
-        let (cs_open, us_open) = (io::may_recv(&mut self.stack, c.sock, &c.tls), self.stack.tcp(usock).may_recv());
+        let (cs_open, us_open) = (io::may_recv(&self.stack, c.sock, &c.tls), self.stack.view(usock).may_recv());
         if (!cs_open || !us_open) && a == 0 && b == 0 || !self.still_moving(c, now, self.cfg.idle_timeout_ms) {
             self.release_upstream(c, false);
             c.phase = Phase::Closing;
@@ -1204,7 +1204,7 @@ impl Proxy {
             return;
         }
         let sock = up.sock;
-        if clean_keep_alive(self.stack.tcp(sock)) {
+        if clean_keep_alive(self.stack.view(sock)) {
             return;
         }
         self.unfile_pooled(u);

@@ -422,7 +422,12 @@ impl Stack {
 
     /// A socket's state, without marking its shard for a poll.
     pub fn state(&self, r: SockRef) -> tcp::State {
-        self.shards[r.shard as usize].sockets.get::<tcp::Socket>(r.handle).state()
+        self.view(r).state()
+    }
+
+    /// A socket to look at only: its shard is not marked for a poll (see `tcp`).
+    pub fn view(&self, r: SockRef) -> &tcp::Socket<'static> {
+        self.shards[r.shard as usize].sockets.get::<tcp::Socket>(r.handle)
     }
 
     /// Opens a connection from the appliance's address and `local_port` to `remote`.
