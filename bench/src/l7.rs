@@ -127,6 +127,16 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         a.conns > 0 && a.backends > 0 && a.conns < 30_000,
         "--conns (1-29999) and --backends must be positive"
     );
+    // Every client keeps a request in flight, each on its own upstream connection: past the
+    // core's upstream ports per endpoint the proxy answers 503 (and counts it).
+    let per_endpoint = usize::from(fulcrum_dataplane::worker::L7_UPSTREAM_PORTS);
+    anyhow::ensure!(
+        a.conns <= a.backends * per_endpoint,
+        "--conns {} needs at least {} --backends: one core holds at most {per_endpoint} upstream \
+         connections to one endpoint",
+        a.conns,
+        a.conns.div_ceil(per_endpoint)
+    );
     let core = crate::pin(a.core);
     let boot = Bootstrap::parse(Path::new("bench.yaml"), BOOTSTRAP)?;
     let backend_addrs: Vec<Ipv4Addr> = (0..a.backends).map(|i| Ipv4Addr::new(10, 10, 0, 100 + i as u8)).collect();

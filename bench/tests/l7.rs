@@ -40,3 +40,15 @@ fn l7_bench_over_tls_reports_handshakes_beside_raw_rustls() {
     assert!(hs > 0.0 && raw > 0.0, "{v}");
     assert!((v["ratio_to_raw_rustls"].as_f64().unwrap() - hs / raw).abs() < 1e-6);
 }
+
+#[test]
+fn more_connections_than_the_upstream_ports_of_the_endpoints_is_refused_up_front() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench"))
+        .args(["l7", "--conns", "5000", "--backends", "1"])
+        .output()
+        .expect("run fulcrum-bench");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--conns 5000 needs at least 2 --backends"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no result line for a run that cannot complete");
+}

@@ -75,8 +75,9 @@ pub struct L7Settings {
     pub socket_buffer: usize,
 }
 
-/// Ports of each core's SNAT range kept for the proxy's upstream connections.
-const L7_UPSTREAM_PORTS: u16 = 4096;
+/// Ports of each core's SNAT range kept for the proxy's upstream connections: at most this
+/// many connections from one core to one endpoint at a time.
+pub const L7_UPSTREAM_PORTS: u16 = 4096;
 
 impl WorkerConfig {
     /// Worker `core_index` of `cores` on the bootstrap file's first port.
