@@ -42,6 +42,20 @@ pub struct SockRef {
     pub handle: SocketHandle,
 }
 
+/// A demux entry: the socket, and where its state and receive ring lie, so that `prefetch`
+/// can start loading them from the one look-up it makes anyway (reading them from the shard
+/// would wait for the shard's line first).
+#[derive(Clone, Copy, Debug)]
+struct Demuxed {
+    r: SockRef,
+    /// The `tcp::Socket` in its shard's socket set (each set's storage is allocated for
+    /// exactly its sockets and never grows, so it does not move).
+    sock: usize,
+    /// The receive ring's first byte: where a segment into a drained ring goes (the vendored
+    /// smoltcp's patch).
+    rx: usize,
+}
+
 /// (remote address, remote port, local port): unique, since the stack's local addresses
 /// (the L7 address for clients, the appliance's own for upstreams) use disjoint ports.
 pub type ConnKey = (u32, u16, u16);
@@ -137,7 +151,7 @@ pub struct Stack {
     /// The one interface every shard's sockets are polled through (see the module's comment).
     iface: Interface,
     shards: Vec<Shard>,
-    demux: AHashMap<ConnKey, SockRef>,
+    demux: AHashMap<ConnKey, Demuxed>,
     /// Sockets to forget once closed (after their last segment went out).
     removals: Vec<(SockRef, ConnKey)>,
     /// Shards with segments queued or sockets that changed: to poll.
@@ -287,12 +301,23 @@ impl Stack {
     /// set: the first lines `poll_ingress_single` reads).
     #[inline]
     pub fn prefetch(&self, key: ConnKey) {
-        if let Some(r) = self.demux.get(&key) {
-            let p = &self.shards[r.shard as usize] as *const Shard as *const u8;
+        if let Some(d) = self.demux.get(&key) {
+            let p = &self.shards[d.r.shard as usize] as *const Shard as *const u8;
             for line in 0..std::mem::size_of::<Shard>().div_ceil(64) {
                 crate::mem::prefetch(p.wrapping_add(line * 64));
             }
+            let sock = d.sock as *const u8;
+            for line in 0..std::mem::size_of::<tcp::Socket>().div_ceil(64) {
+                crate::mem::prefetch(sock.wrapping_add(line * 64));
+            }
+            crate::mem::prefetch(d.rx as *const u8);
         }
+    }
+
+    /// The demux entry for a socket just added to `shard` on the receive ring at `rx`.
+    fn demuxed(&self, r: SockRef, rx: usize) -> Demuxed {
+        let sock = self.shards[r.shard as usize].sockets.get::<tcp::Socket>(r.handle) as *const tcp::Socket;
+        Demuxed { r, sock: sock as usize, rx }
     }
 
     /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
@@ -301,7 +326,7 @@ impl Stack {
     /// segment no socket wants (the caller drops and counts it).
     pub fn ingress(&mut self, ip: &[u8], key: ConnKey, syn: bool, listen_port: bool) -> Option<(SockRef, bool)> {
         let (r, made) = match self.demux.get(&key) {
-            Some(&r) => (r, false),
+            Some(d) => (d.r, false),
             None if syn && listen_port => {
                 let shard = self.shard_with_room(true);
                 let mut sock = self.socket();
@@ -309,10 +334,11 @@ impl Stack {
                     self.discard(sock);
                     return None;
                 }
+                let rx = sock.1;
                 let handle = self.add(shard, sock);
                 self.shards[shard as usize].listening = true;
                 let r = SockRef { shard, handle };
-                self.demux.insert(key, r);
+                self.demux.insert(key, self.demuxed(r, rx));
                 (r, true)
             }
             None => return None,
@@ -440,15 +466,16 @@ impl Stack {
             self.discard(sock);
             return None;
         }
+        let rx = sock.1;
         let handle = self.add(shard, sock);
         let r = SockRef { shard, handle };
-        self.demux.insert((u32::from(remote.0), remote.1, local_port), r);
+        self.demux.insert((u32::from(remote.0), remote.1, local_port), self.demuxed(r, rx));
         self.mark(shard);
         Some(r)
     }
 
     pub fn lookup(&self, key: ConnKey) -> Option<SockRef> {
-        self.demux.get(&key).copied()
+        self.demux.get(&key).map(|d| d.r)
     }
 
     /// Forgets a socket once it is closed (closed or in TIME-WAIT); until then it stays, so
@@ -479,7 +506,7 @@ impl Stack {
                         self.tx_buffers.give_back(tx as *mut u8);
                     }
                 }
-                if self.demux.get(&key) == Some(&r) {
+                if self.demux.get(&key).is_some_and(|d| d.r == r) {
                     self.demux.remove(&key);
                 }
                 self.removals.swap_remove(i);
@@ -496,8 +523,52 @@ impl Stack {
 
 #[cfg(test)]
 mod tests {
+    use super::{Stack, StackConfig};
     use crate::l7::sim::Host;
     use std::net::Ipv4Addr;
+
+    /// `prefetch` loads what the demux entry says; the entry must say where the socket and its
+    /// receive ring are, also after sockets went and their slots and buffers were reused.
+    #[test]
+    fn demux_entries_point_at_their_sockets_and_rings() {
+        let mut st = Stack::new(StackConfig {
+            l7_addr: Ipv4Addr::new(10, 0, 0, 100),
+            own_addr: Ipv4Addr::new(10, 0, 0, 2),
+            mtu: 1500,
+            rx_buffer: 4096,
+            tx_buffer: 4096,
+            seed: 1,
+        });
+        let backend = Ipv4Addr::new(10, 0, 0, 7);
+        let check = |st: &mut Stack, ports: std::ops::Range<u16>| {
+            for port in ports {
+                let key = (u32::from(backend), 8080, port);
+                let d = *st.demux.get(&key).expect("demuxed");
+                let sock = st.view(d.r) as *const _ as usize;
+                assert_eq!(d.sock, sock, "port {port}: socket address");
+                let lent = st.shards[d.r.shard as usize].lent.iter().find(|l| l.0 == d.r.handle).unwrap();
+                assert_eq!(d.rx, lent.1, "port {port}: receive ring");
+            }
+        };
+        for port in 40000..40100 {
+            st.connect((backend, 8080), port).unwrap();
+        }
+        check(&mut st, 40000..40100);
+        // Half of them go; new ones take their shards' slots and their buffers.
+        for port in 40000..40050 {
+            let r = st.lookup((u32::from(backend), 8080, port)).unwrap();
+            st.tcp(r).abort();
+            st.remove_later(r, (u32::from(backend), 8080, port));
+        }
+        st.poll_egress(&[], |_| {});
+        st.flush_removals();
+        assert_eq!(st.sockets_in_use(), 50, "the aborted sockets went");
+        for port in 41000..41050 {
+            st.connect((backend, 8080), port).unwrap();
+        }
+        check(&mut st, 40050..40100);
+        check(&mut st, 41000..41050);
+    }
 
     /// The vendored smoltcp's one patch (vendor/README.md): a segment into a drained receive
     /// buffer is placed from the buffer's first byte. Unpatched, 400-byte messages land at
