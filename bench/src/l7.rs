@@ -229,7 +229,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         anyhow::ensure!(rounds < 50_000_000, "no progress: {done} requests done");
         // Clients: read responses, send the next request on idle connections.
         for i in 0..conns.len() {
-            let client = &mut clients[i / CONNS_PER_CLIENT_HOST];
+            let k = i / CONNS_PER_CLIENT_HOST;
+            let client = &mut clients[k];
             let (h, tls) = &mut conns[i];
             let s = client.tcp(*h);
             match tls {
@@ -265,7 +266,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                 }
                 if a.new_conn {
                     client.tcp(*h).close();
-                    closing.push((i / CONNS_PER_CLIENT_HOST, *h, None));
+                    closing.push((k, *h, None));
                     conns[i] = open(client);
                 }
             }

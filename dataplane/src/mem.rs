@@ -123,6 +123,15 @@ pub fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// `prefetch` for every cache line of a `T` at `p` (e.g. a struct that spans several lines).
+#[inline(always)]
+pub fn prefetch_all<T>(p: *const T) {
+    let p = p as *const u8;
+    for line in 0..std::mem::size_of::<T>().div_ceil(64) {
+        prefetch(p.wrapping_add(line * 64));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -302,21 +302,15 @@ impl Stack {
     #[inline]
     pub fn prefetch(&self, key: ConnKey) {
         if let Some(d) = self.demux.get(&key) {
-            let p = &self.shards[d.r.shard as usize] as *const Shard as *const u8;
-            for line in 0..std::mem::size_of::<Shard>().div_ceil(64) {
-                crate::mem::prefetch(p.wrapping_add(line * 64));
-            }
-            let sock = d.sock as *const u8;
-            for line in 0..std::mem::size_of::<tcp::Socket>().div_ceil(64) {
-                crate::mem::prefetch(sock.wrapping_add(line * 64));
-            }
+            crate::mem::prefetch_all(&self.shards[d.r.shard as usize] as *const Shard);
+            crate::mem::prefetch_all(d.sock as *const tcp::Socket);
             crate::mem::prefetch(d.rx as *const u8);
         }
     }
 
     /// The demux entry for a socket just added to `shard` on the receive ring at `rx`.
     fn demuxed(&self, r: SockRef, rx: usize) -> Demuxed {
-        let sock = self.shards[r.shard as usize].sockets.get::<tcp::Socket>(r.handle) as *const tcp::Socket;
+        let sock = self.view(r) as *const tcp::Socket;
         Demuxed { r, sock: sock as usize, rx }
     }
 
