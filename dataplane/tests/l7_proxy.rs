@@ -55,8 +55,13 @@ struct Lab {
 
 impl Lab {
     fn new(hosts: Vec<L7Host>, limits: Limits) -> Lab {
+        Lab::with_config(hosts, limits, |_| {})
+    }
+
+    /// `new` with the proxy's configuration changed by `adjust` first.
+    fn with_config(hosts: Vec<L7Host>, limits: Limits, adjust: impl FnOnce(&mut ProxyConfig)) -> Lab {
         let router = Arc::new(Router::compile(&L7State { hosts, ..Default::default() }));
-        let cfg = ProxyConfig {
+        let mut cfg = ProxyConfig {
             l7_addr: L7,
             http_ports: vec![80],
             https_ports: vec![443],
@@ -70,6 +75,7 @@ impl Lab {
             mtu: 1500,
             seed: 42,
         };
+        adjust(&mut cfg);
         let mut proxy = Proxy::new(cfg, router);
         proxy.set_tls(tls_config());
         Lab {
@@ -841,12 +847,10 @@ fn an_upload_longer_than_the_upstream_timeout_goes_through_while_it_moves() {
 
 #[test]
 fn requests_beyond_the_upstream_ports_of_an_endpoint_get_503_and_are_counted() {
-    let hosts = vec![route("", "/", &eps()[..1])];
-    let mut lab = Lab::new(hosts.clone(), Limits::default());
     // Two upstream ports on this core: two requests in flight to the one endpoint hold both.
-    let mut cfg = lab.proxy.config().clone();
-    cfg.upstream_ports = (60000, 60001);
-    lab.proxy = Proxy::new(cfg, Arc::new(Router::compile(&L7State { hosts, ..Default::default() })));
+    let mut lab = Lab::with_config(vec![route("", "/", &eps()[..1])], Limits::default(), |cfg| {
+        cfg.upstream_ports = (60000, 60001)
+    });
     lab.backend_latency = 200;
     let conns: Vec<SocketHandle> = (0..3).map(|i| lab.connect(40001 + i)).collect();
     for _ in 0..20 {
