@@ -1,30 +1,72 @@
 #!/usr/bin/env bash
 # Fulcrum beside the kernel's own iptables DNAT, in the same namespace lab (vagrant/lab.sh), with
-# the same client (`fulcrum lab-client`: HTTP GETs on fresh connections to the TCP VIP, datagrams
-# to the UDP VIP, sequential) for the same time. Both do FullNAT: DNAT to the three backends and
-# SNAT to 10.10.0.2. Prints one JSON line. Needs root; tears the lab down on exit.
+# the same clients for the same time each. Both do FullNAT: DNAT to the three backends and SNAT to
+# 10.10.0.2. Three loads, one after another:
+#   - sequential: `fulcrum lab-client`, HTTP GETs on fresh connections to the TCP VIP and
+#     datagrams to the UDP VIP, one at a time (its rate is the round trip, not the data path);
+#   - keep-alive: wrk, one thread, CONNECTIONS connections, to the TCP VIP;
+#   - new connections: the same wrk with `Connection: close` (a handshake, a request and a close
+#     per request: the conntrack's insert and teardown path).
+# For the two wrk loads it also counts the frames through the appliance's veth (both directions,
+# from the kernel's counters for veth-lb), as packets per second. Prints one JSON line.
+# Needs root; tears the lab down on exit.
 #
-#   bash bench/lab/compare-iptables.sh [SECONDS]      (FULCRUM=path/to/fulcrum to pick a binary)
+#   bash bench/lab/compare-iptables.sh [SECONDS] [CONNECTIONS]
+#   (FULCRUM=path/to/fulcrum to pick a binary; IO=af_packet|af_xdp, default af_packet)
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 SECS="${1:-10}"
+CONNS="${2:-32}"
+IO="${IO:-af_packet}"
+case "$IO" in af_xdp | af_packet) ;; *) echo "IO must be af_packet or af_xdp, not $IO" >&2; exit 2 ;; esac
 [ -x "$FULCRUM" ] || { echo "build first: cargo build --release -p fulcrum" >&2; exit 1; }
 command -v iptables >/dev/null || apt-get install -y -q iptables >/dev/null
+command -v wrk >/dev/null || apt-get install -y -q --no-install-recommends wrk >/dev/null
 lab_up
 
 client() { ip netns exec fl-client "$FULCRUM" lab-client --http 10.20.0.10:80 --udp 10.20.0.11:5353 --seconds "$SECS" | tail -1; }
+# Frames through veth-lb so far, received + sent (the kernel counts them whoever reads the veth).
+frames() {
+    local d=/sys/class/net/veth-lb/statistics
+    ip netns exec fl-lb sh -c "echo \$((\$(cat $d/rx_packets) + \$(cat $d/tx_packets)))"
+}
+# wrk to the TCP VIP (extra arguments: e.g. a header); its summary and the frames per second.
+wrk_load() {
+    local before after
+    before="$(frames)"
+    ip netns exec fl-client wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$@" http://10.20.0.10/ >"$TMP/wrk.out" 2>&1 || true
+    after="$(frames)"
+    python3 - "$TMP/wrk.out" "$((after - before))" "$SECS" <<'PY'
+import json, re, sys
+t = open(sys.argv[1]).read()
+def num(pat):
+    m = re.search(pat, t)
+    if not m: return None
+    unit = m.group(2) if m.lastindex and m.lastindex > 1 else ""
+    return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000, "": 1}[unit]
+errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
+non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+print(json.dumps({"requests_per_s": num(r"Requests/sec:\s+([\d.]+)"),
+                  "packets_per_s": int(sys.argv[2]) / float(sys.argv[3]),
+                  "p50_ms": num(r"50%\s+([\d.]+)(us|ms|s)"), "p99_ms": num(r"99%\s+([\d.]+)(us|ms|s)"),
+                  "non_2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors}))
+PY
+}
+loads() {
+    echo "{\"sequential\": $(client), \"keep_alive\": $(wrk_load), \"new_connections\": $(wrk_load -H 'Connection: close')}"
+}
 wait_ping() {
     for _ in $(seq 1 40); do ip netns exec fl-client ping -c1 -W1 "$1" >/dev/null 2>&1 && return 0; sleep 0.25; done
     echo "$1 never answered" >&2; exit 1
 }
 
-# 1. Fulcrum on the appliance's veth (DPDK AF_PACKET vdev).
+# 1. Fulcrum on the appliance's veth (DPDK AF_PACKET or AF_XDP vdev).
 cp "$ROOT/config/examples/bootstrap.yaml" "$ROOT/config/examples/lab/manifests.yaml" "$TMP/"
 ip netns exec fl-lb "$FULCRUM" run --config "$TMP/bootstrap.yaml" --manifests "$TMP/manifests.yaml" \
-    --device net_af_packet0,iface=veth-lb >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
+    --device "net_${IO}0,iface=veth-lb" >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
 APPLIANCE=$!
 wait_ping 10.20.0.10
-FULCRUM_JSON="$(client)"
+FULCRUM_JSON="$(loads)"
 kill "$APPLIANCE"; wait "$APPLIANCE" 2>/dev/null || true; APPLIANCE=""
 
 # 2. The kernel on the same veth: the address, forwarding, DNAT spread over the backends
@@ -42,16 +84,27 @@ done
 ns iptables -t nat -A POSTROUTING -m conntrack --ctstate DNAT -j SNAT --to-source 10.10.0.2
 # The client learned the appliance's MAC from Fulcrum; the veth has the same MAC.
 wait_ping 10.10.0.2
-KERNEL_JSON="$(client)"
+KERNEL_JSON="$(loads)"
 
-python3 - "$SECS" "$FULCRUM_JSON" "$KERNEL_JSON" <<'PY'
+python3 - "$SECS" "$CONNS" "$IO" "$FULCRUM_JSON" "$KERNEL_JSON" <<'PY'
 import json, sys
-secs = float(sys.argv[1]); f = json.loads(sys.argv[2]); k = json.loads(sys.argv[3])
+secs, conns, io = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+f, k = json.loads(sys.argv[4]), json.loads(sys.argv[5])
 def summary(d):
-    return {"requests": d["requests"], "requests_per_s": d["requests"] / secs, "errors": d["errors"],
-            "udp_sent": d["udp_sent"], "udp_received": d["udp_received"], "per_backend": d["per_backend"]}
+    s = d["sequential"]
+    return {"sequential": {"requests": s["requests"], "requests_per_s": s["requests"] / secs, "errors": s["errors"],
+                           "udp_sent": s["udp_sent"], "udp_received": s["udp_received"],
+                           "per_backend": s["per_backend"]},
+            "keep_alive": d["keep_alive"], "new_connections": d["new_connections"]}
+def ratio(load, key):
+    a, b = f[load][key], k[load][key]
+    return a / b if a and b else None
 load = open("/proc/loadavg").read().split()[0]
-print(json.dumps({"bench": "lab-compare", "seconds": secs, "client": "sequential, new connection per request",
-                  "fulcrum_af_packet": summary(f), "iptables_dnat": summary(k),
-                  "ratio_requests": f["requests"] / max(1, k["requests"]), "loadavg": float(load)}))
+print(json.dumps({"bench": "lab-compare", "seconds": secs, "connections": conns,
+                  "clients": "sequential lab-client; wrk -t1 keep-alive; wrk -t1 Connection: close",
+                  "fulcrum": dict(summary(f), io=io), "iptables_dnat": summary(k),
+                  "ratio_sequential_requests": f["sequential"]["requests"] / max(1, k["sequential"]["requests"]),
+                  "ratio_keep_alive_requests": ratio("keep_alive", "requests_per_s"),
+                  "ratio_new_connection_requests": ratio("new_connections", "requests_per_s"),
+                  "loadavg": float(load)}))
 PY
