@@ -104,11 +104,13 @@ impl Shared {
 pub enum Idle {
     /// Poll without pause (lowest latency, one core at 100%).
     BusyPoll,
-    /// Sleep up to this long after a run of empty polls (labs, laptops).
+    /// Give the core to other threads while idle, and pause up to this long once idle for a
+    /// while (labs, laptops: see `backoff_pause`).
     Backoff(Duration),
 }
 
-/// Back-off: how long a worker goes on polling after the last packet before it pauses. Longer
+/// Back-off: how long a worker goes on polling (yielding the core between polls to any other
+/// runnable thread) after the last packet before it pauses. Longer
 /// than a backend in the lab takes to answer (tens of microseconds), so that the packets of one
 /// exchange find the worker awake. (It paused after 64 empty polls before, a few microseconds:
 /// a sequential client through the lab then made 2,400 requests/s, the kernel's DNAT 8,000.)
@@ -241,8 +243,12 @@ fn run_worker<P: Port>(
         if work == 0 {
             if let Idle::Backoff(max) = idle {
                 let now = Instant::now();
-                if let Some(pause) = backoff_pause(now - *idle_since.get_or_insert(now), max) {
-                    std::thread::sleep(pause);
+                match backoff_pause(now - *idle_since.get_or_insert(now), max) {
+                    Some(pause) => std::thread::sleep(pause),
+                    // Spinning: whatever else is runnable on this core (in the lab: the
+                    // client, the backends) goes first, and the poll comes straight back
+                    // when nothing is.
+                    None => std::thread::yield_now(),
                 }
             }
         } else {
