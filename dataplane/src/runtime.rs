@@ -110,10 +110,10 @@ pub enum Idle {
 }
 
 /// Back-off: how long a worker goes on polling (yielding the core between polls to any other
-/// runnable thread) after the last packet before it pauses. Longer
-/// than a backend in the lab takes to answer (tens of microseconds), so that the packets of one
-/// exchange find the worker awake. (It paused after 64 empty polls before, a few microseconds:
-/// a sequential client through the lab then made 2,400 requests/s, the kernel's DNAT 8,000.)
+/// runnable thread) after the last packet before it pauses. Longer than a backend in the lab
+/// takes to answer (tens of microseconds), so that the packets of one exchange find the worker
+/// awake. (It paused after 64 empty polls before, a few microseconds: a sequential client
+/// through the lab then made 2,400 requests/s, the kernel's DNAT 8,000.)
 const SPIN_BEFORE_PAUSE: Duration = Duration::from_micros(200);
 /// The shortest pause.
 const MIN_PAUSE: Duration = Duration::from_micros(10);
