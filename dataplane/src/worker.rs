@@ -621,6 +621,14 @@ impl Worker {
         }
         self.stats.rx.packets += n as u64;
         self.stats.rx.bytes += rx_bytes;
+        // The proxy segments' look-ups and prefetches, in a loop of their own: short enough
+        // that the core runs several iterations' look-ups at once, where between two
+        // packets' classifications it ran one at a time.
+        if let Some(p) = self.proxy.as_ref() {
+            for m in meta[..n].iter().filter(|m| matches!(m.class, Class::Proxy)) {
+                p.prefetch((m.key4.src, m.key4.sport, m.key4.dport));
+            }
+        }
         // Stage 2: signature match in the bucket, prefetch the flow record.
         for m in meta[..n].iter_mut() {
             m.cand = match m.class {
@@ -741,12 +749,13 @@ impl Worker {
         self.classify_v4_other(buf, l2, ihl, proto, dst, frag, seg.len(), m)
     }
 
-    /// A segment for the HTTP proxy's TCP stack: its socket's state is prefetched now and the
-    /// segment handed over in stage 3, so that with many connections the cache misses of one
-    /// burst's segments overlap instead of each stalling the stack in turn.
+    /// A segment for the HTTP proxy's TCP stack: its connection's key is kept for the prefetch
+    /// loop after stage 1 and the segment handed over in stage 3, so that with many
+    /// connections the cache misses of one burst's segments overlap instead of each stalling
+    /// the stack in turn.
     #[inline(always)]
     fn proxy_later(&mut self, key: ConnKey, m: &mut Meta) {
-        self.proxy.as_ref().expect("checked by the caller").prefetch(key);
+        m.key4 = FlowKey { src: key.0, dst: 0, sport: key.1, dport: key.2, proto: PROTO_TCP };
         m.class = Class::Proxy;
     }
 
