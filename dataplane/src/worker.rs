@@ -626,7 +626,7 @@ impl Worker {
         // packets' classifications it ran one at a time.
         if let Some(p) = self.proxy.as_ref() {
             for m in meta[..n].iter().filter(|m| matches!(m.class, Class::Proxy)) {
-                p.prefetch((m.key4.src, m.key4.sport, m.key4.dport));
+                p.prefetch((m.key4.src, m.key4.sport, m.key4.dport), m.cand as usize);
             }
         }
         // Stage 2: signature match in the bucket, prefetch the flow record.
@@ -728,12 +728,12 @@ impl Worker {
                         return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
                     if proto == PROTO_TCP && self.proxy.as_ref().is_some_and(|p| p.wants(dst.into(), dport)) {
-                        return self.proxy_later((src, sport, dport), m);
+                        return self.proxy_later((src, sport, dport), seg.len(), m);
                     }
                     Class::Rev4
                 }
                 VipMatch::NotVip if self.l7_addr == Some(dst) && proto == PROTO_TCP => {
-                    return self.proxy_later((src, sport, dport), m);
+                    return self.proxy_later((src, sport, dport), seg.len(), m);
                 }
                 VipMatch::NotVip => return drop(m, DropReason::NotForUs),
             };
@@ -754,8 +754,9 @@ impl Worker {
     /// connections the cache misses of one burst's segments overlap instead of each stalling
     /// the stack in turn.
     #[inline(always)]
-    fn proxy_later(&mut self, key: ConnKey, m: &mut Meta) {
+    fn proxy_later(&mut self, key: ConnKey, seg_len: usize, m: &mut Meta) {
         m.key4 = FlowKey { src: key.0, dst: 0, sport: key.1, dport: key.2, proto: PROTO_TCP };
+        m.cand = seg_len as u32;
         m.class = Class::Proxy;
     }
 

@@ -311,8 +311,8 @@ impl Proxy {
     /// address, peer port, local port: the caller has parsed them already), so that a burst's
     /// look-ups overlap. No effect on what `ingress` does.
     #[inline]
-    pub fn prefetch(&self, key: ConnKey) {
-        self.stack.prefetch(key);
+    pub fn prefetch(&self, key: ConnKey, seg_len: usize) {
+        self.stack.prefetch(key, seg_len);
     }
 
     /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no

@@ -313,11 +313,15 @@ impl Stack {
     /// Prefetches the shard `ingress` would process this connection's segment in (its socket
     /// set: the first lines `poll_ingress_single` reads).
     #[inline]
-    pub fn prefetch(&self, key: ConnKey) {
+    pub fn prefetch(&self, key: ConnKey, seg_len: usize) {
         if let Some(d) = self.demux.get(&key) {
             crate::mem::prefetch_all(&self.shards[d.r.shard as usize] as *const Shard);
             crate::mem::prefetch_all(d.sock as *const tcp::Socket);
-            crate::mem::prefetch(d.rx as *const u8);
+            let mut off = 0;
+            while off < seg_len.clamp(1, 256) {
+                crate::mem::prefetch((d.rx as *const u8).wrapping_add(off));
+                off += 64;
+            }
         }
     }
 
