@@ -20,7 +20,7 @@ use super::http::head::{self, ClientInfo};
 use super::http::Limits;
 use super::router::{Route, Router};
 use super::spare::SpareBufs;
-use super::stack::{prefetch_socket, ConnKey, SockRef, SocketAt, Stack, StackConfig};
+use super::stack::{prefetch_socket, prefetch_transmit, ConnKey, SockRef, SocketAt, Stack, StackConfig};
 use super::timer_wheel::TimerWheel;
 use ahash::AHashMap;
 use smoltcp::socket::tcp::State;
@@ -473,6 +473,10 @@ impl Proxy {
         }
         if let Some(c) = next.get(3).and_then(|&n| self.clients[n].as_ref()) {
             prefetch_socket(c.sock_at);
+            if c.phase == Phase::Request {
+                // Waiting for a response head: it goes to the client's transmit ring.
+                prefetch_transmit(c.sock_at, 256);
+            }
             if let Some(u) = c.up {
                 crate::mem::prefetch_all(self.ups.as_ptr().wrapping_add(u));
             }
