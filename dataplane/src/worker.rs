@@ -240,6 +240,7 @@ struct Meta {
     l4: u16,
     tcp_flags: u8,
     hash: u64,
+    /// The conntrack candidate (stage 2); for a proxy segment, its TCP length (`proxy_later`).
     cand: u32,
     /// IPv4 key; IPv6 keys live in `Worker::keys6` (keeps this array small to initialise).
     key4: FlowKey<u32>,

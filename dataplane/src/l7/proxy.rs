@@ -312,8 +312,9 @@ impl Proxy {
     }
 
     /// Starts loading the state `ingress` will touch for the segment of connection `key` (peer
-    /// address, peer port, local port: the caller has parsed them already), so that a burst's
-    /// look-ups overlap. No effect on what `ingress` does.
+    /// address, peer port, local port: the caller has parsed them already) that is `seg_len`
+    /// bytes long with its TCP header, so that a burst's look-ups overlap. No effect on what
+    /// `ingress` does.
     #[inline]
     pub fn prefetch(&self, key: ConnKey, seg_len: usize) {
         self.stack.prefetch(key, seg_len);
