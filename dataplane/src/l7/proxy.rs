@@ -762,6 +762,13 @@ impl Proxy {
     /// An idle pooled connection to `ep`, or a new one.
     fn upstream_for(&mut self, ep: SocketAddrV4) -> Option<usize> {
         while let Some(u) = self.idle.get_mut(&ep).and_then(VecDeque::pop_back) {
+            // Its socket, and the transmit ring's lines the request head goes to, load while
+            // its shard list is updated and the head is written out (misses that cannot be
+            // started sooner: the endpoint is known only once the request is routed).
+            if let Some(up) = self.ups[u].as_ref() {
+                prefetch_socket(up.sock_at);
+                prefetch_transmit(up.sock_at, 256);
+            }
             self.unfile_pooled(u);
             let ok = {
                 let up = self.ups[u].as_ref().expect("pooled upstream");
