@@ -22,6 +22,13 @@ fn l7_bench_completes_every_request_without_errors() {
     assert!(p50 > 0.0 && p50 <= p99, "{v}");
     // Keep-alive on both sides: a handful of upstream connections carried all the requests.
     assert!(v["upstream_reused"].as_u64().unwrap() >= 380, "{v}");
+    // The timed part is the run after its warm-up, and the worker's time a part of it.
+    let (wall, timed, worker) = (
+        v["wall_seconds"].as_f64().unwrap(),
+        v["timed_wall_seconds"].as_f64().unwrap(),
+        v["worker_seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < worker && worker <= timed && timed < wall, "{v}");
 }
 
 #[test]
