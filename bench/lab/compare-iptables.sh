@@ -36,21 +36,7 @@ wrk_load() {
     before="$(frames)"
     ip netns exec fl-client wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "$@" http://10.20.0.10/ >"$TMP/wrk.out" 2>&1 || true
     after="$(frames)"
-    python3 - "$TMP/wrk.out" "$((after - before))" "$SECS" <<'PY'
-import json, re, sys
-t = open(sys.argv[1]).read()
-def num(pat):
-    m = re.search(pat, t)
-    if not m: return None
-    unit = m.group(2) if m.lastindex and m.lastindex > 1 else ""
-    return float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000, "": 1}[unit]
-errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
-non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-print(json.dumps({"requests_per_s": num(r"Requests/sec:\s+([\d.]+)"),
-                  "packets_per_s": int(sys.argv[2]) / float(sys.argv[3]),
-                  "p50_ms": num(r"50%\s+([\d.]+)(us|ms|s)"), "p99_ms": num(r"99%\s+([\d.]+)(us|ms|s)"),
-                  "non_2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": errors}))
-PY
+    python3 "$ROOT/bench/lab/wrk_summary.py" "$TMP/wrk.out" "$((after - before))" "$SECS"
 }
 loads() {
     echo "{\"sequential\": $(client), \"keep_alive\": $(wrk_load), \"new_connections\": $(wrk_load -H 'Connection: close')}"

@@ -35,20 +35,7 @@ L7=10.20.0.100
 load() {
     # wrk's summary as JSON: requests/s, latency p50/p99 (ms), non-2xx and socket errors.
     ip netns exec fl-client wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H "Host: web.lab" "http://$L7/" >"$TMP/$1.wrk" 2>&1 || true
-    python3 - "$TMP/$1.wrk" <<'PY'
-import json, re, sys
-t = open(sys.argv[1]).read()
-def num(pat, scale=1.0):
-    m = re.search(pat, t)
-    if not m: return None
-    v, unit = float(m.group(1)), (m.group(2) if m.lastindex and m.lastindex > 1 else "")
-    return v * {"us": 0.001, "ms": 1, "s": 1000, "": 1}.get(unit, 1) * scale
-errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", t))
-print(json.dumps({"requests_per_s": num(r"Requests/sec:\s+([\d.]+)"),
-                  "p50_ms": num(r"50%\s+([\d.]+)(us|ms|s)"), "p99_ms": num(r"99%\s+([\d.]+)(us|ms|s)"),
-                  "non_2xx": int(re.search(r"Non-2xx or 3xx responses: (\d+)", t).group(1)) if "Non-2xx" in t else 0,
-                  "socket_errors": errors}))
-PY
+    python3 "$ROOT/bench/lab/wrk_summary.py" "$TMP/$1.wrk"
 }
 wait_http() {
     for _ in $(seq 1 60); do
