@@ -126,8 +126,14 @@ pub fn prefetch<T>(p: *const T) {
 /// `prefetch` for every cache line of a `T` at `p` (e.g. a struct that spans several lines).
 #[inline(always)]
 pub fn prefetch_all<T>(p: *const T) {
-    let p = p as *const u8;
-    for line in 0..std::mem::size_of::<T>().div_ceil(64) {
+    prefetch_bytes(p as *const u8, std::mem::size_of::<T>());
+}
+
+/// `prefetch` for the cache lines of the `bytes` bytes from `p` (from `p`'s line on, one per
+/// 64 bytes).
+#[inline(always)]
+pub fn prefetch_bytes(p: *const u8, bytes: usize) {
+    for line in 0..bytes.div_ceil(64) {
         prefetch(p.wrapping_add(line * 64));
     }
 }

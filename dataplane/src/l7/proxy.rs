@@ -480,7 +480,7 @@ impl Proxy {
             prefetch_socket(c.sock_at);
             if c.phase == Phase::Request {
                 // Waiting for a response head: it goes to the client's transmit ring.
-                prefetch_transmit(c.sock_at, 256);
+                prefetch_transmit(c.sock_at);
             }
             if let Some(u) = c.up {
                 crate::mem::prefetch_all(self.ups.as_ptr().wrapping_add(u));
@@ -765,16 +765,11 @@ impl Proxy {
             // Its socket, and the transmit ring's lines the request head goes to, load while
             // its shard list is updated and the head is written out (misses that cannot be
             // started sooner: the endpoint is known only once the request is routed).
-            if let Some(up) = self.ups[u].as_ref() {
-                prefetch_socket(up.sock_at);
-                prefetch_transmit(up.sock_at, 256);
-            }
+            let (sock, at) = self.ups[u].as_ref().map(|up| (up.sock, up.sock_at)).expect("pooled upstream");
+            prefetch_socket(at);
+            prefetch_transmit(at);
             self.unfile_pooled(u);
-            let ok = {
-                let up = self.ups[u].as_ref().expect("pooled upstream");
-                clean_keep_alive(self.stack.view(up.sock))
-            };
-            if ok {
+            if clean_keep_alive(self.stack.view(sock)) {
                 self.ups[u].as_mut().unwrap().idle_since = None;
                 self.stats.upstream_reused += 1;
                 return Some(u);
