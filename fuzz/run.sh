@@ -15,7 +15,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(packet_path packet_frame manifests bootstrap http_request)
+    targets=(packet_path packet_frame manifests bootstrap http_request proxy_session)
 fi
 export RUSTC_BOOTSTRAP=1
 san=(--sanitizer "${SANITIZER:-address}")

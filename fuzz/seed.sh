@@ -8,12 +8,14 @@
 #   bootstrap     config/examples/bootstrap.yaml, config/examples/broken/bootstrap-*.yaml,
 #                 dataplane/tests/fixtures/bootstrap.yaml
 #   http_request  a few requests (plain, sized and chunked bodies, pipelined, upgrade, smuggling)
+#   proxy_session a few scripts (fulcrum_dataplane::l7::script's op codes): exchanges of each
+#                 canned request and response, a pipelined pair, an upgrade, a slow client
 # Idempotent: files are named by content hash; libFuzzer adds its own finds beside them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 corpus="$here/corpus"
-mkdir -p "$corpus"/{packet_path,packet_frame,manifests,bootstrap,http_request}
+mkdir -p "$corpus"/{packet_path,packet_frame,manifests,bootstrap,http_request,proxy_session}
 
 python3 - "$root" "$corpus" <<'PY'
 import glob, hashlib, os, struct, sys
@@ -68,7 +70,19 @@ for size in (1, 7, 255):
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
     ]:
         put("http_request", bytes([size]) + req)
+
+# proxy_session: (op, arg) pairs; op 0 connect client arg%4, 2 canned request (arg//4)%8 on
+# client arg%4, 7 canned response (arg//4)%8 on backend connection arg, 9 tick arg%16+1 ms
+# (arg >= 240: jump), 1/6 raw bytes (arg of them follow) from a client / the backend.
+tick = [9, 15]
+for req in range(8):
+    for resp in range(8):
+        put("proxy_session", bytes([0, 0] + tick + [2, req * 4] + tick * 2 + [7, resp * 4] + tick * 3))
+raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+put("proxy_session", bytes([0, 1] + tick + [1, len(raw)]) + raw + bytes(tick * 2 + [7, 0] + tick + [7, 0] + tick * 2))
+put("proxy_session", bytes([0, 2] + tick + [2, 14] + tick * 2 + [7, 8] + tick * 2 + [1, 6]) + b"\x81\x00ab" + bytes(tick + [6, 3]) + b"xyz" + bytes(tick * 2))
+put("proxy_session", bytes([0, 3] + tick + [1, 5]) + b"GET /" + bytes([9, 250, 9, 250] + tick))
 PY
-for t in packet_path packet_frame manifests bootstrap http_request; do
+for t in packet_path packet_frame manifests bootstrap http_request proxy_session; do
     echo "seed: $t: $(ls "$corpus/$t" | wc -l) files in fuzz/corpus/$t"
 done

@@ -7,6 +7,7 @@ pub mod client_io;
 pub mod http;
 pub mod proxy;
 pub mod router;
+pub mod script;
 pub mod sim;
 mod spare;
 pub mod stack;

@@ -1,0 +1,567 @@
+//! A proxy session scripted by bytes: up to four clients (plain HTTP on port 80, or TLS on
+//! 443) and one backend, each free to send anything (or well-formed messages from a small
+//! table; a TLS client's raw bytes bypass its TLS, as hostile records), close, reset, stop
+//! reading, and time that moves a millisecond at a time or jumps past the timeouts. The `proxy_session` fuzz
+//! target runs it on libFuzzer's inputs and a test runs it on random ones; the packets are
+//! real TCP (smoltcp stacks for the peers, as in [`super::sim`]). Not used by the appliance.
+//!
+//! What must hold whatever the script (`run` returns `Err` naming what did not):
+//! - nothing panics (a panic is the fuzzer's find);
+//! - everything a client receives (decrypted, for TLS) starts with an HTTP/1.1 status line:
+//!   the proxy's own answer or its restatement of the backend's head, never the backend's
+//!   bytes as they came;
+//! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
+//!   socket and no upstream beyond what it held before the script (no leak).
+
+use super::http::Limits;
+use super::proxy::{Proxy, ProxyConfig};
+use super::router::Router;
+use super::sim::{Host, TlsClient};
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Certificate, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::model::ObjectRef;
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+
+const L7: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+const OWN: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+const CLIENTS: usize = 4;
+/// Peers' socket buffers: small, so that flow control and full windows come up.
+const PEER_BUFFER: usize = 4096;
+/// Short timeouts, so that a script reaches them in few jumps.
+const HEADER_TIMEOUT_MS: u64 = 300;
+const UPSTREAM_TIMEOUT_MS: u64 = 500;
+const IDLE_TIMEOUT_MS: u64 = 1_000;
+/// The longest the proxy may take to let everything go once the peers have closed: its
+/// FIN timeout (60 s) for a peer that half-closed, plus the timeouts above, with room.
+const SETTLE_LIMIT_MS: u64 = 70_000;
+/// The proxy's limit on a close (`proxy::FIN_TIMEOUT_MS`).
+const FIN_TIMEOUT_MS: u64 = 60_000;
+/// Room for the proxy's periodic sweeps after a deadline.
+const REAP_GRACE_MS: u64 = 1_000;
+
+/// Well-formed (or deliberately borderline) requests a script can send by number, so that the
+/// fuzzer reaches bodies, pipelining and upgrades without having to find the syntax first.
+const REQUESTS: [&[u8]; 8] = [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789",
+    b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+];
+
+/// Responses a script's backend can send by number.
+const RESPONSES: [&[u8]; 8] = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\nuntil the close",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n",
+    b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+];
+
+/// What a script did (for the test's summary).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    pub connections: u64,
+    pub requests: u64,
+    pub bytes_to_clients: usize,
+    /// Simulated milliseconds until everything was let go.
+    pub settle_ms: u64,
+}
+
+struct Client {
+    sock: SocketHandle,
+    /// A TLS client (port 443), and whether its session failed (the server's alert after
+    /// hostile records: what arrives after it is dropped unread).
+    tls: Option<(rustls::ClientConnection, bool)>,
+    /// Stopped reading (its window fills; the proxy must hold back, not buffer without end).
+    paused: bool,
+    got: Vec<u8>,
+}
+
+struct Session {
+    proxy: Proxy,
+    client: Host,
+    backend: Host,
+    clients: [Option<Client>; CLIENTS],
+    /// The backend's sockets past Listen, oldest first.
+    accepted: Vec<SocketHandle>,
+    listening: Vec<SocketHandle>,
+    next_port: u16,
+    now: u64,
+    bytes_to_clients: usize,
+}
+
+/// Runs `script` (any bytes) as a session; see the module's doc for what is checked.
+pub fn run(script: &[u8]) -> Result<Outcome, String> {
+    let mut s = Session::new();
+    s.tick(1);
+    let baseline = s.proxy.stack.sockets_in_use();
+    let mut r = script;
+    while let Some((&op, rest)) = r.split_first() {
+        let (&arg, rest) = rest.split_first().unwrap_or((&0, &[]));
+        r = rest;
+        match op % 10 {
+            0 => s.connect(arg as usize % CLIENTS, arg & 4 != 0),
+            1 => {
+                let n = (arg as usize).min(r.len());
+                s.client_send(arg as usize % CLIENTS, &r[..n]);
+                r = &r[n..];
+            }
+            2 => s.client_request(arg as usize % CLIENTS, REQUESTS[(arg as usize / CLIENTS) % REQUESTS.len()]),
+            3 => s.with_client(arg as usize % CLIENTS, |t| t.close()),
+            4 => s.with_client(arg as usize % CLIENTS, |t| t.abort()),
+            5 => {
+                if let Some(c) = s.clients[arg as usize % CLIENTS].as_mut() {
+                    c.paused = !c.paused;
+                }
+            }
+            6 => {
+                let n = (arg as usize).min(r.len());
+                s.backend_send(arg as usize, &r[..n]);
+                r = &r[n..];
+            }
+            7 => s.backend_send(arg as usize, RESPONSES[(arg as usize / 4) % RESPONSES.len()]),
+            8 => s.with_backend(arg as usize, |t| if arg & 0x80 == 0 { t.close() } else { t.abort() }),
+            _ if arg >= 240 => s.tick(u64::from(arg - 239) * 250),
+            _ => {
+                for _ in 0..=arg % 16 {
+                    s.tick(1);
+                }
+            }
+        }
+        s.check_clients()?;
+    }
+    s.settle(baseline)
+}
+
+impl Session {
+    fn new() -> Session {
+        let backend = L7Backend {
+            service: ObjectRef { namespace: "fuzz".into(), name: "be".into() },
+            port: Some(8080),
+            unresolved: None,
+            endpoints: vec![SocketAddr::from((BACKEND, 8080))],
+        };
+        let host = L7Host {
+            host: HostMatch::Any,
+            paths: vec![L7Path {
+                path: "/".into(),
+                path_type: PathType::Prefix,
+                backend,
+                ingress: ObjectRef { namespace: "fuzz".into(), name: "i".into() },
+            }],
+            ..Default::default()
+        };
+        let router = Arc::new(Router::compile(&L7State { hosts: vec![host], ..Default::default() }));
+        let cfg = ProxyConfig {
+            l7_addr: L7,
+            http_ports: vec![80],
+            https_ports: vec![443],
+            own_addr: OWN,
+            upstream_ports: (60000, 60015),
+            limits: Limits { max_header_bytes: 2048, max_headers: 32, max_uri_bytes: 1024, max_body_bytes: 1 << 20 },
+            header_timeout_ms: HEADER_TIMEOUT_MS,
+            upstream_timeout_ms: UPSTREAM_TIMEOUT_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            socket_buffer: 2048,
+            mtu: 1500,
+            seed: 7,
+        };
+        let mut proxy = Proxy::new(cfg, router);
+        proxy.set_tls(Some(server_tls()));
+        let mut s = Session {
+            proxy,
+            client: Host::new(CLIENT, 3),
+            backend: Host::new(BACKEND, 5),
+            clients: Default::default(),
+            accepted: Vec::new(),
+            listening: Vec::new(),
+            next_port: 40000,
+            now: 0,
+            bytes_to_clients: 0,
+        };
+        s.keep_listening();
+        s
+    }
+
+    /// A backend with no backlog (smoltcp's) answers a SYN with RST unless a socket listens:
+    /// two are kept ready.
+    fn keep_listening(&mut self) {
+        let backend = &mut self.backend;
+        let mut i = 0;
+        while i < self.listening.len() {
+            let h = self.listening[i];
+            if backend.tcp(h).is_listening() {
+                i += 1;
+            } else {
+                self.accepted.push(self.listening.swap_remove(i));
+            }
+        }
+        while self.listening.len() < 2 {
+            let h = backend.socket(PEER_BUFFER);
+            backend.tcp(h).listen(8080).expect("listen");
+            self.listening.push(h);
+        }
+        // Closed sockets go (TIME-WAIT ones too: the proxy does not care how long they wait).
+        self.accepted.retain(|&h| {
+            let gone = matches!(backend.tcp(h).state(), tcp::State::Closed | tcp::State::TimeWait);
+            if gone {
+                backend.sockets.remove(h);
+            }
+            !gone
+        });
+    }
+
+    fn connect(&mut self, k: usize, tls: bool) {
+        if self.clients[k].is_some() {
+            return;
+        }
+        let port = self.next_port;
+        self.next_port = self.next_port.wrapping_add(1).max(40000);
+        let sock = self.client.connect((L7, if tls { 443 } else { 80 }), port, PEER_BUFFER);
+        let tls = tls.then(|| (TlsClient::with_config(client_tls(), "shop.example").conn, false));
+        self.clients[k] = Some(Client { sock, tls, paused: false, got: Vec::new() });
+    }
+
+    /// A canned request: through TLS on a TLS client, else as `client_send`.
+    fn client_request(&mut self, k: usize, req: &[u8]) {
+        match self.clients[k].as_mut().and_then(|c| c.tls.as_mut()) {
+            Some((conn, false)) => {
+                use std::io::Write;
+                let _ = conn.writer().write_all(req);
+            }
+            Some((_, true)) => {}
+            None => self.client_send(k, req),
+        }
+    }
+
+    fn client_send(&mut self, k: usize, data: &[u8]) {
+        if let Some(c) = &self.clients[k] {
+            let t = self.client.tcp(c.sock);
+            if t.may_send() {
+                let _ = t.send_slice(data);
+            }
+        }
+    }
+
+    fn with_client(&mut self, k: usize, f: impl FnOnce(&mut tcp::Socket<'static>)) {
+        if let Some(c) = &self.clients[k] {
+            f(self.client.tcp(c.sock));
+        }
+    }
+
+    fn backend_send(&mut self, k: usize, data: &[u8]) {
+        self.with_backend(k, |t| {
+            if t.may_send() {
+                let _ = t.send_slice(data);
+            }
+        });
+    }
+
+    fn with_backend(&mut self, k: usize, f: impl FnOnce(&mut tcp::Socket<'static>)) {
+        if !self.accepted.is_empty() {
+            let h = self.accepted[k % self.accepted.len()];
+            f(self.backend.tcp(h));
+        }
+    }
+
+    /// `ms` milliseconds pass (one step of the clock), then every host polls and the packets
+    /// go where they are addressed, until nobody has anything more to send.
+    fn tick(&mut self, ms: u64) {
+        self.now += ms;
+        let now = self.now;
+        for _ in 0..8 {
+            self.client.poll(now);
+            self.backend.poll(now);
+            let mut moved = false;
+            let from_peers: Vec<Vec<u8>> = self.client.dev.tx.drain(..).chain(self.backend.dev.tx.drain(..)).collect();
+            for p in &from_peers {
+                moved = true;
+                let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+                let dport = u16::from_be_bytes([p[22], p[23]]);
+                if self.proxy.wants(dst, dport) {
+                    self.proxy.ingress(p, now);
+                }
+            }
+            let (client, backend) = (&mut self.client, &mut self.backend);
+            self.proxy.run(now, |p| {
+                moved = true;
+                let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+                if dst == CLIENT {
+                    client.dev.rx.push_back(p.to_vec());
+                } else if dst == BACKEND {
+                    backend.dev.rx.push_back(p.to_vec());
+                }
+            });
+            if !moved {
+                break;
+            }
+        }
+        self.read_clients();
+        self.keep_listening();
+    }
+
+    /// Clients that are not paused read what came; closed ones go from their slot.
+    fn read_clients(&mut self) {
+        for slot in self.clients.iter_mut() {
+            let Some(c) = slot else { continue };
+            let t = self.client.tcp(c.sock);
+            if let Some((conn, failed)) = c.tls.as_mut() {
+                if !c.paused {
+                    self.bytes_to_clients += tls_pump(t, conn, failed, &mut c.got);
+                }
+            } else if !c.paused {
+                while let Ok(n) = t.recv(|d| {
+                    c.got.extend_from_slice(d);
+                    (d.len(), d.len())
+                }) {
+                    self.bytes_to_clients += n;
+                    if n == 0 {
+                        break;
+                    }
+                }
+            }
+            let gone = matches!(t.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if gone {
+                self.client.sockets.remove(c.sock);
+                *slot = None;
+            }
+        }
+    }
+
+    fn check_clients(&self) -> Result<(), String> {
+        for c in self.clients.iter().flatten() {
+            let n = c.got.len().min(9);
+            if c.got[..n] != b"HTTP/1.1 "[..n] {
+                return Err(format!(
+                    "a client received bytes that are not an HTTP/1.1 response: {:?}",
+                    String::from_utf8_lossy(&c.got[..c.got.len().min(80)])
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every peer closes (clients read on, so that nothing waits on a full window); time
+    /// passes until the proxy has let everything go.
+    fn settle(mut self, baseline: usize) -> Result<Outcome, String> {
+        let start = self.now;
+        for c in self.clients.iter_mut().flatten() {
+            c.paused = false;
+            self.client.tcp(c.sock).close();
+        }
+        for &h in &self.accepted {
+            self.backend.tcp(h).close();
+        }
+        loop {
+            self.check_clients()?;
+            let clients = self.proxy.client_count();
+            let sockets = self.proxy.stack.sockets_in_use();
+            if clients == 0 && sockets <= baseline {
+                break;
+            }
+            if self.now - start > SETTLE_LIMIT_MS {
+                return Err(format!(
+                    "{} ms after every peer closed the proxy still holds {clients} clients and {sockets} sockets \
+                     (it held {baseline} sockets before the script)",
+                    self.now - start
+                ));
+            }
+            // Fine steps first (a close's segments and ACKs), then coarse ones (timeouts).
+            self.tick(if self.now - start < 200 { 1 } else { 50 });
+        }
+        let settle_ms = self.now - start;
+        // The deadline wheel's stale entries (connections that went before their deadline)
+        // go as their time comes: none is left once the longest deadline (a close's FIN
+        // timeout) has passed.
+        self.tick(FIN_TIMEOUT_MS + REAP_GRACE_MS);
+        self.tick(1);
+        if self.proxy.deadline_entries() != 0 {
+            return Err(format!("{} deadline entries left with no connection", self.proxy.deadline_entries()));
+        }
+        let st = self.proxy.stats;
+        Ok(Outcome {
+            connections: st.connections,
+            requests: st.requests,
+            bytes_to_clients: self.bytes_to_clients,
+            settle_ms,
+        })
+    }
+}
+
+/// Moves a TLS client's ciphertext both ways and appends what it decrypts to `got`; returns
+/// the bytes decrypted. A TLS error (the server's alert, after hostile records) fails the
+/// session: from then on what arrives is read and dropped.
+fn tls_pump(
+    t: &mut tcp::Socket<'static>,
+    conn: &mut rustls::ClientConnection,
+    failed: &mut bool,
+    got: &mut Vec<u8>,
+) -> usize {
+    use std::io::BufRead;
+    while let Ok(n) = t.recv(|d| {
+        if *failed {
+            return (d.len(), d.len());
+        }
+        let mut r: &[u8] = d;
+        let n = conn.read_tls(&mut r).unwrap_or(0);
+        (n, n)
+    }) {
+        if n == 0 {
+            break;
+        }
+        if !*failed && conn.process_new_packets().is_err() {
+            *failed = true;
+        }
+    }
+    let mut moved = 0;
+    while !*failed {
+        let mut r = conn.reader();
+        match r.fill_buf() {
+            Ok(d) if !d.is_empty() => {
+                let n = d.len();
+                got.extend_from_slice(d);
+                r.consume(n);
+                moved += n;
+            }
+            _ => break,
+        }
+    }
+    while !*failed && conn.wants_write() && t.may_send() {
+        let n = t
+            .send(|b| {
+                let mut w: &mut [u8] = b;
+                let n = conn.write_tls(&mut w).unwrap_or(0);
+                (n, n)
+            })
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    moved
+}
+
+const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.crt");
+
+/// The test certificate for `shop.example` (the proxy tests' fixtures), built once.
+fn server_tls() -> Arc<rustls::ServerConfig> {
+    static C: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+    C.get_or_init(|| {
+        let cert = L7Certificate {
+            secret: ObjectRef { namespace: "fuzz".into(), name: "shop-tls".into() },
+            hosts: vec![HostMatch::Exact("shop.example".into())],
+            cert_pem: include_bytes!("../../tests/fixtures/tls/shop.crt").to_vec(),
+            key_pem: include_bytes!("../../tests/fixtures/tls/shop.key").to_vec(),
+        };
+        super::tls::server_config(&[cert]).0.expect("the fixture certificate loads")
+    })
+    .clone()
+}
+
+/// Clients trust the fixtures' CA and do not resume (a session stored by one script would
+/// change what the next one does).
+fn client_tls() -> Arc<rustls::ClientConfig> {
+    static C: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+    C.get_or_init(|| {
+        let mut cfg = Arc::unwrap_or_clone(TlsClient::config(CA, &[&rustls::version::TLS13, &rustls::version::TLS12]));
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Arc::new(cfg)
+    })
+    .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A script of well-formed exchanges goes through and settles.
+    #[test]
+    fn a_well_formed_script_gets_responses_and_settles() {
+        // Client 0 connects and sends a GET; time passes; the backend answers; time passes.
+        let script = [0, 0, 9, 15, 2, 0, 9, 15, 9, 15, 7, 0, 9, 15, 9, 15];
+        let out = run(&script).expect("settles");
+        assert_eq!(out.connections, 1);
+        assert_eq!(out.requests, 1);
+        assert!(out.bytes_to_clients > 40, "{out:?}");
+    }
+
+    /// The same over TLS: the request goes through the handshake and comes back decrypted.
+    #[test]
+    fn a_tls_exchange_gets_its_response_and_settles() {
+        let script = [0, 4, 9, 15, 9, 15, 2, 0, 9, 15, 9, 15, 7, 0, 9, 15, 9, 15];
+        let out = run(&script).expect("settles");
+        assert_eq!((out.connections, out.requests), (1, 1), "{out:?}");
+        assert!(out.bytes_to_clients > 40, "{out:?}");
+    }
+
+    /// The checks can fail: a response that is not HTTP is caught.
+    #[test]
+    fn bytes_that_are_not_a_response_are_caught() {
+        let mut s = Session::new();
+        s.connect(0, false);
+        s.clients[0].as_mut().unwrap().got.extend_from_slice(b"garbage");
+        assert!(s.check_clients().is_err());
+    }
+
+    /// The op whose share of 100 holds `pick` (< 100).
+    fn weighted(ops: &[(u8, u64)], mut pick: u64) -> u8 {
+        for &(op, w) in ops {
+            if pick < w {
+                return op;
+            }
+            pick -= w;
+        }
+        9
+    }
+
+    /// Random scripts (a fixed seed, so a failure is repeatable), weighted towards the
+    /// operations that make progress: uniform bytes rarely connect before they send.
+    #[test]
+    fn random_scripts_never_panic_or_leak() {
+        const SCRIPTS: usize = 300;
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // (op, share in 100): connect, tick or jump, request, response, raw bytes either
+        // way, close / reset / pause either side.
+        const OPS: [(u8, u64); 10] =
+            [(0, 12), (9, 30), (2, 18), (7, 14), (1, 4), (6, 4), (3, 5), (4, 3), (5, 3), (8, 7)];
+        let (mut requests, mut bytes) = (0, 0);
+        for i in 0..SCRIPTS {
+            let mut script = Vec::new();
+            for _ in 0..4 + next() % 40 {
+                let op = weighted(&OPS, next() % 100);
+                let arg = next() as u8;
+                script.extend_from_slice(&[op, if op == 9 && arg >= 240 && next() % 4 != 0 { arg % 16 } else { arg }]);
+                if op == 1 || op == 6 {
+                    script.extend((0..arg).map(|_| next() as u8));
+                }
+            }
+            match run(&script) {
+                Ok(o) => {
+                    requests += o.requests;
+                    bytes += o.bytes_to_clients;
+                }
+                Err(e) => panic!("script {i} {script:?}: {e}"),
+            }
+        }
+        eprintln!("{SCRIPTS} scripts: {requests} requests, {bytes} bytes to clients");
+        // The scripts reached the proxy's request path, not only its accept path.
+        assert!(requests > 50 && bytes > 5_000, "{requests} requests, {bytes} bytes");
+    }
+}
