@@ -9,7 +9,8 @@
 #                 dataplane/tests/fixtures/bootstrap.yaml
 #   http_request  a few requests (plain, sized and chunked bodies, pipelined, upgrade, smuggling)
 #   proxy_session a few scripts (fulcrum_dataplane::l7::script's op codes): exchanges of each
-#                 canned request and response, a pipelined pair, an upgrade, a slow client
+#                 canned request and response, a pipelined pair, an upgrade, a slow client,
+#                 a TLS exchange and TLS garbage
 # Idempotent: files are named by content hash; libFuzzer adds its own finds beside them.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -82,6 +83,9 @@ raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
 put("proxy_session", bytes([0, 1] + tick + [1, len(raw)]) + raw + bytes(tick * 2 + [7, 0] + tick + [7, 0] + tick * 2))
 put("proxy_session", bytes([0, 2] + tick + [2, 14] + tick * 2 + [7, 8] + tick * 2 + [1, 6]) + b"\x81\x00ab" + bytes(tick + [6, 3]) + b"xyz" + bytes(tick * 2))
 put("proxy_session", bytes([0, 3] + tick + [1, 5]) + b"GET /" + bytes([9, 250, 9, 250] + tick))
+# TLS on 443 (op 0 with bit 2 of the argument): an exchange, and garbage after the handshake.
+put("proxy_session", bytes([0, 4] + tick * 2 + [2, 0] + tick * 2 + [7, 0] + tick * 2))
+put("proxy_session", bytes([0, 5] + tick * 2 + [1, 9]) + b"\x17\x03\x03\x00\x04abcd" + bytes(tick * 2))
 PY
 for t in packet_path packet_frame manifests bootstrap http_request proxy_session; do
     echo "seed: $t: $(ls "$corpus/$t" | wc -l) files in fuzz/corpus/$t"

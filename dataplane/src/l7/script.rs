@@ -80,9 +80,8 @@ pub struct Outcome {
 
 struct Client {
     sock: SocketHandle,
-    /// A TLS client (port 443), and whether its session failed (the server's alert after
-    /// hostile records: what arrives after it is dropped unread).
-    tls: Option<(rustls::ClientConnection, bool)>,
+    /// A TLS client (port 443), and whether its session failed.
+    tls: Option<(TlsClient, bool)>,
     /// Stopped reading (its window fills; the proxy must hold back, not buffer without end).
     paused: bool,
     got: Vec<u8>,
@@ -229,16 +228,16 @@ impl Session {
         let port = self.next_port;
         self.next_port = self.next_port.wrapping_add(1).max(40000);
         let sock = self.client.connect((L7, if tls { 443 } else { 80 }), port, PEER_BUFFER);
-        let tls = tls.then(|| (TlsClient::with_config(client_tls(), "shop.example").conn, false));
+        let tls = tls.then(|| (TlsClient::with_config(client_tls(), "shop.example"), false));
         self.clients[k] = Some(Client { sock, tls, paused: false, got: Vec::new() });
     }
 
     /// A canned request: through TLS on a TLS client, else as `client_send`.
     fn client_request(&mut self, k: usize, req: &[u8]) {
         match self.clients[k].as_mut().and_then(|c| c.tls.as_mut()) {
-            Some((conn, false)) => {
+            Some((tls, false)) => {
                 use std::io::Write;
-                let _ = conn.writer().write_all(req);
+                let _ = tls.conn.writer().write_all(req);
             }
             Some((_, true)) => {}
             None => self.client_send(k, req),
@@ -316,9 +315,16 @@ impl Session {
         for slot in self.clients.iter_mut() {
             let Some(c) = slot else { continue };
             let t = self.client.tcp(c.sock);
-            if let Some((conn, failed)) = c.tls.as_mut() {
-                if !c.paused {
-                    self.bytes_to_clients += tls_pump(t, conn, failed, &mut c.got);
+            if let Some((tls, failed)) = c.tls.as_mut() {
+                // After a TLS error (the server's alert, following hostile records) what
+                // arrives is dropped unread.
+                if *failed {
+                    while t.recv(|d| (d.len(), d.len())).is_ok_and(|n| n > 0) {}
+                } else if !c.paused {
+                    match tls.try_pump(t, &mut c.got) {
+                        Ok(n) => self.bytes_to_clients += n,
+                        Err(_) => *failed = true,
+                    }
                 }
             } else if !c.paused {
                 while let Ok(n) = t.recv(|d| {
@@ -397,59 +403,6 @@ impl Session {
             settle_ms,
         })
     }
-}
-
-/// Moves a TLS client's ciphertext both ways and appends what it decrypts to `got`; returns
-/// the bytes decrypted. A TLS error (the server's alert, after hostile records) fails the
-/// session: from then on what arrives is read and dropped.
-fn tls_pump(
-    t: &mut tcp::Socket<'static>,
-    conn: &mut rustls::ClientConnection,
-    failed: &mut bool,
-    got: &mut Vec<u8>,
-) -> usize {
-    use std::io::BufRead;
-    while let Ok(n) = t.recv(|d| {
-        if *failed {
-            return (d.len(), d.len());
-        }
-        let mut r: &[u8] = d;
-        let n = conn.read_tls(&mut r).unwrap_or(0);
-        (n, n)
-    }) {
-        if n == 0 {
-            break;
-        }
-        if !*failed && conn.process_new_packets().is_err() {
-            *failed = true;
-        }
-    }
-    let mut moved = 0;
-    while !*failed {
-        let mut r = conn.reader();
-        match r.fill_buf() {
-            Ok(d) if !d.is_empty() => {
-                let n = d.len();
-                got.extend_from_slice(d);
-                r.consume(n);
-                moved += n;
-            }
-            _ => break,
-        }
-    }
-    while !*failed && conn.wants_write() && t.may_send() {
-        let n = t
-            .send(|b| {
-                let mut w: &mut [u8] = b;
-                let n = conn.write_tls(&mut w).unwrap_or(0);
-                (n, n)
-            })
-            .unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-    }
-    moved
 }
 
 const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.crt");

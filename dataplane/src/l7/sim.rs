@@ -301,7 +301,13 @@ impl TlsClient {
     /// Moves ciphertext between the socket and rustls; appends decrypted bytes to `got`.
     /// Panics on a TLS error from the server (a test failure).
     pub fn pump(&mut self, s: &mut tcp::Socket<'static>, got: &mut Vec<u8>) {
-        use std::io::Read;
+        self.try_pump(s, got).expect("TLS from the server");
+    }
+
+    /// As `pump`, but a TLS error from the server (an alert, a bad record) is returned; what
+    /// it left unread stays in the socket. Returns the bytes decrypted.
+    pub fn try_pump(&mut self, s: &mut tcp::Socket<'static>, got: &mut Vec<u8>) -> Result<usize, rustls::Error> {
+        use std::io::BufRead;
         while s.can_recv() {
             let n = s
                 .recv(|d| {
@@ -313,14 +319,20 @@ impl TlsClient {
             if n == 0 {
                 break;
             }
-            self.conn.process_new_packets().expect("TLS from the server");
+            self.conn.process_new_packets()?;
         }
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.conn.reader().read(&mut buf) {
-            if n == 0 {
-                break;
+        let mut moved = 0;
+        loop {
+            let mut r = self.conn.reader();
+            match r.fill_buf() {
+                Ok(d) if !d.is_empty() => {
+                    let n = d.len();
+                    got.extend_from_slice(d);
+                    r.consume(n);
+                    moved += n;
+                }
+                _ => break,
             }
-            got.extend_from_slice(&buf[..n]);
         }
         while self.conn.wants_write() && s.may_send() {
             let n = s
@@ -334,6 +346,7 @@ impl TlsClient {
                 break;
             }
         }
+        Ok(moved)
     }
 
     pub fn send(&mut self, data: &[u8]) {
