@@ -74,7 +74,8 @@ for size in (1, 7, 255):
 
 # proxy_session: (op, arg) pairs; op 0 connect client arg%4, 2 canned request (arg//4)%8 on
 # client arg%4, 7 canned response (arg//4)%8 on backend connection arg, 9 tick arg%16+1 ms
-# (arg >= 240: jump), 1/6 raw bytes (arg of them follow) from a client / the backend.
+# (arg >= 240: jump), 1/6 raw bytes (arg of them follow) from a client / the backend,
+# 10 publish routing table arg%3, 11 cut / restore the backend's link.
 tick = [9, 15]
 for req in range(8):
     for resp in range(8):
@@ -83,6 +84,10 @@ raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
 put("proxy_session", bytes([0, 1] + tick + [1, len(raw)]) + raw + bytes(tick * 2 + [7, 0] + tick + [7, 0] + tick * 2))
 put("proxy_session", bytes([0, 2] + tick + [2, 14] + tick * 2 + [7, 8] + tick * 2 + [1, 6]) + b"\x81\x00ab" + bytes(tick + [6, 3]) + b"xyz" + bytes(tick * 2))
 put("proxy_session", bytes([0, 3] + tick + [1, 5]) + b"GET /" + bytes([9, 250, 9, 250] + tick))
+# A new routing table mid-session (op 10: 0 the backend, 1 no endpoint, 2 no route for /),
+# and the backend's link cut during a response (op 11 toggles it).
+put("proxy_session", bytes([0, 0] + tick + [2, 0] + tick * 2 + [10, 1] + [2, 0] + tick * 2 + [7, 0] + tick + [10, 2, 2, 0] + tick * 2 + [10, 0, 2, 0] + tick * 2))
+put("proxy_session", bytes([0, 0] + tick + [2, 0] + tick * 2 + [11, 0] + [7, 24] + tick + [9, 243, 11, 0] + tick * 2))
 # TLS on 443 (op 0 with bit 2 of the argument): an exchange, and garbage after the handshake.
 put("proxy_session", bytes([0, 4] + tick * 2 + [2, 0] + tick * 2 + [7, 0] + tick * 2))
 put("proxy_session", bytes([0, 5] + tick * 2 + [1, 9]) + b"\x17\x03\x03\x00\x04abcd" + bytes(tick * 2))

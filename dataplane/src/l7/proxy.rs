@@ -711,7 +711,14 @@ impl Proxy {
         let ep = match picked {
             Ok(ep) => ep,
             Err(status) => {
+                // The head is answered and goes; a body the request announced is not read, so
+                // the connection is then not kept (it would be taken for the next request).
+                if r.framing != head::Framing::Empty {
+                    c.keep_alive = false;
+                }
+                let head_len = r.head_len;
                 c.buf = buf;
+                c.buf.drain(..head_len);
                 return self.fail(c, status);
             }
         };
