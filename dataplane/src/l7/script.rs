@@ -12,9 +12,15 @@
 //! - everything a client receives (decrypted, for TLS) starts with an HTTP/1.1 status line:
 //!   the proxy's own answer or its restatement of the backend's head, never the backend's
 //!   bytes as they came;
+//! - on a connection whose client sent only canned requests (so the client knows their
+//!   methods: no HEAD), the bytes frame as a sequence of HTTP/1.1 responses, each head where
+//!   the last body ended (until a 101 or a body that ends with the connection): whatever the
+//!   backend sends, the proxy never lets a response run into the next (no desync);
 //! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
 //!   socket and no upstream beyond what it held before the script (no leak).
 
+use super::http::body::BodyReader;
+use super::http::head::{parse_response, Framing};
 use super::http::Limits;
 use super::proxy::{Proxy, ProxyConfig};
 use super::router::Router;
@@ -89,6 +95,13 @@ struct Client {
     /// Stopped reading (its window fills; the proxy must hold back, not buffer without end).
     paused: bool,
     got: Vec<u8>,
+    /// Sent raw bytes (methods unknown to the client: its responses are not framed).
+    raw: bool,
+    /// How far `got` is framed as responses, the body being read, and whether framing stopped
+    /// (a tunnel, or a body that ends with the connection).
+    framed: usize,
+    body: Option<BodyReader>,
+    unframed: bool,
 }
 
 struct Session {
@@ -221,7 +234,16 @@ impl Session {
         self.next_port = self.next_port.wrapping_add(1).max(40000);
         let sock = self.client.connect((L7, if tls { 443 } else { 80 }), port, PEER_BUFFER);
         let tls = tls.then(|| (TlsClient::with_config(client_tls(), "shop.example"), false));
-        self.clients[k] = Some(Client { sock, tls, paused: false, got: Vec::new() });
+        self.clients[k] = Some(Client {
+            sock,
+            tls,
+            paused: false,
+            got: Vec::new(),
+            raw: false,
+            framed: 0,
+            body: None,
+            unframed: false,
+        });
     }
 
     /// A canned request: through TLS on a TLS client, else as `client_send`.
@@ -232,12 +254,20 @@ impl Session {
                 let _ = tls.conn.writer().write_all(req);
             }
             Some((_, true)) => {}
-            None => self.client_send(k, req),
+            None => {
+                if let Some(c) = &self.clients[k] {
+                    let t = self.client.tcp(c.sock);
+                    if t.may_send() {
+                        let _ = t.send_slice(req);
+                    }
+                }
+            }
         }
     }
 
     fn client_send(&mut self, k: usize, data: &[u8]) {
-        if let Some(c) = &self.clients[k] {
+        if let Some(c) = self.clients[k].as_mut() {
+            c.raw = true;
             let t = self.client.tcp(c.sock);
             if t.may_send() {
                 let _ = t.send_slice(data);
@@ -339,14 +369,17 @@ impl Session {
         }
     }
 
-    fn check_clients(&self) -> Result<(), String> {
-        for c in self.clients.iter().flatten() {
+    fn check_clients(&mut self) -> Result<(), String> {
+        for c in self.clients.iter_mut().flatten() {
             let n = c.got.len().min(9);
             if c.got[..n] != b"HTTP/1.1 "[..n] {
                 return Err(format!(
                     "a client received bytes that are not an HTTP/1.1 response: {:?}",
                     String::from_utf8_lossy(&c.got[..c.got.len().min(80)])
                 ));
+            }
+            if !c.raw {
+                frame_responses(c)?;
             }
         }
         Ok(())
@@ -399,6 +432,48 @@ impl Session {
             settle_ms,
         })
     }
+}
+
+/// Frames what a client received as HTTP/1.1 responses (heads by httparse, bodies by their
+/// framing), from where the last call stopped; an error names the offset and the bytes.
+fn frame_responses(c: &mut Client) -> Result<(), String> {
+    let limits =
+        Limits { max_header_bytes: 1 << 16, max_headers: 100, max_uri_bytes: 1 << 16, max_body_bytes: u64::MAX };
+    while !c.unframed {
+        if let Some(b) = c.body.as_mut() {
+            let n =
+                b.feed(&c.got[c.framed..]).map_err(|e| format!("a response body the client cannot frame: {e:?}"))?;
+            c.framed += n;
+            if !b.is_done() {
+                return Ok(());
+            }
+            c.body = None;
+        }
+        let rest = &c.got[c.framed..];
+        let bad = |why: &str| {
+            format!(
+                "{why} {} bytes into a client's responses: {:?}",
+                c.framed,
+                String::from_utf8_lossy(&rest[..rest.len().min(80)])
+            )
+        };
+        if rest[..rest.len().min(9)] != b"HTTP/1.1 "[..rest.len().min(9)] {
+            return Err(bad("no HTTP/1.1 status line"));
+        }
+        let mut storage = [httparse::EMPTY_HEADER; 100];
+        let head = match parse_response(rest, "GET", &limits, &mut storage) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(bad(&format!("{e:?}"))),
+        };
+        c.framed += head.head_len;
+        match head.framing {
+            _ if head.status == 101 => c.unframed = true,
+            Framing::UntilClose => c.unframed = true,
+            f => c.body = Some(BodyReader::new(f, u64::MAX)),
+        }
+    }
+    Ok(())
 }
 
 /// The routing tables a script publishes: 0 sends `/` to the backend, 1 has the route with no
@@ -519,6 +594,23 @@ mod tests {
         s.connect(0, false);
         s.clients[0].as_mut().unwrap().got.extend_from_slice(b"garbage");
         assert!(s.check_clients().is_err());
+        // A body longer than its Content-Length runs into the next response: a desync.
+        let mut s = Session::new();
+        s.connect(0, false);
+        s.clients[0]
+            .as_mut()
+            .unwrap()
+            .got
+            .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabcHTTP/1.1 200 OK\r\n");
+        assert!(s.check_clients().is_err());
+        let mut s = Session::new();
+        s.connect(0, false);
+        s.clients[0]
+            .as_mut()
+            .unwrap()
+            .got
+            .extend_from_slice(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabHTTP/1.1 20");
+        assert!(s.check_clients().is_ok());
     }
 
     /// The op whose share of 100 holds `pick` (< 100).
