@@ -254,20 +254,20 @@ impl Session {
                 let _ = tls.conn.writer().write_all(req);
             }
             Some((_, true)) => {}
-            None => {
-                if let Some(c) = &self.clients[k] {
-                    let t = self.client.tcp(c.sock);
-                    if t.may_send() {
-                        let _ = t.send_slice(req);
-                    }
-                }
-            }
+            None => self.send_tcp(k, req),
         }
     }
 
+    /// Raw bytes, straight to TCP (past a TLS client's TLS).
     fn client_send(&mut self, k: usize, data: &[u8]) {
         if let Some(c) = self.clients[k].as_mut() {
             c.raw = true;
+        }
+        self.send_tcp(k, data);
+    }
+
+    fn send_tcp(&mut self, k: usize, data: &[u8]) {
+        if let Some(c) = &self.clients[k] {
             let t = self.client.tcp(c.sock);
             if t.may_send() {
                 let _ = t.send_slice(data);
