@@ -72,12 +72,12 @@ for size in (1, 7, 255):
     ]:
         put("http_request", bytes([size]) + req)
 
-# proxy_session: (op, arg) pairs; op 0 connect client arg%4, 2 canned request (arg//4)%8 on
+# proxy_session: (op, arg) pairs; op 0 connect client arg%4, 2 canned request (arg//4)%9 on
 # client arg%4, 7 canned response (arg//4)%8 on backend connection arg, 9 tick arg%16+1 ms
 # (arg >= 240: jump), 1/6 raw bytes (arg of them follow) from a client / the backend,
 # 10 publish routing table arg%3, 11 cut / restore the backend's link.
 tick = [9, 15]
-for req in range(8):
+for req in range(9):
     for resp in range(8):
         put("proxy_session", bytes([0, 0] + tick + [2, req * 4] + tick * 2 + [7, resp * 4] + tick * 3))
 raw = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"

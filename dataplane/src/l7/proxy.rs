@@ -666,6 +666,9 @@ impl Proxy {
         }
         let mut storage = [httparse::EMPTY_HEADER; 128];
         let buf = std::mem::take(&mut c.buf);
+        // Until this head parses, an error answers a request of unknown method (not the last
+        // one's): with a body.
+        c.head_request = false;
         let parsed = head::parse_request(&buf, &self.cfg.limits, &mut storage);
         let r = match parsed {
             Ok(Some(r)) => r,
@@ -1125,7 +1128,7 @@ impl Proxy {
         self.count_response(status);
         self.record_latency(c);
         let keep = status == 404 && c.keep_alive && c.buf.is_empty();
-        head::error_response(status, keep, &mut c.out);
+        head::error_response(status, keep, c.head_request, &mut c.out);
         if keep {
             c.phase = Phase::Head;
             c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;

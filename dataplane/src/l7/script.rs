@@ -53,7 +53,7 @@ const REAP_GRACE_MS: u64 = 1_000;
 
 /// Well-formed (or deliberately borderline) requests a script can send by number, so that the
 /// fuzzer reaches bodies, pipelining and upgrades without having to find the syntax first.
-const REQUESTS: [&[u8]; 8] = [
+const REQUESTS: [&[u8]; 9] = [
     b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
     b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n0123456789",
     b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
@@ -62,6 +62,9 @@ const REQUESTS: [&[u8]; 8] = [
     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+    // A response to HEAD has no body, whatever its Content-Length says (and whatever a
+    // backend sends after it).
+    b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
 ];
 
 /// Responses a script's backend can send by number.
@@ -95,8 +98,11 @@ struct Client {
     /// Stopped reading (its window fills; the proxy must hold back, not buffer without end).
     paused: bool,
     got: Vec<u8>,
-    /// Sent raw bytes (methods unknown to the client: its responses are not framed).
+    /// Sent raw bytes, or part of a canned request (methods unknown to the client: its
+    /// responses are not framed).
     raw: bool,
+    /// Per canned request sent whole and not yet answered: whether it was a HEAD.
+    heads: std::collections::VecDeque<bool>,
     /// How far `got` is framed as responses, the body being read, and whether framing stopped
     /// (a tunnel, or a body that ends with the connection).
     framed: usize,
@@ -240,21 +246,32 @@ impl Session {
             paused: false,
             got: Vec::new(),
             raw: false,
+            heads: Default::default(),
             framed: 0,
             body: None,
             unframed: false,
         });
     }
 
-    /// A canned request: through TLS on a TLS client, else as `client_send`.
+    /// A canned request: through TLS on a TLS client, else straight to TCP; one the socket
+    /// takes only in part makes the client's responses unframed.
     fn client_request(&mut self, k: usize, req: &[u8]) {
-        match self.clients[k].as_mut().and_then(|c| c.tls.as_mut()) {
+        let Some(c) = self.clients[k].as_mut() else { return };
+        let whole = match c.tls.as_mut() {
             Some((tls, false)) => {
                 use std::io::Write;
-                let _ = tls.conn.writer().write_all(req);
+                tls.conn.writer().write_all(req).is_ok()
             }
-            Some((_, true)) => {}
-            None => self.send_tcp(k, req),
+            Some((_, true)) => false,
+            None => {
+                let t = self.client.tcp(c.sock);
+                t.may_send() && t.send_slice(req).is_ok_and(|n| n == req.len())
+            }
+        };
+        if whole {
+            c.heads.push_back(req.starts_with(b"HEAD "));
+        } else {
+            c.raw = true;
         }
     }
 
@@ -461,12 +478,16 @@ fn frame_responses(c: &mut Client) -> Result<(), String> {
             return Err(bad("no HTTP/1.1 status line"));
         }
         let mut storage = [httparse::EMPTY_HEADER; 100];
-        let head = match parse_response(rest, "GET", &limits, &mut storage) {
+        let method = if c.heads.front() == Some(&true) { "HEAD" } else { "GET" };
+        let head = match parse_response(rest, method, &limits, &mut storage) {
             Ok(Some(h)) => h,
             Ok(None) => return Ok(()),
             Err(e) => return Err(bad(&format!("{e:?}"))),
         };
         c.framed += head.head_len;
+        if head.status >= 200 || head.status == 101 {
+            c.heads.pop_front(); // answered (an interim 1xx answers nothing)
+        }
         match head.framing {
             _ if head.status == 101 => c.unframed = true,
             Framing::UntilClose => c.unframed = true,
@@ -585,6 +606,21 @@ mod tests {
         script.extend(ticks);
         let out = run(&script).expect("settles");
         assert_eq!((out.requests, out.responses), (1, [0, 0, 1, 0]), "{out:?}");
+    }
+
+    /// The proxy's own error answers a HEAD with its head alone: a body there would be read as
+    /// the next response (found by the framing check: a 404 to HEAD carried "404 Not Found").
+    #[test]
+    fn an_error_answering_head_has_no_body() {
+        let ticks = [9, 15, 9, 15];
+        let mut script = vec![0, 0, 10, 2];
+        script.extend(ticks);
+        script.extend([2, 32]); // HEAD /: 404, kept
+        script.extend(ticks);
+        script.extend([2, 0]); // GET /: 404 with its body
+        script.extend(ticks);
+        let out = run(&script).expect("frames and settles");
+        assert_eq!((out.requests, out.responses), (2, [0, 0, 2, 0]), "{out:?}");
     }
 
     /// What `check_clients` says of a client that received `got`.

@@ -464,17 +464,21 @@ pub fn redirect_response(location: &str, out: &mut Vec<u8>) {
     );
 }
 
-/// Appends a complete response the proxy makes itself (errors, redirects): small body,
-/// connection closed after it unless `keep_alive`.
-pub fn error_response(status: u16, keep_alive: bool, out: &mut Vec<u8>) {
+/// Appends a complete response the proxy makes itself (errors): small body, connection closed
+/// after it unless `keep_alive`. To a HEAD request (`to_head`) the same head without the body
+/// (RFC 9110 9.3.2): a client reading a body there would take it for its next response.
+pub fn error_response(status: u16, keep_alive: bool, to_head: bool, out: &mut Vec<u8>) {
     let r = reason(status);
     // Body: "STATUS REASON\n".
     let _ = write!(
         out,
-        "HTTP/1.1 {status} {r}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{status} {r}\n",
+        "HTTP/1.1 {status} {r}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
         4 + r.len() + 1,
         if keep_alive { "" } else { "Connection: close\r\n" }
     );
+    if !to_head {
+        let _ = writeln!(out, "{status} {r}");
+    }
 }
 
 #[cfg(test)]
@@ -597,10 +601,14 @@ mod tests {
              HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n\r\n"
         );
         out.clear();
-        error_response(503, false, &mut out);
+        error_response(503, false, false, &mut out);
         let s = String::from_utf8(out.clone()).unwrap();
         let body = s.split("\r\n\r\n").nth(1).unwrap();
         assert!(s.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && s.contains("Connection: close"), "{s}");
         assert!(s.contains(&format!("Content-Length: {}\r\n", body.len())), "{s}");
+        // To HEAD: the same head, no body.
+        let mut to_head = Vec::new();
+        error_response(503, false, true, &mut to_head);
+        assert_eq!(to_head, &out[..out.len() - body.len()]);
     }
 }
