@@ -11,10 +11,9 @@
 
 use crate::report;
 use fulcrum_config::bootstrap::Bootstrap;
-use fulcrum_config::ingress::L7Certificate;
 use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::{DesiredState, ObjectRef};
-use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
+use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, test_pki, Backend, Host, TlsClient};
 use fulcrum_dataplane::port::MemoryPort;
 use fulcrum_dataplane::snapshot::Snapshot;
 use fulcrum_dataplane::worker::{Worker, WorkerConfig};
@@ -76,12 +75,10 @@ l7:
   address: 10.20.0.100
 "#;
 
-// The proxy tests' certificate (test-only key): bench.example is not in it, so clients ask for
-// shop.example.
-const CA: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/ca.crt");
-const CERT: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/shop.crt");
-const KEY: &[u8] = include_bytes!("../../dataplane/tests/fixtures/tls/shop.key");
-const HOST: &str = "shop.example";
+// The proxy tests' certificate (test-only key, `sim::test_pki`): clients ask for shop.example.
+const CA: &[u8] = test_pki::CA;
+const HOST: &str = test_pki::SHOP_HOST;
+
 /// How long a closed simulated client socket stays in TIME-WAIT (simulated ms): past smoltcp's
 /// 10 ms delayed ACK, so that its last ACK is out before it goes.
 const TIME_WAIT_MS: u64 = 20;
@@ -157,12 +154,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             }],
             ..Default::default()
         }],
-        certificates: vec![L7Certificate {
-            secret: ObjectRef { namespace: "bench".into(), name: "tls".into() },
-            hosts: vec![HostMatch::Exact(HOST.into())],
-            cert_pem: CERT.to_vec(),
-            key_pem: KEY.to_vec(),
-        }],
+        certificates: vec![test_pki::shop_certificate(ObjectRef { namespace: "bench".into(), name: "tls".into() })],
         ..Default::default()
     };
     let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1)?);

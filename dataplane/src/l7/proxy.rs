@@ -244,7 +244,7 @@ const IDLE_UPSTREAM: usize = 1 << (usize::BITS - 1);
 /// How long a connection may take to close once the proxy has closed it: a client that never
 /// sends its own FIN (or never acknowledges ours) would otherwise keep the socket in FIN-WAIT
 /// for ever. Linux's `tcp_fin_timeout` default.
-const FIN_TIMEOUT_MS: u64 = 60_000;
+pub const FIN_TIMEOUT_MS: u64 = 60_000;
 
 /// How often pooled upstreams are checked for their idle timeout: the timeout is kept to
 /// within this.

@@ -22,10 +22,10 @@
 use super::http::body::BodyReader;
 use super::http::head::{parse_response, Framing};
 use super::http::Limits;
-use super::proxy::{Proxy, ProxyConfig};
+use super::proxy::{Proxy, ProxyConfig, FIN_TIMEOUT_MS};
 use super::router::Router;
-use super::sim::{Host, TlsClient};
-use fulcrum_config::ingress::{HostMatch, L7Backend, L7Certificate, L7Host, L7Path, L7State, PathType};
+use super::sim::{test_pki, Host, TlsClient};
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::ObjectRef;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
@@ -44,10 +44,8 @@ const HEADER_TIMEOUT_MS: u64 = 300;
 const UPSTREAM_TIMEOUT_MS: u64 = 500;
 const IDLE_TIMEOUT_MS: u64 = 1_000;
 /// The longest the proxy may take to let everything go once the peers have closed: its
-/// FIN timeout (60 s) for a peer that half-closed, plus the timeouts above, with room.
-const SETTLE_LIMIT_MS: u64 = 70_000;
-/// The proxy's limit on a close (`proxy::FIN_TIMEOUT_MS`).
-const FIN_TIMEOUT_MS: u64 = 60_000;
+/// FIN timeout for a peer that half-closed, plus the timeouts above, with room.
+const SETTLE_LIMIT_MS: u64 = FIN_TIMEOUT_MS + 10_000;
 /// Room for the proxy's periodic sweeps after a deadline.
 const REAP_GRACE_MS: u64 = 1_000;
 
@@ -239,7 +237,7 @@ impl Session {
         let port = self.next_port;
         self.next_port = self.next_port.wrapping_add(1).max(40000);
         let sock = self.client.connect((L7, if tls { 443 } else { 80 }), port, PEER_BUFFER);
-        let tls = tls.then(|| (TlsClient::with_config(client_tls(), "shop.example"), false));
+        let tls = tls.then(|| (TlsClient::with_config(client_tls(), test_pki::SHOP_HOST), false));
         self.clients[k] = Some(Client {
             sock,
             tls,
@@ -388,15 +386,13 @@ impl Session {
 
     fn check_clients(&mut self) -> Result<(), String> {
         for c in self.clients.iter_mut().flatten() {
-            let n = c.got.len().min(9);
-            if c.got[..n] != b"HTTP/1.1 "[..n] {
+            if !c.raw {
+                frame_responses(c)?;
+            } else if !starts_a_status_line(&c.got) {
                 return Err(format!(
                     "a client received bytes that are not an HTTP/1.1 response: {:?}",
                     String::from_utf8_lossy(&c.got[..c.got.len().min(80)])
                 ));
-            }
-            if !c.raw {
-                frame_responses(c)?;
             }
         }
         Ok(())
@@ -451,6 +447,13 @@ impl Session {
     }
 }
 
+/// Whether `b` is, or begins like, the start of an HTTP/1.1 status line (all of `b` that is
+/// there yet).
+fn starts_a_status_line(b: &[u8]) -> bool {
+    let n = b.len().min(9);
+    b[..n] == b"HTTP/1.1 "[..n]
+}
+
 /// Frames what a client received as HTTP/1.1 responses (heads by httparse, bodies by their
 /// framing), from where the last call stopped; an error names the offset and the bytes.
 fn frame_responses(c: &mut Client) -> Result<(), String> {
@@ -474,7 +477,7 @@ fn frame_responses(c: &mut Client) -> Result<(), String> {
                 String::from_utf8_lossy(&rest[..rest.len().min(80)])
             )
         };
-        if rest[..rest.len().min(9)] != b"HTTP/1.1 "[..rest.len().min(9)] {
+        if !starts_a_status_line(rest) {
             return Err(bad("no HTTP/1.1 status line"));
         }
         let mut storage = [httparse::EMPTY_HEADER; 100];
@@ -520,18 +523,11 @@ fn router(which: u8) -> Arc<Router> {
     Arc::new(Router::compile(&L7State { hosts: vec![host], ..Default::default() }))
 }
 
-const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.crt");
-
 /// The test certificate for `shop.example` (the proxy tests' fixtures), built once.
 fn server_tls() -> Arc<rustls::ServerConfig> {
     static C: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
     C.get_or_init(|| {
-        let cert = L7Certificate {
-            secret: ObjectRef { namespace: "fuzz".into(), name: "shop-tls".into() },
-            hosts: vec![HostMatch::Exact("shop.example".into())],
-            cert_pem: include_bytes!("../../tests/fixtures/tls/shop.crt").to_vec(),
-            key_pem: include_bytes!("../../tests/fixtures/tls/shop.key").to_vec(),
-        };
+        let cert = test_pki::shop_certificate(ObjectRef { namespace: "fuzz".into(), name: "shop-tls".into() });
         super::tls::server_config(&[cert]).0.expect("the fixture certificate loads")
     })
     .clone()
@@ -542,7 +538,8 @@ fn server_tls() -> Arc<rustls::ServerConfig> {
 fn client_tls() -> Arc<rustls::ClientConfig> {
     static C: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     C.get_or_init(|| {
-        let mut cfg = Arc::unwrap_or_clone(TlsClient::config(CA, &[&rustls::version::TLS13, &rustls::version::TLS12]));
+        let mut cfg =
+            Arc::unwrap_or_clone(TlsClient::config(test_pki::CA, &[&rustls::version::TLS13, &rustls::version::TLS12]));
         cfg.resumption = rustls::client::Resumption::disabled();
         Arc::new(cfg)
     })

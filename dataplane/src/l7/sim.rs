@@ -261,6 +261,29 @@ pub fn response_complete(resp: &[u8]) -> Option<usize> {
     (resp.len() >= end + 4 + len).then_some(end + 4 + len)
 }
 
+/// The test PKI of `dataplane/tests/fixtures/tls` (see its README), compiled in for the
+/// simulations that speak TLS (the l7 bench, `script`): a CA, and the certificate and key for
+/// `shop.example` that it signed.
+pub mod test_pki {
+    use fulcrum_config::ingress::{HostMatch, L7Certificate};
+    use fulcrum_config::model::ObjectRef;
+
+    pub const CA: &[u8] = include_bytes!("../../tests/fixtures/tls/ca.crt");
+    pub const SHOP_CERT: &[u8] = include_bytes!("../../tests/fixtures/tls/shop.crt");
+    pub const SHOP_KEY: &[u8] = include_bytes!("../../tests/fixtures/tls/shop.key");
+    pub const SHOP_HOST: &str = "shop.example";
+
+    /// `shop.example`'s certificate as the proxy gets it from the TLS Secret `secret`.
+    pub fn shop_certificate(secret: ObjectRef) -> L7Certificate {
+        L7Certificate {
+            secret,
+            hosts: vec![HostMatch::Exact(SHOP_HOST.into())],
+            cert_pem: SHOP_CERT.to_vec(),
+            key_pem: SHOP_KEY.to_vec(),
+        }
+    }
+}
+
 /// A TLS client over a simulated TCP socket (rustls client side), for tests and benchmarks.
 pub struct TlsClient {
     pub conn: rustls::ClientConnection,
