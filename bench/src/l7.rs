@@ -45,6 +45,10 @@ pub struct L7Args {
     /// One request per connection (with --tls: a full handshake per request).
     #[arg(long)]
     pub new_conn: bool,
+    /// With --tls: each connection does its handshake, sends close_notify and closes, no
+    /// request (what raw rustls's figure counts, plus TCP). Implies --new-conn.
+    #[arg(long, requires = "tls")]
+    pub handshake_only: bool,
     #[arg(long)]
     pub core: Option<usize>,
     /// What the worker's millisecond clock follows. `rounds`: one millisecond every 4 rounds
@@ -184,6 +188,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         })
         .collect();
 
+    let new_conn = a.new_conn || a.handshake_only;
     let port_no = if a.tls { 443 } else { 80 };
     let mut next_port = 20000u16;
     let mut open = |client: &mut Host| -> (SocketHandle, Option<TlsClient>) {
@@ -238,9 +243,13 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                     }
                 }
             }
-            if let Some(n) = response_complete(&got[i]) {
+            let finished = match tls {
+                Some(t) if a.handshake_only => (!t.conn.is_handshaking()).then_some(0),
+                _ => response_complete(&got[i]),
+            };
+            if let Some(n) = finished {
                 anyhow::ensure!(
-                    got[i].starts_with(b"HTTP/1.1 200"),
+                    a.handshake_only || got[i].starts_with(b"HTTP/1.1 200"),
                     "bad response: {:?}",
                     String::from_utf8_lossy(&got[i])
                 );
@@ -259,7 +268,12 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                         done += 1;
                     }
                 }
-                if a.new_conn {
+                if new_conn {
+                    if let Some(t) = tls.as_mut().filter(|_| a.handshake_only) {
+                        // As curl and openssl s_client end a connection.
+                        t.conn.send_close_notify();
+                        t.pump(client.tcp(*h), &mut got[i]);
+                    }
                     client.tcp(*h).close();
                     closing.push((k, *h, None));
                     conns[i] = open(client);
@@ -269,7 +283,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             if sent_at[i].is_none() {
                 match tls {
                     Some(t) => {
-                        t.send(&request);
+                        if !a.handshake_only {
+                            t.send(&request);
+                        }
                         t.pump(client.tcp(*h), &mut got[i]);
                         sent_at[i] = Some(Instant::now());
                     }
@@ -354,7 +370,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let worker_s = worker_ns as f64 / 1e9;
     let st = w.proxy_stats().unwrap_or_default();
     // Raw rustls on the same core, same certificate: server-side handshake time only.
-    let raw = if a.tls && a.new_conn {
+    let raw = if a.tls && new_conn {
         Some(raw_rustls_handshakes(w.snapshot().tls.clone().expect("TLS config"), 2000)?)
     } else {
         None
@@ -364,8 +380,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "bench": "l7",
         "conns": a.conns,
         "tls": a.tls,
-        "new_conn": a.new_conn,
-        "handshakes_per_s_per_core": (a.tls && a.new_conn).then_some(rps),
+        "new_conn": new_conn,
+        "handshake_only": a.handshake_only,
+        "handshakes_per_s_per_core": (a.tls && new_conn).then_some(rps),
         "raw_rustls_handshakes_per_s": raw,
         "ratio_to_raw_rustls": raw.map(|r| rps / r),
         "rps_per_core": rps,
@@ -390,6 +407,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "backends": a.backends,
         "upstream_connects": st.upstream_connects,
         "upstream_reused": st.upstream_reused,
+        "tls_handshakes": st.tls.handshakes,
+        "tls_resumed": st.tls.resumed,
         "proxy_steps": st.steps,
         "errors_local": st.errors_local,
         "socket_buffer_bytes": boot.l7.as_ref().map(|l| l.socket_buffer),
@@ -399,6 +418,16 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "loadavg": report::loadavg(),
     }));
     anyhow::ensure!(st.errors_local == 0, "the proxy answered {} requests with errors", st.errors_local);
+    anyhow::ensure!(st.tls.failures == 0, "{} TLS sessions failed", st.tls.failures);
+    // The proxy's own count: a handshake is done on its side once the client's Finished is
+    // read, after the client counted it (those still in flight at the end are the difference).
+    if a.tls && new_conn {
+        anyhow::ensure!(
+            st.tls.handshakes + a.conns as u64 >= done + a.warmup * a.conns as u64,
+            "the proxy completed {} handshakes, the clients {done}",
+            st.tls.handshakes
+        );
+    }
     Ok(())
 }
 

@@ -249,7 +249,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 20] = [
+    let per_core: [(&str, &str, &str, Get); 23] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -279,6 +279,18 @@ pub fn render_metrics(state: &ControlState) -> String {
             "gauge",
             "Bytes held for TCP socket buffers (in use or kept for reuse).",
             |c| c.l7.socket_buffer_bytes,
+        ),
+        ("fulcrum_l7_tls_handshakes_total", "counter", "TLS handshakes completed, full and resumed.", |c| {
+            c.l7.tls.handshakes
+        }),
+        ("fulcrum_l7_tls_resumed_total", "counter", "TLS handshakes resumed (ticket or session cache).", |c| {
+            c.l7.tls.resumed
+        }),
+        (
+            "fulcrum_l7_tls_failures_total",
+            "counter",
+            "TLS sessions ended by an error: a failed handshake or a bad record.",
+            |c| c.l7.tls.failures,
         ),
         ("fulcrum_health_probes_total", "counter", "Active health probes completed.", |c| c.l7.health_probes),
         ("fulcrum_health_probe_failures_total", "counter", "Active health probes failed.", |c| c.l7.health_failures),

@@ -484,6 +484,42 @@ fn tls_1_2_and_resumption() {
     let (_, resp, c) = lab.tls_exchange_with(44002, TlsClient::with_config(cfg, "shop.example"), req);
     assert!(resp.starts_with(b"HTTP/1.1 200"));
     assert_eq!(c.conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed), "resumed from a ticket");
+    let tls = lab.proxy.stats.tls;
+    assert_eq!((tls.handshakes, tls.resumed, tls.failures), (3, 1, 0), "{tls:?}");
+}
+
+/// A client that speaks no TLS to port 443 gets an alert and is counted as a failure, not as
+/// a handshake; a good client after it is unaffected.
+#[test]
+fn tls_failures_are_counted() {
+    let mut lab = Lab::new(vec![route("", "/", &eps())], Limits::default());
+    let h = lab.client.connect((L7, 443), 44100, 65536);
+    for _ in 0..50 {
+        lab.tick();
+    }
+    lab.client.tcp(h).send_slice(b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n").unwrap();
+    let mut alert = Vec::new();
+    for _ in 0..200 {
+        lab.tick();
+        let s = lab.client.tcp(h);
+        if s.can_recv() {
+            s.recv(|d| {
+                alert.extend_from_slice(d);
+                (d.len(), ())
+            })
+            .unwrap();
+        }
+        if !s.may_recv() {
+            break;
+        }
+    }
+    assert_eq!(alert.first(), Some(&21), "a TLS alert record: {alert:?}");
+    let tls = lab.proxy.stats.tls;
+    assert_eq!((tls.handshakes, tls.failures), (0, 1), "{tls:?}");
+    let (_, resp) = lab.tls_exchange(44101, "shop.example", b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&resp));
+    let tls = lab.proxy.stats.tls;
+    assert_eq!((tls.handshakes, tls.resumed, tls.failures), (1, 0, 1), "{tls:?}");
 }
 
 /// Active health checks from the proxy's stack: an HTTP check of a backend that answers passes;

@@ -35,9 +35,31 @@ impl TlsSide {
 
 pub type Tls = Option<Box<TlsSide>>;
 
+/// What the TLS sessions of one core came to: operators watch resumption's share (a full
+/// handshake costs several times a resumed one) and failures (clients that cannot agree on a
+/// version or cipher, hostile records).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCounters {
+    /// Handshakes completed, full and resumed.
+    pub handshakes: u64,
+    /// Of those, resumed from a ticket or the session cache.
+    pub resumed: u64,
+    /// Sessions ended by a TLS error: a failed handshake or a bad record (rustls's alert sent).
+    pub failures: u64,
+}
+
+impl TlsCounters {
+    pub fn merge(&mut self, o: &TlsCounters) {
+        self.handshakes += o.handshakes;
+        self.resumed += o.resumed;
+        self.failures += o.failures;
+    }
+}
+
 /// Moves bytes through rustls: ciphertext from the socket, plaintext out of rustls into
-/// `plain_in`, `plain_out` into rustls, ciphertext to the socket.
-pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls) {
+/// `plain_in`, `plain_out` into rustls, ciphertext to the socket. A handshake that completes
+/// or a session that fails here is counted in `counters`.
+pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls, counters: &mut TlsCounters) {
     let Some(t) = tls.as_mut() else { return };
     let s = stack.tcp(sock);
     while !t.failed && s.can_recv() && t.conn.wants_read() && t.plain_in.len() < PLAIN_LIMIT {
@@ -51,8 +73,13 @@ pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls) {
         if n == 0 {
             break;
         }
+        let handshaking = t.conn.is_handshaking();
         if t.conn.process_new_packets().is_err() {
             t.failed = true;
+            counters.failures += 1;
+        } else if handshaking && !t.conn.is_handshaking() {
+            counters.handshakes += 1;
+            counters.resumed += u64::from(t.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed));
         }
         read_plain(t);
     }

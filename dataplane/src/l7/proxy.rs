@@ -76,6 +76,7 @@ pub struct ProxyStats {
     /// Connection steps run: the proxy's work, which should follow segments and deadlines,
     /// not the number of connections or the time they stay open.
     pub steps: u64,
+    pub tls: io::TlsCounters,
 }
 
 impl ProxyStats {
@@ -95,6 +96,7 @@ impl ProxyStats {
         self.health_transitions += o.health_transitions;
         self.socket_buffer_bytes += o.socket_buffer_bytes;
         self.steps += o.steps;
+        self.tls.merge(&o.tls);
     }
 }
 
@@ -597,10 +599,10 @@ impl Proxy {
     }
 
     fn step_with_buffers(&mut self, c: &mut Client, now: u64) -> bool {
-        io::pump(&mut self.stack, c.sock, &mut c.tls);
+        io::pump(&mut self.stack, c.sock, &mut c.tls, &mut self.stats.tls);
         if c.tls.as_ref().is_some_and(|t| t.failed) {
             // A failed handshake or a bad record: rustls queued the alert; send it and close.
-            io::pump(&mut self.stack, c.sock, &mut c.tls);
+            io::pump(&mut self.stack, c.sock, &mut c.tls, &mut self.stats.tls);
             c.phase = Phase::Closing;
         }
         // Anything owed to the client goes first.
@@ -616,7 +618,7 @@ impl Proxy {
             }
         };
         if keep {
-            io::pump(&mut self.stack, c.sock, &mut c.tls);
+            io::pump(&mut self.stack, c.sock, &mut c.tls, &mut self.stats.tls);
         }
         keep
     }
@@ -1276,7 +1278,7 @@ impl Proxy {
                     t.failed = true; // nothing more to send on it
                 }
             }
-            io::pump(&mut self.stack, c.sock, &mut c.tls);
+            io::pump(&mut self.stack, c.sock, &mut c.tls, &mut self.stats.tls);
             let s = self.stack.tcp(c.sock);
             if io::drained(&c.tls) && s.is_open() && s.state() != State::FinWait1 && s.state() != State::FinWait2 {
                 s.close();
