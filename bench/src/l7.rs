@@ -274,7 +274,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                         t.conn.send_close_notify();
                         t.pump(client.tcp(*h), &mut got[i]);
                     }
-                    client.tcp(*h).close();
+                    client.close(*h);
                     closing.push((k, *h, None));
                     conns[i] = open(client);
                 }
