@@ -369,6 +369,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     }
     let worker_s = worker_ns as f64 / 1e9;
     let st = w.proxy_stats().unwrap_or_default();
+    let gauges = w.stats_copy().l7;
     // Raw rustls on the same core, same certificate: server-side handshake time only.
     let raw = if a.tls && new_conn {
         Some(raw_rustls_handshakes(w.snapshot().tls.clone().expect("TLS config"), 2000)?)
@@ -413,7 +414,10 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "errors_local": st.errors_local,
         "socket_buffer_bytes": boot.l7.as_ref().map(|l| l.socket_buffer),
         // What the worker's socket-buffer pools hold at the end (in use or kept for reuse).
-        "socket_buffers_held_bytes": w.stats_copy().l7.socket_buffer_bytes,
+        "socket_buffers_held_bytes": gauges.socket_buffer_bytes,
+        // The proxy's sockets at the end: its clients and upstreams, and closing ones (a
+        // socket waiting long for a peer's last ACK holds its buffers meanwhile).
+        "proxy_sockets_at_end": gauges.sockets,
         "core": core,
         "loadavg": report::loadavg(),
     }));

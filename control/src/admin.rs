@@ -249,7 +249,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 23] = [
+    let per_core: [(&str, &str, &str, Get); 27] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -280,6 +280,16 @@ pub fn render_metrics(state: &ControlState) -> String {
             "Bytes held for TCP socket buffers (in use or kept for reuse).",
             |c| c.l7.socket_buffer_bytes,
         ),
+        ("fulcrum_l7_client_connections", "gauge", "Client connections open on the proxy, plain and TLS.", |c| {
+            c.l7.clients_open
+        }),
+        ("fulcrum_l7_upstream_connections", "gauge", "Upstream connections open, carrying a request or pooled.", |c| {
+            c.l7.upstreams_open
+        }),
+        ("fulcrum_l7_upstream_idle_connections", "gauge", "Upstream connections pooled for reuse.", |c| {
+            c.l7.upstreams_idle
+        }),
+        ("fulcrum_l7_sockets", "gauge", "TCP sockets of the proxy's stack, closing ones included.", |c| c.l7.sockets),
         ("fulcrum_l7_tls_handshakes_total", "counter", "TLS handshakes completed, full and resumed.", |c| {
             c.l7.tls.handshakes
         }),

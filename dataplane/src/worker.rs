@@ -456,7 +456,9 @@ impl Worker {
         let mut s = self.stats.clone();
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
-        s.l7.socket_buffer_bytes = self.proxy.as_ref().map_or(0, |p| p.stack.buffer_bytes() as u64);
+        if let Some(p) = self.proxy.as_ref() {
+            p.fill_gauges(&mut s.l7);
+        }
         s
     }
 

@@ -6,7 +6,7 @@
 use fulcrum_config::ingress::{HostMatch, L7Backend, L7Certificate, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::ObjectRef;
 use fulcrum_dataplane::l7::http::Limits;
-use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig};
+use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig, ProxyStats};
 use fulcrum_dataplane::l7::router::Router;
 use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
 use rustls::pki_types::pem::PemObject;
@@ -273,6 +273,13 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
     assert_eq!(lab.proxy.client_count(), 1, "one keep-alive client connection");
     // A handful of sockets: one 2 MiB chunk of receive buffers and one of transmit buffers.
     assert_eq!(lab.proxy.stack.buffer_bytes(), 2 * (2 << 20));
+    // The gauges for /metrics: between requests every upstream is pooled.
+    let mut g = ProxyStats::default();
+    lab.proxy.fill_gauges(&mut g);
+    assert_eq!(g.clients_open, 1, "{g:?}");
+    assert!((1..=4).contains(&g.upstreams_open) && g.upstreams_idle == g.upstreams_open, "{g:?}");
+    assert_eq!(g.sockets, 1 + g.upstreams_open, "{g:?}");
+    assert_eq!(g.socket_buffer_bytes, 2 * (2 << 20));
 }
 
 #[test]
@@ -310,6 +317,9 @@ fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
         lab.tick();
     }
     assert_eq!(lab.proxy.stack.sockets_in_use(), 1, "only the client's socket is left");
+    let mut g = ProxyStats::default();
+    lab.proxy.fill_gauges(&mut g);
+    assert_eq!((g.clients_open, g.upstreams_open, g.upstreams_idle, g.sockets), (1, 0, 0, 1), "{g:?}");
     // New requests open new upstreams.
     let connects = lab.proxy.stats.upstream_connects;
     run(&mut lab);

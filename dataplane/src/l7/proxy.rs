@@ -73,6 +73,13 @@ pub struct ProxyStats {
     /// sockets times their buffer size, in 2 MiB steps). Filled in the worker's copy of its
     /// counters for the control thread, not per loop.
     pub socket_buffer_bytes: u64,
+    /// Gauges filled in the same copy (`Proxy::fill_gauges`): client connections open (plain
+    /// and TLS), upstream connections open (carrying a request or pooled) and of those
+    /// pooled, and the stack's sockets (closing ones and health probes' included).
+    pub clients_open: u64,
+    pub upstreams_open: u64,
+    pub upstreams_idle: u64,
+    pub sockets: u64,
     /// Connection steps run: the proxy's work, which should follow segments and deadlines,
     /// not the number of connections or the time they stay open.
     pub steps: u64,
@@ -95,6 +102,10 @@ impl ProxyStats {
         self.health_failures += o.health_failures;
         self.health_transitions += o.health_transitions;
         self.socket_buffer_bytes += o.socket_buffer_bytes;
+        self.clients_open += o.clients_open;
+        self.upstreams_open += o.upstreams_open;
+        self.upstreams_idle += o.upstreams_idle;
+        self.sockets += o.sockets;
         self.steps += o.steps;
         self.tls.merge(&o.tls);
     }
@@ -291,6 +302,17 @@ impl Proxy {
             probes: Vec::new(),
             last_probe_ms: 0,
         }
+    }
+
+    /// Fills `st`'s gauges (connections and sockets open, buffer memory held) from the
+    /// proxy's state now; for the control thread's copy of the counters, not per loop.
+    pub fn fill_gauges(&self, st: &mut ProxyStats) {
+        // Outside `run` no slot is empty but a freed one.
+        st.clients_open = (self.clients.len() - self.free_clients.len()) as u64;
+        st.upstreams_open = (self.ups.len() - self.free_ups.len()) as u64;
+        st.upstreams_idle = self.idle.values().map(|q| q.len() as u64).sum();
+        st.sockets = self.stack.sockets_in_use() as u64;
+        st.socket_buffer_bytes = self.stack.buffer_bytes() as u64;
     }
 
     pub fn set_router(&mut self, router: Arc<Router>) {
