@@ -13,9 +13,12 @@
 //!   the proxy's own answer or its restatement of the backend's head, never the backend's
 //!   bytes as they came;
 //! - on a connection whose client sent only canned requests (so the client knows their
-//!   methods: no HEAD), the bytes frame as a sequence of HTTP/1.1 responses, each head where
+//!   methods, HEAD's bodiless answers included), the bytes frame as a sequence of HTTP/1.1 responses, each head where
 //!   the last body ended (until a 101 or a body that ends with the connection): whatever the
 //!   backend sends, the proxy never lets a response run into the next (no desync);
+//! - a TLS session fails only where its client sent hostile records: a well-behaved TLS
+//!   client never sees an error from the proxy's TLS, and the proxy counts no more failed
+//!   sessions (`ProxyStats::tls`) than there were hostile clients;
 //! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
 //!   socket and no upstream beyond what it held before the script (no leak).
 
@@ -99,6 +102,8 @@ struct Client {
     /// Sent raw bytes, or part of a canned request (methods unknown to the client: its
     /// responses are not framed).
     raw: bool,
+    /// A TLS client that sent raw bytes past its TLS: the only way a session may fail.
+    tls_raw: bool,
     /// Per canned request sent whole and not yet answered: whether it was a HEAD.
     heads: std::collections::VecDeque<bool>,
     /// How far `got` is framed as responses, the body being read, and whether framing stopped
@@ -121,6 +126,10 @@ struct Session {
     bytes_to_clients: usize,
     /// The backend's link is cut: packets to and from it are lost.
     cut: bool,
+    /// TLS clients that sent raw bytes past their TLS (hostile records).
+    tls_hostile: u64,
+    /// A TLS client that sent nothing hostile had its session fail: the proxy spoke bad TLS.
+    tls_error: Option<String>,
 }
 
 /// Runs `script` (any bytes) as a session; see the module's doc for what is checked.
@@ -197,6 +206,8 @@ impl Session {
             now: 0,
             bytes_to_clients: 0,
             cut: false,
+            tls_hostile: 0,
+            tls_error: None,
         };
         s.keep_listening();
         s
@@ -244,6 +255,7 @@ impl Session {
             paused: false,
             got: Vec::new(),
             raw: false,
+            tls_raw: false,
             heads: Default::default(),
             framed: 0,
             body: None,
@@ -277,6 +289,10 @@ impl Session {
     fn client_send(&mut self, k: usize, data: &[u8]) {
         if let Some(c) = self.clients[k].as_mut() {
             c.raw = true;
+            if c.tls.is_some() && !c.tls_raw {
+                c.tls_raw = true;
+                self.tls_hostile += 1;
+            }
         }
         self.send_tcp(k, data);
     }
@@ -362,7 +378,14 @@ impl Session {
                 } else if !c.paused {
                     match tls.try_pump(t, &mut c.got) {
                         Ok(n) => self.bytes_to_clients += n,
-                        Err(_) => *failed = true,
+                        Err(e) => {
+                            *failed = true;
+                            if !c.tls_raw {
+                                self.tls_error.get_or_insert(format!(
+                                    "a TLS client that sent nothing hostile saw its session fail: {e}"
+                                ));
+                            }
+                        }
                     }
                 }
             } else if !c.paused {
@@ -385,6 +408,9 @@ impl Session {
     }
 
     fn check_clients(&mut self) -> Result<(), String> {
+        if let Some(e) = self.tls_error.take() {
+            return Err(e);
+        }
         for c in self.clients.iter_mut().flatten() {
             if !c.raw {
                 frame_responses(c)?;
@@ -437,6 +463,12 @@ impl Session {
             return Err(format!("{} deadline entries left with no connection", self.proxy.deadline_entries()));
         }
         let st = self.proxy.stats;
+        if st.tls.failures > self.tls_hostile {
+            return Err(format!(
+                "the proxy counted {} failed TLS sessions; only {} clients sent hostile records",
+                st.tls.failures, self.tls_hostile
+            ));
+        }
         Ok(Outcome {
             connections: st.connections,
             requests: st.requests,
