@@ -418,6 +418,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // The proxy's sockets at the end: its clients and upstreams, and closing ones (a
         // socket waiting long for a peer's last ACK holds its buffers meanwhile).
         "proxy_sockets_at_end": gauges.sockets,
+        "proxy_deadline_entries_at_end": gauges.deadline_entries,
         "core": core,
         "loadavg": report::loadavg(),
     }));

@@ -849,10 +849,16 @@ fn a_keep_alive_connection_holds_about_one_deadline_however_many_requests_it_car
     }
     // Each request moves the connection's deadline two or three times (upstream timeout,
     // response progress, idle time), each 3-10 s out here; filing each would leave ~500 entries.
-    assert!(lab.proxy.deadline_entries() <= 4, "{} deadline entries", lab.proxy.deadline_entries());
+    assert_eq!(lab.proxy.deadline_entries(), 1, "one entry for the one connection");
     // And the deadlines still hold: closed when idle for the idle timeout.
     lab.run_until(lab.now + 10_500);
     assert!(!lab.client.tcp(h).may_recv(), "closed after 10 s idle");
+    // Once the client closes its half too the connection goes, and its entry (for the
+    // 60 s FIN timeout) with it, not 60 s later.
+    lab.client.tcp(h).close();
+    lab.run_until(lab.now + 200);
+    assert_eq!(lab.proxy.client_count(), 0);
+    assert_eq!(lab.proxy.deadline_entries(), 0, "the gone connection's entry was left");
 }
 
 #[test]

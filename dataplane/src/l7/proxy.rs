@@ -21,7 +21,7 @@ use super::http::Limits;
 use super::router::{Route, Router};
 use super::spare::SpareBufs;
 use super::stack::{prefetch_socket, prefetch_transmit, ConnKey, SockRef, SocketAt, Stack, StackConfig};
-use super::timer_wheel::TimerWheel;
+use super::timer_wheel::{TimerHandle, TimerWheel};
 use ahash::AHashMap;
 use smallvec::SmallVec;
 use smoltcp::socket::tcp::State;
@@ -80,6 +80,8 @@ pub struct ProxyStats {
     pub upstreams_open: u64,
     pub upstreams_idle: u64,
     pub sockets: u64,
+    /// Entries in the deadline wheel, stale ones (of connections gone) included.
+    pub deadline_entries: u64,
     /// Connection steps run: the proxy's work, which should follow segments and deadlines,
     /// not the number of connections or the time they stay open.
     pub steps: u64,
@@ -106,6 +108,7 @@ impl ProxyStats {
         self.upstreams_open += o.upstreams_open;
         self.upstreams_idle += o.upstreams_idle;
         self.sockets += o.sockets;
+        self.deadline_entries += o.deadline_entries;
         self.steps += o.steps;
         self.tls.merge(&o.tls);
     }
@@ -162,9 +165,9 @@ struct Client {
     /// follows it lazily (moved when it comes, not on every byte), so a transfer that stalls
     /// for the idle timeout is cut and one that moves costs no timer work per step.
     progress_ms: u64,
-    /// The time of its one entry in `Proxy::deadlines` that counts: entries filed before it
-    /// (deadlines that moved) are stale and wake nothing.
+    /// The time of its one entry in `Proxy::deadlines`, and the handle that takes it out.
     wake_at: u64,
+    timer: TimerHandle,
 }
 
 struct Upstream {
@@ -216,8 +219,9 @@ pub struct Proxy {
     /// one cache miss to reach them with thousands of connections instead of two.
     by_shard: Vec<SmallVec<[usize; 2]>>,
     /// (when, client): deadlines to look at (head, upstream and idle timeouts); a wheel, since
-    /// every request files one. Entries are not removed when a deadline moves: a client run
-    /// early finds nothing due.
+    /// every request files one. A client holds one entry: a deadline moved later is filed
+    /// when the entry there comes up (a client run early finds nothing due); one moved earlier
+    /// replaces it; a client that goes takes its entry out.
     deadlines: TimerWheel,
     /// `run`'s lists, kept between runs so that a run allocates nothing.
     busy: Vec<u32>,
@@ -312,6 +316,7 @@ impl Proxy {
         st.upstreams_open = (self.ups.len() - self.free_ups.len()) as u64;
         st.upstreams_idle = self.idle.values().map(|q| q.len() as u64).sum();
         st.sockets = self.stack.sockets_in_use() as u64;
+        st.deadline_entries = self.deadlines.len() as u64;
         st.socket_buffer_bytes = self.stack.buffer_bytes() as u64;
     }
 
@@ -409,13 +414,14 @@ impl Proxy {
                 ack: AckPace::Quick,
                 progress_ms: now_ms,
                 wake_at: 0,
+                timer: TimerHandle::NONE,
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.attach(sock.shard, idx);
-            let wake_at = self.deadlines.schedule(now_ms + self.cfg.header_timeout_ms, idx as u32);
+            let (wake_at, timer) = self.deadlines.schedule(now_ms + self.cfg.header_timeout_ms, idx as u32);
             let c = self.clients[idx].as_mut().unwrap();
             c.idx = idx;
-            c.wake_at = wake_at;
+            (c.wake_at, c.timer) = (wake_at, timer);
         }
         true
     }
@@ -462,7 +468,8 @@ impl Proxy {
                         // a request, each 10-60 s out).
                         let wake = self.wake_time(&c, now_ms);
                         if wake < c.wake_at || c.wake_at <= now_ms {
-                            c.wake_at = self.deadlines.schedule(wake, i as u32);
+                            self.deadlines.cancel(c.timer);
+                            (c.wake_at, c.timer) = self.deadlines.schedule(wake, i as u32);
                         }
                     }
                     self.clients[i] = Some(c);
@@ -1330,6 +1337,7 @@ impl Proxy {
             s.abort();
             self.stack.mark_dirty(c.sock);
         }
+        self.deadlines.cancel(c.timer);
         self.detach(c.sock.shard, c.idx);
         self.stack.remove_later(c.sock, c.key);
         self.free_clients.push(c.idx);

@@ -20,7 +20,7 @@
 //!   client never sees an error from the proxy's TLS, and the proxy counts no more failed
 //!   sessions (`ProxyStats::tls`) than there were hostile clients;
 //! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
-//!   socket and no upstream beyond what it held before the script (no leak).
+//!   socket, no upstream and no deadline entry beyond what it held before the script (no leak).
 
 use super::http::body::BodyReader;
 use super::http::head::{parse_response, Framing};
@@ -49,8 +49,6 @@ const IDLE_TIMEOUT_MS: u64 = 1_000;
 /// The longest the proxy may take to let everything go once the peers have closed: its
 /// FIN timeout for a peer that half-closed, plus the timeouts above, with room.
 const SETTLE_LIMIT_MS: u64 = FIN_TIMEOUT_MS + 10_000;
-/// Room for the proxy's periodic sweeps after a deadline.
-const REAP_GRACE_MS: u64 = 1_000;
 
 /// Well-formed (or deliberately borderline) requests a script can send by number, so that the
 /// fuzzer reaches bodies, pipelining and upgrades without having to find the syntax first.
@@ -454,11 +452,7 @@ impl Session {
             self.tick(if self.now - start < 200 { 1 } else { 50 });
         }
         let settle_ms = self.now - start;
-        // The deadline wheel's stale entries (connections that went before their deadline)
-        // go as their time comes: none is left once the longest deadline (a close's FIN
-        // timeout) has passed.
-        self.tick(FIN_TIMEOUT_MS + REAP_GRACE_MS);
-        self.tick(1);
+        // Every client takes its deadline entry with it: none is left with no client.
         if self.proxy.deadline_entries() != 0 {
             return Err(format!("{} deadline entries left with no connection", self.proxy.deadline_entries()));
         }
