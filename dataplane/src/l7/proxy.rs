@@ -21,7 +21,7 @@ use super::http::Limits;
 use super::router::{Route, Router};
 use super::spare::SpareBufs;
 use super::stack::{prefetch_socket, prefetch_transmit, ConnKey, SockRef, SocketAt, Stack, StackConfig};
-use super::timer_wheel::{TimerHandle, TimerWheel};
+use super::timer_wheel::{DeadlineWheel, TimerHandle};
 use ahash::AHashMap;
 use smallvec::SmallVec;
 use smoltcp::socket::tcp::State;
@@ -222,7 +222,7 @@ pub struct Proxy {
     /// every request files one. A client holds one entry: a deadline moved later is filed
     /// when the entry there comes up (a client run early finds nothing due); one moved earlier
     /// replaces it; a client that goes takes its entry out.
-    deadlines: TimerWheel,
+    deadlines: DeadlineWheel,
     /// `run`'s lists, kept between runs so that a run allocates nothing.
     busy: Vec<u32>,
     todo: Vec<usize>,
@@ -289,7 +289,7 @@ impl Proxy {
             free_clients: Vec::new(),
             free_ups: Vec::new(),
             by_shard: Vec::new(),
-            deadlines: TimerWheel::new(0),
+            deadlines: DeadlineWheel::new(0),
             busy: Vec::new(),
             todo: Vec::new(),
             due: Vec::new(),

@@ -437,8 +437,6 @@ impl Stack {
             if at != s.timer {
                 s.timer = at;
                 if let Some(t) = at {
-                    // Not cancelled when rescheduled: stale entries are ignored as they
-                    // come up (`due_shards`), within a lap for a shard's short timers.
                     self.timers.schedule(t, i);
                 }
             }
