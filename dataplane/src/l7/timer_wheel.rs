@@ -203,56 +203,86 @@ impl DeadlineWheel {
 mod tests {
     use super::*;
 
-    fn fired(w: &mut TimerWheel, now: u64) -> Vec<(u64, u32)> {
+    /// The two wheels behind one face, so that the behaviour they share is tested on both.
+    trait Wheel {
+        fn at(now_ms: u64) -> Self;
+        fn put(&mut self, at_ms: u64, id: u32);
+        fn expire_into(&mut self, now_ms: u64, out: &mut Vec<(u64, u32)>);
+        fn entries(&self) -> usize;
+    }
+
+    macro_rules! impl_wheel {
+        ($t:ty) => {
+            impl Wheel for $t {
+                fn at(now_ms: u64) -> Self {
+                    <$t>::new(now_ms)
+                }
+                fn put(&mut self, at_ms: u64, id: u32) {
+                    self.schedule(at_ms, id);
+                }
+                fn expire_into(&mut self, now_ms: u64, out: &mut Vec<(u64, u32)>) {
+                    self.expire(now_ms, |at, id| out.push((at, id)));
+                }
+                fn entries(&self) -> usize {
+                    self.len()
+                }
+            }
+        };
+    }
+    impl_wheel!(TimerWheel);
+    impl_wheel!(DeadlineWheel);
+
+    /// What expires by `now`, sorted.
+    fn fired(w: &mut impl Wheel, now: u64) -> Vec<(u64, u32)> {
         let mut v = Vec::new();
-        w.expire(now, |at, id| v.push((at, id)));
+        w.expire_into(now, &mut v);
         v.sort_unstable();
         v
     }
 
-    #[test]
-    fn timers_fire_at_their_millisecond_and_not_before() {
-        let mut w = TimerWheel::new(100);
-        w.schedule(105, 1);
-        w.schedule(103, 2);
-        w.schedule(50, 3); // already past: next expiry
+    fn timers_fire_at_their_millisecond_and_not_before<W: Wheel>() {
+        let mut w = W::at(100);
+        w.put(105, 1);
+        w.put(103, 2);
+        w.put(50, 3); // already past: next expiry
         assert_eq!(fired(&mut w, 100), [(100, 3)]);
         assert_eq!(fired(&mut w, 102), []);
         assert_eq!(fired(&mut w, 104), [(103, 2)]);
         assert_eq!(fired(&mut w, 105), [(105, 1)]);
-        assert!(w.is_empty());
+        assert_eq!(w.entries(), 0);
     }
 
-    #[test]
-    fn a_timer_beyond_one_lap_waits_for_its_lap() {
-        let mut w = TimerWheel::new(0);
+    fn a_timer_beyond_one_lap_waits_for_its_lap<W: Wheel>() {
+        let mut w = W::at(0);
         let far = 3 * SLOTS as u64 + 7;
-        w.schedule(far, 9);
+        w.put(far, 9);
         for now in (0..far).step_by(5) {
             assert_eq!(fired(&mut w, now), [], "at {now}");
         }
         assert_eq!(fired(&mut w, far + 2), [(far, 9)]);
     }
 
-    #[test]
-    fn a_gap_longer_than_a_lap_fires_everything_due_once() {
-        let mut w = TimerWheel::new(0);
+    fn a_gap_longer_than_a_lap_fires_everything_due_once<W: Wheel>() {
+        let mut w = W::at(0);
         for id in 0..3000u32 {
-            w.schedule(id as u64, id);
+            w.put(id as u64, id);
         }
-        w.schedule(10_000, 7777);
+        w.put(10_000, 7777);
         let v = fired(&mut w, 5000);
         assert_eq!(v.len(), 3000);
         assert!(v.iter().enumerate().all(|(i, &(at, id))| at == i as u64 && id == i as u32));
-        assert_eq!(w.len(), 1);
+        assert_eq!(w.entries(), 1);
         assert_eq!(fired(&mut w, 10_000), [(10_000, 7777)]);
     }
 
-    fn fired_d(w: &mut DeadlineWheel, now: u64) -> Vec<(u64, u32)> {
-        let mut v = Vec::new();
-        w.expire(now, |at, id| v.push((at, id)));
-        v.sort_unstable();
-        v
+    #[test]
+    fn both_wheels_fire_on_time_across_laps_and_gaps() {
+        timers_fire_at_their_millisecond_and_not_before::<TimerWheel>();
+        timers_fire_at_their_millisecond_and_not_before::<DeadlineWheel>();
+        a_timer_beyond_one_lap_waits_for_its_lap::<TimerWheel>();
+        a_timer_beyond_one_lap_waits_for_its_lap::<DeadlineWheel>();
+        a_gap_longer_than_a_lap_fires_everything_due_once::<TimerWheel>();
+        a_gap_longer_than_a_lap_fires_everything_due_once::<DeadlineWheel>();
     }
 
     #[test]
@@ -266,14 +296,14 @@ mod tests {
         w.cancel(b); // dead: nothing happens
         w.cancel(TimerHandle::NONE);
         assert_eq!(w.len(), 2);
-        assert_eq!(fired_d(&mut w, 10), [(10, 1)]);
+        assert_eq!(fired(&mut w, 10), [(10, 1)]);
         // `a` fired: its entry is reused by the next timer, which `a` must not touch.
         let (_, d) = w.schedule(20, 4);
         assert_eq!(d.index, a.index, "the slab reuses the freed entry");
         w.cancel(a);
         assert_eq!(w.len(), 2);
         w.cancel(c);
-        assert_eq!(fired_d(&mut w, 5000), [(20, 4)]);
+        assert_eq!(fired(&mut w, 5000), [(20, 4)]);
         assert!(w.is_empty());
     }
 
@@ -289,7 +319,7 @@ mod tests {
         }
         let left: Vec<u32> = (0..300u32).filter(|id| !(id % 4 == 1 || id % 7 == 0)).collect();
         assert_eq!(w.len(), left.len());
-        let mut ids: Vec<u32> = fired_d(&mut w, 10 * SLOTS as u64).into_iter().map(|(_, id)| id).collect();
+        let mut ids: Vec<u32> = fired(&mut w, 10 * SLOTS as u64).into_iter().map(|(_, id)| id).collect();
         ids.sort_unstable();
         assert_eq!(ids, left);
         assert!(w.is_empty());
