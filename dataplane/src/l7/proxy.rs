@@ -80,7 +80,7 @@ pub struct ProxyStats {
     pub upstreams_open: u64,
     pub upstreams_idle: u64,
     pub sockets: u64,
-    /// Entries in the deadline wheel, stale ones (of connections gone) included.
+    /// Entries in the deadline wheel: one per client connection open.
     pub deadline_entries: u64,
     /// Connection steps run: the proxy's work, which should follow segments and deadlines,
     /// not the number of connections or the time they stay open.
@@ -562,7 +562,7 @@ impl Proxy {
         }
     }
 
-    /// Entries in the deadline wheel, stale ones included (about one per connection).
+    /// Entries in the deadline wheel: one per client connection open.
     pub fn deadline_entries(&self) -> usize {
         self.deadlines.len()
     }
