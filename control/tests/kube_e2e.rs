@@ -329,18 +329,8 @@ fn kubernetes_end_to_end() {
         !text.contains("Socket errors") && !text.contains("Non-2xx"),
         "requests failed during the changes:\n{text}"
     );
-    let published = {
-        let o = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .find(|l| l.starts_with("fulcrum_snapshots_published_total "))
-            .unwrap_or("")
-            .to_string()
-    };
-    eprintln!("{published}");
+    let (scrape, _) = scrape_metrics();
+    eprintln!("fulcrum_snapshots_published_total {}", metric_value(&scrape, "fulcrum_snapshots_published_total", None));
 
     // 7. Ingress + TLS Secret made with kubectl: the Ingress shows the L7 address in its
     // status; HTTPS to the host works with the Secret's certificate; the Secret replaced: new
