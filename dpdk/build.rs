@@ -136,6 +136,8 @@ fn main() {
         .allowlist_function("rte_socket_id")
         .allowlist_function("rte_strerror")
         .allowlist_function("rte_dev_probe")
+        .allowlist_function("rte_thread_register")
+        .allowlist_function("rte_thread_unregister")
         .allowlist_type("fl_mbuf_layout")
         .allowlist_type("rte_eth_rx_mq_mode")
         .allowlist_var("RTE_ETH_NAME_MAX_LEN")

@@ -176,6 +176,10 @@ impl<P: Port, W: Write> PcapTap<P, W> {
 impl<P: Port, W: Write> Port for PcapTap<P, W> {
     type Buf = P::Buf;
 
+    fn attach_thread(&mut self) -> Result<crate::port::ThreadAttachment, String> {
+        self.inner.attach_thread()
+    }
+
     fn rx_burst(&mut self, out: &mut Burst<Self::Buf>) -> usize {
         let start = out.len();
         let n = self.inner.rx_burst(out);
@@ -292,6 +296,10 @@ impl<P: Port> FaultInjector<P> {
 
 impl<P: Port> Port for FaultInjector<P> {
     type Buf = P::Buf;
+
+    fn attach_thread(&mut self) -> Result<crate::port::ThreadAttachment, String> {
+        self.inner.attach_thread()
+    }
 
     fn rx_burst(&mut self, out: &mut Burst<Self::Buf>) -> usize {
         let start = out.len();

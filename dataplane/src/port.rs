@@ -19,7 +19,17 @@ pub trait Port {
     fn tx_burst(&mut self, bufs: &mut Burst<Self::Buf>) -> usize;
     /// A fresh buffer for a packet the appliance originates (ARP requests, ICMP errors).
     fn alloc(&mut self) -> Option<Self::Buf>;
+    /// Called once by the thread that will drive this port, before its first burst. What it
+    /// returns is held by that thread and dropped there after its last burst. A DPDK queue
+    /// makes the thread an lcore here, so that its mbufs come from a per-core cache rather
+    /// than the pool's shared ring; most ports need nothing.
+    fn attach_thread(&mut self) -> Result<ThreadAttachment, String> {
+        Ok(None)
+    }
 }
+
+/// What a port keeps on the thread that drives it (see [`Port::attach_thread`]).
+pub type ThreadAttachment = Option<Box<dyn std::any::Any>>;
 
 /// An in-memory port: tests push frames to `rx`, and read what was sent from `tx`.
 #[derive(Default)]

@@ -183,6 +183,11 @@ fn run_worker<P: Port>(
             eprintln!("fulcrum: worker {index}: could not pin to CPU {c}; running unpinned");
         }
     }
+    // Held until the loop ends, dropped on this thread (a DPDK lcore id, see Port::attach_thread).
+    let _attachment = port.attach_thread().unwrap_or_else(|e| {
+        eprintln!("fulcrum: worker {index}: {e}; its packet buffers go through the pool's shared ring");
+        None
+    });
     let start = Instant::now();
     let mut generation = w.snapshot().generation;
     shared.running_generation[index].store(generation, Ordering::Release);

@@ -139,3 +139,72 @@ fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
     assert_eq!(total.handoff_received, 1);
     assert_eq!(total.total_drops(), 0);
 }
+
+/// What a port saw of the thread that drove it, in order.
+#[derive(Debug, PartialEq)]
+enum Seen {
+    Attached(std::thread::ThreadId),
+    Burst(std::thread::ThreadId),
+    Detached(std::thread::ThreadId),
+}
+
+struct Detach(Arc<std::sync::Mutex<Vec<Seen>>>);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().push(Seen::Detached(std::thread::current().id()));
+    }
+}
+
+struct ThreadPort(Arc<std::sync::Mutex<Vec<Seen>>>);
+
+impl Port for ThreadPort {
+    type Buf = HeapBuf;
+    fn rx_burst(&mut self, _out: &mut Burst<HeapBuf>) -> usize {
+        let me = std::thread::current().id();
+        let mut seen = self.0.lock().unwrap();
+        // One entry per run of bursts, not per poll.
+        if seen.last() != Some(&Seen::Burst(me)) {
+            seen.push(Seen::Burst(me));
+        }
+        0
+    }
+    fn tx_burst(&mut self, bufs: &mut Burst<HeapBuf>) -> usize {
+        let n = bufs.len();
+        bufs.clear();
+        n
+    }
+    fn alloc(&mut self) -> Option<HeapBuf> {
+        Some(HeapBuf::new())
+    }
+    fn attach_thread(&mut self) -> Result<fulcrum_dataplane::port::ThreadAttachment, String> {
+        self.0.lock().unwrap().push(Seen::Attached(std::thread::current().id()));
+        Ok(Some(Box::new(Detach(self.0.clone()))))
+    }
+}
+
+#[test]
+fn a_worker_attaches_its_port_to_its_thread_before_the_first_burst_and_detaches_after_the_last() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let boot = Bootstrap::load(&dir.join("bootstrap.yaml")).unwrap();
+    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
+    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 1);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut config = WorkerConfig::from_bootstrap(&boot, 0, 1);
+    config.ct_capacity = 1024;
+    config.ct_capacity_v6 = 1024;
+    let specs = vec![WorkerSpec { config, cpu: None, port: ThreadPort(seen.clone()) }];
+    let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
+    let t = Instant::now();
+    while seen.lock().unwrap().len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the worker never polled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    shared.stop();
+    let worker = handles[0].thread().id();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(*seen, vec![Seen::Attached(worker), Seen::Burst(worker), Seen::Detached(worker)]);
+}

@@ -31,6 +31,11 @@ unsigned fl_lcore_id(void) { return rte_lcore_id(); }
 uint64_t fl_rdtsc(void) { return rte_rdtsc(); }
 uint64_t fl_get_tsc_hz(void) { return rte_get_tsc_hz(); }
 unsigned fl_mempool_avail_count(const struct rte_mempool *mp) { return rte_mempool_avail_count(mp); }
+int fl_mempool_cache_len(struct rte_mempool *mp)
+{
+    struct rte_mempool_cache *c = rte_mempool_default_cache(mp, rte_lcore_id());
+    return c == NULL ? -1 : (int)c->len;
+}
 uint64_t fl_rss_hf_default(void) { return RTE_ETH_RSS_IP | RTE_ETH_RSS_TCP | RTE_ETH_RSS_UDP; }
 
 /* rte_pktmbuf_pool_create, but with RTE_MEMPOOL_F_NO_IOVA_CONTIG: without hugepages DPDK keeps

@@ -46,6 +46,9 @@ unsigned fl_lcore_id(void);
 uint64_t fl_rdtsc(void);
 uint64_t fl_get_tsc_hz(void);
 unsigned fl_mempool_avail_count(const struct rte_mempool *mp);
+/* Mbufs in the calling lcore's cache of the pool; -1 where it has none (the pool was made
+ * without caches, or the thread is not an lcore). */
+int fl_mempool_cache_len(struct rte_mempool *mp);
 /* A packet pool whose objects are packed back to back (RTE_MEMPOOL_F_NO_IOVA_CONTIG), see
  * shim.c. NULL with rte_errno set on failure. */
 struct rte_mempool *fl_pktmbuf_pool_create_packed(const char *name, unsigned n, unsigned cache,

@@ -157,6 +157,64 @@ pub fn lcore_id() -> u32 {
     unsafe { ffi::fl_lcore_id() }
 }
 
+/// The calling thread as an lcore of its own (`rte_thread_register`) for as long as this lives;
+/// dropped on the same thread (it is not `Send`), it gives the lcore back.
+///
+/// Why a worker needs one: DPDK keeps a mempool's per-lcore cache only for lcores. A thread
+/// Rust spawned is not one, so every mbuf it allocates or frees (its own, and those its port's
+/// driver takes and returns in its bursts) goes to the pool's shared ring: a compare-and-swap
+/// on lines every core's workers contend for, per packet. As an lcore it takes and returns
+/// mbufs through its own cache, and the ring only in bulk.
+#[derive(Debug)]
+pub struct LcoreRegistration {
+    lcore: u32,
+    /// Whether this registration made the lcore (a thread that already was one keeps it).
+    registered: bool,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl LcoreRegistration {
+    /// Makes the calling thread an lcore, unless it is one already (the EAL's own threads, or
+    /// a thread registered before). Fails when the EAL is not running or has no lcore id left
+    /// (RTE_MAX_LCORE in all).
+    pub fn register_current_thread() -> Result<LcoreRegistration> {
+        Eal::current()?;
+        let lcore = lcore_id();
+        if lcore != ffi::FL_LCORE_ID_ANY as u32 {
+            return Ok(LcoreRegistration { lcore, registered: false, _not_send: std::marker::PhantomData });
+        }
+        // SAFETY: the EAL is initialised (checked above); the call changes only this thread's
+        // lcore state (and turns off multi-process support, which Fulcrum does not use).
+        if unsafe { ffi::rte_thread_register() } != 0 {
+            return Err(Error::from_errno("rte_thread_register".to_string()));
+        }
+        let lcore = lcore_id();
+        if lcore == ffi::FL_LCORE_ID_ANY as u32 {
+            // DPDK registers the thread without an lcore when all RTE_MAX_LCORE are taken.
+            // SAFETY: undoes the registration above on the same thread.
+            unsafe { ffi::rte_thread_unregister() };
+            return Err(Error::Invalid("rte_thread_register: no lcore id left".to_string()));
+        }
+        Ok(LcoreRegistration { lcore, registered: true, _not_send: std::marker::PhantomData })
+    }
+
+    /// The thread's lcore id.
+    pub fn lcore(&self) -> u32 {
+        self.lcore
+    }
+}
+
+impl Drop for LcoreRegistration {
+    fn drop(&mut self) {
+        if self.registered {
+            // SAFETY: `!Send`: this runs on the thread that registered. The lcore's mempool
+            // caches keep their mbufs for the next thread that gets the id (the pools count
+            // them as available).
+            unsafe { ffi::rte_thread_unregister() };
+        }
+    }
+}
+
 /// The NUMA socket of the calling thread's lcore.
 pub fn socket_id() -> i32 {
     // SAFETY: reads a thread-local.

@@ -130,6 +130,14 @@ impl Mempool {
         unsafe { ffi::fl_mempool_avail_count(self.inner.ptr.as_ptr()) }
     }
 
+    /// Mbufs in the calling thread's own cache of this pool; None where it has none (a pool
+    /// made without caches, or a thread that is not an lcore: see [`crate::LcoreRegistration`]).
+    pub fn cached_here(&self) -> Option<u32> {
+        // SAFETY: live mempool; reads the calling lcore's cache header.
+        let n = unsafe { ffi::fl_mempool_cache_len(self.inner.ptr.as_ptr()) };
+        u32::try_from(n).ok()
+    }
+
     /// A fresh mbuf: empty, data at the standard headroom. None when the pool is exhausted.
     #[inline]
     pub fn alloc(&self) -> Option<Mbuf> {

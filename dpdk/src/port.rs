@@ -1,12 +1,12 @@
 //! Ethernet ports: configure N rx/tx queues (RSS when asked and supported), start, and hand out
 //! per-queue [`PortQueue`]s that implement the data plane's `Port` trait.
 
-use crate::eal::Eal;
+use crate::eal::{Eal, LcoreRegistration};
 use crate::error::{check, Error, Result};
 use crate::ffi;
 use crate::mbuf::Mbuf;
 use crate::mempool::Mempool;
-use fulcrum_dataplane::port::{Burst, Port};
+use fulcrum_dataplane::port::{Burst, Port, ThreadAttachment};
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
@@ -336,5 +336,10 @@ impl Port for PortQueue {
     #[inline]
     fn alloc(&mut self) -> Option<Mbuf> {
         self.pool.alloc()
+    }
+
+    fn attach_thread(&mut self) -> std::result::Result<ThreadAttachment, String> {
+        let r = LcoreRegistration::register_current_thread().map_err(|e| e.to_string())?;
+        Ok(Some(Box::new(r)))
     }
 }

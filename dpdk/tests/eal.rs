@@ -282,3 +282,46 @@ fn packed_pool_is_one_block_of_equal_frames() {
 fn frame_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|b| (b * 13) as u8).collect()
 }
+
+#[test]
+fn an_attached_worker_thread_recycles_mbufs_through_its_own_cache() {
+    let (eal, _g) = eal();
+    eal.probe("net_null_cache").unwrap();
+    let pool = Mempool::new("cache_pool", 1023, 64, SOCKET_ANY).unwrap();
+    let port = EthPort::open("net_null_cache", &one_queue(), &pool).unwrap();
+    let mut q = port.queue(0, 0).unwrap();
+    let pool2 = pool.clone();
+    let lcores = std::thread::spawn(move || {
+        // A thread Rust spawned is no lcore: its mbufs go through the pool's shared ring.
+        let before = fulcrum_dpdk::lcore_id();
+        assert_eq!(pool2.cached_here(), None);
+        let attachment = q.attach_thread().expect("attach");
+        let during = fulcrum_dpdk::lcore_id();
+        // What net_null's rx takes and its tx frees now moves through this thread's cache.
+        let mut b: Burst<Mbuf> = ArrayVec::new();
+        for _ in 0..4 {
+            q.rx_burst(&mut b);
+            q.tx_burst(&mut b);
+        }
+        let cached = pool2.cached_here().expect("an lcore has a cache of the pool");
+        assert!(cached > 0, "freed mbufs stay in the thread's cache");
+        drop(attachment);
+        (before, during, fulcrum_dpdk::lcore_id())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(lcores.0, u32::MAX, "not an lcore before");
+    assert!(lcores.1 != u32::MAX && lcores.1 != 0, "an lcore of its own while attached: {}", lcores.1);
+    assert_eq!(lcores.2, u32::MAX, "the lcore given back when the attachment drops");
+    drop(port);
+    assert_eq!(pool.available(), pool.size(), "mbufs left in the old lcore's cache still count");
+    // A thread that is an lcore already keeps its id, and a nested registration going does
+    // not take it away.
+    let outer = fulcrum_dpdk::LcoreRegistration::register_current_thread().unwrap();
+    let id = fulcrum_dpdk::lcore_id();
+    assert_eq!(outer.lcore(), id);
+    let inner = fulcrum_dpdk::LcoreRegistration::register_current_thread().unwrap();
+    assert_eq!(inner.lcore(), id);
+    drop(inner);
+    assert_eq!(fulcrum_dpdk::lcore_id(), id);
+}
