@@ -8,7 +8,10 @@
 # down on exit.
 #
 #   bash bench/lab/publish-loss.sh [SECONDS] [RATE] [CHANGE_MS]
-#   (FULCRUM / FULCRUM_BENCH = paths to the binaries; default: target/release)
+#   (FULCRUM / FULCRUM_BENCH = paths to the binaries; default: target/release. EXTRA_SERVICES=N
+#   adds N LoadBalancer Services of 10 endpoints each, so that every publish costs what a large
+#   cluster's does; EAL_ARGS="..." appends EAL arguments to the lab's bootstrap, e.g. "-l 0" for
+#   DPDK's own lcore layout)
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 BENCH="${FULCRUM_BENCH:-$ROOT/target/release/fulcrum-bench}"
@@ -45,6 +48,38 @@ mkdir "$TMP/manifests"
 cp "$ROOT/config/examples/bootstrap.yaml" "$TMP/"
 cp "$ROOT/config/examples/lab/manifests.yaml" "$TMP/manifests/lab.yaml"
 churn 1
+# Services on other addresses with 10 endpoints each (never answered: nothing sends to them).
+python3 - "${EXTRA_SERVICES:-0}" >"$TMP/manifests/extra.yaml" <<'PY'
+import sys
+for i in range(int(sys.argv[1])):
+    eps = ", ".join('{addresses: ["10.40.%d.%d"], conditions: {ready: true}}' % (i // 240, i % 240 + e) for e in range(1, 11))
+    print(f"""apiVersion: v1
+kind: Service
+metadata: {{name: extra-{i}, namespace: lab}}
+spec:
+  type: LoadBalancer
+  loadBalancerIP: 10.21.{i // 250}.{i % 250 + 1}
+  ports: [{{name: http, protocol: TCP, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: extra-{i}, namespace: lab, labels: {{kubernetes.io/service-name: extra-{i}}}}}
+addressType: IPv4
+endpoints: [{eps}]
+ports: [{{name: http, protocol: TCP, port: 8080}}]
+---""")
+PY
+# The extra Services' addresses join the lab's pool; EAL_ARGS join the EAL's.
+python3 - "$TMP/bootstrap.yaml" ${EAL_ARGS:-} <<'PY'
+import json, re, sys
+path, extra = sys.argv[1], sys.argv[2:]
+s = open(path).read()
+m = re.search(r"^eal_args: (\[.*\])$", s, re.M)
+s = s[:m.start()] + "eal_args: " + json.dumps(json.loads(m.group(1)) + extra) + s[m.end():]
+assert "      - 10.20.0.0/24\n" in s
+s = s.replace("      - 10.20.0.0/24\n", "      - 10.20.0.0/24\n      - 10.21.0.0/16\n", 1)
+open(path, "w").write(s)
+PY
 ip netns exec fl-lb "$FULCRUM" run --config "$TMP/bootstrap.yaml" --manifests "$TMP/manifests" \
     --device net_af_packet0,iface=veth-lb --watch-every 0.05 >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
 APPLIANCE=$!
@@ -52,9 +87,10 @@ for _ in $(seq 1 40); do
     ip netns exec fl-client ping -c1 -W1 10.20.0.11 >/dev/null 2>&1 && break
     sleep 0.25
 done
-published() {
-    ip netns exec fl-lb curl -s http://127.0.0.1:9100/metrics | awk '$1 == "fulcrum_snapshots_published_total" {print $2}'
+metric() {
+    ip netns exec fl-lb curl -s http://127.0.0.1:9100/metrics | awk -v m="$1" '$1 == m {print $2}'
 }
+published() { metric fulcrum_snapshots_published_total; }
 trial() {
     ip netns exec fl-client "$BENCH" pktgen --port net_af_packet0,iface=veth-client --rate "$RATE" \
         --seconds "$SECS" --flows 256 --dst-ip 10.20.0.11 --dst-port 5353 --drain-ms 500 2>"$TMP/pktgen.err" |
@@ -73,7 +109,9 @@ CHURN_AFTER="$(published)"
 kill "$CHURNER"; wait "$CHURNER" 2>/dev/null || true
 kill -0 "$APPLIANCE" || { echo "fulcrum exited:"; cat "$TMP/fulcrum.err"; exit 1; } >&2
 
-python3 - "$SECS" "$RATE" "$CHANGE_MS" "$QUIET" "$CHURN" $((QUIET_AFTER - QUIET_BEFORE)) $((CHURN_AFTER - CHURN_BEFORE)) <<'PY'
+BUILD_S="$(metric fulcrum_snapshot_last_build_seconds)"
+python3 - "$SECS" "$RATE" "$CHANGE_MS" "$QUIET" "$CHURN" $((QUIET_AFTER - QUIET_BEFORE)) $((CHURN_AFTER - CHURN_BEFORE)) \
+    "${EXTRA_SERVICES:-0}" "${BUILD_S:-0}" "${EAL_ARGS:-}" <<'PY'
 import json, sys
 secs, rate, change_ms = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 quiet, churn = json.loads(sys.argv[4]), json.loads(sys.argv[5])
@@ -86,5 +124,6 @@ def summary(d, publishes):
 load = open("/proc/loadavg").read().split()[0]
 print(json.dumps({"bench": "publish-loss", "seconds": secs, "rate_pps": rate, "change_every_ms": change_ms,
                   "io": "af_packet", "without_changes": summary(quiet, int(sys.argv[6])),
-                  "with_changes": summary(churn, int(sys.argv[7])), "loadavg": float(load)}))
+                  "with_changes": summary(churn, int(sys.argv[7])), "extra_services": int(sys.argv[8]),
+                  "last_build_ms": float(sys.argv[9]) * 1e3, "extra_eal_args": sys.argv[10], "loadavg": float(load)}))
 PY

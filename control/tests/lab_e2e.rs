@@ -92,6 +92,16 @@ fn lab_end_to_end() {
     let (_, neigh) = client(&["ip", "neigh", "show", "10.10.0.2"]);
     assert!(neigh.contains("02:f1:00:00:00:01"), "ARP for the appliance answered by Fulcrum: {neigh}");
 
+    // The worker has its CPU (0, from the lab's bootstrap) to itself: every other thread (the
+    // control loop, the admin endpoint, DPDK's own) runs on the others.
+    let threads = thread_cpus(pid);
+    assert_eq!(threads.iter().filter(|(n, c)| n == "fulcrum-w0" && c == &[0]).count(), 1, "{threads:?}");
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+        let others: Vec<_> = threads.iter().filter(|(n, _)| !n.starts_with("fulcrum-w")).collect();
+        assert!(others.len() >= 3, "{threads:?}");
+        assert!(others.iter().all(|(_, cpus)| !cpus.contains(&0)), "threads on the worker's CPU: {threads:?}");
+    }
+
     // FullNAT (v4 and v6) and DSR by curl; every backend reached.
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..60 {
@@ -378,4 +388,23 @@ fn lab_end_to_end() {
     eprintln!("be3 back on the link -> back in the table after {:?}", t.elapsed());
     // Kept when the test fails (certificates, manifests), removed when it passes.
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Each thread of a process: its name and the CPUs it may run on (`Cpus_allowed_list`).
+fn thread_cpus(pid: i32) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) else { continue };
+        let mut cpus = Vec::new();
+        for part in list.trim().split(',') {
+            match part.split_once('-') {
+                Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+                None => cpus.push(part.parse().unwrap()),
+            }
+        }
+        out.push((name, cpus));
+    }
+    out
 }

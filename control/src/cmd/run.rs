@@ -40,9 +40,10 @@ fn is_pci(dev: &str) -> bool {
     d.contains(':') && d.contains('.') && d.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
 }
 
-/// The EAL command line: the bootstrap's own arguments, then the port's device, and a
-/// per-process file prefix unless one is given (so several instances can run side by side).
-pub fn eal_args(boot: &Bootstrap, device: &str) -> Vec<String> {
+/// The EAL command line: the bootstrap's own arguments, then the port's device, a per-process
+/// file prefix unless one is given (so several instances can run side by side), and unless the
+/// arguments lay out the lcores, one lcore (the main thread) on `control_cpus`.
+pub fn eal_args(boot: &Bootstrap, device: &str, control_cpus: &[usize]) -> Vec<String> {
     let mut args = boot.eal_args.clone();
     if is_pci(device) {
         args.push("-a".into());
@@ -60,7 +61,54 @@ pub fn eal_args(boot: &Bootstrap, device: &str) -> Vec<String> {
     if !args.iter().any(|a| a.starts_with("--file-prefix")) {
         args.push(format!("--file-prefix=fulcrum-{}", std::process::id()));
     }
+    if !gives_lcores(&args) && !control_cpus.is_empty() {
+        let list: Vec<String> = control_cpus.iter().map(|c| c.to_string()).collect();
+        args.push(format!("--lcores=0@({})", list.join(",")));
+    }
     args
+}
+
+/// Whether EAL arguments lay out the lcores themselves (then they are left as given).
+fn gives_lcores(args: &[String]) -> bool {
+    args.iter().any(|a| a == "-c" || a.starts_with("-l") || a.starts_with("--lcores") || a.starts_with("--main-lcore"))
+}
+
+/// The CPUs for every thread but the workers: those this process may use except the workers'
+/// (all of them if the workers take every one).
+///
+/// Unless the bootstrap's EAL arguments lay out the lcores, the main thread is made to run there
+/// before DPDK starts, and DPDK is given one lcore, the main thread, on them
+/// (`--lcores=0@(CPUS)`): its own threads (interrupts, telemetry) then take the same CPUs, as
+/// do the threads started later (the control loop and its snapshot builds, hundreds of
+/// milliseconds for 10,000 Services; the admin endpoint; the Kubernetes client). Without it
+/// DPDK made every CPU an lcore, parked a thread of its own on each, and pinned the main
+/// thread, and so all of those, to the first CPU: worker 0's in most layouts, whose polling
+/// they then took time from. The workers pin themselves and become lcores of their own
+/// (`Port::attach_thread`).
+fn control_cpus(allowed: &[usize], workers: &[usize]) -> Vec<usize> {
+    let spare: Vec<usize> = allowed.iter().copied().filter(|c| !workers.contains(c)).collect();
+    if spare.is_empty() {
+        allowed.to_vec()
+    } else {
+        spare
+    }
+}
+
+/// Restricts the calling thread (and the threads it starts from now on) to `cpus`.
+fn run_current_thread_on(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write into it; sched_setaffinity(0, ..)
+    // changes only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Whether an AF_XDP device must be forced into copy mode. Its pool is packed (frames back to
@@ -102,7 +150,14 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         eprintln!("fulcrum: note: serving port {} only; more ports per worker are not supported yet", port_cfg.name);
     }
     let workers = boot.workers.cores.len() as u16;
-    let eal = Eal::init(&eal_args(&boot, &port_cfg.device)).context("cannot start DPDK (EAL)")?;
+    let allowed: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().iter().map(|c| c.id).collect();
+    let control = control_cpus(&allowed, &boot.workers.cores);
+    let eal_args = eal_args(&boot, &port_cfg.device, &control);
+    if !gives_lcores(&boot.eal_args) && !control.is_empty() {
+        run_current_thread_on(&control)
+            .with_context(|| format!("cannot run the control thread on CPUs {control:?}"))?;
+    }
+    let eal = Eal::init(&eal_args).context("cannot start DPDK (EAL)")?;
     // Enough mbufs for every rx and tx ring plus bursts in flight and hand-off rings.
     let af_xdp = port_cfg.device.starts_with("net_af_xdp");
     let default_mbufs = (workers as u32 * (1024 + 1024 + 8 * 32)).max(4096) * 2 - 1;
@@ -197,16 +252,36 @@ mod tests {
     fn af_xdp_without_hugepages_is_forced_into_copy_mode() {
         let no_huge = boot_with(&["--no-huge", "-m", "512"]);
         let huge = boot_with(&["-m", "512"]);
-        assert_eq!(vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1")), "net_af_xdp0,iface=eth1,force_copy=1");
+        assert_eq!(vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1", &[])), "net_af_xdp0,iface=eth1,force_copy=1");
         // Hugepages: zero-copy stays possible.
-        assert_eq!(vdev(&eal_args(&huge, "net_af_xdp0,iface=eth1")), "net_af_xdp0,iface=eth1");
+        assert_eq!(vdev(&eal_args(&huge, "net_af_xdp0,iface=eth1", &[])), "net_af_xdp0,iface=eth1");
         // The user's own choice is kept, either way.
         assert_eq!(
-            vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1,force_copy=0")),
+            vdev(&eal_args(&no_huge, "net_af_xdp0,iface=eth1,force_copy=0", &[])),
             "net_af_xdp0,iface=eth1,force_copy=0"
         );
         // Other devices are untouched.
-        assert_eq!(vdev(&eal_args(&no_huge, "net_af_packet0,iface=eth1")), "net_af_packet0,iface=eth1");
-        assert_eq!(eal_args(&no_huge, "0000:03:00.0")[3..5], ["-a".to_string(), "0000:03:00.0".to_string()]);
+        assert_eq!(vdev(&eal_args(&no_huge, "net_af_packet0,iface=eth1", &[])), "net_af_packet0,iface=eth1");
+        assert_eq!(eal_args(&no_huge, "0000:03:00.0", &[])[3..5], ["-a".to_string(), "0000:03:00.0".to_string()]);
+    }
+
+    #[test]
+    fn control_threads_keep_off_the_workers_cpus() {
+        assert_eq!(control_cpus(&[0, 1, 2, 3], &[0]), [1, 2, 3]);
+        assert_eq!(control_cpus(&[0, 1, 2, 3], &[1, 2]), [0, 3]);
+        // Workers on every CPU: the rest shares them all rather than sitting on one.
+        assert_eq!(control_cpus(&[0, 1], &[0, 1]), [0, 1]);
+        let boot = boot_with(&["--no-huge"]);
+        let args = eal_args(&boot, "net_null0", &[1, 3]);
+        assert_eq!(args.iter().filter(|a| a.starts_with("--lcores")).collect::<Vec<_>>(), ["--lcores=0@(1,3)"]);
+        assert!(!eal_args(&boot, "net_null0", &[]).iter().any(|a| a.starts_with("--lcores")));
+        // The bootstrap's own layout is kept, and then none is added.
+        for own in [&["-l", "2"][..], &["-l2-3"], &["-c", "0x4"], &["--lcores=0@2"], &["--main-lcore", "1"]] {
+            let boot = boot_with(own);
+            assert!(gives_lcores(&boot.eal_args), "{own:?}");
+            let args = eal_args(&boot, "net_null0", &[1]);
+            assert!(!args.iter().any(|a| a.starts_with("--lcores=0@(")), "{args:?}");
+        }
+        assert!(!gives_lcores(&boot_with(&["--no-huge", "--log-level=lib.eal:warning"]).eal_args));
     }
 }
