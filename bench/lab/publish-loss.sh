@@ -97,33 +97,46 @@ trial() {
         grep '"bench":"pktgen"' | tail -1
 }
 
+# The worker's loop iterations over 1 ms and 10 ms so far (`fulcrum_worker_loop_seconds`).
+loops_over() {
+    ip netns exec fl-lb curl -s http://127.0.0.1:9100/metrics |
+        awk '/^fulcrum_worker_loop_seconds_bucket/ { if ($1 ~ /le="0.001"/) a += $2; if ($1 ~ /le="0.01"/) b += $2; if ($1 ~ /le="\+Inf"/) n += $2 }
+             END { printf "%d %d\n", n - a, n - b }'
+}
 QUIET_BEFORE="$(published)"
+QUIET_LOOPS_BEFORE="$(loops_over)"
 QUIET="$(trial)"
 QUIET_AFTER="$(published)"
+QUIET_LOOPS_AFTER="$(loops_over)"
 
 ( i=2; while :; do churn $((i % 200 + 1)); i=$((i + 1)); sleep "$(awk "BEGIN {print $CHANGE_MS / 1000}")"; done ) &
 CHURNER=$!
 CHURN_BEFORE="$(published)"
+CHURN_LOOPS_BEFORE="$(loops_over)"
 CHURN="$(trial)"
 CHURN_AFTER="$(published)"
+CHURN_LOOPS_AFTER="$(loops_over)"
 kill "$CHURNER"; wait "$CHURNER" 2>/dev/null || true
 kill -0 "$APPLIANCE" || { echo "fulcrum exited:"; cat "$TMP/fulcrum.err"; exit 1; } >&2
 
 BUILD_S="$(metric fulcrum_snapshot_last_build_seconds)"
 python3 - "$SECS" "$RATE" "$CHANGE_MS" "$QUIET" "$CHURN" $((QUIET_AFTER - QUIET_BEFORE)) $((CHURN_AFTER - CHURN_BEFORE)) \
-    "${EXTRA_SERVICES:-0}" "${BUILD_S:-0}" "${EAL_ARGS:-}" <<'PY'
+    "${EXTRA_SERVICES:-0}" "${BUILD_S:-0}" "${EAL_ARGS:-}" \
+    "$QUIET_LOOPS_BEFORE" "$QUIET_LOOPS_AFTER" "$CHURN_LOOPS_BEFORE" "$CHURN_LOOPS_AFTER" <<'PY'
 import json, sys
+loops = [[int(x) for x in a.split()] for a in sys.argv[11:15]]
 secs, rate, change_ms = float(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 quiet, churn = json.loads(sys.argv[4]), json.loads(sys.argv[5])
-def summary(d, publishes):
+def summary(d, publishes, before, after):
     lat = d["latency_ns"]
     us = lambda v: None if v is None else v / 1e3
     return {"sent": d["sent"], "received": d["received"], "lost": d["lost"], "tx_rejected": d["tx_rejected"],
             "generator_limited": d["generator_limited"], "publishes": publishes,
-            "rtt_p50_us": us(lat["p50"]), "rtt_p99_us": us(lat["p99"]), "rtt_max_us": us(lat["max"])}
+            "rtt_p50_us": us(lat["p50"]), "rtt_p99_us": us(lat["p99"]), "rtt_max_us": us(lat["max"]),
+            "worker_loops_over_1ms": after[0] - before[0], "worker_loops_over_10ms": after[1] - before[1]}
 load = open("/proc/loadavg").read().split()[0]
 print(json.dumps({"bench": "publish-loss", "seconds": secs, "rate_pps": rate, "change_every_ms": change_ms,
-                  "io": "af_packet", "without_changes": summary(quiet, int(sys.argv[6])),
-                  "with_changes": summary(churn, int(sys.argv[7])), "extra_services": int(sys.argv[8]),
+                  "io": "af_packet", "without_changes": summary(quiet, int(sys.argv[6]), loops[0], loops[1]),
+                  "with_changes": summary(churn, int(sys.argv[7]), loops[2], loops[3]), "extra_services": int(sys.argv[8]),
                   "last_build_ms": float(sys.argv[9]) * 1e3, "extra_eal_args": sys.argv[10], "loadavg": float(load)}))
 PY

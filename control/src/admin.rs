@@ -9,7 +9,7 @@
 use crate::k8s::Mirror;
 use fulcrum_dataplane::runtime::Shared;
 use fulcrum_dataplane::snapshot::ServiceEntry;
-use fulcrum_dataplane::stats::{CoreStats, DropReason};
+use fulcrum_dataplane::stats::{CoreStats, DropReason, LoopTimes};
 use hdrhistogram::Histogram;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -317,6 +317,26 @@ pub fn render_metrics(state: &ControlState) -> String {
             o.sample(name, &core(i), get(c));
         }
     }
+    o.family(
+        "fulcrum_worker_loop_seconds",
+        "histogram",
+        "A worker's loop iterations, from one poll of its port to the next, less the pauses an idle worker chose; milliseconds mean the worker did not run (another thread on its CPU, or the host).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        let t = &c.loop_times;
+        let mut below = 0;
+        for (k, bound) in LoopTimes::BOUNDS_NS.iter().enumerate() {
+            below += t.counts[k];
+            o.sample(
+                "fulcrum_worker_loop_seconds_bucket",
+                &[("core", i.to_string()), ("le", (*bound as f64 / 1e9).to_string())],
+                below,
+            );
+        }
+        o.sample("fulcrum_worker_loop_seconds_bucket", &[("core", i.to_string()), ("le", "+Inf".into())], t.count());
+        o.sample("fulcrum_worker_loop_seconds_sum", &core(i), t.sum_ns as f64 / 1e9);
+        o.sample("fulcrum_worker_loop_seconds_count", &core(i), t.count());
+    }
     o.family("fulcrum_drops_total", "counter", "Packets dropped, by reason.");
     for (i, c) in cores.iter().enumerate() {
         for r in DropReason::ALL {
@@ -438,6 +458,9 @@ mod tests {
             c.resize(64, 256);
             c.per_vip[web.stat_id as usize].packets = 42;
             c.rx.packets = 1000;
+            c.loop_times.record(5_000);
+            c.loop_times.record(50_000);
+            c.loop_times.record(2_000_000_000);
             CoreStats::drop(&mut c, DropReason::NoBackend);
             let mut h = Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap();
             h.record(250).unwrap();
@@ -475,6 +498,13 @@ mod tests {
             }
             other => panic!("latency summary: {other:?}"),
         }
+        match find("fulcrum_worker_loop_seconds", &[("core", "1")]) {
+            Some(Value::Histogram(b)) => {
+                let at = |le: f64| b.iter().find(|c| c.less_than == le).unwrap().count;
+                assert_eq!((at(0.00001), at(0.0001), at(0.1), at(f64::INFINITY)), (1.0, 2.0, 2.0, 3.0), "{b:?}");
+            }
+            other => panic!("loop histogram: {other:?}"),
+        }
         assert!(scrape.docs.contains_key("fulcrum_backend_bytes_total"));
 
         // By hand: names, label syntax, a float value, and a TYPE before each family's samples.
@@ -484,7 +514,7 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut it = rest.split(' ');
                 typed.insert(it.next().unwrap().to_string());
-                assert!(matches!(it.next(), Some("counter" | "gauge" | "summary")), "{line}");
+                assert!(matches!(it.next(), Some("counter" | "gauge" | "summary" | "histogram")), "{line}");
                 continue;
             }
             if line.starts_with("# HELP ") {
@@ -499,7 +529,7 @@ mod tests {
                     && !name.starts_with(|c: char| c.is_ascii_digit()),
                 "{line}"
             );
-            let family = name.trim_end_matches("_sum").trim_end_matches("_count");
+            let family = name.trim_end_matches("_sum").trim_end_matches("_count").trim_end_matches("_bucket");
             assert!(typed.contains(name) || typed.contains(family), "no TYPE before {line}");
             if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
                 assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");

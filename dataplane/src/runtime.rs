@@ -204,8 +204,17 @@ fn run_worker<P: Port>(
     let mut rx: Burst<P::Buf> = Burst::new();
     let mut tx: Burst<P::Buf> = Burst::new();
     let mut handoff: Burst<(u16, P::Buf)> = Burst::new();
+    // When the last iteration began, and the pause it chose to take at its end: the loop's
+    // time is from one poll to the next, less that pause, at no extra clock read.
+    let mut last_top: Option<Instant> = None;
+    let mut chosen_pause = Duration::ZERO;
     while !shared.stop.load(Ordering::Relaxed) {
-        let now_ms = start.elapsed().as_millis() as u64 + 1;
+        let top = Instant::now();
+        if let Some(t) = last_top {
+            w.stats.loop_times.record((top - t).saturating_sub(chosen_pause).as_nanos() as u64);
+        }
+        chosen_pause = Duration::ZERO;
+        let now_ms = (top - start).as_millis() as u64 + 1;
         let g = shared.snapshot.generation();
         if g != generation {
             w.set_snapshot(shared.snapshot.current());
@@ -245,11 +254,15 @@ fn run_worker<P: Port>(
             transitions = w.stats.l7.health_transitions;
             *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
         }
+        last_top = Some(top);
         if work == 0 {
             if let Idle::Backoff(max) = idle {
                 let now = Instant::now();
                 match backoff_pause(now - *idle_since.get_or_insert(now), max) {
-                    Some(pause) => std::thread::sleep(pause),
+                    Some(pause) => {
+                        chosen_pause = pause;
+                        std::thread::sleep(pause);
+                    }
                     // Spinning: whatever else is runnable on this core (in the lab: the
                     // client, the backends) goes first, and the poll comes straight back
                     // when nothing is.

@@ -68,9 +68,51 @@ impl Counter {
     }
 }
 
+/// How long a worker's loop iterations took, from one poll of its port to the next, less any
+/// pause the worker chose (an idle worker's sleep): a histogram in fixed buckets. A burst of
+/// packets takes microseconds; an iteration of milliseconds is the worker not running: another
+/// thread on its CPU, or the host. An idle worker's yield to other threads counts, as it asks
+/// for no pause (in the lab, the client and backends sharing its CPU show here).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopTimes {
+    /// Iterations up to each of `LoopTimes::BOUNDS_NS` (and past the last), not cumulative.
+    pub counts: [u64; LoopTimes::BOUNDS_NS.len() + 1],
+    pub sum_ns: u64,
+}
+
+impl LoopTimes {
+    /// Bucket upper bounds: 10 us, 100 us, 1 ms, 10 ms, 100 ms.
+    pub const BOUNDS_NS: [u64; 5] = [10_000, 100_000, 1_000_000, 10_000_000, 100_000_000];
+
+    #[inline]
+    pub fn record(&mut self, ns: u64) {
+        let i = Self::BOUNDS_NS.iter().position(|&b| ns <= b).unwrap_or(Self::BOUNDS_NS.len());
+        self.counts[i] += 1;
+        self.sum_ns += ns;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Iterations longer than `BOUNDS_NS[i]`.
+    pub fn over(&self, i: usize) -> u64 {
+        self.counts[i + 1..].iter().sum()
+    }
+
+    pub fn merge(&mut self, o: &LoopTimes) {
+        for (a, b) in self.counts.iter_mut().zip(o.counts) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+    }
+}
+
 /// One worker's counters.
 #[derive(Clone, Debug, Default)]
 pub struct CoreStats {
+    /// The worker's loop iterations (see [`LoopTimes`]); kept by the runtime.
+    pub loop_times: LoopTimes,
     pub rx: Counter,
     pub tx: Counter,
     pub drops: [u64; DropReason::COUNT],
@@ -134,6 +176,7 @@ impl CoreStats {
             (None, Some(b)) => self.l7_latency_us = Some(b.clone()),
             _ => {}
         }
+        self.loop_times.merge(&o.loop_times);
         self.rx.packets += o.rx.packets;
         self.rx.bytes += o.rx.bytes;
         self.tx.packets += o.tx.packets;
@@ -173,6 +216,8 @@ impl CoreStats {
             .collect();
         serde_json::json!({
             "rx": self.rx, "tx": self.tx, "drops": drops,
+            "loops": {"count": self.loop_times.count(), "over_1ms": self.loop_times.over(2),
+                      "over_10ms": self.loop_times.over(3)},
             "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
             "echo_replies": self.echo_replies, "announcements": self.announcements, "icmp_errors_forwarded": self.icmp_errors_forwarded,
             "handed_off": self.handed_off, "handoff_received": self.handoff_received,

@@ -208,3 +208,69 @@ fn a_worker_attaches_its_port_to_its_thread_before_the_first_burst_and_detaches_
     let seen = seen.lock().unwrap();
     assert_eq!(*seen, vec![Seen::Attached(worker), Seen::Burst(worker), Seen::Detached(worker)]);
 }
+
+/// A port that delivers one frame, stalling `stall` inside that poll, and nothing after.
+struct StallingPort {
+    stall: Duration,
+    done: bool,
+}
+
+impl Port for StallingPort {
+    type Buf = HeapBuf;
+    fn rx_burst(&mut self, out: &mut Burst<HeapBuf>) -> usize {
+        if self.done {
+            return 0;
+        }
+        self.done = true;
+        std::thread::sleep(self.stall);
+        out.push(HeapBuf::from_slice(&tcp4([198, 51, 100, 7], 40000, [192, 0, 2, 1], 80, 0x02)));
+        1
+    }
+    fn tx_burst(&mut self, bufs: &mut Burst<HeapBuf>) -> usize {
+        let n = bufs.len();
+        bufs.clear();
+        n
+    }
+    fn alloc(&mut self) -> Option<HeapBuf> {
+        Some(HeapBuf::new())
+    }
+}
+
+/// Runs one worker on `port` for `run`, and returns its loop times.
+fn loop_times_of(port: StallingPort, idle: Idle, run: Duration) -> fulcrum_dataplane::stats::LoopTimes {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let boot = Bootstrap::load(&dir.join("bootstrap.yaml")).unwrap();
+    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
+    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 1);
+    let mut config = WorkerConfig::from_bootstrap(&boot, 0, 1);
+    config.ct_capacity = 1024;
+    config.ct_capacity_v6 = 1024;
+    let handles = runtime::spawn(vec![WorkerSpec { config, cpu: None, port }], shared.clone(), idle).unwrap();
+    std::thread::sleep(run);
+    shared.stop();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let t = shared.stats[0].lock().unwrap().loop_times;
+    t
+}
+
+#[test]
+fn a_stalled_loop_iteration_is_counted_and_an_idle_workers_chosen_pause_is_not() {
+    // A poll that stalls 30 ms with a packet: one iteration between 10 and 100 ms.
+    let busy = loop_times_of(
+        StallingPort { stall: Duration::from_millis(30), done: false },
+        Idle::BusyPoll,
+        Duration::from_millis(300),
+    );
+    assert!(busy.over(3) >= 1, "{busy:?}");
+    assert!(busy.count() > 100, "busy polling counts every iteration: {busy:?}");
+    // Idle for 2 s with pauses growing to 200 ms: none of them is an iteration's time.
+    let idle = loop_times_of(
+        StallingPort { stall: Duration::ZERO, done: false },
+        Idle::Backoff(Duration::from_millis(200)),
+        Duration::from_secs(2),
+    );
+    assert_eq!(idle.over(4), 0, "{idle:?}");
+    assert!(idle.count() > 10, "idle iterations count too, less their pauses: {idle:?}");
+}
