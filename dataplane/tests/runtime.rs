@@ -77,22 +77,39 @@ fn recv(rx: &Receiver<Vec<u8>>) -> Vec<u8> {
     rx.recv_timeout(Duration::from_secs(5)).expect("a frame within 5 s")
 }
 
-#[test]
-fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
+/// The fixtures' bootstrap, and shared state for `workers` workers on their snapshot.
+fn fixtures(workers: usize) -> (Bootstrap, Arc<Shared>) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let boot = Bootstrap::load(&dir.join("bootstrap.yaml")).unwrap();
     let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
-    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 2);
+    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), workers);
+    (boot, shared)
+}
+
+/// Worker `core` of `n`, with small conntrack tables.
+fn small_config(boot: &Bootstrap, core: u16, n: u16) -> WorkerConfig {
+    let mut config = WorkerConfig::from_bootstrap(boot, core, n);
+    config.ct_capacity = 1024;
+    config.ct_capacity_v6 = 1024;
+    config
+}
+
+#[test]
+fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
+    let (boot, shared) = fixtures(2);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
     let mut specs = Vec::new();
     for core in 0..2u16 {
         let (in_tx, in_rx) = channel();
         let (out_tx, out_rx) = channel();
-        let mut config = WorkerConfig::from_bootstrap(&boot, core, 2);
-        config.ct_capacity = 1024;
-        config.ct_capacity_v6 = 1024;
-        specs.push(WorkerSpec { config, cpu: None, port: ChanPort { rx: in_rx, tx: out_tx } });
+        specs.push(WorkerSpec {
+            config: small_config(&boot, core, 2),
+            cpu: None,
+            port: ChanPort { rx: in_rx, tx: out_tx },
+        });
         inputs.push(in_tx);
         outputs.push(out_rx);
     }
@@ -185,15 +202,9 @@ impl Port for ThreadPort {
 
 #[test]
 fn a_worker_attaches_its_port_to_its_thread_before_the_first_burst_and_detaches_after_the_last() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let boot = Bootstrap::load(&dir.join("bootstrap.yaml")).unwrap();
-    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
-    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 1);
+    let (boot, shared) = fixtures(1);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut config = WorkerConfig::from_bootstrap(&boot, 0, 1);
-    config.ct_capacity = 1024;
-    config.ct_capacity_v6 = 1024;
-    let specs = vec![WorkerSpec { config, cpu: None, port: ThreadPort(seen.clone()) }];
+    let specs = vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port: ThreadPort(seen.clone()) }];
     let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
     let t = Instant::now();
     while seen.lock().unwrap().len() < 2 {
@@ -238,14 +249,9 @@ impl Port for StallingPort {
 
 /// Runs one worker on `port` for `run`, and returns its loop times.
 fn loop_times_of(port: StallingPort, idle: Idle, run: Duration) -> fulcrum_dataplane::stats::LoopTimes {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let boot = Bootstrap::load(&dir.join("bootstrap.yaml")).unwrap();
-    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
-    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 1);
-    let mut config = WorkerConfig::from_bootstrap(&boot, 0, 1);
-    config.ct_capacity = 1024;
-    config.ct_capacity_v6 = 1024;
-    let handles = runtime::spawn(vec![WorkerSpec { config, cpu: None, port }], shared.clone(), idle).unwrap();
+    let (boot, shared) = fixtures(1);
+    let specs = vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port }];
+    let handles = runtime::spawn(specs, shared.clone(), idle).unwrap();
     std::thread::sleep(run);
     shared.stop();
     for h in handles {
