@@ -15,7 +15,7 @@ use crate::snapshot::Snapshot;
 use crate::stats::{CoreStats, DropReason};
 use crate::worker::{Worker, WorkerConfig};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -249,10 +249,19 @@ fn run_worker<P: Port>(
         }
         w.housekeeping(&mut port, now_ms);
         // A changed health verdict goes to the control thread at once, not at the next copy.
+        // Never waits for the lock: a reader holding it (a /metrics scrape copying 100,000
+        // endpoints' counters) would stall the worker that long; it copies at a later loop.
         if now_ms >= last_publish + 100 || w.stats.l7.health_transitions != transitions {
-            last_publish = now_ms;
-            transitions = w.stats.l7.health_transitions;
-            *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
+            let slot = match shared.stats[index].try_lock() {
+                Ok(g) => Some(g),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => None,
+            };
+            if let Some(mut slot) = slot {
+                *slot = w.stats_copy();
+                last_publish = now_ms;
+                transitions = w.stats.l7.health_transitions;
+            }
         }
         last_top = Some(top);
         if work == 0 {

@@ -280,3 +280,37 @@ fn a_stalled_loop_iteration_is_counted_and_an_idle_workers_chosen_pause_is_not()
     assert_eq!(idle.over(4), 0, "{idle:?}");
     assert!(idle.count() > 10, "idle iterations count too, less their pauses: {idle:?}");
 }
+
+#[test]
+fn a_reader_holding_the_counters_does_not_stall_the_worker() {
+    let (boot, shared) = fixtures(1);
+    let (in_tx, in_rx) = channel();
+    let (out_tx, out_rx) = channel();
+    let specs =
+        vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port: ChanPort { rx: in_rx, tx: out_tx } }];
+    let handles = runtime::spawn(specs, shared.clone(), Idle::BusyPoll).unwrap();
+    let client = [198, 51, 100, 7];
+    {
+        // The control thread's side holds the worker's counters for a while (as a scrape of
+        // many endpoints' counters does), past the worker's next copy (every 100 ms).
+        let held = shared.stats[0].lock().unwrap();
+        std::thread::sleep(Duration::from_millis(250));
+        let t = Instant::now();
+        in_tx.send(tcp4(client, 40001, [10, 20, 0, 10], 80, 0x02)).unwrap();
+        let out =
+            out_rx.recv_timeout(Duration::from_millis(150)).expect("the worker forwards while the counters are held");
+        assert_eq!(&out[30..34], &[10, 30, 0, 11], "to the endpoint");
+        assert!(t.elapsed() < Duration::from_millis(150));
+        drop(held);
+    }
+    // The counters are copied again once the lock is free.
+    let t = Instant::now();
+    while shared.stats[0].lock().unwrap().rx.packets < 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the counters were never copied after the lock was free");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    shared.stop();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
