@@ -240,16 +240,40 @@ fn build_and_publish(a: &ControlArgs) -> anyhow::Result<()> {
             break; // each compile takes a while at this size: 20 publishes are enough
         }
     }
+    // The workers' loop iterations so far (their copies land every 100 ms).
+    std::thread::sleep(Duration::from_millis(250));
+    let loops_publishing = shared.total_stats().loop_times;
+
+    // /metrics rendered while the workers run, every endpoint's counters in it: the scrape
+    // copies each worker's counters under their lock, which a worker never waits for.
+    let state = fulcrum_control::admin::ControlState::new(None);
+    *state.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
+    let mut scrapes = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        bytes = fulcrum_control::admin::render_metrics(&state).len();
+        scrapes.push(t0.elapsed());
+    }
     shared.stop();
     for handle in handles {
         let _ = handle.join();
     }
+    let mut loops_scraping = shared.total_stats().loop_times;
+    for (c, p) in loops_scraping.counts.iter_mut().zip(loops_publishing.counts) {
+        *c -= p;
+    }
+    let over = |t: &fulcrum_dataplane::stats::LoopTimes| json!({"over_100us": t.over(1), "over_1ms": t.over(2), "over_10ms": t.over(3), "iterations": t.count()});
+    let (s_med, _, s_max) = spread(scrapes);
     println!(
         "{}",
         json!({"bench": "control", "what": "publish", "workers": a.workers, "publishes": h.len(),
                "switch_us_p50": h.value_at_quantile(0.5) as f64 / 1e3,
                "switch_us_p99": h.value_at_quantile(0.99) as f64 / 1e3,
                "switch_us_max": h.max() as f64 / 1e3,
+               "worker_loops_while_publishing": over(&loops_publishing),
+               "metrics_scrapes": 10, "metrics_bytes": bytes, "scrape_ms_median": s_med, "scrape_ms_max": s_max,
+               "worker_loops_while_scraping": over(&loops_scraping),
                "loadavg": report::loadavg()})
     );
     Ok(())
