@@ -133,6 +133,10 @@ pub struct NeighborTable {
     /// Slots hold entry index + 1; 0 is empty. Power-of-two length, at least 2x capacity.
     slots: Vec<u16>,
     capacity: usize,
+    /// What this table learned from the wire since the last [`NeighborTable::take_news`], for
+    /// the other workers: each has a table of its own, and an ARP or NDP answer reaches only
+    /// the one whose queue the NIC put it in (queue 0 for ARP under RSS), whoever asked.
+    news: Vec<(IpAddr, [u8; 6])>,
 }
 
 impl NeighborTable {
@@ -145,7 +149,12 @@ impl NeighborTable {
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.clamp(1, u16::MAX as usize - 1);
         let nslots = (capacity * 2).next_power_of_two();
-        NeighborTable { entries: Vec::with_capacity(capacity), slots: vec![0; nslots], capacity }
+        NeighborTable {
+            entries: Vec::with_capacity(capacity),
+            slots: vec![0; nslots],
+            capacity,
+            news: Vec::with_capacity(Self::NEWS_CAPACITY),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -207,24 +216,44 @@ impl NeighborTable {
         i
     }
 
-    /// Records that `ip` is at `mac` (creating the entry if there is room). Static entries,
-    /// unspecified/multicast IPs and multicast/zero MACs are left alone.
+    /// News kept between two [`NeighborTable::take_news`] (a loop iteration's worth); more in
+    /// one iteration are not passed on (each worker then solicits for itself, as before).
+    pub const NEWS_CAPACITY: usize = 64;
+
+    /// Records that `ip` is at `mac` (creating the entry if there is room), and keeps it as news
+    /// for the other workers. Static entries, unspecified/multicast IPs and multicast/zero MACs
+    /// are left alone.
     pub fn learn(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) {
+        if self.learn_quietly(ip, mac, now_ms) && self.news.len() < Self::NEWS_CAPACITY {
+            self.news.push((ip, mac));
+        }
+    }
+
+    /// As [`NeighborTable::learn`], for what another worker learned: kept, not passed on again.
+    /// Returns whether the entry was taken.
+    pub fn learn_quietly(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) -> bool {
         if ip.is_unspecified() || ip.is_multicast() || mac[0] & 1 != 0 || mac == [0; 6] {
-            return;
+            return false;
         }
         if let IpAddr::V4(a) = ip {
             if a.is_broadcast() {
-                return;
+                return false;
             }
         }
         let i = self.insert(ip, Some(mac), false, now_ms);
-        if let Some(e) = self.entries.get_mut(i as usize) {
-            if !e.is_static {
+        match self.entries.get_mut(i as usize) {
+            Some(e) if !e.is_static => {
                 e.mac = Some(mac);
                 e.updated_ms = now_ms;
+                true
             }
+            _ => false,
         }
+    }
+
+    /// What was learned from the wire since the last call (see the `news` field).
+    pub fn take_news(&mut self) -> std::vec::Drain<'_, (IpAddr, [u8; 6])> {
+        self.news.drain(..)
     }
 
     /// Whether there is an entry for `ip`, resolved or not.

@@ -14,6 +14,7 @@ use crate::port::{Burst, Port, BURST};
 use crate::snapshot::Snapshot;
 use crate::stats::{CoreStats, DropReason};
 use crate::worker::{Worker, WorkerConfig};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 use std::thread::JoinHandle;
@@ -142,29 +143,71 @@ where
     P::Buf: Send + 'static,
 {
     let n = specs.len();
-    // producers[i][j] / consumers[j][i]: ring from worker i to worker j.
-    let mut producers: Vec<Vec<Option<rtrb::Producer<P::Buf>>>> =
-        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-    let mut consumers: Vec<Vec<rtrb::Consumer<P::Buf>>> = (0..n).map(|_| Vec::new()).collect();
+    let (producers, consumers) = mesh::<P::Buf>(n, 4 * BURST);
+    let (news_out, news_in) = mesh::<(IpAddr, [u8; 6])>(n, NEWS_RING);
+    let peers = producers.into_iter().zip(consumers).zip(news_out.into_iter().zip(news_in));
+    let mut handles = Vec::with_capacity(n);
+    for (i, (spec, ((outs, ins), (news_out, news_in)))) in specs.into_iter().zip(peers).enumerate() {
+        let worker = Worker::new(spec.config, shared.snapshot.current())?;
+        let shared = shared.clone();
+        let news = NeighborNews { out: news_out.into_iter().flatten().collect(), incoming: news_in };
+        let h = std::thread::Builder::new()
+            .name(format!("fulcrum-w{i}"))
+            .spawn(move || run_worker(i, worker, spec.port, spec.cpu, outs, ins, news, shared, idle))?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+/// Single-producer rings between every pair of `n` workers: `producers[i][j]` (None where
+/// i == j) feeds `consumers[j]`, which holds one ring from each other worker.
+#[allow(clippy::type_complexity)]
+fn mesh<T>(n: usize, capacity: usize) -> (Vec<Vec<Option<rtrb::Producer<T>>>>, Vec<Vec<rtrb::Consumer<T>>>) {
+    let mut producers: Vec<Vec<Option<rtrb::Producer<T>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut consumers: Vec<Vec<rtrb::Consumer<T>>> = (0..n).map(|_| Vec::new()).collect();
     for (i, row) in producers.iter_mut().enumerate() {
         for (j, slot) in row.iter_mut().enumerate() {
             if i != j {
-                let (p, c) = rtrb::RingBuffer::new(4 * BURST);
+                let (p, c) = rtrb::RingBuffer::new(capacity);
                 *slot = Some(p);
                 consumers[j].push(c);
             }
         }
     }
-    let mut handles = Vec::with_capacity(n);
-    for (i, (spec, (outs, ins))) in specs.into_iter().zip(producers.into_iter().zip(consumers)).enumerate() {
-        let worker = Worker::new(spec.config, shared.snapshot.current())?;
-        let shared = shared.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("fulcrum-w{i}"))
-            .spawn(move || run_worker(i, worker, spec.port, spec.cpu, outs, ins, shared, idle))?;
-        handles.push(h);
+    (producers, consumers)
+}
+
+/// Neighbours learned by one worker, for every other: each worker has a table of its own, and
+/// an ARP or NDP answer reaches only the worker whose queue the NIC put it in (under RSS, queue
+/// 0 for ARP), whichever worker asked. Without this the others never resolved a neighbour whose
+/// answers went elsewhere and dropped its traffic as unresolved.
+struct NeighborNews {
+    out: Vec<rtrb::Producer<(IpAddr, [u8; 6])>>,
+    incoming: Vec<rtrb::Consumer<(IpAddr, [u8; 6])>>,
+}
+
+/// Neighbour news in flight from one worker to another (a full ring drops news: the worker
+/// that misses it solicits for itself, a second later).
+const NEWS_RING: usize = 256;
+
+impl NeighborNews {
+    /// Passes on what `w` learned from the wire, and takes what the others learned.
+    fn exchange(&mut self, w: &mut Worker, now_ms: u64) {
+        if self.out.is_empty() {
+            w.neigh.take_news(); // a worker alone: nobody to tell
+            return;
+        }
+        for news in w.neigh.take_news() {
+            for p in self.out.iter_mut() {
+                let _ = p.push(news);
+            }
+        }
+        for c in self.incoming.iter_mut() {
+            while let Ok((ip, mac)) = c.pop() {
+                w.neigh.learn_quietly(ip, mac, now_ms);
+            }
+        }
     }
-    Ok(handles)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -175,6 +218,7 @@ fn run_worker<P: Port>(
     cpu: Option<usize>,
     mut outs: Vec<Option<rtrb::Producer<P::Buf>>>,
     mut ins: Vec<rtrb::Consumer<P::Buf>>,
+    mut news: NeighborNews,
     shared: Arc<Shared>,
     idle: Idle,
 ) {
@@ -247,6 +291,7 @@ fn run_worker<P: Port>(
                 w.send(&mut port, &mut tx);
             }
         }
+        news.exchange(&mut w, now_ms);
         w.housekeeping(&mut port, now_ms);
         // A changed health verdict goes to the control thread at once, not at the next copy.
         // Never waits for the lock: a reader holding it (a /metrics scrape copying 100,000

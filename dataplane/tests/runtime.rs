@@ -314,3 +314,70 @@ fn a_reader_holding_the_counters_does_not_stall_the_worker() {
         h.join().unwrap();
     }
 }
+
+/// An ARP reply from `mac` at `ip` to the appliance (10.10.0.2).
+fn arp_reply(ip: [u8; 4], mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; 42];
+    f[0..6].copy_from_slice(&APPLIANCE_MAC);
+    f[6..12].copy_from_slice(&mac);
+    f[12..14].copy_from_slice(&[0x08, 0x06]);
+    f[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f[22..28].copy_from_slice(&mac);
+    f[28..32].copy_from_slice(&ip);
+    f[32..38].copy_from_slice(&APPLIANCE_MAC);
+    f[38..42].copy_from_slice(&[10, 10, 0, 2]);
+    f
+}
+
+#[test]
+fn a_neighbour_one_worker_learns_is_learned_by_the_others() {
+    // The fixtures' appliance, but its next hop's MAC is found by ARP, not configured.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let text = std::fs::read_to_string(dir.join("bootstrap.yaml")).unwrap();
+    assert!(text.contains("      mac: \"02:f1:00:00:00:fe\"\n"));
+    let boot =
+        Bootstrap::parse(&dir.join("bootstrap.yaml"), &text.replace("      mac: \"02:f1:00:00:00:fe\"\n", "")).unwrap();
+    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
+    let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 2);
+    let (mut inputs, mut outputs, mut specs) = (Vec::new(), Vec::new(), Vec::new());
+    for core in 0..2u16 {
+        let (in_tx, in_rx) = channel();
+        let (out_tx, out_rx) = channel();
+        specs.push(WorkerSpec {
+            config: small_config(&boot, core, 2),
+            cpu: None,
+            port: ChanPort { rx: in_rx, tx: out_tx },
+        });
+        inputs.push(in_tx);
+        outputs.push(out_rx);
+    }
+    let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
+    // A SYN on worker 0 finds the next hop unresolved: worker 0 asks for it.
+    let client = [198, 51, 100, 7];
+    inputs[0].send(tcp4(client, 40000, [10, 20, 0, 10], 80, 0x02)).unwrap();
+    let t = Instant::now();
+    loop {
+        let f = recv(&outputs[0]);
+        if f[12..14] == [0x08, 0x06] && f[38..42] == [10, 10, 0, 1] {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "worker 0 never asked for the next hop");
+    }
+    // The answer reaches worker 1 (as the NIC's queue 0, or its hash, may have it).
+    inputs[1].send(arp_reply([10, 10, 0, 1], GATEWAY_MAC)).unwrap();
+    // Worker 0 forwards to the next hop it never heard from itself.
+    let t = Instant::now();
+    let out = loop {
+        inputs[0].send(tcp4(client, 40000, [10, 20, 0, 10], 80, 0x02)).unwrap();
+        match outputs[0].recv_timeout(Duration::from_millis(100)) {
+            Ok(f) if f[12..14] == [0x08, 0x00] => break f,
+            _ => assert!(t.elapsed() < Duration::from_secs(3), "worker 0 never learned the next hop's MAC"),
+        }
+    };
+    assert_eq!(&out[0..6], &GATEWAY_MAC, "to the next hop");
+    assert_eq!(&out[30..34], &[10, 30, 0, 11], "to the endpoint");
+    shared.stop();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
