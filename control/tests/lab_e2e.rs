@@ -76,7 +76,7 @@ fn lab_end_to_end() {
         .spawn()
         .expect("fulcrum run");
     let pid = child.id() as i32; // `ip netns exec` execs fulcrum in place
-    let _teardown = Teardown(Some(child));
+    let mut teardown = Teardown(Some(child));
     let hup = || {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid, libc::SIGHUP) };
@@ -386,6 +386,42 @@ fn lab_end_to_end() {
         assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
     }
     eprintln!("be3 back on the link -> back in the table after {:?}", t.elapsed());
+
+    // 3. Two workers (AF_PACKET's fanout gives each a queue): every request answered, through
+    // the L4 VIP and the L7 address, whichever worker the neighbours' answers reach.
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+        if let Some(mut c) = teardown.0.take() {
+            stop(&mut c);
+        }
+        let boot = std::fs::read_to_string(dir.join("bootstrap.yaml")).unwrap();
+        assert!(boot.contains("  cores: [0]\n"));
+        std::fs::write(dir.join("bootstrap2.yaml"), boot.replace("  cores: [0]\n", "  cores: [0, 1]\n")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
+            .arg(dir.join("bootstrap2.yaml"))
+            .arg("--manifests")
+            .arg(&manifests)
+            .args(["--device", "net_af_packet0,iface=veth-lb,qpairs=2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fulcrum run with two workers");
+        let pid = child.id() as i32;
+        teardown.0 = Some(child);
+        let t = Instant::now();
+        while !client(&["ping", "-c", "1", "-W", "1", "10.20.0.10"]).0 {
+            assert!(t.elapsed() < Duration::from_secs(20), "two workers: the VIP never answered ping");
+        }
+        let threads = thread_cpus(pid);
+        for (w, cpu) in [("fulcrum-w0", 0), ("fulcrum-w1", 1)] {
+            assert!(threads.iter().any(|(n, c)| n == w && c == &[cpu]), "{w} on CPU {cpu}: {threads:?}");
+        }
+        let l4 = (0..20).filter(|_| curl("http://10.20.0.10/").is_some()).count();
+        let l7 = (0..20)
+            .filter(|_| client(&["curl", "-s", "-m", "3", "--fail", "-H", "Host: web.lab", "http://10.20.0.100/"]).0)
+            .count();
+        assert_eq!((l4, l7), (20, 20), "requests answered through two workers (L4, L7)");
+    }
     // Kept when the test fails (certificates, manifests), removed when it passes.
     let _ = std::fs::remove_dir_all(&dir);
 }
