@@ -94,19 +94,20 @@ fn small_config(boot: &Bootstrap, core: u16, n: u16) -> WorkerConfig {
     config
 }
 
-#[test]
-fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
-    let (boot, shared) = fixtures(2);
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
-    let mut inputs = Vec::new();
-    let mut outputs = Vec::new();
-    let mut specs = Vec::new();
-    for core in 0..2u16 {
+/// Starts `n` workers on channel ports (backing off when idle): what to send each, what each
+/// sent, and their threads.
+#[allow(clippy::type_complexity)]
+fn start_chan_workers(
+    boot: &Bootstrap,
+    shared: &Arc<Shared>,
+    n: u16,
+) -> (Vec<Sender<Vec<u8>>>, Vec<Receiver<Vec<u8>>>, Vec<std::thread::JoinHandle<()>>) {
+    let (mut inputs, mut outputs, mut specs) = (Vec::new(), Vec::new(), Vec::new());
+    for core in 0..n {
         let (in_tx, in_rx) = channel();
         let (out_tx, out_rx) = channel();
         specs.push(WorkerSpec {
-            config: small_config(&boot, core, 2),
+            config: small_config(boot, core, n),
             cpu: None,
             port: ChanPort { rx: in_rx, tx: out_tx },
         });
@@ -114,6 +115,15 @@ fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
         outputs.push(out_rx);
     }
     let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
+    (inputs, outputs, handles)
+}
+
+#[test]
+fn two_workers_hand_off_return_traffic_and_switch_snapshots() {
+    let (boot, shared) = fixtures(2);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
+    let (inputs, outputs, handles) = start_chan_workers(&boot, &shared, 2);
 
     // A SYN to the web VIP arrives on core 0: SNAT port from core 0's half (1024..=33279).
     let client = [198, 51, 100, 7];
@@ -339,19 +349,7 @@ fn a_neighbour_one_worker_learns_is_learned_by_the_others() {
         Bootstrap::parse(&dir.join("bootstrap.yaml"), &text.replace("      mac: \"02:f1:00:00:00:fe\"\n", "")).unwrap();
     let state = load_desired(&boot, &dir.join("manifests.yaml")).unwrap();
     let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 2);
-    let (mut inputs, mut outputs, mut specs) = (Vec::new(), Vec::new(), Vec::new());
-    for core in 0..2u16 {
-        let (in_tx, in_rx) = channel();
-        let (out_tx, out_rx) = channel();
-        specs.push(WorkerSpec {
-            config: small_config(&boot, core, 2),
-            cpu: None,
-            port: ChanPort { rx: in_rx, tx: out_tx },
-        });
-        inputs.push(in_tx);
-        outputs.push(out_rx);
-    }
-    let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
+    let (inputs, outputs, handles) = start_chan_workers(&boot, &shared, 2);
     // A SYN on worker 0 finds the next hop unresolved: worker 0 asks for it.
     let client = [198, 51, 100, 7];
     inputs[0].send(tcp4(client, 40000, [10, 20, 0, 10], 80, 0x02)).unwrap();
