@@ -249,7 +249,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 27] = [
+    let per_core: [(&str, &str, &str, Get); 29] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -259,6 +259,13 @@ pub fn render_metrics(state: &ControlState) -> String {
         ("fulcrum_echo_replies_total", "counter", "ICMP echo replies sent.", |c| c.echo_replies),
         ("fulcrum_handed_off_total", "counter", "Packets handed to the core owning their flow.", |c| c.handed_off),
         ("fulcrum_conntrack_flows", "gauge", "Flows tracked.", |c| c.ct_flows),
+        ("fulcrum_neighbors", "gauge", "Neighbour table entries, resolved or being resolved.", |c| c.neighbors),
+        (
+            "fulcrum_neighbors_capacity",
+            "gauge",
+            "Neighbour table entries a core can hold (never evicted: a full table resolves no new neighbour).",
+            |c| c.neighbors_capacity,
+        ),
         ("fulcrum_conntrack_inserts_total", "counter", "Flows created.", |c| c.ct_inserts),
         ("fulcrum_conntrack_expired_total", "counter", "Flows expired.", |c| c.ct_expired),
         ("fulcrum_conntrack_evictions_total", "counter", "Flows evicted because the table was full.", |c| {
@@ -458,6 +465,8 @@ mod tests {
             c.resize(64, 256);
             c.per_vip[web.stat_id as usize].packets = 42;
             c.rx.packets = 1000;
+            c.neighbors = 3;
+            c.neighbors_capacity = 4096;
             c.loop_times.record(5_000);
             c.loop_times.record(50_000);
             c.loop_times.record(2_000_000_000);
@@ -482,6 +491,8 @@ mod tests {
         };
         use prometheus_parse::Value;
         assert!(matches!(find("fulcrum_rx_packets_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 1000.0));
+        assert!(matches!(find("fulcrum_neighbors", &[("core", "1")]), Some(Value::Gauge(v)) if v == 3.0));
+        assert!(matches!(find("fulcrum_neighbors_capacity", &[("core", "1")]), Some(Value::Gauge(v)) if v == 4096.0));
         assert!(matches!(
             find("fulcrum_drops_total", &[("core", "1"), ("reason", "no_backend")]),
             Some(Value::Counter(v)) if v == 1.0

@@ -161,6 +161,11 @@ impl NeighborTable {
         self.entries.len()
     }
 
+    /// Entries the table can hold (it never evicts: a full table resolves no new neighbour).
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

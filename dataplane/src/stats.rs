@@ -131,6 +131,9 @@ pub struct CoreStats {
     pub ct_inserts: u64,
     pub ct_expired: u64,
     pub ct_evictions: u64,
+    /// Neighbour table: entries (resolved or being resolved) and what it can hold.
+    pub neighbors: u64,
+    pub neighbors_capacity: u64,
     /// Indexed like the snapshot's services.
     pub per_vip: Vec<Counter>,
     /// Indexed like the snapshot's backends (all services' backends in one array).
@@ -195,6 +198,8 @@ impl CoreStats {
         self.ct_inserts += o.ct_inserts;
         self.ct_expired += o.ct_expired;
         self.ct_evictions += o.ct_evictions;
+        self.neighbors += o.neighbors;
+        self.neighbors_capacity += o.neighbors_capacity;
         self.l7_segments += o.l7_segments;
         self.l7.merge(&o.l7);
         self.resize(self.per_vip.len().max(o.per_vip.len()), self.per_backend.len().max(o.per_backend.len()));
@@ -221,6 +226,7 @@ impl CoreStats {
             "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
             "echo_replies": self.echo_replies, "announcements": self.announcements, "icmp_errors_forwarded": self.icmp_errors_forwarded,
             "handed_off": self.handed_off, "handoff_received": self.handoff_received,
+            "neighbors": {"entries": self.neighbors, "capacity": self.neighbors_capacity},
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "per_vip": self.per_vip, "per_backend": self.per_backend,

@@ -454,6 +454,8 @@ impl Worker {
     /// The counters with the proxy's latency histogram, for the control thread (every ~100 ms).
     pub fn stats_copy(&self) -> CoreStats {
         let mut s = self.stats.clone();
+        s.neighbors = self.neigh.len() as u64;
+        s.neighbors_capacity = self.neigh.capacity() as u64;
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
         if let Some(p) = self.proxy.as_ref() {

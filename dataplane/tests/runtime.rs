@@ -378,4 +378,14 @@ fn a_neighbour_one_worker_learns_is_learned_by_the_others() {
     for h in handles {
         h.join().unwrap();
     }
+    // The tables' fill is in the counters (the next hop in both).
+    for core in 0..2 {
+        let c = shared.stats[core].lock().unwrap();
+        assert!(
+            c.neighbors >= 1 && c.neighbors <= c.neighbors_capacity,
+            "core {core}: {} of {}",
+            c.neighbors,
+            c.neighbors_capacity
+        );
+    }
 }
