@@ -61,7 +61,11 @@ fn on_thread(ports: &mut NullPorts, core: usize, attach: bool, secs: Duration) -
                 "cannot pin to CPU {core}"
             );
             let _attachment = if attach { ports.q0.attach_thread().map_err(anyhow::Error::msg)? } else { None };
-            anyhow::ensure!(attach == (fulcrum_dpdk::lcore_id() != u32::MAX), "lcore id {}", fulcrum_dpdk::lcore_id());
+            anyhow::ensure!(
+                attach == (fulcrum_dpdk::lcore_id() != fulcrum_dpdk::LCORE_ID_ANY),
+                "lcore id {}",
+                fulcrum_dpdk::lcore_id()
+            );
             Ok(forward(ports, secs))
         })
         .join()

@@ -151,7 +151,10 @@ impl Eal {
     }
 }
 
-/// The calling thread's lcore id (`u32::MAX`, LCORE_ID_ANY, for a thread that is not an lcore).
+/// What [`lcore_id`] returns on a thread that is not an lcore (DPDK's LCORE_ID_ANY).
+pub const LCORE_ID_ANY: u32 = ffi::FL_LCORE_ID_ANY as u32;
+
+/// The calling thread's lcore id ([`LCORE_ID_ANY`] for a thread that is not an lcore).
 pub fn lcore_id() -> u32 {
     // SAFETY: reads a thread-local.
     unsafe { ffi::fl_lcore_id() }
@@ -180,7 +183,7 @@ impl LcoreRegistration {
     pub fn register_current_thread() -> Result<LcoreRegistration> {
         Eal::current()?;
         let lcore = lcore_id();
-        if lcore != ffi::FL_LCORE_ID_ANY as u32 {
+        if lcore != LCORE_ID_ANY {
             return Ok(LcoreRegistration { lcore, registered: false, _not_send: std::marker::PhantomData });
         }
         // SAFETY: the EAL is initialised (checked above); the call changes only this thread's
@@ -189,7 +192,7 @@ impl LcoreRegistration {
             return Err(Error::from_errno("rte_thread_register".to_string()));
         }
         let lcore = lcore_id();
-        if lcore == ffi::FL_LCORE_ID_ANY as u32 {
+        if lcore == LCORE_ID_ANY {
             // DPDK registers the thread without an lcore when all RTE_MAX_LCORE are taken.
             // SAFETY: undoes the registration above on the same thread.
             unsafe { ffi::rte_thread_unregister() };

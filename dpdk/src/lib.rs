@@ -11,7 +11,7 @@ pub mod mbuf;
 pub mod mempool;
 pub mod port;
 
-pub use eal::{lcore_id, rdtsc, socket_id, tsc_hz, Eal, LcoreRegistration};
+pub use eal::{lcore_id, rdtsc, socket_id, tsc_hz, Eal, LcoreRegistration, LCORE_ID_ANY};
 pub use error::{strerror, Error, Result};
 pub use mbuf::Mbuf;
 pub use mempool::{Mempool, MBUF_BUF_SIZE, MBUF_HEADROOM, SOCKET_ANY};

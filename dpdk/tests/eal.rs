@@ -310,9 +310,13 @@ fn an_attached_worker_thread_recycles_mbufs_through_its_own_cache() {
     })
     .join()
     .unwrap();
-    assert_eq!(lcores.0, u32::MAX, "not an lcore before");
-    assert!(lcores.1 != u32::MAX && lcores.1 != 0, "an lcore of its own while attached: {}", lcores.1);
-    assert_eq!(lcores.2, u32::MAX, "the lcore given back when the attachment drops");
+    assert_eq!(lcores.0, fulcrum_dpdk::LCORE_ID_ANY, "not an lcore before");
+    assert!(
+        lcores.1 != fulcrum_dpdk::LCORE_ID_ANY && lcores.1 != 0,
+        "an lcore of its own while attached: {}",
+        lcores.1
+    );
+    assert_eq!(lcores.2, fulcrum_dpdk::LCORE_ID_ANY, "the lcore given back when the attachment drops");
     drop(port);
     assert_eq!(pool.available(), pool.size(), "mbufs left in the old lcore's cache still count");
     // A thread that is an lcore already keeps its id, and a nested registration going does
