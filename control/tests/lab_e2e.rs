@@ -64,17 +64,12 @@ fn lab_end_to_end() {
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
         + &secure_ingress(&secret_v1, "lab");
     std::fs::write(&manifests, &lab_manifests).unwrap();
-    let child = Command::new("ip")
-        .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
-        .arg(dir.join("bootstrap.yaml"))
-        .arg("--manifests")
-        .arg(&manifests)
-        // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
-        .args(["--device", "net_af_xdp0,iface=veth-lb", "--watch-every", "0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("fulcrum run");
+    // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
+    let child = appliance(
+        &dir.join("bootstrap.yaml"),
+        &manifests,
+        &["--device", "net_af_xdp0,iface=veth-lb", "--watch-every", "0"],
+    );
     let pid = child.id() as i32; // `ip netns exec` execs fulcrum in place
     let mut teardown = Teardown(Some(child));
     let hup = || {
@@ -96,7 +91,8 @@ fn lab_end_to_end() {
     // control loop, the admin endpoint, DPDK's own) runs on the others.
     let threads = thread_cpus(pid);
     assert_eq!(threads.iter().filter(|(n, c)| n == "fulcrum-w0" && c == &[0]).count(), 1, "{threads:?}");
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus > 1 {
         let others: Vec<_> = threads.iter().filter(|(n, _)| !n.starts_with("fulcrum-w")).collect();
         assert!(others.len() >= 3, "{threads:?}");
         assert!(others.iter().all(|(_, cpus)| !cpus.contains(&0)), "threads on the worker's CPU: {threads:?}");
@@ -389,23 +385,15 @@ fn lab_end_to_end() {
 
     // 3. Two workers (AF_PACKET's fanout gives each a queue): every request answered, through
     // the L4 VIP and the L7 address, whichever worker the neighbours' answers reach.
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+    if cpus > 1 {
         if let Some(mut c) = teardown.0.take() {
             stop(&mut c);
         }
         let boot = std::fs::read_to_string(dir.join("bootstrap.yaml")).unwrap();
         assert!(boot.contains("  cores: [0]\n"));
         std::fs::write(dir.join("bootstrap2.yaml"), boot.replace("  cores: [0]\n", "  cores: [0, 1]\n")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", fulcrum, "run", "--config"])
-            .arg(dir.join("bootstrap2.yaml"))
-            .arg("--manifests")
-            .arg(&manifests)
-            .args(["--device", "net_af_packet0,iface=veth-lb,qpairs=2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("fulcrum run with two workers");
+        let child =
+            appliance(&dir.join("bootstrap2.yaml"), &manifests, &["--device", "net_af_packet0,iface=veth-lb,qpairs=2"]);
         let pid = child.id() as i32;
         teardown.0 = Some(child);
         let t = Instant::now();
@@ -424,6 +412,20 @@ fn lab_end_to_end() {
     }
     // Kept when the test fails (certificates, manifests), removed when it passes.
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `fulcrum run` in the appliance's namespace with this bootstrap and these manifests.
+fn appliance(config: &Path, manifests: &Path, args: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", "fl-lb", env!("CARGO_BIN_EXE_fulcrum"), "run", "--config"])
+        .arg(config)
+        .arg("--manifests")
+        .arg(manifests)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fulcrum run")
 }
 
 /// Each thread of a process: its name and the CPUs it may run on (`Cpus_allowed_list`).
