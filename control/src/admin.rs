@@ -259,6 +259,11 @@ pub fn render_metrics(state: &ControlState) -> String {
         ("fulcrum_echo_replies_total", "counter", "ICMP echo replies sent.", |c| c.echo_replies),
         ("fulcrum_handed_off_total", "counter", "Packets handed to the core owning their flow.", |c| c.handed_off),
         ("fulcrum_conntrack_flows", "gauge", "Flows tracked.", |c| c.ct_flows),
+        ("fulcrum_conntrack_inserts_total", "counter", "Flows created.", |c| c.ct_inserts),
+        ("fulcrum_conntrack_expired_total", "counter", "Flows expired.", |c| c.ct_expired),
+        ("fulcrum_conntrack_evictions_total", "counter", "Flows evicted because the table was full.", |c| {
+            c.ct_evictions
+        }),
         ("fulcrum_neighbors", "gauge", "Neighbour table entries, resolved or being resolved.", |c| c.neighbors),
         (
             "fulcrum_neighbors_capacity",
@@ -266,11 +271,6 @@ pub fn render_metrics(state: &ControlState) -> String {
             "Neighbour table entries a core can hold (never evicted: a full table resolves no new neighbour).",
             |c| c.neighbors_capacity,
         ),
-        ("fulcrum_conntrack_inserts_total", "counter", "Flows created.", |c| c.ct_inserts),
-        ("fulcrum_conntrack_expired_total", "counter", "Flows expired.", |c| c.ct_expired),
-        ("fulcrum_conntrack_evictions_total", "counter", "Flows evicted because the table was full.", |c| {
-            c.ct_evictions
-        }),
         ("fulcrum_l7_connections_total", "counter", "Client connections accepted by the HTTP proxy.", |c| {
             c.l7.connections
         }),
