@@ -25,6 +25,8 @@ pub struct Bootstrap {
     pub conntrack: ConntrackConfig,
     #[serde(default)]
     pub maglev: MaglevConfig,
+    #[serde(default)]
+    pub neighbors: NeighborsConfig,
     /// Ingress (HTTP) serving; absent: L4 only.
     #[serde(default)]
     pub l7: Option<L7Config>,
@@ -331,6 +333,31 @@ fn default_table_size() -> u32 {
     65537
 }
 
+/// Each worker's neighbour table (ARP and NDP): next hops, backends and on-link clients.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct NeighborsConfig {
+    /// Entries per worker core. A full table makes room by dropping the entry used least
+    /// recently; one used within `reachable_ms` is never dropped to learn an unasked sender.
+    pub capacity: u32,
+    /// How long an answer counts as proof that a neighbour is at its MAC (Linux's
+    /// `base_reachable_time_ms`). Past it, a neighbour still being sent to is asked again by
+    /// unicast; after `probes` unanswered questions it is asked by broadcast instead, so a MAC
+    /// that changed without a gratuitous ARP is found within about `reachable_ms + probes` s.
+    pub reachable_ms: u32,
+    /// Unicast questions, one a second, before the entry is given up (Linux's `ucast_solicit`).
+    pub probes: u8,
+}
+
+impl Default for NeighborsConfig {
+    fn default() -> Self {
+        NeighborsConfig { capacity: 4096, reachable_ms: 30_000, probes: 3 }
+    }
+}
+
+/// Upper bound for `neighbors.capacity` (a flow keeps an entry's slot in 16 bits).
+pub const MAX_NEIGHBORS: u32 = 65534;
+
 /// A MAC address written `02:00:00:00:00:01`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);
@@ -580,6 +607,16 @@ impl Bootstrap {
                 return fail(format!("conntrack.timeouts.{name}"), "must be greater than 0 seconds");
             }
         }
+        let n = &self.neighbors;
+        if n.capacity == 0 || n.capacity > MAX_NEIGHBORS {
+            return fail("neighbors.capacity", format!("{} is out of range: must be 1 to {MAX_NEIGHBORS}", n.capacity));
+        }
+        if n.reachable_ms < 1000 {
+            return fail("neighbors.reachable_ms", format!("{} is too short: must be at least 1000", n.reachable_ms));
+        }
+        if n.probes == 0 {
+            return fail("neighbors.probes", "must be greater than 0");
+        }
         let size = self.maglev.table_size;
         if size >= MAX_TABLE_SIZE {
             return fail("maglev.table_size", format!("{size} is too large: must be below {MAX_TABLE_SIZE} (2^24)"));
@@ -743,6 +780,10 @@ mod tests {
             ("table_size: 65537", "table_size: 16777259", "maglev.table_size", "too large"),
             ("capacity: 65536", "capacity: 0", "conntrack.capacity", "greater than 0"),
             ("tcp_established: 600", "tcp_fin: 0", "conntrack.timeouts.tcp_fin", "greater than 0"),
+            ("maglev:", "neighbors:\n  capacity: 65535\nmaglev:", "neighbors.capacity", "1 to 65534"),
+            ("maglev:", "neighbors:\n  capacity: 0\nmaglev:", "neighbors.capacity", "1 to 65534"),
+            ("maglev:", "neighbors:\n  reachable_ms: 999\nmaglev:", "neighbors.reachable_ms", "at least 1000"),
+            ("maglev:", "neighbors:\n  probes: 0\nmaglev:", "neighbors.probes", "greater than 0"),
             ("mtu: 1500", "mtu: 1200", "ports[0].mtu", "1280"),
             ("      ipv4: 10.10.0.1\n", "      ipv4: 10.11.0.1\n", "ports[0].next_hop.ipv4", "not on-link"),
             ("      ipv6: fd00:10::1\n", "      ipv6: fd00:11::1\n", "ports[0].next_hop.ipv6", "not on-link"),

@@ -249,7 +249,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 29] = [
+    let per_core: [(&str, &str, &str, Get); 32] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -268,8 +268,26 @@ pub fn render_metrics(state: &ControlState) -> String {
         (
             "fulcrum_neighbors_capacity",
             "gauge",
-            "Neighbour table entries a core can hold (never evicted: a full table resolves no new neighbour).",
+            "Neighbour table entries a core can hold (full: the least recently used entry makes room).",
             |c| c.neighbors_capacity,
+        ),
+        (
+            "fulcrum_neighbor_evictions_total",
+            "counter",
+            "Neighbour entries given to another address because the table was full.",
+            |c| c.neighbor_evictions,
+        ),
+        (
+            "fulcrum_neighbor_probes_total",
+            "counter",
+            "Unicast ARP/NDP re-checks of neighbours in use past their reachable time.",
+            |c| c.neighbor_probes,
+        ),
+        (
+            "fulcrum_neighbor_failures_total",
+            "counter",
+            "Neighbours given up after unanswered re-checks (then asked by broadcast).",
+            |c| c.neighbor_failures,
         ),
         ("fulcrum_l7_connections_total", "counter", "Client connections accepted by the HTTP proxy.", |c| {
             c.l7.connections
@@ -467,6 +485,7 @@ mod tests {
             c.rx.packets = 1000;
             c.neighbors = 3;
             c.neighbors_capacity = 4096;
+            c.neighbor_probes = 7;
             c.loop_times.record(5_000);
             c.loop_times.record(50_000);
             c.loop_times.record(2_000_000_000);
@@ -493,6 +512,10 @@ mod tests {
         assert!(matches!(find("fulcrum_rx_packets_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 1000.0));
         assert!(matches!(find("fulcrum_neighbors", &[("core", "1")]), Some(Value::Gauge(v)) if v == 3.0));
         assert!(matches!(find("fulcrum_neighbors_capacity", &[("core", "1")]), Some(Value::Gauge(v)) if v == 4096.0));
+        assert!(matches!(find("fulcrum_neighbor_probes_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 7.0));
+        assert!(
+            matches!(find("fulcrum_neighbor_failures_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 0.0)
+        );
         assert!(matches!(
             find("fulcrum_drops_total", &[("core", "1"), ("reason", "no_backend")]),
             Some(Value::Counter(v)) if v == 1.0

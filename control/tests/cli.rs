@@ -124,6 +124,7 @@ fn check_without_manifests_summarises_the_bootstrap() {
     assert!(out.contains("conntrack:  65536 flows per core; reserves "), "{out}");
     assert!(out.contains("established 600s") && out.contains("udp 30s"), "{out}");
     assert!(out.contains("maglev:     table size 65537"), "{out}");
+    assert!(out.contains("neighbors:  4096 per core; re-checked 30000 ms after an answer"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("VIP ")), "no VIP table without manifests:\n{out}");
 }
 

@@ -23,6 +23,9 @@ use smoltcp::wire::{
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+mod table;
+pub use table::{NeighborCounters, NeighborRef, NeighborTable, RefState};
+
 const ARP_LEN: usize = 28;
 const IPV4_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
@@ -82,6 +85,12 @@ impl Interface {
         }
     }
 
+    /// Whether `ip` is reached directly (not through a next hop): only such neighbours are
+    /// worth a table entry, so only they are learned from the wire.
+    pub fn on_link(&self, ip: IpAddr) -> bool {
+        self.route(ip) == Some(ip)
+    }
+
     /// The neighbour to send to for `dst`: `dst` itself when on-link (inside the port's prefix,
     /// or IPv6 link-local), else the next hop of that family; `None` when there is no route.
     pub fn route(&self, dst: IpAddr) -> Option<IpAddr> {
@@ -112,194 +121,6 @@ pub enum Verdict {
     Drop(DropReason),
     /// Learned something (or nothing to do); nothing to send, not a drop.
     Consumed,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    ip: IpAddr,
-    mac: Option<[u8; 6]>,
-    is_static: bool,
-    /// When the MAC was last learned or confirmed.
-    updated_ms: u64,
-    /// When a solicitation was last asked for; `None` never.
-    solicited_ms: Option<u64>,
-}
-
-/// Fixed-capacity neighbour table (IPv4 and IPv6). Entries are never removed, so an index
-/// handed out by [`NeighborTable::index_of`] stays valid and a flow can cache it.
-/// Lookups go through an open-addressed index (linear probing, no deletions).
-pub struct NeighborTable {
-    entries: Vec<Entry>,
-    /// Slots hold entry index + 1; 0 is empty. Power-of-two length, at least 2x capacity.
-    slots: Vec<u16>,
-    capacity: usize,
-    /// What this table learned from the wire since the last [`NeighborTable::take_news`], for
-    /// the other workers: each has a table of its own, and an ARP or NDP answer reaches only
-    /// the one whose queue the NIC put it in (queue 0 for ARP under RSS), whoever asked.
-    news: Vec<(IpAddr, [u8; 6])>,
-}
-
-impl NeighborTable {
-    /// The index returned when the table is full: it never resolves and never solicits.
-    pub const NONE: u16 = u16::MAX;
-    /// Minimum interval between two solicitations for the same neighbour.
-    pub const SOLICIT_INTERVAL_MS: u64 = 1000;
-
-    /// A table for up to `capacity` neighbours (capped at 65534), all memory allocated now.
-    pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.clamp(1, u16::MAX as usize - 1);
-        let nslots = (capacity * 2).next_power_of_two();
-        NeighborTable {
-            entries: Vec::with_capacity(capacity),
-            slots: vec![0; nslots],
-            capacity,
-            news: Vec::with_capacity(Self::NEWS_CAPACITY),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Entries the table can hold (it never evicts: a full table resolves no new neighbour).
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn hash(ip: IpAddr) -> u64 {
-        let (a, b) = match ip {
-            IpAddr::V4(a) => (u32::from(a) as u64, 4u64),
-            IpAddr::V6(a) => {
-                let v = u128::from(a);
-                ((v as u64) ^ ((v >> 64) as u64), 6u64)
-            }
-        };
-        let x = (a ^ b.rotate_left(59)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^ (x >> 29)
-    }
-
-    /// Entry index of `ip`, or the empty slot where it would go.
-    fn find(&self, ip: IpAddr) -> Result<u16, usize> {
-        let mask = self.slots.len() - 1;
-        let mut s = Self::hash(ip) as usize & mask;
-        loop {
-            match self.slots[s] {
-                0 => return Err(s),
-                i if self.entries[(i - 1) as usize].ip == ip => return Ok(i - 1),
-                _ => s = (s + 1) & mask,
-            }
-        }
-    }
-
-    fn insert(&mut self, ip: IpAddr, mac: Option<[u8; 6]>, is_static: bool, now_ms: u64) -> u16 {
-        match self.find(ip) {
-            Ok(i) => i,
-            Err(slot) => {
-                if self.entries.len() >= self.capacity {
-                    return Self::NONE;
-                }
-                let i = self.entries.len() as u16;
-                self.entries.push(Entry { ip, mac, is_static, updated_ms: now_ms, solicited_ms: None });
-                self.slots[slot] = i + 1;
-                i
-            }
-        }
-    }
-
-    /// Adds (or overrides with) a static entry that learning never changes; returns its index
-    /// ([`Self::NONE`] when full).
-    pub fn add_static(&mut self, ip: IpAddr, mac: [u8; 6]) -> u16 {
-        let i = self.insert(ip, Some(mac), true, 0);
-        if let Some(e) = self.entries.get_mut(i as usize) {
-            e.mac = Some(mac);
-            e.is_static = true;
-        }
-        i
-    }
-
-    /// News kept between two [`NeighborTable::take_news`] (a loop iteration's worth); more in
-    /// one iteration are not passed on (each worker then solicits for itself, as before).
-    pub const NEWS_CAPACITY: usize = 64;
-
-    /// Records that `ip` is at `mac` (creating the entry if there is room), and keeps it as news
-    /// for the other workers. Static entries, unspecified/multicast IPs and multicast/zero MACs
-    /// are left alone.
-    pub fn learn(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) {
-        if self.learn_quietly(ip, mac, now_ms) && self.news.len() < Self::NEWS_CAPACITY {
-            self.news.push((ip, mac));
-        }
-    }
-
-    /// As [`NeighborTable::learn`], for what another worker learned: kept, not passed on again.
-    /// Returns whether the entry was taken.
-    pub fn learn_quietly(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) -> bool {
-        if ip.is_unspecified() || ip.is_multicast() || mac[0] & 1 != 0 || mac == [0; 6] {
-            return false;
-        }
-        if let IpAddr::V4(a) = ip {
-            if a.is_broadcast() {
-                return false;
-            }
-        }
-        let i = self.insert(ip, Some(mac), false, now_ms);
-        match self.entries.get_mut(i as usize) {
-            Some(e) if !e.is_static => {
-                e.mac = Some(mac);
-                e.updated_ms = now_ms;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// What was learned from the wire since the last call (see the `news` field).
-    pub fn take_news(&mut self) -> std::vec::Drain<'_, (IpAddr, [u8; 6])> {
-        self.news.drain(..)
-    }
-
-    /// Whether there is an entry for `ip`, resolved or not.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        self.find(ip).is_ok()
-    }
-
-    pub fn lookup(&self, ip: IpAddr) -> Option<[u8; 6]> {
-        self.find(ip).ok().and_then(|i| self.mac_at(i))
-    }
-
-    /// Gets or creates (unresolved) the entry of `ip`; its index is stable for the table's
-    /// lifetime. [`Self::NONE`] when the table is full.
-    pub fn index_of(&mut self, ip: IpAddr) -> u16 {
-        self.insert(ip, None, false, 0)
-    }
-
-    pub fn mac_at(&self, idx: u16) -> Option<[u8; 6]> {
-        self.entries.get(idx as usize).and_then(|e| e.mac)
-    }
-
-    /// True at most once per second per unresolved neighbour: the caller then sends a
-    /// solicitation. Always false for resolved entries and [`Self::NONE`].
-    pub fn should_solicit(&mut self, idx: u16, now_ms: u64) -> bool {
-        let Some(e) = self.entries.get_mut(idx as usize) else { return false };
-        if e.mac.is_some() {
-            return false;
-        }
-        match e.solicited_ms {
-            Some(t) if now_ms.saturating_sub(t) < Self::SOLICIT_INTERVAL_MS => false,
-            _ => {
-                e.solicited_ms = Some(now_ms);
-                true
-            }
-        }
-    }
-
-    /// The address of entry `idx` (`0.0.0.0` for [`Self::NONE`] or an index never handed out).
-    pub fn ip_at(&self, idx: u16) -> IpAddr {
-        self.entries.get(idx as usize).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |e| e.ip)
-    }
 }
 
 fn mac6(b: &[u8]) -> [u8; 6] {
@@ -336,7 +157,8 @@ fn write_arp(arp: &mut [u8], op: ArpOperation, sha: [u8; 6], spa: Ipv4Addr, tha:
 
 /// Answers or learns from an ARP packet (see the module conventions).
 ///
-/// - Request for our IPv4 or a VIP: reply in place from `iface.mac`, learn the sender.
+/// - Request for our IPv4 or a VIP: reply in place from `iface.mac`, learn the sender (if it
+///   is on-link, as everything learned).
 /// - Reply or gratuitous ARP (sender == target): learn when we already have an entry for the
 ///   sender or it is addressed to us, then `Consumed`.
 /// - Anything else: `Drop(ArpNotForUs)`; truncated or not Ethernet/IPv4: `Drop(ArpMalformed)`.
@@ -376,9 +198,11 @@ pub fn handle_arp<B: PacketBuf>(
     }
     let for_us = Some(tpa) == own || (!tpa.is_unspecified() && is_vip(IpAddr::V4(tpa)));
     let sender = IpAddr::V4(spa);
+    // Off-link senders are never sent to directly: an entry for one would only take room.
+    let learnable = iface.on_link(sender);
     match operation {
         ArpOperation::Request if for_us && spa != tpa => {
-            if !spa.is_unspecified() {
+            if !spa.is_unspecified() && learnable {
                 neigh.learn(sender, sha, now_ms);
             }
             let l3 = l2.l3_off;
@@ -394,7 +218,7 @@ pub fn handle_arp<B: PacketBuf>(
         ArpOperation::Request | ArpOperation::Reply => {
             let gratuitous = spa == tpa;
             let addressed = operation == ArpOperation::Reply && (Some(tpa) == own || tha == iface.mac);
-            if (gratuitous || operation == ArpOperation::Reply) && (addressed || neigh.contains(sender)) {
+            if learnable && (gratuitous || operation == ArpOperation::Reply) && (addressed || neigh.contains(sender)) {
                 neigh.learn(sender, sha, now_ms);
                 Verdict::Consumed
             } else {
@@ -578,7 +402,7 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
                     return Verdict::Drop(DropReason::IcmpUnhandled);
                 }
                 let sll = ll(lladdr);
-                if !dad {
+                if !dad && iface.on_link(IpAddr::V6(src)) {
                     if let Some(m) = sll {
                         neigh.learn(IpAddr::V6(src), m, now_ms);
                     }
@@ -615,14 +439,17 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
             NdiscRepr::NeighborAdvert { target_addr, lladdr, .. } => {
                 let target = IpAddr::V6(target_addr);
                 if let Some(m) = ll(lladdr) {
-                    if !iface.owns(target) && (neigh.contains(target) || iface.owns(IpAddr::V6(dst))) {
+                    if !iface.owns(target)
+                        && iface.on_link(target)
+                        && (neigh.contains(target) || iface.owns(IpAddr::V6(dst)))
+                    {
                         neigh.learn(target, m, now_ms);
                     }
                 }
                 Verdict::Consumed
             }
             NdiscRepr::RouterSolicit { lladdr } | NdiscRepr::RouterAdvert { lladdr, .. } => {
-                if let (false, Some(m)) = (src.is_unspecified(), ll(lladdr)) {
+                if let (false, true, Some(m)) = (src.is_unspecified(), iface.on_link(IpAddr::V6(src)), ll(lladdr)) {
                     neigh.learn(IpAddr::V6(src), m, now_ms);
                 }
                 Verdict::Consumed
@@ -682,11 +509,17 @@ pub fn arp_frame(op: ArpOperation, dst: [u8; 6], sha: [u8; 6], spa: Ipv4Addr, th
     f
 }
 
-/// A broadcast ARP request for `target` from the port's IPv4 address (untagged, 42 bytes).
+/// An ARP request for `target` from the port's IPv4 address (untagged, 42 bytes): broadcast,
+/// or to `unicast` (a probe of a known neighbour, as Linux sends, target MAC left zero).
 /// False when the port has no IPv4 address or the buffer is too small.
-pub fn build_arp_request<B: PacketBuf>(buf: &mut B, iface: &Interface, target: Ipv4Addr) -> bool {
+pub fn build_arp_request<B: PacketBuf>(
+    buf: &mut B,
+    iface: &Interface,
+    target: Ipv4Addr,
+    unicast: Option<[u8; 6]>,
+) -> bool {
     let Some((own, _)) = iface.ipv4 else { return false };
-    if !start_frame(buf, ETH_HLEN + ARP_LEN, BROADCAST, iface.mac, ETHERTYPE_ARP) {
+    if !start_frame(buf, ETH_HLEN + ARP_LEN, unicast.unwrap_or(BROADCAST), iface.mac, ETHERTYPE_ARP) {
         return false;
     }
     write_arp(&mut buf.data_mut()[ETH_HLEN..], ArpOperation::Request, iface.mac, own, [0; 6], target);
@@ -703,21 +536,30 @@ pub fn gratuitous_arp<B: PacketBuf>(buf: &mut B, iface: &Interface, ip: Ipv4Addr
     true
 }
 
-/// A Neighbor Solicitation for `target` to its solicited-node group, with a source link-layer
+/// A Neighbor Solicitation for `target` to its solicited-node group, or to `target` itself at
+/// `unicast` (a probe of a known neighbour, RFC 4861 §7.3.3), with a source link-layer
 /// address option, hop limit 255. The source is the link-local address for link-local targets
 /// (or when the port has no global IPv6), else the port's IPv6 address. Untagged, 86 bytes.
-pub fn build_neighbor_solicitation<B: PacketBuf>(buf: &mut B, iface: &Interface, target: Ipv6Addr) -> bool {
+pub fn build_neighbor_solicitation<B: PacketBuf>(
+    buf: &mut B,
+    iface: &Interface,
+    target: Ipv6Addr,
+    unicast: Option<[u8; 6]>,
+) -> bool {
     let src = match iface.ipv6 {
         Some((a, _)) if !ndp::is_link_local(target) => a,
         _ => iface.ipv6_link_local,
     };
-    let group = ndp::solicited_node(target);
+    let (dst, dst_mac) = match unicast {
+        Some(mac) => (target, mac),
+        None => (ndp::solicited_node(target), ndp::multicast_mac(ndp::solicited_node(target))),
+    };
     let ilen = ND_HLEN + LLADDR_OPT_LEN;
-    if !start_frame(buf, ETH_HLEN + IPV6_HLEN + ilen, ndp::multicast_mac(group), iface.mac, ETHERTYPE_IPV6) {
+    if !start_frame(buf, ETH_HLEN + IPV6_HLEN + ilen, dst_mac, iface.mac, ETHERTYPE_IPV6) {
         return false;
     }
     let ip = &mut buf.data_mut()[ETH_HLEN..];
-    write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, src, group);
+    write_ipv6(ip, ilen as u16, PROTO_ICMPV6, 255, src, dst);
     write_nd(
         &mut ip[IPV6_HLEN..],
         Icmpv6Message::NeighborSolicit,
@@ -725,7 +567,7 @@ pub fn build_neighbor_solicitation<B: PacketBuf>(buf: &mut B, iface: &Interface,
         target,
         iface.mac,
         src,
-        group,
+        dst,
     );
     true
 }
@@ -915,72 +757,6 @@ mod tests {
     }
 
     #[test]
-    fn neighbor_table() {
-        let mut t = NeighborTable::new(4);
-        let gw = IpAddr::V4(ip4("10.10.0.1"));
-        let g = t.add_static(gw, GW_MAC);
-        assert_eq!(t.lookup(gw), Some(GW_MAC));
-        t.learn(gw, PEER_MAC, 10);
-        assert_eq!(t.lookup(gw), Some(GW_MAC), "static entries are not overwritten");
-        assert_eq!(t.index_of(gw), g);
-
-        let b = IpAddr::V6(ip6("fd00:10::9"));
-        let i = t.index_of(b);
-        assert_eq!(t.ip_at(i), b);
-        assert_eq!(t.mac_at(i), None);
-        assert!(t.should_solicit(i, 1000));
-        assert!(!t.should_solicit(i, 1999));
-        assert!(t.should_solicit(i, 2000));
-        t.learn(b, PEER_MAC, 2100);
-        assert_eq!(t.mac_at(i), Some(PEER_MAC));
-        assert_eq!(t.index_of(b), i, "index stable once resolved");
-        assert!(!t.should_solicit(i, 9000));
-        t.learn(b, GW_MAC, 2200);
-        assert_eq!(t.lookup(b), Some(GW_MAC));
-
-        // Junk is never learned.
-        t.learn(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PEER_MAC, 0);
-        t.learn(IpAddr::V4(Ipv4Addr::BROADCAST), PEER_MAC, 0);
-        t.learn(IpAddr::V4(ip4("10.10.0.50")), BROADCAST, 0);
-        t.learn(IpAddr::V4(ip4("10.10.0.50")), [0; 6], 0);
-        t.learn(IpAddr::V6(ndp::ALL_NODES), PEER_MAC, 0);
-        assert_eq!(t.len(), 2);
-
-        t.learn(IpAddr::V4(ip4("10.10.0.3")), PEER_MAC, 0);
-        t.learn(IpAddr::V4(ip4("10.10.0.4")), PEER_MAC, 0);
-        assert_eq!(t.len(), 4);
-        // Full: nothing new, the sentinel index never resolves or solicits.
-        t.learn(IpAddr::V4(ip4("10.10.0.5")), PEER_MAC, 0);
-        assert_eq!(t.lookup(IpAddr::V4(ip4("10.10.0.5"))), None);
-        let n = t.index_of(IpAddr::V4(ip4("10.10.0.6")));
-        assert_eq!(n, NeighborTable::NONE);
-        assert_eq!(t.mac_at(n), None);
-        assert!(!t.should_solicit(n, 0));
-        assert_eq!(t.ip_at(n), IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        assert_eq!(t.add_static(IpAddr::V4(ip4("10.10.0.7")), GW_MAC), NeighborTable::NONE);
-        // Existing entries still found.
-        assert_eq!(t.lookup(IpAddr::V4(ip4("10.10.0.4"))), Some(PEER_MAC));
-    }
-
-    #[test]
-    fn neighbor_table_many_entries() {
-        let mut t = NeighborTable::new(1024);
-        for i in 0..1024u32 {
-            let ip = if i % 2 == 0 {
-                IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(0xfd00_u128 << 112 | i as u128))
-            };
-            assert_eq!(t.index_of(ip), i as u16);
-        }
-        for i in 0..1024u32 {
-            let ip = t.ip_at(i as u16);
-            assert_eq!(t.index_of(ip), i as u16);
-        }
-        assert_eq!(t.index_of(IpAddr::V4(ip4("1.1.1.1"))), NeighborTable::NONE);
-    }
-
-    #[test]
     fn arp_request_for_own_ip_and_vip_is_answered() {
         for (target, vlan) in [("10.10.0.2", None), ("10.20.0.10", None), ("10.20.0.10", Some(100u16))] {
             let mut c = Ctx::new();
@@ -1064,7 +840,7 @@ mod tests {
         assert_eq!(c.neigh.lookup(ip4("10.10.0.8").into()), None);
 
         // A pending (unresolved) entry gets resolved by a reply addressed elsewhere.
-        let i = c.neigh.index_of(ip4("10.10.0.9").into());
+        let i = c.neigh.index_of(ip4("10.10.0.9").into(), 0).idx;
         let r = eth(
             BROADCAST,
             PEER_MAC,
@@ -1085,6 +861,31 @@ mod tests {
         );
         assert_eq!(c.arp(&claim).0, Verdict::Drop(DropReason::ArpNotForUs));
         assert_eq!(c.neigh.lookup(ip4("10.10.0.2").into()), None);
+
+        // Senders outside the port's prefix are answered but not learned: they are reached
+        // through the next hop, so an entry would only take room (a spoofing sender could
+        // otherwise fill the table with addresses of its choosing).
+        let before = c.neigh.len();
+        let off_link = eth(
+            BROADCAST,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Request, PEER_MAC, "198.51.100.7", [0; 6], "10.20.0.10"),
+        );
+        assert_eq!(c.arp(&off_link).0, Verdict::Tx);
+        assert_eq!(c.stats.arp_replies, 1);
+        c.stats.arp_replies = 0;
+        let off_reply = eth(
+            MAC,
+            PEER_MAC,
+            None,
+            ETHERTYPE_ARP,
+            &arp(ArpOperation::Reply, PEER_MAC, "198.51.100.8", MAC, "10.10.0.2"),
+        );
+        assert_eq!(c.arp(&off_reply).0, Verdict::Drop(DropReason::ArpNotForUs));
+        assert_eq!(c.neigh.len(), before);
+        assert_eq!(c.neigh.lookup(ip4("198.51.100.7").into()), None);
 
         // Malformed: wrong protocol type, multicast sender.
         let mut bad = arp(ArpOperation::Request, PEER_MAC, "10.10.0.7", [0; 6], "10.10.0.2");
@@ -1294,10 +1095,17 @@ mod tests {
         assert_eq!(c.icmp6(&bad).0, Verdict::Drop(DropReason::IcmpMalformed));
         assert_eq!(c.stats.ndp_replies, 0);
         assert!(c.neigh.is_empty());
+        // An NS from outside the port's prefix is answered, its source not learned.
+        let far = ip6("2001:db8::5");
+        let far_ns = eth(MAC, GW_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(far, t, 255, &ns(t, Some(GW_MAC))));
+        assert_eq!(c.icmp6(&far_ns).0, Verdict::Tx);
+        assert!(c.neigh.is_empty(), "off-link source learned");
+        assert_eq!(c.icmp6(&f(255, &ns(t, Some(GW_MAC)), t)).0, Verdict::Tx);
+        assert_eq!(c.neigh.lookup(src.into()), Some(GW_MAC), "on-link source learned");
 
         // NA to us for a pending neighbour: learned.
         let peer = ip6("fd00:10::7");
-        let i = c.neigh.index_of(peer.into());
+        let i = c.neigh.index_of(peer.into(), 0).idx;
         let mut na = vec![0u8; 32];
         write_nd(&mut na, Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::SOLICITED, peer, PEER_MAC, peer, t);
         let na_frame = eth(MAC, PEER_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(peer, t, 255, &na));
@@ -1373,7 +1181,7 @@ mod tests {
     fn originated_packets() {
         let i = iface();
         let mut b = HeapBuf::new();
-        assert!(build_arp_request(&mut b, &i, ip4("10.10.0.1")));
+        assert!(build_arp_request(&mut b, &i, ip4("10.10.0.1"), None));
         assert_eq!(
             b.data(),
             &eth(
@@ -1387,6 +1195,19 @@ mod tests {
         // The other side answers our request; we learn from its reply.
         let mut c = Ctx::new();
         c.iface = Interface { mac: GW_MAC, ipv4: Some((ip4("10.10.0.1"), 24)), ..iface() };
+        let (v, reply) = c.arp(b.data());
+        assert_eq!(v, Verdict::Tx);
+        let mut me = Ctx::new();
+        assert_eq!(me.arp(&reply).0, Verdict::Consumed);
+        assert_eq!(me.neigh.lookup(ip4("10.10.0.1").into()), Some(GW_MAC));
+        // A probe of a known neighbour goes to its MAC alone; its answer is learned the same way.
+        let mut b = HeapBuf::new();
+        assert!(build_arp_request(&mut b, &i, ip4("10.10.0.1"), Some(GW_MAC)));
+        assert_eq!(
+            b.data(),
+            &eth(GW_MAC, MAC, None, ETHERTYPE_ARP, &arp(ArpOperation::Request, MAC, "10.10.0.2", [0; 6], "10.10.0.1"))
+                [..]
+        );
         let (v, reply) = c.arp(b.data());
         assert_eq!(v, Verdict::Tx);
         let mut me = Ctx::new();
@@ -1406,12 +1227,12 @@ mod tests {
             )[..]
         );
         let no_v4 = Interface { ipv4: None, ..iface() };
-        assert!(!build_arp_request(&mut b, &no_v4, ip4("10.10.0.1")));
+        assert!(!build_arp_request(&mut b, &no_v4, ip4("10.10.0.1"), None));
 
         // NS from us, answered by a peer that owns the target, learned from the NA.
         let gw = ip6("fd00:10::1");
         let mut b = HeapBuf::new();
-        assert!(build_neighbor_solicitation(&mut b, &i, gw));
+        assert!(build_neighbor_solicitation(&mut b, &i, gw, None));
         let f = b.data().to_vec();
         assert_eq!(f.len(), 86);
         assert_eq!(&f[..6], &[0x33, 0x33, 0xff, 0, 0, 1]);
@@ -1424,13 +1245,27 @@ mod tests {
         assert_eq!(v, Verdict::Tx);
         assert_eq!(peer.neigh.lookup(ip6("fd00:10::2").into()), Some(MAC));
         let mut me = Ctx::new();
-        let idx = me.neigh.index_of(gw.into());
+        let r = me.neigh.index_of(gw.into(), 0);
         assert_eq!(me.icmp6(&na).0, Verdict::Consumed);
-        assert_eq!(me.neigh.mac_at(idx), Some(GW_MAC));
+        assert_eq!(me.neigh.mac_at(r.idx), Some(GW_MAC));
+        // The unicast probe: to the neighbour's own address and MAC, answered and learned alike.
+        let mut b = HeapBuf::new();
+        assert!(build_neighbor_solicitation(&mut b, &i, gw, Some(GW_MAC)));
+        let f = b.data().to_vec();
+        assert_eq!(f.len(), 86);
+        assert_eq!(&f[..6], &GW_MAC);
+        assert_eq!(v6(&f[38..54]), gw);
+        assert!(Icmpv6Packet::new_checked(&f[54..]).unwrap().verify_checksum(&ip6("fd00:10::2"), &gw));
+        let (v, na) = peer.icmp6(&f);
+        assert_eq!(v, Verdict::Tx);
+        let mut me = Ctx::new();
+        let r = me.neigh.index_of(gw.into(), 0);
+        assert_eq!(me.icmp6(&na).0, Verdict::Consumed);
+        assert_eq!(me.neigh.mac_at(r.idx), Some(GW_MAC));
 
         // NS for a link-local target comes from our link-local.
         let mut b = HeapBuf::new();
-        assert!(build_neighbor_solicitation(&mut b, &i, ip6("fe80::1")));
+        assert!(build_neighbor_solicitation(&mut b, &i, ip6("fe80::1"), None));
         assert_eq!(v6(&b.data()[22..38]), i.ipv6_link_local);
 
         let mut b = HeapBuf::new();

@@ -134,6 +134,11 @@ pub struct CoreStats {
     /// Neighbour table: entries (resolved or being resolved) and what it can hold.
     pub neighbors: u64,
     pub neighbors_capacity: u64,
+    /// Neighbour entries given to another address (table full), unicast re-checks of entries
+    /// past their reachable time, and entries given up after unanswered re-checks.
+    pub neighbor_evictions: u64,
+    pub neighbor_probes: u64,
+    pub neighbor_failures: u64,
     /// Indexed like the snapshot's services.
     pub per_vip: Vec<Counter>,
     /// Indexed like the snapshot's backends (all services' backends in one array).
@@ -200,6 +205,9 @@ impl CoreStats {
         self.ct_evictions += o.ct_evictions;
         self.neighbors += o.neighbors;
         self.neighbors_capacity += o.neighbors_capacity;
+        self.neighbor_evictions += o.neighbor_evictions;
+        self.neighbor_probes += o.neighbor_probes;
+        self.neighbor_failures += o.neighbor_failures;
         self.l7_segments += o.l7_segments;
         self.l7.merge(&o.l7);
         self.resize(self.per_vip.len().max(o.per_vip.len()), self.per_backend.len().max(o.per_backend.len()));
@@ -226,7 +234,9 @@ impl CoreStats {
             "arp_replies": self.arp_replies, "ndp_replies": self.ndp_replies,
             "echo_replies": self.echo_replies, "announcements": self.announcements, "icmp_errors_forwarded": self.icmp_errors_forwarded,
             "handed_off": self.handed_off, "handoff_received": self.handoff_received,
-            "neighbors": {"entries": self.neighbors, "capacity": self.neighbors_capacity},
+            "neighbors": {"entries": self.neighbors, "capacity": self.neighbors_capacity,
+                          "evictions": self.neighbor_evictions, "probes": self.neighbor_probes,
+                          "failures": self.neighbor_failures},
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "per_vip": self.per_vip, "per_backend": self.per_backend,

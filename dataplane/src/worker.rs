@@ -15,7 +15,7 @@ use crate::l4::icmp_error;
 use crate::l4::snat::{self, SnatPorts};
 use crate::l7::proxy::{Proxy, ProxyConfig};
 use crate::l7::stack::ConnKey;
-use crate::neigh::{self, Interface, NeighborTable, Verdict};
+use crate::neigh::{self, Interface, NeighborRef, NeighborTable, RefState, Verdict};
 use crate::packet::PacketBuf;
 use crate::port::{Burst, Port, BURST};
 use crate::snapshot::{v4_u128, Mode, Snapshot, VipMatch};
@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     pub affinity_capacity: usize,
     /// Static neighbours (the next hop's MAC when configured).
     pub static_neighbors: Vec<(IpAddr, [u8; 6])>,
+    /// The bootstrap file's `neighbors` section.
+    pub neighbors: fulcrum_config::bootstrap::NeighborsConfig,
     /// The HTTP proxy's settings, when the bootstrap file has an `l7` section and the port an
     /// IPv4 address (upstream connections come from it).
     pub l7: Option<L7Settings>,
@@ -107,6 +109,7 @@ impl WorkerConfig {
             seed: random_seed(),
             affinity_capacity: 65536,
             static_neighbors,
+            neighbors: boot.neighbors.clone(),
             l7: boot.l7.as_ref().map(|c| L7Settings {
                 addr: c.address,
                 http_ports: c.http_ports.clone(),
@@ -206,8 +209,8 @@ impl Family for u128 {
     }
 }
 
-/// A neighbour's address and its slot in the neighbour table.
-type NeighborSlot = (IpAddr, u16);
+/// A neighbour's address and its entry in the neighbour table.
+type NeighborSlot = (IpAddr, NeighborRef);
 
 /// What stage 1 decided for a packet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -292,6 +295,8 @@ pub struct Worker {
     /// Milliseconds, wrapping.
     now: u32,
     now_ms: u64,
+    /// The last millisecond the neighbour table was aged in.
+    aged_ms: u64,
     /// A flow was created earlier in this burst: later misses must re-check the table, since
     /// their stage-2 candidate predates it.
     inserted_this_burst: bool,
@@ -302,7 +307,8 @@ impl Worker {
         let cap4 = cfg.ct_capacity;
         let ct4 = Conntrack::new(cap4, cfg.timeouts, cfg.seed)?;
         let ct6 = Conntrack::new(cfg.ct_capacity_v6, cfg.timeouts, cfg.seed ^ 0x5555)?;
-        let mut neigh = NeighborTable::new(4096);
+        let n = &cfg.neighbors;
+        let mut neigh = NeighborTable::with_reachability(n.capacity as usize, n.reachable_ms as u64, n.probes);
         for &(ip, mac) in &cfg.static_neighbors {
             neigh.add_static(ip, mac);
         }
@@ -361,6 +367,7 @@ impl Worker {
             next_announce_ms: 0,
             now: 0,
             now_ms: 0,
+            aged_ms: 0,
             inserted_this_burst: false,
         };
         w.queue_backend_neighbors();
@@ -406,7 +413,7 @@ impl Worker {
         let to = (from + Self::RESOLVE_STEP).min(snap.backends.len());
         self.resolve_cursor = (to < snap.backends.len()).then_some(to);
         for b in &snap.backends[from..to] {
-            if let Ok(idx) = self.neighbor_index(b.addr) {
+            if let Ok(NeighborRef { idx, .. }) = self.neighbor_index(b.addr) {
                 if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
                     self.to_resolve.push(idx);
                 }
@@ -456,6 +463,9 @@ impl Worker {
         let mut s = self.stats.clone();
         s.neighbors = self.neigh.len() as u64;
         s.neighbors_capacity = self.neigh.capacity() as u64;
+        s.neighbor_evictions = self.neigh.counters.evictions;
+        s.neighbor_probes = self.neigh.counters.probes;
+        s.neighbor_failures = self.neigh.counters.failures;
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
         if let Some(p) = self.proxy.as_ref() {
@@ -475,6 +485,12 @@ impl Worker {
             if self.neigh.mac_at(idx).is_none() && self.neigh.should_solicit(idx, self.now_ms) {
                 self.solicit.push(idx);
             }
+        }
+        if self.now_ms != self.aged_ms {
+            // Once a millisecond: a few entries past their reachable time asked again.
+            self.aged_ms = self.now_ms;
+            let solicit = &mut self.solicit;
+            self.neigh.age(self.now_ms, |idx| solicit.try_push(idx).is_ok());
         }
         self.send_solicitations(port);
         if self.announce_rounds > 0 && self.now_ms >= self.next_announce_ms {
@@ -497,8 +513,8 @@ impl Worker {
             if tx.is_full() {
                 self.send(port, &mut tx);
             }
-            let dst = std::net::Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-            let mac = match self.neighbor_index(IpAddr::V4(dst)).and_then(|i| self.neighbor_mac(i)) {
+            let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
+            let mac = match self.neighbor_index(dst.to_ip()).and_then(|r| self.neighbor_mac(r, dst)) {
                 Ok(m) => m,
                 Err(r) => return self.stats.drop(r),
             };
@@ -573,9 +589,11 @@ impl Worker {
         let mut tx: Burst<P::Buf> = Burst::new();
         for idx in self.solicit.drain(..) {
             let Some(mut b) = port.alloc() else { break };
+            // A neighbour with a MAC is being probed: asked at that MAC alone.
+            let unicast = self.neigh.mac_at(idx);
             let ok = match self.neigh.ip_at(idx) {
-                IpAddr::V4(a) => neigh::build_arp_request(&mut b, &self.cfg.iface, a),
-                IpAddr::V6(a) => neigh::build_neighbor_solicitation(&mut b, &self.cfg.iface, a),
+                IpAddr::V4(a) => neigh::build_arp_request(&mut b, &self.cfg.iface, a, unicast),
+                IpAddr::V6(a) => neigh::build_neighbor_solicitation(&mut b, &self.cfg.iface, a, unicast),
             };
             if ok {
                 tx.push(b);
@@ -941,7 +959,7 @@ impl Worker {
         if let Some(c) = self.stats.per_backend.get_mut(flow.backend as usize) {
             c.add(len);
         }
-        let mac = match self.neighbor_mac(flow.neigh_fwd) {
+        let mac = match self.neighbor_mac(flow.neigh_fwd, flow.rev.src) {
             Ok(mac) => mac,
             Err(r) => return Class::Drop(r),
         };
@@ -1084,7 +1102,7 @@ impl Worker {
         if let Some(c) = self.stats.per_backend.get_mut(flow.backend as usize) {
             c.add(f.len());
         }
-        let mac = match self.neighbor_mac(flow.neigh_rev) {
+        let mac = match self.neighbor_mac(flow.neigh_rev, flow.fwd.src) {
             Ok(mac) => mac,
             Err(r) => return Class::Drop(r),
         };
@@ -1101,35 +1119,45 @@ impl Worker {
         Class::Tx
     }
 
-    /// The neighbour-table slot for reaching `dst` (itself on-link, else the next hop). The
-    /// next hops' slots are remembered, so the common off-link case costs no table lookup.
-    fn neighbor_index(&mut self, dst: IpAddr) -> Result<u16, DropReason> {
+    /// The neighbour-table entry for reaching `dst` (itself on-link, else the next hop). The
+    /// next hops' entries are remembered, so the common off-link case costs no table lookup.
+    fn neighbor_index(&mut self, dst: IpAddr) -> Result<NeighborRef, DropReason> {
         let hop = self.cfg.iface.route(dst).ok_or(DropReason::NoRoute)?;
         let cached = match hop {
             IpAddr::V4(_) => &mut self.next_hop_slot.0,
             IpAddr::V6(_) => &mut self.next_hop_slot.1,
         };
-        if let Some((ip, idx)) = *cached {
-            if ip == hop {
-                return Ok(idx);
+        if let Some((ip, r)) = *cached {
+            if ip == hop && self.neigh.is_current(r) {
+                return Ok(r);
             }
         }
-        let idx = self.neigh.index_of(hop);
+        let r = self.neigh.index_of(hop, self.now_ms);
         if Some(hop) == self.cfg.iface.next_hop_v4.map(IpAddr::V4)
             || Some(hop) == self.cfg.iface.next_hop_v6.map(IpAddr::V6)
         {
-            *cached = Some((hop, idx));
+            *cached = Some((hop, r));
         }
-        Ok(idx)
+        Ok(r)
     }
 
+    /// The MAC to send to for a flow that took entry `r` for reaching `dst`. When the full
+    /// table has since given the entry to another address, `dst` is looked up again (the flow
+    /// keeps its old reference: this is rare, and costs a look-up per packet only while the
+    /// table is too small).
     #[inline(always)]
-    fn neighbor_mac(&mut self, idx: u16) -> Result<[u8; 6], DropReason> {
-        match self.neigh.mac_at(idx) {
-            Some(mac) => Ok(mac),
-            None => {
-                if self.neigh.should_solicit(idx, self.now_ms) && !self.solicit.is_full() {
-                    self.solicit.push(idx);
+    fn neighbor_mac<D: Addr>(&mut self, r: NeighborRef, dst: D) -> Result<[u8; 6], DropReason> {
+        let mut r = r;
+        let mut state = self.neigh.use_ref(r, self.now_ms);
+        if state == RefState::Moved {
+            r = self.neighbor_index(dst.to_ip())?;
+            state = self.neigh.use_ref(r, self.now_ms);
+        }
+        match state {
+            RefState::Resolved(mac) => Ok(mac),
+            _ => {
+                if self.neigh.should_solicit(r.idx, self.now_ms) && !self.solicit.is_full() {
+                    self.solicit.push(r.idx);
                 }
                 Err(DropReason::NeighborUnresolved)
             }
@@ -1212,8 +1240,8 @@ impl Worker {
         Some((idx, dir, *ct.flow(idx)))
     }
 
-    pub(crate) fn mac_for(&mut self, idx: u16) -> Result<[u8; 6], DropReason> {
-        self.neighbor_mac(idx)
+    pub(crate) fn mac_for<D: Addr>(&mut self, r: NeighborRef, dst: D) -> Result<[u8; 6], DropReason> {
+        self.neighbor_mac(r, dst)
     }
 
     pub(crate) fn encap_to_backend<A: Family, B: PacketBuf>(
@@ -1222,7 +1250,7 @@ impl Worker {
         l3: usize,
         flow: &Flow<A>,
     ) -> Class {
-        let mac = match self.neighbor_mac(flow.neigh_fwd) {
+        let mac = match self.neighbor_mac(flow.neigh_fwd, flow.rev.src) {
             Ok(m) => m,
             Err(r) => return Class::Drop(r),
         };

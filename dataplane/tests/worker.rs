@@ -1202,6 +1202,98 @@ fn unresolved_next_hop_solicits_then_flows() {
     assert!(l4_csum_ok(ns.src, ns.dst, 58, ns.l4()));
 }
 
+/// The next hop's MAC changes without a gratuitous ARP (a router replaced, a VM moved): past
+/// its reachable time the entry in use is asked at the old MAC once a second, then given up
+/// and asked by broadcast, and traffic follows the answer. Before, the first MAC learned was
+/// kept for the process's life and every packet went to a MAC nobody had any more.
+#[test]
+fn a_neighbor_whose_mac_changed_is_found_again() {
+    const NEW_MAC: [u8; 6] = [0x02, 0xf1, 0, 0, 0, 0xfd];
+    let mut cfg = config();
+    cfg.static_neighbors.clear();
+    cfg.neighbors.reachable_ms = 2_000;
+    cfg.neighbors.probes = 2;
+    let mut h = H::with(cfg, fixed_services());
+    let syn = tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).frame();
+    h.step(0, &syn);
+    let reply = eth(LB_MAC, GW_MAC, 0x0806, &arp(2, GW_MAC, GW4, LB_MAC, LB4));
+    h.step(1000, &reply);
+    let request = arp(1, LB_MAC, LB4, [0; 6], GW4);
+    let probe = eth(GW_MAC, LB_MAC, 0x0806, &request);
+    let broadcast = eth([0xff; 6], LB_MAC, 0x0806, &request);
+    // Within the reachable time: forwarded, nobody asked.
+    for t in (1000..3000).step_by(250) {
+        let (sent, drops) = h.step(t, &syn);
+        assert!(drops.is_empty(), "t={t}: {drops:?}");
+        assert_eq!(sent.len(), 1, "t={t}: only the SYN");
+        assert_eq!(parse(&sent[0]).dmac, GW_MAC);
+    }
+    // Past it: a unicast probe to the MAC in use, which traffic keeps going to meanwhile.
+    let (sent, _) = h.step(3000, &syn);
+    assert_eq!(sent.len(), 2, "SYN and probe");
+    assert_eq!(parse(&sent[0]).dmac, GW_MAC);
+    assert_eq!(sent[1], probe);
+    assert!(h.step(3500, &syn).0.len() == 1, "one probe a second");
+    let (sent, _) = h.step(4000, &syn);
+    assert_eq!(sent[1..], [probe], "second probe");
+    // Two unanswered: given up and asked by broadcast; traffic waits for the answer.
+    let (sent, _) = h.step(5000, &syn);
+    assert_eq!(sent[1..], [broadcast]);
+    let (sent, drops) = h.step(5500, &syn);
+    assert_eq!(drops, vec![DropReason::NeighborUnresolved]);
+    assert!(sent.is_empty());
+    let (sent, drops) = h.step(5001, &eth(LB_MAC, NEW_MAC, 0x0806, &arp(2, NEW_MAC, GW4, LB_MAC, LB4)));
+    assert!(sent.is_empty() && drops.is_empty());
+    assert_eq!(h.fwd(5002, &syn).dmac, NEW_MAC);
+    let s = h.w.stats_copy();
+    assert_eq!((s.neighbor_probes, s.neighbor_failures, s.neighbor_evictions), (2, 1, 0));
+}
+
+/// Clients on the appliance's own segment each take a neighbour entry. A full table gives
+/// the entry of a client gone quiet to a new one; before, the 4,097th client ever seen got no
+/// answer until a restart. Senders of ARP requests never push out entries traffic uses.
+#[test]
+fn a_full_neighbor_table_still_serves_new_on_link_clients() {
+    let mut cfg = config();
+    cfg.neighbors.capacity = 4; // the next hops' static entries (IPv4, IPv6) and two more
+    let mut h = H::with(cfg, fixed_services());
+    let mac = |i: u8| [0x02, 0xc1, 0, 0, 0, i];
+    let asks_for_vip = |i: u8| {
+        eth([0xff; 6], mac(i), 0x0806, &arp(1, mac(i), &format!("10.10.0.{}", 100 + i as u16), [0; 6], WEB_VIP))
+    };
+    for i in 0..10u8 {
+        // Each client a minute after the last: the earlier ones have gone quiet.
+        let now = 1_000 + i as u64 * 60_000;
+        let client = format!("10.10.0.{}", 100 + i);
+        let (sent, drops) = h.step(now, &asks_for_vip(i));
+        assert!(drops.is_empty() && sent.len() == 1, "client {i}: ARP answered");
+        let syn = h.fwd(now, &tcp(&client, 40000, WEB_VIP, 80, SYN).frame());
+        let sa = Seg { src: syn.dst, dst: ip(LB4), ..tcp("0.0.0.0", syn.dport, "0.0.0.0", syn.sport, SYN | ACK) };
+        let back = h.fwd(now, &sa.frame());
+        assert_eq!((back.dst, back.dmac), (ip(&client), mac(i)), "client {i}");
+    }
+    assert!(h.w.stats_copy().neighbor_evictions >= 7);
+
+    // Two clients in the middle of transfers while 200 others ask for the VIP: their replies
+    // keep going out, none dropped (the askers take only idle entries, and there are none).
+    let now = 1_000_000;
+    let mut from_be = Vec::new();
+    for i in [50u8, 60] {
+        h.step(now, &asks_for_vip(i));
+        let syn = h.fwd(now, &tcp(&format!("10.10.0.{}", 100 + i as u16), 40001, WEB_VIP, 80, SYN).frame());
+        let seg =
+            move |flags| Seg { src: syn.dst, dst: ip(LB4), ..tcp("0.0.0.0", syn.dport, "0.0.0.0", syn.sport, flags) };
+        assert_eq!(h.fwd(now, &seg(SYN | ACK).frame()).dmac, mac(i));
+        from_be.push((i, seg));
+    }
+    for k in 0..200u64 {
+        h.step(now + 10 * k, &asks_for_vip(70 + (k % 80) as u8));
+        for (i, seg) in &from_be {
+            assert_eq!(h.fwd(now + 10 * k, &seg(ACK).frame()).dmac, mac(*i), "client {i} after {k} askers");
+        }
+    }
+}
+
 // --- Malformed and truncated input ---------------------------------------------------------------
 
 /// Every frame is either sent or counted as exactly one drop, and nothing panics.

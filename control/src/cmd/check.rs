@@ -175,7 +175,13 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
         "    timeouts: tcp syn {}s, established {}s, fin {}s, closed {}s; udp {}s",
         t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_closed, t.udp
     )?;
-    writeln!(out, "  maglev:     table size {}", boot.maglev.table_size)
+    writeln!(out, "  maglev:     table size {}", boot.maglev.table_size)?;
+    let n = &boot.neighbors;
+    writeln!(
+        out,
+        "  neighbors:  {} per core; re-checked {} ms after an answer while in use, given up after {} unanswered",
+        n.capacity, n.reachable_ms, n.probes
+    )
 }
 
 fn proto_name(p: u8) -> &'static str {

@@ -16,6 +16,7 @@
 
 use super::hash::mum;
 use crate::mem::{prefetch, HugeArray, Zeroable};
+use crate::neigh::NeighborRef;
 use std::fmt::Debug;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -170,10 +171,10 @@ pub struct Flow<A: Addr> {
     pub fins: u8,
     /// Snapshot index of the service and of the backend (for counters).
     pub service: u16,
-    /// Neighbour-table slot of the next hop towards the backend / towards the client.
-    pub neigh_fwd: u16,
+    /// Neighbour-table entry of the next hop towards the backend / towards the client.
+    pub neigh_fwd: NeighborRef,
     pub backend: u32,
-    pub neigh_rev: u16,
+    pub neigh_rev: NeighborRef,
     /// Precomputed checksum differences for the forward rewrite (the reverse is their
     /// complement): IPv4 header (addresses), and L4 (pseudo-header addresses and ports).
     pub ip_delta: u16,

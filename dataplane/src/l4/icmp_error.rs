@@ -142,7 +142,7 @@ fn translate<A: Family, B: PacketBuf>(
         _ => return Class::Drop(DropReason::NoFlow),
     };
     let (o_src, o_dst, n_src, n_dst, n_sport, n_dport, neigh) = plan;
-    let mac = match w.mac_for(neigh) {
+    let mac = match w.mac_for(neigh, o_dst) {
         Ok(m) => m,
         Err(r) => return Class::Drop(r),
     };
