@@ -327,6 +327,8 @@ fn run_worker<P: Port>(
             idle_since = None;
         }
     }
+    // The proxy's connections are reset, not left for peers to time out.
+    w.abort_connections(&mut port);
     *shared.stats[index].lock().unwrap_or_else(|e| e.into_inner()) = w.stats_copy();
 }
 

@@ -508,30 +508,43 @@ impl Worker {
     fn run_proxy<P: Port>(&mut self, port: &mut P) {
         let Some(mut proxy) = self.proxy.take() else { return };
         let mut tx: Burst<P::Buf> = Burst::new();
-        let now_ms = self.now_ms;
-        proxy.run(now_ms, |ip| {
-            if tx.is_full() {
-                self.send(port, &mut tx);
-            }
-            let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
-            let mac = match self.neighbor_index(dst.to_ip()).and_then(|r| self.neighbor_mac(r, dst)) {
-                Ok(m) => m,
-                Err(r) => return self.stats.drop(r),
-            };
-            let Some(mut b) = port.alloc() else { return self.stats.drop(DropReason::TxFull) };
-            if !b.set_len(14 + ip.len()) {
-                return self.stats.drop(DropReason::TooBigForEncap);
-            }
-            let f = b.data_mut();
-            ether::set_macs(f, mac, self.cfg.iface.mac);
-            f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
-            f[14..].copy_from_slice(ip);
-            tx.push(b);
-        });
+        proxy.run(self.now_ms, |ip| self.emit_proxy_packet(port, &mut tx, ip));
         self.send(port, &mut tx);
         let st = proxy.stats;
         self.stats.l7 = st;
         self.proxy = Some(proxy);
+    }
+
+    /// The worker is stopping: resets every connection of the HTTP proxy and sends the resets
+    /// (see `Proxy::abort_all`).
+    pub fn abort_connections<P: Port>(&mut self, port: &mut P) {
+        let Some(mut proxy) = self.proxy.take() else { return };
+        let mut tx: Burst<P::Buf> = Burst::new();
+        proxy.abort_all(self.now_ms, |ip| self.emit_proxy_packet(port, &mut tx, ip));
+        self.send(port, &mut tx);
+        self.proxy = Some(proxy);
+    }
+
+    /// One IP packet of the proxy's, in an Ethernet frame to the next hop of its destination.
+    #[inline(always)]
+    fn emit_proxy_packet<P: Port>(&mut self, port: &mut P, tx: &mut Burst<P::Buf>, ip: &[u8]) {
+        if tx.is_full() {
+            self.send(port, tx);
+        }
+        let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
+        let mac = match self.neighbor_index(dst.to_ip()).and_then(|r| self.neighbor_mac(r, dst)) {
+            Ok(m) => m,
+            Err(r) => return self.stats.drop(r),
+        };
+        let Some(mut b) = port.alloc() else { return self.stats.drop(DropReason::TxFull) };
+        if !b.set_len(14 + ip.len()) {
+            return self.stats.drop(DropReason::TooBigForEncap);
+        }
+        let f = b.data_mut();
+        ether::set_macs(f, mac, self.cfg.iface.mac);
+        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f[14..].copy_from_slice(ip);
+        tx.push(b);
     }
 
     /// The HTTP proxy's counters (None without an `l7` section).
@@ -794,6 +807,22 @@ impl Worker {
         } else {
             Class::Drop(DropReason::NoFlow)
         };
+        let f = buf.data();
+        let flags = f.get(l3 + (f[l3] & 0x0f) as usize * 4 + 13).copied().unwrap_or(0);
+        if m.class == Class::Consumed && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+            self.hint_on_link_client(IpAddr::V4(m.key4.src.into()), ether::src_mac(f));
+        }
+    }
+
+    /// A connection opened from `src`: if it is on-link and not resolved, the frame's source
+    /// MAC is its MAC (checked by unicast at once), so that our answer is not dropped while we
+    /// ask (the client had our MAC from before: a restart, a takeover, an entry evicted).
+    #[cold]
+    fn hint_on_link_client(&mut self, src: IpAddr, mac: [u8; 6]) {
+        if self.cfg.iface.on_link(src) {
+            let r = self.neigh.index_of(src, self.now_ms);
+            self.neigh.hint(r, mac, self.now_ms);
+        }
     }
 
     /// The rest of IPv4: fragments, truncated L4 headers, ICMP, other protocols.
@@ -946,7 +975,7 @@ impl Worker {
                     A::ct(self).remove(idx);
                     A::ct(self).counters.expired += 1;
                 }
-                match self.new_flow::<A>(&key, m, svc) {
+                match self.new_flow::<A>(&key, m, svc, ether::src_mac(buf.data())) {
                     Ok(idx) => *A::ct_ref(self).flow(idx),
                     Err(r) => return Class::Drop(r),
                 }
@@ -983,7 +1012,13 @@ impl Worker {
 
     /// Creates the flow for a miss: Maglev (or affinity) pick, SNAT port, neighbours, insert.
     #[inline(never)]
-    fn new_flow<A: Family>(&mut self, key: &FlowKey<A>, m: &Meta, svc: u16) -> Result<u32, DropReason> {
+    fn new_flow<A: Family>(
+        &mut self,
+        key: &FlowKey<A>,
+        m: &Meta,
+        svc: u16,
+        src_mac: [u8; 6],
+    ) -> Result<u32, DropReason> {
         let snap = self.snap_ref();
         let s = &snap.services[svc as usize];
         let syn = m.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
@@ -1032,6 +1067,10 @@ impl Worker {
                 flow.rev = rev;
                 flow.has_rev = true;
                 flow.neigh_rev = self.neighbor_index(key.src.to_ip())?;
+                if self.cfg.iface.on_link(key.src.to_ip()) {
+                    // The frame came from the client itself (see hint_on_link_client).
+                    self.neigh.hint(flow.neigh_rev, src_mac, self.now_ms);
+                }
                 let (old_a, new_a) = (addr_pair(key.src, key.dst), addr_pair(rev.dst, rev.src));
                 flow.ip_delta = Delta::between(&old_a.0[..old_a.1], &new_a.0[..new_a.1]).0;
                 let old_l4 = with_ports(old_a, key.sport, key.dport);

@@ -341,6 +341,54 @@ fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
     assert_eq!(upstream_sockets(&lab), 0, "pooled upstreams kept past their idle timeout");
 }
 
+/// The appliance stopping: every connection, the client's and the pooled upstreams, is reset
+/// (a kernel does it for a process that exits), so neither side waits for its own timeout.
+/// Before, backends kept the pooled connections half-open, and a restarted appliance's first
+/// connection from the same port waited a second for its retransmission.
+#[test]
+fn stopping_resets_client_and_upstream_connections() {
+    use smoltcp::socket::tcp::State;
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let h = lab.connect(40150);
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    for _ in 0..4 {
+        let resp = lab.exchange(h, req, 200, complete);
+        assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+    }
+    let established = |host: &Host| {
+        host.sockets
+            .iter()
+            .filter(|(_, s)| matches!(s, smoltcp::socket::Socket::Tcp(t) if t.state() == State::Established))
+            .count()
+    };
+    let upstreams: usize = lab.backends.iter().map(|b| established(&b.host)).sum();
+    assert!(upstreams >= 2, "{upstreams} upstream connections");
+    assert_eq!(established(&lab.client), 1);
+
+    let mut out = Vec::new();
+    lab.proxy.abort_all(lab.now, |p| out.push(p.to_vec()));
+    assert_eq!(out.len(), upstreams + 1, "one segment per connection");
+    for p in &out {
+        let flags = p[20 + 13];
+        assert_eq!(flags & 0x04, 0x04, "an RST: {flags:#x}");
+        let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
+        if dst == lab.client.addr {
+            lab.client.dev.rx.push_back(p.clone());
+        } else {
+            let b = lab.backends.iter_mut().find(|b| b.host.addr == dst).expect("a backend");
+            b.host.dev.rx.push_back(p.clone());
+        }
+    }
+    let now = lab.now + 1;
+    lab.client.poll(now);
+    for b in &mut lab.backends {
+        b.host.poll(now);
+    }
+    assert_eq!(established(&lab.client), 0, "the client's connection was reset");
+    assert_eq!(lab.backends.iter().map(|b| established(&b.host)).sum::<usize>(), 0, "upstreams were reset");
+    assert_eq!(lab.client.tcp(h).state(), State::Closed);
+}
+
 #[test]
 fn a_client_that_never_finishes_the_close_is_aborted() {
     // A keep-alive client idles out: the proxy closes (FIN). The client acknowledges it but

@@ -1294,6 +1294,29 @@ fn a_full_neighbor_table_still_serves_new_on_link_clients() {
     }
 }
 
+/// An on-link client we never asked (it kept our MAC from before a restart or a takeover, so
+/// it sent no ARP request): its first frame's source MAC serves for the backend's answer, and
+/// is checked by a unicast ARP request at once. Before, that answer was dropped while we asked
+/// and the client waited for its retransmission (a second for a SYN).
+#[test]
+fn an_on_link_clients_first_answer_is_not_dropped() {
+    const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x42];
+    let mut h = H::new(fixed_services());
+    let syn = tcp("10.10.0.42", 40000, WEB_VIP, 80, SYN).l3();
+    let syn = h.fwd(0, &eth(LB_MAC, CLIENT_MAC, 0x0800, &syn));
+    let sa = Seg { src: syn.dst, dst: ip(LB4), ..tcp("0.0.0.0", syn.dport, "0.0.0.0", syn.sport, SYN | ACK) };
+    let (sent, drops) = h.step(1, &sa.frame());
+    assert!(drops.is_empty(), "{drops:?}");
+    assert_eq!(sent.len(), 2, "the SYN-ACK and a probe");
+    let back = parse(&sent[0]);
+    assert_eq!((back.dst, back.dmac, back.l4()[13]), (ip("10.10.0.42"), CLIENT_MAC, SYN | ACK));
+    assert_eq!(sent[1], eth(CLIENT_MAC, LB_MAC, 0x0806, &arp(1, LB_MAC, LB4, [0; 6], "10.10.0.42")));
+    // Off-link clients take nothing from the frame: their answers go to the next hop.
+    let syn = h.fwd(2, &eth(LB_MAC, CLIENT_MAC, 0x0800, &tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).l3()));
+    let sa = Seg { src: syn.dst, dst: ip(LB4), ..tcp("0.0.0.0", syn.dport, "0.0.0.0", syn.sport, SYN | ACK) };
+    assert_eq!(h.fwd(3, &sa.frame()).dmac, GW_MAC);
+}
+
 // --- Malformed and truncated input ---------------------------------------------------------------
 
 /// Every frame is either sent or counted as exactly one drop, and nothing panics.

@@ -277,8 +277,13 @@ impl Proxy {
             tx_buffer: cfg.socket_buffer,
             seed: cfg.seed,
         });
+        // Upstream ports start at a place of this process's own: after a restart, the first
+        // connections do not take the 4-tuples of the last run's, which a backend may still
+        // hold (half-open after a crash, TIME-WAIT), costing a retransmission each.
+        let (lo, hi) = cfg.upstream_ports;
+        let first_port = lo + (cfg.seed % (u64::from(hi - lo) + 1)) as u16;
         Proxy {
-            next_port: cfg.upstream_ports.0,
+            next_port: first_port,
             rng: cfg.seed | 1,
             cfg,
             stack,
@@ -573,6 +578,21 @@ impl Proxy {
     /// Connections open to clients.
     pub fn client_count(&self) -> usize {
         self.clients.iter().flatten().count()
+    }
+
+    /// Resets every connection, to clients and to upstreams, and sends the resets: the
+    /// appliance is stopping. A kernel does this for a process that exits; our stack must do
+    /// it itself, or clients wait for their timeouts, and backends keep pooled connections
+    /// half-open until theirs (a restarted appliance's first connection from the same port
+    /// then waits for a retransmission).
+    pub fn abort_all(&mut self, now_ms: u64, emit: impl FnMut(&[u8])) {
+        self.stack.set_now(now_ms);
+        let socks: Vec<SockRef> =
+            self.clients.iter().flatten().map(|c| c.sock).chain(self.ups.iter().flatten().map(|u| u.sock)).collect();
+        for s in socks {
+            self.stack.tcp(s).abort();
+        }
+        self.stack.poll_egress(&[], emit);
     }
 
     fn step(&mut self, c: &mut Client, now: u64) -> bool {

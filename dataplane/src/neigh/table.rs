@@ -57,7 +57,10 @@ struct Entry {
     gen: u16,
     /// Unanswered unicast questions since the entry went past its reachable time.
     probes: u8,
-    /// When a packet last went out through the entry (or traffic asked for it); 0 never.
+    /// The MAC is a hint (see [`NeighborTable::hint`]), to be asked at once.
+    unconfirmed: bool,
+    /// When a packet last went out through the entry (or traffic asked for it); 0 never (an
+    /// entry never used is idle at once).
     used_ms: u64,
     /// When the MAC was last learned or confirmed.
     updated_ms: u64,
@@ -199,7 +202,7 @@ impl NeighborTable {
             if e.is_static {
                 continue;
             }
-            if now_ms.saturating_sub(e.used_ms) >= self.reachable_ms {
+            if e.used_ms == 0 || now_ms.saturating_sub(e.used_ms) >= self.reachable_ms {
                 return Some(i);
             }
             if evict == Evict::LeastRecentlyUsed && oldest.is_none_or(|(_, t)| e.used_ms < t) {
@@ -218,6 +221,7 @@ impl NeighborTable {
             is_static: false,
             gen: 0,
             probes: 0,
+            unconfirmed: false,
             used_ms: 0,
             updated_ms: now_ms,
             solicited_ms: None,
@@ -281,7 +285,28 @@ impl NeighborTable {
         e.mac = Some(mac);
         e.updated_ms = now_ms;
         e.probes = 0;
+        e.unconfirmed = false;
         true
+    }
+
+    /// A MAC seen but not confirmed: the source MAC of a frame from an on-link address that
+    /// opens a connection. Taken only by an entry without a MAC, and asked by unicast at the
+    /// next [`NeighborTable::age`] (Linux keeps the sender of an ARP request alike, as STALE).
+    /// Without it, the first answer to an on-link client we never asked (it had our MAC from
+    /// before a restart or a takeover) was dropped while we asked, costing it a retransmission.
+    pub fn hint(&mut self, r: NeighborRef, mac: [u8; 6], now_ms: u64) {
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return;
+        }
+        let Some(e) = self.entries.get_mut(r.idx as usize) else { return };
+        if e.gen != r.gen || e.mac.is_some() || e.is_static {
+            return;
+        }
+        e.mac = Some(mac);
+        e.updated_ms = now_ms;
+        e.probes = 0;
+        e.unconfirmed = true;
+        e.solicited_ms = None;
     }
 
     /// What was learned from the wire since the last call (see the `news` field).
@@ -360,7 +385,8 @@ impl NeighborTable {
             let e = &mut self.entries[i];
             let due = !e.is_static
                 && e.mac.is_some()
-                && now_ms.saturating_sub(e.updated_ms) >= self.reachable_ms
+                && (e.unconfirmed || now_ms.saturating_sub(e.updated_ms) >= self.reachable_ms)
+                && e.used_ms != 0
                 && now_ms.saturating_sub(e.used_ms) < self.reachable_ms
                 && e.solicited_ms.is_none_or(|t| now_ms.saturating_sub(t) >= Self::SOLICIT_INTERVAL_MS);
             if due {
@@ -371,6 +397,7 @@ impl NeighborTable {
                 if e.probes >= self.max_probes {
                     e.mac = None;
                     e.probes = 0;
+                    e.unconfirmed = false;
                     self.counters.failures += 1;
                 } else {
                     e.probes += 1;
@@ -605,6 +632,49 @@ mod tests {
         assert_eq!(t.mac_at(idle.idx), Some(PEER_MAC));
         assert!(aged(&mut t, 16_200).is_empty());
         assert!(!t.should_solicit(idle.idx, 16_200));
+    }
+
+    /// A hint (the source MAC of a client's first frame) serves at once and is asked by
+    /// unicast at the next aging pass; it never replaces a MAC learned or configured.
+    #[test]
+    fn hints_serve_at_once_and_are_checked() {
+        let mut t = NeighborTable::with_reachability(8, 30_000, 2);
+        let gw = t.add_static(v4("10.10.0.1"), GW_MAC);
+        t.hint(gw, PEER_MAC, 10);
+        assert_eq!(t.lookup(v4("10.10.0.1")), Some(GW_MAC), "static kept");
+        let known = t.index_of(v4("10.10.0.20"), 10);
+        t.learn(v4("10.10.0.20"), GW_MAC, 10);
+        t.hint(known, PEER_MAC, 11);
+        assert_eq!(t.lookup(v4("10.10.0.20")), Some(GW_MAC), "learned kept");
+        t.take_news().for_each(drop);
+
+        let c = t.index_of(v4("10.10.0.30"), 100);
+        t.hint(c, [0xff; 6], 100);
+        assert_eq!(t.use_ref(c, 100), RefState::Unresolved, "multicast hint ignored");
+        t.hint(c, PEER_MAC, 100);
+        assert_eq!(t.use_ref(c, 100), RefState::Resolved(PEER_MAC));
+        assert_eq!(t.take_news().count(), 0, "a hint is not news for the other workers");
+        assert_eq!(aged(&mut t, 101), [(c.idx, Some(PEER_MAC))], "asked by unicast at once");
+        t.learn(v4("10.10.0.30"), PEER_MAC, 102);
+        for now in (1_200..30_000).step_by(1_000) {
+            t.use_ref(c, now);
+            assert!(aged(&mut t, now).is_empty(), "confirmed: not asked again at {now}");
+        }
+
+        // A wrong hint (the frame came through a router): unanswered, given up, broadcast.
+        let d = t.index_of(v4("10.10.0.31"), 100);
+        t.hint(d, NEW_MAC, 100);
+        let mut asked = Vec::new();
+        for now in [100, 1_100, 2_100] {
+            t.use_ref(d, now);
+            asked.extend(aged(&mut t, now).into_iter().filter(|(i, _)| *i == d.idx));
+        }
+        assert_eq!(asked, [(d.idx, Some(NEW_MAC)), (d.idx, Some(NEW_MAC)), (d.idx, None)]);
+        assert_eq!(t.use_ref(d, 2_200), RefState::Unresolved);
+        assert_eq!(t.counters.failures, 1);
+        let moved = NeighborRef { gen: d.gen.wrapping_add(1), ..d };
+        t.hint(moved, PEER_MAC, 2_300);
+        assert_eq!(t.use_ref(d, 2_300), RefState::Unresolved, "a hint for another generation is ignored");
     }
 
     #[test]
