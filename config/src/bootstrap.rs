@@ -341,7 +341,7 @@ pub struct NeighborsConfig {
     /// recently; one used within `reachable_ms` is never dropped to learn an unasked sender.
     pub capacity: u32,
     /// How long an answer counts as proof that a neighbour is at its MAC (Linux's
-    /// `base_reachable_time_ms`). Past it, a neighbour still being sent to is asked again by
+    /// `base_reachable_time_ms`; each entry draws between half and one and a half of it). Past it, a neighbour still being sent to is asked again by
     /// unicast; after `probes` unanswered questions it is asked by broadcast instead, so a MAC
     /// that changed without a gratuitous ARP is found within about `reachable_ms + probes` s.
     pub reachable_ms: u32,

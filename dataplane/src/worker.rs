@@ -308,7 +308,8 @@ impl Worker {
         let ct4 = Conntrack::new(cap4, cfg.timeouts, cfg.seed)?;
         let ct6 = Conntrack::new(cfg.ct_capacity_v6, cfg.timeouts, cfg.seed ^ 0x5555)?;
         let n = &cfg.neighbors;
-        let mut neigh = NeighborTable::with_reachability(n.capacity as usize, n.reachable_ms as u64, n.probes);
+        let mut neigh = NeighborTable::with_reachability(n.capacity as usize, n.reachable_ms as u64, n.probes)
+            .with_jitter(cfg.seed ^ 0x6e65_6967_6862_6f72);
         for &(ip, mac) in &cfg.static_neighbors {
             neigh.add_static(ip, mac);
         }

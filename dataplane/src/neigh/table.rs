@@ -62,8 +62,8 @@ struct Entry {
     /// When a packet last went out through the entry (or traffic asked for it); 0 never (an
     /// entry never used is idle at once).
     used_ms: u64,
-    /// When the MAC was last learned or confirmed.
-    updated_ms: u64,
+    /// When the MAC stops counting as confirmed: a reachable time after it was learned.
+    stale_ms: u64,
     /// When a solicitation was last asked for; `None` never.
     solicited_ms: Option<u64>,
     ip: IpAddr,
@@ -91,6 +91,11 @@ pub struct NeighborTable {
     hand: usize,
     /// Where [`NeighborTable::age`] goes on from.
     age_cursor: usize,
+    /// Draws each entry's reachable time between half and one and a half `reachable_ms`, as
+    /// Linux does (xorshift state; 0: exactly `reachable_ms`). Each worker keeps a table of its
+    /// own and they learn an answer together (the news), so without it every worker would
+    /// ask each neighbour again at the same moment, before any answer could reach the others.
+    rng: u64,
     pub counters: NeighborCounters,
     /// What this table learned from the wire since the last [`NeighborTable::take_news`], for
     /// the other workers: each has a table of its own, and an ARP or NDP answer reaches only
@@ -126,9 +131,27 @@ impl NeighborTable {
             max_probes: probes.max(1),
             hand: 0,
             age_cursor: 0,
+            rng: 0,
             counters: NeighborCounters::default(),
             news: Vec::with_capacity(Self::NEWS_CAPACITY),
         }
+    }
+
+    /// Reachable times drawn at random around `reachable_ms` (see the `rng` field), from
+    /// `seed` (each worker its own).
+    pub fn with_jitter(mut self, seed: u64) -> Self {
+        self.rng = seed | 1;
+        self
+    }
+
+    fn reachable_time(&mut self) -> u64 {
+        if self.rng == 0 {
+            return self.reachable_ms;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.reachable_ms / 2 + self.rng % self.reachable_ms
     }
 
     pub fn len(&self) -> usize {
@@ -223,7 +246,7 @@ impl NeighborTable {
             probes: 0,
             unconfirmed: false,
             used_ms: 0,
-            updated_ms: now_ms,
+            stale_ms: now_ms,
             solicited_ms: None,
             ip,
         };
@@ -283,9 +306,10 @@ impl NeighborTable {
             return false;
         }
         e.mac = Some(mac);
-        e.updated_ms = now_ms;
         e.probes = 0;
         e.unconfirmed = false;
+        let reachable = self.reachable_time();
+        self.entries[i as usize].stale_ms = now_ms + reachable;
         true
     }
 
@@ -303,7 +327,7 @@ impl NeighborTable {
             return;
         }
         e.mac = Some(mac);
-        e.updated_ms = now_ms;
+        e.stale_ms = now_ms;
         e.probes = 0;
         e.unconfirmed = true;
         e.solicited_ms = None;
@@ -385,7 +409,7 @@ impl NeighborTable {
             let e = &mut self.entries[i];
             let due = !e.is_static
                 && e.mac.is_some()
-                && (e.unconfirmed || now_ms.saturating_sub(e.updated_ms) >= self.reachable_ms)
+                && (e.unconfirmed || now_ms >= e.stale_ms)
                 && e.used_ms != 0
                 && now_ms.saturating_sub(e.used_ms) < self.reachable_ms
                 && e.solicited_ms.is_none_or(|t| now_ms.saturating_sub(t) >= Self::SOLICIT_INTERVAL_MS);
@@ -675,6 +699,61 @@ mod tests {
         let moved = NeighborRef { gen: d.gen.wrapping_add(1), ..d };
         t.hint(moved, PEER_MAC, 2_300);
         assert_eq!(t.use_ref(d, 2_300), RefState::Unresolved, "a hint for another generation is ignored");
+    }
+
+    /// Sixteen workers' tables, one neighbour they all send to: an answer to any one's probe
+    /// reaches them all (worker 0 receives it and passes it on). Reachable times drawn at
+    /// random make one of them ask first and the answer spare the others; the same time for
+    /// all makes all sixteen ask at once, every cycle.
+    #[test]
+    fn random_reachable_times_spare_the_other_workers_a_probe() {
+        fn probes_over_ten_seconds(jitter: bool) -> u64 {
+            let x = v4("10.10.0.11");
+            let mut tables: Vec<_> = (0..16u64)
+                .map(|k| {
+                    let t = NeighborTable::with_reachability(8, 1_000, 3);
+                    if jitter {
+                        t.with_jitter(0x9e37_79b9 * (k + 1))
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            let refs: Vec<_> = tables.iter_mut().map(|t| t.index_of(x, 1)).collect();
+            for t in &mut tables {
+                t.learn_quietly(x, PEER_MAC, 1);
+            }
+            let mut answer_at = None;
+            for now in 2..10_000u64 {
+                for (t, r) in tables.iter_mut().zip(&refs) {
+                    assert_eq!(t.use_ref(*r, now), RefState::Resolved(PEER_MAC));
+                    let mut asked = false;
+                    t.age(now, |_| {
+                        asked = true;
+                        true
+                    });
+                    if asked && answer_at.is_none() {
+                        answer_at = Some(now + 1);
+                    }
+                }
+                if answer_at == Some(now) {
+                    answer_at = None;
+                    tables[0].learn(x, PEER_MAC, now);
+                    let news: Vec<_> = tables[0].take_news().collect();
+                    for t in &mut tables[1..] {
+                        for &(ip, mac) in &news {
+                            t.learn_quietly(ip, mac, now);
+                        }
+                    }
+                }
+            }
+            assert!(tables.iter().all(|t| t.counters.failures == 0));
+            tables.iter().map(|t| t.counters.probes).sum()
+        }
+        let (with, without) = (probes_over_ten_seconds(true), probes_over_ten_seconds(false));
+        assert!(with <= 20, "{with} probes in ten seconds with random reachable times");
+        eprintln!("probes over ten seconds: {with} with random reachable times, {without} without");
+        assert!(without >= 128, "{without} probes in ten seconds without");
     }
 
     #[test]
