@@ -168,7 +168,11 @@ fn handle(mut stream: TcpStream, state: &ControlState) -> std::io::Result<()> {
             }
             None => respond(&mut stream, 503, "text/plain", "no snapshot yet\n"),
         },
-        "/" => respond(&mut stream, 200, "text/plain", "/metrics /healthz /readyz /snapshot\n"),
+        "/neighbors" => match state.shared() {
+            Some(_) => respond(&mut stream, 200, "application/json", &(render_neighbors(state) + "\n")),
+            None => respond(&mut stream, 503, "text/plain", "no workers yet\n"),
+        },
+        "/" => respond(&mut stream, 200, "text/plain", "/metrics /healthz /readyz /snapshot /neighbors\n"),
         _ => respond(&mut stream, 404, "text/plain", "not found\n"),
     }
 }
@@ -237,6 +241,25 @@ fn vip_labels(e: &ServiceEntry) -> Vec<(&'static str, String)> {
         ("port", e.port.to_string()),
         ("protocol", if e.proto == 6 { "TCP" } else { "UDP" }.to_string()),
     ]
+}
+
+/// Each worker's neighbour table (as of its last copy, within about a second), as JSON:
+/// `{"cores":[{"core":0,"entries":[{"ip":..,"mac":..,"state":..,"used_ms_ago":..}]}]}`.
+pub fn render_neighbors(state: &ControlState) -> String {
+    let cores: Vec<serde_json::Value> = state
+        .shared()
+        .map(|s| {
+            s.stats
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let table = m.lock().unwrap_or_else(|e| e.into_inner()).neighbor_table.clone();
+                    serde_json::json!({"core": i, "entries": *table})
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::to_string_pretty(&serde_json::json!({ "cores": cores })).unwrap_or_default()
 }
 
 /// Every counter, per core where the data plane keeps it per core.
@@ -465,6 +488,35 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         assert_eq!(esc("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    /// `/neighbors`: each core's table as its worker last copied it, entries with their states.
+    #[test]
+    fn neighbors_render_per_core_as_json() {
+        use fulcrum_dataplane::neigh::NeighborTable;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let boot = fulcrum_config::Bootstrap::load(&root.join("config/examples/bootstrap.yaml")).unwrap();
+        let state = fulcrum_config::load_desired(&boot, &root.join("config/examples/lab/manifests.yaml")).unwrap();
+        let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 1).unwrap()), 2);
+        let mut t = NeighborTable::new(16);
+        t.add_static("10.10.0.1".parse().unwrap(), [2, 0xf1, 0, 0, 0, 0xfe]);
+        let be = t.index_of("10.10.0.11".parse().unwrap(), 5_000);
+        t.learn("10.10.0.11".parse().unwrap(), [2, 0xf1, 0, 0, 2, 1], 5_000);
+        t.use_ref(be, 5_200);
+        t.index_of("fd00:10::12".parse().unwrap(), 5_300);
+        shared.stats[1].lock().unwrap().neighbor_table = Arc::new(t.view(6_000));
+        let control = ControlState::new(None);
+        *control.shared.lock().unwrap() = Some(shared);
+        let v: serde_json::Value = serde_json::from_str(&render_neighbors(&control)).unwrap();
+        assert_eq!(v["cores"][0], serde_json::json!({"core": 0, "entries": []}));
+        assert_eq!(
+            v["cores"][1]["entries"],
+            serde_json::json!([
+                {"ip": "10.10.0.1", "mac": "02:f1:00:00:00:fe", "state": "permanent", "used_ms_ago": null},
+                {"ip": "10.10.0.11", "mac": "02:f1:00:00:02:01", "state": "reachable", "used_ms_ago": 800},
+                {"ip": "fd00:10::12", "mac": null, "state": "incomplete", "used_ms_ago": 700},
+            ])
+        );
     }
 
     /// The lab's tables with some traffic counted, rendered, and read back by a Prometheus text

@@ -407,6 +407,22 @@ fn lab_end_to_end() {
     eprintln!("be1's MAC changed -> every request answered, be1 among them, after {:?}", changed.elapsed());
     assert!(metric("fulcrum_neighbor_failures_total{").unwrap_or(0.0) >= 1.0, "be1's old MAC given up");
     assert!(metric("fulcrum_neighbor_probes_total{").unwrap_or(0.0) >= probes_before + 3.0, "asked by unicast first");
+    // The appliance's own `ip neigh`: be1 at its new MAC, confirmed (the worker copies its table
+    // about once a second).
+    let be1_entry = || -> Option<serde_json::Value> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/neighbors"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        v["cores"][0]["entries"].as_array()?.iter().find(|e| e["ip"] == "10.10.0.11").cloned()
+    };
+    let t = Instant::now();
+    while be1_entry().is_none_or(|e| e["mac"] != "02:f1:00:00:02:11") {
+        assert!(t.elapsed() < Duration::from_secs(3), "/neighbors: {:?}", be1_entry());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(matches!(be1_entry().unwrap()["state"].as_str(), Some("reachable" | "stale")), "{:?}", be1_entry());
     be1_mac("02:f1:00:00:02:01");
 
     // 3. Two workers (AF_PACKET's fanout gives each a queue): every request answered, through

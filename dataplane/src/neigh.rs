@@ -24,7 +24,7 @@ use smoltcp::wire::{
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 mod table;
-pub use table::{NeighborCounters, NeighborRef, NeighborTable, RefState};
+pub use table::{NeighborCounters, NeighborRef, NeighborTable, NeighborView, RefState};
 
 const ARP_LEN: usize = 28;
 const IPV4_HLEN: usize = 20;

@@ -139,6 +139,8 @@ pub struct CoreStats {
     pub neighbor_evictions: u64,
     pub neighbor_probes: u64,
     pub neighbor_failures: u64,
+    /// The neighbour table's entries (per core, not merged), refreshed about once a second.
+    pub neighbor_table: std::sync::Arc<Vec<crate::neigh::NeighborView>>,
     /// Indexed like the snapshot's services.
     pub per_vip: Vec<Counter>,
     /// Indexed like the snapshot's backends (all services' backends in one array).

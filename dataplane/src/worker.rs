@@ -297,6 +297,9 @@ pub struct Worker {
     now_ms: u64,
     /// The last millisecond the neighbour table was aged in.
     aged_ms: u64,
+    /// The neighbour table as `stats_copy` hands it out, and when it was taken.
+    neigh_view: Arc<Vec<neigh::NeighborView>>,
+    neigh_view_ms: Option<u64>,
     /// A flow was created earlier in this burst: later misses must re-check the table, since
     /// their stage-2 candidate predates it.
     inserted_this_burst: bool,
@@ -369,6 +372,8 @@ impl Worker {
             now: 0,
             now_ms: 0,
             aged_ms: 0,
+            neigh_view: Arc::default(),
+            neigh_view_ms: None,
             inserted_this_burst: false,
         };
         w.queue_backend_neighbors();
@@ -467,6 +472,7 @@ impl Worker {
         s.neighbor_evictions = self.neigh.counters.evictions;
         s.neighbor_probes = self.neigh.counters.probes;
         s.neighbor_failures = self.neigh.counters.failures;
+        s.neighbor_table = self.neigh_view.clone();
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
         if let Some(p) = self.proxy.as_ref() {
@@ -492,6 +498,11 @@ impl Worker {
             self.aged_ms = self.now_ms;
             let solicit = &mut self.solicit;
             self.neigh.age(self.now_ms, |idx| solicit.try_push(idx).is_ok());
+        }
+        if self.neigh_view_ms.is_none_or(|t| self.now_ms >= t + 1000) {
+            // For `/neighbors`: once a second, off the packet path (it allocates).
+            self.neigh_view_ms = Some(self.now_ms);
+            self.neigh_view = Arc::new(self.neigh.view(self.now_ms));
         }
         self.send_solicitations(port);
         if self.announce_rounds > 0 && self.now_ms >= self.next_announce_ms {

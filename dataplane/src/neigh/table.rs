@@ -39,6 +39,22 @@ pub enum RefState {
     Moved,
 }
 
+/// An entry as an operator sees it (`/neighbors`): the appliance's own `ip neigh`, since the
+/// kernel's shows nothing of a data plane that bypasses it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NeighborView {
+    pub ip: IpAddr,
+    /// `02:f1:00:00:02:01`, or none while unresolved.
+    pub mac: Option<String>,
+    /// Linux's names: `permanent` (static), `incomplete` (no MAC: being asked, or given up
+    /// until traffic needs it), `reachable`, `stale` (past its reachable time), `probe` (asked
+    /// by unicast, unanswered so far), and `unconfirmed` (a MAC taken from a client's frame,
+    /// being checked).
+    pub state: &'static str,
+    /// Milliseconds since a packet last went out through it; none if never.
+    pub used_ms_ago: Option<u64>,
+}
+
 /// What the table did on its own, for the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NeighborCounters {
@@ -432,6 +448,29 @@ impl NeighborTable {
         }
     }
 
+    /// Every entry as an operator sees it, in address order (off the packet path: allocates).
+    pub fn view(&self, now_ms: u64) -> Vec<NeighborView> {
+        let mut v: Vec<NeighborView> = self
+            .entries
+            .iter()
+            .map(|e| NeighborView {
+                ip: e.ip,
+                mac: e.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                state: match e {
+                    e if e.is_static => "permanent",
+                    e if e.mac.is_none() => "incomplete",
+                    e if e.probes > 0 => "probe",
+                    e if e.unconfirmed => "unconfirmed",
+                    e if now_ms >= e.stale_ms => "stale",
+                    _ => "reachable",
+                },
+                used_ms_ago: (e.used_ms != 0).then(|| now_ms.saturating_sub(e.used_ms)),
+            })
+            .collect();
+        v.sort_by_key(|n| n.ip);
+        v
+    }
+
     /// The address of entry `idx` (`0.0.0.0` for [`Self::NONE`] or an index never handed out).
     pub fn ip_at(&self, idx: u16) -> IpAddr {
         self.entries.get(idx as usize).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |e| e.ip)
@@ -652,6 +691,17 @@ mod tests {
         t.learn(v4("10.10.0.11"), NEW_MAC, 16_150);
         assert_eq!(send(&mut t, 16_200), RefState::Resolved(NEW_MAC));
         assert_eq!(t.counters, NeighborCounters { evictions: 0, probes: 5, failures: 1 });
+        let states: Vec<_> =
+            t.view(16_200).into_iter().map(|n| (n.ip.to_string(), n.mac, n.state, n.used_ms_ago)).collect();
+        let mac = |m: [u8; 6]| Some(m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+        assert_eq!(
+            states,
+            [
+                ("10.10.0.1".to_string(), mac(GW_MAC), "permanent", Some(0)),
+                ("10.10.0.11".to_string(), mac(NEW_MAC), "reachable", Some(0)),
+                ("10.10.0.12".to_string(), mac(PEER_MAC), "stale", None),
+            ]
+        );
         // The idle entry was never asked, though long past its reachable time.
         assert_eq!(t.mac_at(idle.idx), Some(PEER_MAC));
         assert!(aged(&mut t, 16_200).is_empty());
@@ -677,6 +727,9 @@ mod tests {
         assert_eq!(t.use_ref(c, 100), RefState::Unresolved, "multicast hint ignored");
         t.hint(c, PEER_MAC, 100);
         assert_eq!(t.use_ref(c, 100), RefState::Resolved(PEER_MAC));
+        let state_of =
+            |t: &NeighborTable, ip: &str, now| t.view(now).into_iter().find(|n| n.ip == v4(ip)).unwrap().state;
+        assert_eq!(state_of(&t, "10.10.0.30", 100), "unconfirmed");
         assert_eq!(t.take_news().count(), 0, "a hint is not news for the other workers");
         assert_eq!(aged(&mut t, 101), [(c.idx, Some(PEER_MAC))], "asked by unicast at once");
         t.learn(v4("10.10.0.30"), PEER_MAC, 102);
@@ -692,8 +745,13 @@ mod tests {
         for now in [100, 1_100, 2_100] {
             t.use_ref(d, now);
             asked.extend(aged(&mut t, now).into_iter().filter(|(i, _)| *i == d.idx));
+            if now == 1_100 {
+                assert_eq!(state_of(&t, "10.10.0.31", now), "probe");
+            }
         }
         assert_eq!(asked, [(d.idx, Some(NEW_MAC)), (d.idx, Some(NEW_MAC)), (d.idx, None)]);
+        assert_eq!(state_of(&t, "10.10.0.31", 2_100), "incomplete");
+        assert_eq!(state_of(&t, "10.10.0.30", 2_100), "reachable");
         assert_eq!(t.use_ref(d, 2_200), RefState::Unresolved);
         assert_eq!(t.counters.failures, 1);
         let moved = NeighborRef { gen: d.gen.wrapping_add(1), ..d };
