@@ -419,10 +419,10 @@ impl Worker {
         let to = (from + Self::RESOLVE_STEP).min(snap.backends.len());
         self.resolve_cursor = (to < snap.backends.len()).then_some(to);
         for b in &snap.backends[from..to] {
-            if let Ok(NeighborRef { idx, .. }) = self.neighbor_index(b.addr) {
-                if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
-                    self.to_resolve.push(idx);
-                }
+            let Some(hop) = self.cfg.iface.route(b.addr) else { continue };
+            let idx = self.neigh.reserve(hop, self.now_ms).idx;
+            if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
+                self.to_resolve.push(idx);
             }
         }
     }

@@ -372,6 +372,16 @@ impl NeighborTable {
         self.reference(i)
     }
 
+    /// The entry of `ip`, created (unresolved) if there is none and an idle entry can make
+    /// room, without marking it used: for resolving ahead of traffic (a snapshot's endpoints),
+    /// which must neither push out entries traffic uses nor keep entries it never uses asked.
+    pub fn reserve(&mut self, ip: IpAddr, now_ms: u64) -> NeighborRef {
+        match self.insert(ip, now_ms, Evict::Idle) {
+            Some(i) => self.reference(i),
+            None => NeighborRef::NONE,
+        }
+    }
+
     /// Whether `r` still names the address it was taken for.
     pub fn is_current(&self, r: NeighborRef) -> bool {
         self.entries.get(r.idx as usize).is_some_and(|e| e.gen == r.gen)
@@ -584,6 +594,29 @@ mod tests {
         s.add_static(v4("10.10.0.1"), GW_MAC);
         assert_eq!(s.index_of(v4("10.10.0.2"), 0), NeighborRef::NONE);
         assert_eq!(s.add_static(v4("10.10.0.3"), GW_MAC), NeighborRef::NONE);
+    }
+
+    /// Resolving ahead of traffic (a snapshot's endpoints) takes only idle room and marks
+    /// nothing used: it pushes out no entry traffic uses, and an entry only reserved is never
+    /// probed when its answer ages.
+    #[test]
+    fn reserving_ahead_of_traffic_takes_only_idle_room() {
+        let mut t = NeighborTable::with_reachability(2, 1_000, 3);
+        let a = t.index_of(v4("10.10.0.11"), 500);
+        let b = t.reserve(v4("10.10.0.12"), 500);
+        assert_ne!(b, NeighborRef::NONE);
+        t.learn(v4("10.10.0.11"), PEER_MAC, 500);
+        t.learn(v4("10.10.0.12"), PEER_MAC, 500);
+        t.use_ref(a, 2_000);
+        assert_eq!(aged(&mut t, 2_000), [(a.idx, Some(PEER_MAC))], "only the entry in use is asked");
+        // Full: a third endpoint takes the reserved (idle) entry, never the one in use.
+        let c = t.reserve(v4("10.10.0.13"), 2_000);
+        assert_eq!(c.idx, b.idx);
+        assert!(t.is_current(a) && !t.is_current(b));
+        // Once traffic uses it, nothing idle is left: a further endpoint waits.
+        t.use_ref(c, 2_001);
+        assert_eq!(t.reserve(v4("10.10.0.14"), 2_001), NeighborRef::NONE, "nothing idle is left");
+        assert!(t.is_current(a) && t.is_current(c));
     }
 
     /// Many insertions and evictions against a model: the index never loses an entry
