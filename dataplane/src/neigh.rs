@@ -436,15 +436,23 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
                 stats.ndp_replies += 1;
                 Verdict::Tx
             }
-            NdiscRepr::NeighborAdvert { target_addr, lladdr, .. } => {
+            NdiscRepr::NeighborAdvert { flags, target_addr, lladdr } => {
                 let target = IpAddr::V6(target_addr);
-                if let Some(m) = ll(lladdr) {
-                    if !iface.owns(target)
-                        && iface.on_link(target)
-                        && (neigh.contains(target) || iface.owns(IpAddr::V6(dst)))
+                let learnable = !iface.owns(target)
+                    && iface.on_link(target)
+                    && (neigh.contains(target) || iface.owns(IpAddr::V6(dst)));
+                match ll(lladdr) {
+                    Some(m) if learnable => neigh.learn(target, m, now_ms),
+                    // An answer to a unicast solicitation (a probe) may leave the option out
+                    // (RFC 4861 §7.2.4; Linux does): it confirms the MAC we asked at, which it
+                    // came from, and changes none (§7.2.5).
+                    None if learnable
+                        && flags.contains(NdiscNeighborFlags::SOLICITED)
+                        && neigh.lookup(target) == Some(frame_src) =>
                     {
-                        neigh.learn(target, m, now_ms);
+                        neigh.learn(target, frame_src, now_ms)
                     }
+                    _ => {}
                 }
                 Verdict::Consumed
             }
@@ -1110,6 +1118,22 @@ mod tests {
         write_nd(&mut na, Icmpv6Message::NeighborAdvert, NdiscNeighborFlags::SOLICITED, peer, PEER_MAC, peer, t);
         let na_frame = eth(MAC, PEER_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(peer, t, 255, &na));
         assert_eq!(c.icmp6(&na_frame).0, Verdict::Consumed);
+        assert_eq!(c.neigh.mac_at(i), Some(PEER_MAC));
+        // Linux answers a unicast solicitation (our probe) without the target link-layer
+        // option: that confirms the entry when it comes from the MAC we have (news for the other
+        // workers, as any answer), and neither confirms nor changes it from another MAC, or
+        // without the solicited flag.
+        c.neigh.take_news().for_each(drop);
+        let bare_na = |flags, from: [u8; 6]| {
+            let mut na = vec![0u8; 32];
+            write_nd(&mut na, Icmpv6Message::NeighborAdvert, flags, peer, from, peer, t);
+            eth(MAC, from, None, ETHERTYPE_IPV6, &ipv6_icmp(peer, t, 255, &na[..24]))
+        };
+        assert_eq!(c.icmp6(&bare_na(NdiscNeighborFlags::SOLICITED, PEER_MAC)).0, Verdict::Consumed);
+        assert_eq!(c.neigh.take_news().collect::<Vec<_>>(), [(IpAddr::V6(peer), PEER_MAC)], "confirmed");
+        assert_eq!(c.icmp6(&bare_na(NdiscNeighborFlags::SOLICITED, GW_MAC)).0, Verdict::Consumed);
+        assert_eq!(c.icmp6(&bare_na(NdiscNeighborFlags::OVERRIDE, PEER_MAC)).0, Verdict::Consumed);
+        assert_eq!(c.neigh.take_news().count(), 0);
         assert_eq!(c.neigh.mac_at(i), Some(PEER_MAC));
         // Unsolicited NA to all-nodes for an unknown neighbour: not learned.
         let other = ip6("fd00:10::8");
