@@ -327,6 +327,27 @@ fn lab_end_to_end() {
     assert!(out.status.success(), "the long-lived download broke: {text}");
     assert_eq!(text.trim(), "1048576 200", "whole body over the connection to {victim}");
 
+    let metric = |name: &str| -> Option<f64> {
+        let o = Command::new("ip")
+            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.trim().split(' ').next_back()?.parse::<f64>().ok())
+            .reduce(|a, b| a + b)
+    };
+    // Neighbours whose MACs did not change are re-checked and stay (reachable time 2 s here):
+    // 6 s of traffic through the IPv4 and IPv6 VIPs, no neighbour given up. (IPv6 ones were,
+    // while Linux's answers to unicast solicitations, which leave out the link-layer address,
+    // went unrecognised.)
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        assert!(curl("http://10.20.0.10/").is_some() && curl("http://[fd00:20::10]/").is_some());
+    }
+    assert!(metric("fulcrum_neighbor_probes_total{").unwrap_or(0.0) > 0.0, "neighbours in use were re-checked");
+    assert_eq!(metric("fulcrum_neighbor_failures_total{"), Some(0.0), "a neighbour that still answers was given up");
+
     // 4. Active health checks from the data plane: an HTTP check every 0.5 s (fall 2, rise 2,
     // the default timeout: interval / fall). be3 unreachable: within two intervals new
     // connections stop going there, though its EndpointSlice still says ready; reachable again:
@@ -345,16 +366,6 @@ fn lab_end_to_end() {
         assert!(t.elapsed() < Duration::from_secs(10), "the checked Service never reached all three backends");
     }
     // be3 drops off the segment (its link down: probes time out, as for a crashed host).
-    let metric = |name: &str| -> Option<f64> {
-        let o = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix(name)?.trim().split(' ').next_back()?.parse::<f64>().ok())
-            .reduce(|a, b| a + b)
-    };
     let be3_link = |state: &str| {
         let o = lab(&["exec", "be3", "ip", "link", "set", "veth-be3", state]);
         assert!(o.status.success(), "be3 link {state}: {}", String::from_utf8_lossy(&o.stderr));
