@@ -7,6 +7,7 @@
 //! runtime with anything on the packet path.
 
 use crate::k8s::Mirror;
+use fulcrum_dataplane::neigh::NeighborView;
 use fulcrum_dataplane::runtime::Shared;
 use fulcrum_dataplane::snapshot::ServiceEntry;
 use fulcrum_dataplane::stats::{CoreStats, DropReason, LoopTimes};
@@ -366,6 +367,17 @@ pub fn render_metrics(state: &ControlState) -> String {
         }
     }
     o.family(
+        "fulcrum_neighbor_entries",
+        "gauge",
+        "Neighbour table entries by state (Linux's names), as of the worker's last copy (about once a second); incomplete ones that traffic needs are endpoints or next hops not answering ARP/NDP.",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        for state in NeighborView::STATES {
+            let n = c.neighbor_table.iter().filter(|e| e.state == state).count();
+            o.sample("fulcrum_neighbor_entries", &[("core", i.to_string()), ("state", state.to_string())], n);
+        }
+    }
+    o.family(
         "fulcrum_worker_loop_seconds",
         "histogram",
         "A worker's loop iterations, from one poll of its port to the next, less the pauses an idle worker chose; milliseconds mean the worker did not run (another thread on its CPU, or the host).",
@@ -538,6 +550,11 @@ mod tests {
             c.neighbors = 3;
             c.neighbors_capacity = 4096;
             c.neighbor_probes = 7;
+            let mut t = fulcrum_dataplane::neigh::NeighborTable::new(8);
+            t.add_static("10.10.0.1".parse().unwrap(), [2, 0, 0, 0, 0, 1]);
+            t.index_of("10.10.0.11".parse().unwrap(), 10);
+            t.index_of("10.10.0.12".parse().unwrap(), 10);
+            c.neighbor_table = Arc::new(t.view(20));
             c.loop_times.record(5_000);
             c.loop_times.record(50_000);
             c.loop_times.record(2_000_000_000);
@@ -565,6 +582,10 @@ mod tests {
         assert!(matches!(find("fulcrum_neighbors", &[("core", "1")]), Some(Value::Gauge(v)) if v == 3.0));
         assert!(matches!(find("fulcrum_neighbors_capacity", &[("core", "1")]), Some(Value::Gauge(v)) if v == 4096.0));
         assert!(matches!(find("fulcrum_neighbor_probes_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 7.0));
+        let entries = |state| find("fulcrum_neighbor_entries", &[("core", "1"), ("state", state)]);
+        assert!(matches!(entries("incomplete"), Some(Value::Gauge(v)) if v == 2.0));
+        assert!(matches!(entries("permanent"), Some(Value::Gauge(v)) if v == 1.0));
+        assert!(matches!(entries("reachable"), Some(Value::Gauge(v)) if v == 0.0));
         assert!(
             matches!(find("fulcrum_neighbor_failures_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 0.0)
         );

@@ -55,6 +55,11 @@ pub struct NeighborView {
     pub used_ms_ago: Option<u64>,
 }
 
+impl NeighborView {
+    /// Every `state` a view can have.
+    pub const STATES: [&'static str; 6] = ["permanent", "incomplete", "reachable", "stale", "probe", "unconfirmed"];
+}
+
 /// What the table did on its own, for the counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NeighborCounters {
@@ -784,6 +789,7 @@ mod tests {
         }
         assert_eq!(asked, [(d.idx, Some(NEW_MAC)), (d.idx, Some(NEW_MAC)), (d.idx, None)]);
         assert_eq!(state_of(&t, "10.10.0.31", 2_100), "incomplete");
+        assert!(t.view(2_100).iter().all(|n| NeighborView::STATES.contains(&n.state)));
         assert_eq!(state_of(&t, "10.10.0.30", 2_100), "reachable");
         assert_eq!(t.use_ref(d, 2_200), RefState::Unresolved);
         assert_eq!(t.counters.failures, 1);
