@@ -53,6 +53,12 @@ pub struct WorkerConfig {
     pub dsr_src_v6: (u128, u128),
     /// Conntrack hash seed (random per process in production; fixed in tests).
     pub seed: u64,
+    /// How far into its range each SNAT port round robin starts: random per process in
+    /// production, so that a restarted appliance does not begin with the 4-tuples the last one
+    /// used (a backend that closed first still holds them in TIME-WAIT, and answers a SYN from
+    /// another client's timestamps with an ACK: a second's wait); 0 where tests expect the
+    /// range's first port.
+    pub snat_offset: u64,
     /// Entries of the ClientIP affinity table.
     pub affinity_capacity: usize,
     /// Static neighbours (the next hop's MAC when configured).
@@ -97,6 +103,7 @@ impl WorkerConfig {
                 static_neighbors.push((IpAddr::V6(ip), mac.0));
             }
         }
+        let seed = random_seed();
         WorkerConfig {
             core_index,
             cores,
@@ -106,7 +113,8 @@ impl WorkerConfig {
             timeouts: TimeoutsMs::from_config(&boot.conntrack.timeouts),
             dsr_src_v4: (u32::from(f.dsr_source_v4.network()), host4),
             dsr_src_v6: (u128::from(f.dsr_source_v6.network()), host6),
-            seed: random_seed(),
+            seed,
+            snat_offset: seed.rotate_left(29),
             affinity_capacity: 65536,
             static_neighbors,
             neighbors: boot.neighbors.clone(),
@@ -346,11 +354,14 @@ impl Worker {
             }
             _ => None,
         };
+        snat4.start_at(cfg.snat_offset);
+        let mut snat6 = SnatPorts::for_core(cfg.core_index, cfg.cores);
+        snat6.start_at(cfg.snat_offset);
         let mut w = Worker {
             l7_addr: proxy.as_ref().map(|p| u32::from(p.config().l7_addr)),
             proxy,
             snat4,
-            snat6: SnatPorts::for_core(cfg.core_index, cfg.cores),
+            snat6,
             own4: cfg.iface.ipv4.map(|(a, _)| u32::from(a)),
             own6: cfg.iface.ipv6.map(|(a, _)| u128::from(a)),
             affinity: Affinity { map: HashMap::with_capacity(cfg.affinity_capacity), capacity: cfg.affinity_capacity },

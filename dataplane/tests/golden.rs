@@ -24,6 +24,7 @@ fn fresh_worker() -> Worker {
     let snap = Snapshot::compile(&boot, &state, 1).expect("compile");
     let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
     cfg.seed = 7;
+    cfg.snat_offset = 0;
     cfg.ct_capacity = 4096;
     Worker::new(cfg, Arc::new(snap)).expect("worker")
 }

@@ -86,9 +86,11 @@ fn fixtures(workers: usize) -> (Bootstrap, Arc<Shared>) {
     (boot, shared)
 }
 
-/// Worker `core` of `n`, with small conntrack tables.
+/// Worker `core` of `n`, with small conntrack tables and SNAT ports from the start of each
+/// core's range.
 fn small_config(boot: &Bootstrap, core: u16, n: u16) -> WorkerConfig {
     let mut config = WorkerConfig::from_bootstrap(boot, core, n);
+    config.snat_offset = 0;
     config.ct_capacity = 1024;
     config.ct_capacity_v6 = 1024;
     config

@@ -139,6 +139,7 @@ fn snapshot(services: Vec<VipService>, generation: u64) -> Arc<Snapshot> {
 fn config() -> WorkerConfig {
     let mut cfg = WorkerConfig::from_bootstrap(&boot(), 0, 1);
     cfg.seed = 7;
+    cfg.snat_offset = 0;
     cfg.affinity_capacity = 4096;
     cfg
 }
@@ -1316,6 +1317,21 @@ fn an_on_link_clients_first_answer_is_not_dropped() {
     let syn = h.fwd(2, &eth(LB_MAC, CLIENT_MAC, 0x0800, &tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).l3()));
     let sa = Seg { src: syn.dst, dst: ip(LB4), ..tcp("0.0.0.0", syn.dport, "0.0.0.0", syn.sport, SYN | ACK) };
     assert_eq!(h.fwd(3, &sa.frame()).dmac, GW_MAC);
+}
+
+/// Each process starts its SNAT ports somewhere of its own (random in production), so a
+/// restarted appliance does not reuse the last one's first 4-tuples, which backends may hold.
+#[test]
+fn snat_ports_start_where_the_process_says() {
+    let (a, b) = (WorkerConfig::from_bootstrap(&boot(), 0, 1), WorkerConfig::from_bootstrap(&boot(), 0, 1));
+    assert_ne!(a.snat_offset, b.snat_offset, "two processes, two starts");
+    let mut cfg = config();
+    cfg.snat_offset = 5_000;
+    let mut h = H::with(cfg, fixed_services());
+    let p = h.fwd(0, &tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1024 + 5_000);
+    let p = h.fwd(1, &tcp(CLIENT4, 40001, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1024 + 5_001);
 }
 
 // --- Malformed and truncated input ---------------------------------------------------------------

@@ -62,6 +62,7 @@ pub fn golden_worker(core_index: u16, cores: u16) -> Worker {
     let g = golden();
     let cfg = WorkerConfig {
         seed: 1,
+        snat_offset: 0,
         ct_capacity: CT_CAPACITY,
         affinity_capacity: 64,
         ..WorkerConfig::from_bootstrap(&g.boot, core_index, cores)

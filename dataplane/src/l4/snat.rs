@@ -31,6 +31,11 @@ impl SnatPorts {
         (self.alloc_hi + 1, self.hi)
     }
 
+    /// Moves the round robin's start `offset` ports (modulo the L4 share) into the range.
+    pub fn start_at(&mut self, offset: u64) {
+        self.next = self.lo + (offset % (u64::from(self.alloc_hi - self.lo) + 1)) as u16;
+    }
+
     #[inline]
     pub fn take_next(&mut self) -> u16 {
         let p = self.next;
@@ -85,6 +90,18 @@ mod tests {
             assert_eq!(expect, 65536);
         }
         assert_eq!(owner(80, 4), None);
+    }
+
+    #[test]
+    fn a_start_offset_stays_within_the_l4_share_and_wraps() {
+        let mut p = SnatPorts::for_core(0, 1);
+        let (lo, top) = p.reserve_top(4096);
+        assert_eq!((lo, top), (61440, 65535));
+        p.start_at(u64::MAX);
+        let first = p.take_next();
+        assert!((FIRST_PORT..lo).contains(&first), "{first}");
+        p.start_at(u64::from(lo - FIRST_PORT) - 1);
+        assert_eq!((p.take_next(), p.take_next()), (lo - 1, FIRST_PORT), "the last L4 port, then the first");
     }
 
     #[test]
