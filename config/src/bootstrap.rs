@@ -341,9 +341,10 @@ pub struct NeighborsConfig {
     /// recently; one used within `reachable_ms` is never dropped to learn an unasked sender.
     pub capacity: u32,
     /// How long an answer counts as proof that a neighbour is at its MAC (Linux's
-    /// `base_reachable_time_ms`; each entry draws between half and one and a half of it). Past it, a neighbour still being sent to is asked again by
-    /// unicast; after `probes` unanswered questions it is asked by broadcast instead, so a MAC
-    /// that changed without a gratuitous ARP is found within about `reachable_ms + probes` s.
+    /// `base_reachable_time_ms`; each entry draws between half and one and a half of it). Past
+    /// it, a neighbour still being sent to is asked again by unicast; after `probes` unanswered
+    /// questions it is asked by broadcast instead, so a MAC that changed without a gratuitous
+    /// ARP is found within about 1.5 x `reachable_ms` + `probes` seconds.
     pub reachable_ms: u32,
     /// Unicast questions, one a second, before the entry is given up (Linux's `ucast_solicit`).
     pub probes: u8,
