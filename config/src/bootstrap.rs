@@ -33,7 +33,7 @@ pub struct Bootstrap {
     /// Which `type: LoadBalancer` Services are ours.
     #[serde(default)]
     pub load_balancer: LoadBalancerConfig,
-    /// The management endpoint (`/metrics`, `/healthz`, `/readyz`, `/snapshot`).
+    /// The management endpoint (`/metrics`, `/healthz`, `/readyz`, `/snapshot`, `/neighbors`).
     #[serde(default)]
     pub admin: AdminConfig,
     /// Two appliances as a pair (Kubernetes mode): a Lease elects the one that claims the VIPs

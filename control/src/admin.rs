@@ -1,6 +1,7 @@
 //! The management endpoint: a small HTTP/1.1 server on a kernel socket (default
 //! 127.0.0.1:9100, never a data port) with `/metrics` (Prometheus text format 0.0.4),
-//! `/healthz`, `/readyz` and `/snapshot` (the live tables as JSON).
+//! `/healthz`, `/readyz`, `/snapshot` (the live tables as JSON) and `/neighbors` (each
+//! worker's neighbour table as JSON).
 //!
 //! Written on std's TcpListener and httparse rather than an async HTTP stack: it serves a
 //! scraper every few seconds, one request per connection, and must never share a thread or a
