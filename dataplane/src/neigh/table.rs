@@ -1,16 +1,19 @@
 //! Each worker's neighbour table (IPv4 and IPv6): fixed capacity, allocated once, with Linux's
 //! neighbour life cycle cut to what a load balancer needs.
 //!
-//! - An entry's MAC is trusted for `reachable_ms` after it was learned or confirmed. Past that,
-//!   an entry still being sent to is asked again by unicast, once a second; after `probes`
-//!   unanswered questions it is given up (unresolved), so the next packets ask by broadcast and
-//!   a neighbour whose MAC changed without a gratuitous ARP is found again. Linux does the same
-//!   (REACHABLE, STALE, PROBE, FAILED); without it an entry was kept for the process's life.
+//! - An entry's MAC is trusted for a reachable time after it was learned or confirmed, drawn
+//!   between half and one and a half `reachable_ms` when jitter is on (as Linux draws it).
+//!   Past that, an entry still being sent to is asked again by unicast, once a second; after
+//!   `probes` unanswered questions it is given up (unresolved), so the next packets ask by
+//!   broadcast and a neighbour whose MAC changed without a gratuitous ARP is found again. Linux
+//!   does the same (REACHABLE, STALE, PROBE, FAILED); without it an entry was kept for the
+//!   process's life.
 //! - A full table makes room by handing the slot of an entry to the new address: the first
 //!   idle entry (not sent to for `reachable_ms`) near a clock hand, else, when traffic needs
 //!   the new entry, the one sent to least recently among those looked at. An address merely
-//!   learned from the wire takes only an idle slot, so senders of ARP requests cannot push out
-//!   the entries traffic uses.
+//!   learned from the wire, or reserved ahead of traffic, takes only an idle slot, so senders
+//!   of ARP requests (or a snapshot's many endpoints) cannot push out the entries traffic uses.
+//! - A MAC seen in a client's first frame can serve as an unconfirmed hint, asked at once.
 //! - A flow keeps a [`NeighborRef`]: the slot and its generation. A slot handed to another
 //!   address gets a new generation, so a flow's old reference is noticed and looked up again.
 
