@@ -155,10 +155,9 @@ pub fn run(a: &PktgenArgs) -> anyhow::Result<()> {
             trial += 1;
         }
         let plan = |rate, trial| Plan { rate_pps: rate, seconds: a.seconds, drain_ms: a.drain_ms, trial };
-        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
         let context = serde_json::json!({
             "port": a.port, "frame_bytes": size, "flows": a.flows, "src_ips": a.src_ips,
-            "dst": format!("{}:{}", a.dst_ip, a.dst_port), "dst_mac": mac(ep.dst_mac),
+            "dst": format!("{}:{}", a.dst_ip, a.dst_port), "dst_mac": fulcrum_config::bootstrap::MacAddr(ep.dst_mac).to_string(),
         });
         let emit = |o: &trial::Outcome| {
             let mut v = o.json(size);

@@ -17,6 +17,8 @@
 //! - A flow keeps a [`NeighborRef`]: the slot and its generation. A slot handed to another
 //!   address gets a new generation, so a flow's old reference is noticed and looked up again.
 
+use super::is_unicast_mac;
+use fulcrum_config::bootstrap::MacAddr;
 use std::net::{IpAddr, Ipv4Addr};
 
 /// A flow's handle on an entry: its slot, and the slot's generation when it was taken.
@@ -48,7 +50,7 @@ pub enum RefState {
 pub struct NeighborView {
     pub ip: IpAddr,
     /// `02:f1:00:00:02:01`, or none while unresolved.
-    pub mac: Option<String>,
+    pub mac: Option<MacAddr>,
     /// Linux's names: `permanent` (static), `incomplete` (no MAC: being asked, or given up
     /// until traffic needs it), `reachable`, `stale` (past its reachable time), `probe` (asked
     /// by unicast, unanswered so far), and `unconfirmed` (a MAC taken from a client's frame,
@@ -316,7 +318,7 @@ impl NeighborTable {
     /// As [`NeighborTable::learn`], for what another worker learned: kept, not passed on again.
     /// Returns whether the entry was taken.
     pub fn learn_quietly(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) -> bool {
-        if ip.is_unspecified() || ip.is_multicast() || mac[0] & 1 != 0 || mac == [0; 6] {
+        if ip.is_unspecified() || ip.is_multicast() || !is_unicast_mac(mac) {
             return false;
         }
         if let IpAddr::V4(a) = ip {
@@ -343,7 +345,7 @@ impl NeighborTable {
     /// Without it, the first answer to an on-link client we never asked (it had our MAC from
     /// before a restart or a takeover) was dropped while we asked, costing it a retransmission.
     pub fn hint(&mut self, r: NeighborRef, mac: [u8; 6], now_ms: u64) {
-        if mac[0] & 1 != 0 || mac == [0; 6] {
+        if !is_unicast_mac(mac) {
             return;
         }
         let Some(e) = self.entries.get_mut(r.idx as usize) else { return };
@@ -473,7 +475,7 @@ impl NeighborTable {
             .iter()
             .map(|e| NeighborView {
                 ip: e.ip,
-                mac: e.mac.map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                mac: e.mac.map(MacAddr),
                 state: match e {
                     e if e.is_static => "permanent",
                     e if e.mac.is_none() => "incomplete",
@@ -734,7 +736,7 @@ mod tests {
         assert_eq!(t.counters, NeighborCounters { evictions: 0, probes: 5, failures: 1 });
         let states: Vec<_> =
             t.view(16_200).into_iter().map(|n| (n.ip.to_string(), n.mac, n.state, n.used_ms_ago)).collect();
-        let mac = |m: [u8; 6]| Some(m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"));
+        let mac = |m: [u8; 6]| Some(MacAddr(m));
         assert_eq!(
             states,
             [
