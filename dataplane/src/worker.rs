@@ -787,12 +787,12 @@ impl Worker {
                         return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
                     if proto == PROTO_TCP && self.proxy.as_ref().is_some_and(|p| p.wants(dst.into(), dport)) {
-                        return self.proxy_later((src, sport, dport), seg.len(), m);
+                        return self.proxy_later((src, sport, dport), seg, m);
                     }
                     Class::Rev4
                 }
                 VipMatch::NotVip if self.l7_addr == Some(dst) && proto == PROTO_TCP => {
-                    return self.proxy_later((src, sport, dport), seg.len(), m);
+                    return self.proxy_later((src, sport, dport), seg, m);
                 }
                 VipMatch::NotVip => return drop(m, DropReason::NotForUs),
             };
@@ -813,9 +813,11 @@ impl Worker {
     /// connections the cache misses of one burst's segments overlap instead of each stalling
     /// the stack in turn.
     #[inline(always)]
-    fn proxy_later(&mut self, key: ConnKey, seg_len: usize, m: &mut Meta) {
+    fn proxy_later(&mut self, key: ConnKey, seg: &[u8], m: &mut Meta) {
         m.key4 = FlowKey { src: key.0, dst: 0, sport: key.1, dport: key.2, proto: PROTO_TCP };
-        m.cand = seg_len as u32;
+        m.cand = seg.len() as u32;
+        // The stack checks the segment; the flags are kept for what follows its hand-over.
+        m.tcp_flags = seg.get(13).copied().unwrap_or(0);
         m.class = Class::Proxy;
     }
 
@@ -830,10 +832,8 @@ impl Worker {
         } else {
             Class::Drop(DropReason::NoFlow)
         };
-        let f = buf.data();
-        let flags = f.get(l3 + (f[l3] & 0x0f) as usize * 4 + 13).copied().unwrap_or(0);
-        if m.class == Class::Consumed && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
-            self.hint_on_link_client(IpAddr::V4(m.key4.src.into()), ether::src_mac(f));
+        if m.class == Class::Consumed && m.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+            self.hint_on_link_client(IpAddr::V4(m.key4.src.into()), ether::src_mac(buf.data()));
         }
     }
 

@@ -33,7 +33,7 @@ impl SnatPorts {
 
     /// Moves the round robin's start `offset` ports (modulo the L4 share) into the range.
     pub fn start_at(&mut self, offset: u64) {
-        self.next = self.lo + (offset % (u64::from(self.alloc_hi - self.lo) + 1)) as u16;
+        self.next = port_in((self.lo, self.alloc_hi), offset);
     }
 
     #[inline]
@@ -59,6 +59,12 @@ fn range(core: u16, cores: u16) -> (u16, u16) {
     let lo = FIRST_PORT as u32 + core as u32 * chunk;
     let hi = if core as u32 + 1 == cores { 65535 } else { lo + chunk - 1 };
     (lo as u16, hi as u16)
+}
+
+/// The port `offset` places (modulo the range's size) into `lo..=hi`: where a per-process
+/// round robin starts.
+pub fn port_in((lo, hi): (u16, u16), offset: u64) -> u16 {
+    lo + (offset % (u64::from(hi - lo) + 1)) as u16
 }
 
 /// Which core owns a SNAT port (None below the SNAT range).

@@ -280,8 +280,7 @@ impl Proxy {
         // Upstream ports start at a place of this process's own: after a restart, the first
         // connections do not take the 4-tuples of the last run's, which a backend may still
         // hold (half-open after a crash, TIME-WAIT), costing a retransmission each.
-        let (lo, hi) = cfg.upstream_ports;
-        let first_port = lo + (cfg.seed % (u64::from(hi - lo) + 1)) as u16;
+        let first_port = crate::l4::snat::port_in(cfg.upstream_ports, cfg.seed);
         Proxy {
             next_port: first_port,
             rng: cfg.seed | 1,
