@@ -243,13 +243,6 @@ fn kubernetes_end_to_end() {
     let _ = Command::new("kill").args(["-9", &pid]).status();
     std::thread::sleep(Duration::from_secs(2));
     assert!(!k.run(&["get", "ns", "shop"], None).0, "the API server is down");
-    let admin = |path: &str| {
-        let o = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", "curl", "-s", &format!("http://127.0.0.1:9100{path}")])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
     assert!(admin("/metrics").contains("fulcrum_kubernetes_connected 0"), "the outage is seen: {}", admin("/metrics"));
     assert!(admin("/readyz").contains("Kubernetes API unreachable"), "{}", admin("/readyz"));
     for _ in 0..10 {

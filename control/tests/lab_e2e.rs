@@ -328,11 +328,7 @@ fn lab_end_to_end() {
     assert_eq!(text.trim(), "1048576 200", "whole body over the connection to {victim}");
 
     let metric = |name: &str| -> Option<f64> {
-        let o = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/metrics"])
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&o.stdout)
+        admin("/metrics")
             .lines()
             .filter_map(|l| l.strip_prefix(name)?.trim().split(' ').next_back()?.parse::<f64>().ok())
             .reduce(|a, b| a + b)
@@ -421,11 +417,7 @@ fn lab_end_to_end() {
     // The appliance's own `ip neigh`: be1 at its new MAC, confirmed (the worker copies its table
     // about once a second).
     let be1_entry = || -> Option<serde_json::Value> {
-        let o = Command::new("ip")
-            .args(["netns", "exec", "fl-lb", "curl", "-s", "http://127.0.0.1:9100/neighbors"])
-            .output()
-            .ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&admin("/neighbors")).ok()?;
         v["cores"][0]["entries"].as_array()?.iter().find(|e| e["ip"] == "10.10.0.11").cloned()
     };
     let t = Instant::now();

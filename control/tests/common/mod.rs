@@ -24,6 +24,16 @@ pub fn client(cmd: &[&str]) -> (bool, String) {
     (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
+/// GET `path` from the appliance's admin endpoint (127.0.0.1:9100 in its namespace): the body,
+/// whatever the status (`/readyz` explains itself in its 503), empty when nothing answers.
+pub fn admin(path: &str) -> String {
+    let o = Command::new("ip")
+        .args(["netns", "exec", "fl-lb", "curl", "-s", &format!("http://127.0.0.1:9100{path}")])
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 pub fn curl(url: &str) -> Option<String> {
     let (ok, out) = client(&["curl", "-s", "-m", "3", "--fail", url]);
     ok.then(|| out.trim().to_string())
