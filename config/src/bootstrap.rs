@@ -306,12 +306,18 @@ pub struct Timeouts {
     pub tcp_established: u32,
     pub tcp_fin: u32,
     pub tcp_closed: u32,
+    /// A FullNAT connection the backend closed first: the backend holds its tuple (SNAT
+    /// address and port, backend address and port) in TIME-WAIT, 60 s on Linux. The flow is
+    /// kept that long so new connections to that backend take other SNAT ports meanwhile: a SYN
+    /// on a tuple in TIME-WAIT is answered with a stale ACK unless its sequence number happens
+    /// to be higher, and a client that does not retransmit at once after its RST waits a second.
+    pub tcp_time_wait: u32,
     pub udp: u32,
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { tcp_syn: 30, tcp_established: 900, tcp_fin: 30, tcp_closed: 10, udp: 30 }
+        Timeouts { tcp_syn: 30, tcp_established: 900, tcp_fin: 30, tcp_closed: 10, tcp_time_wait: 60, udp: 30 }
     }
 }
 
@@ -602,6 +608,7 @@ impl Bootstrap {
             ("tcp_established", t.tcp_established),
             ("tcp_fin", t.tcp_fin),
             ("tcp_closed", t.tcp_closed),
+            ("tcp_time_wait", t.tcp_time_wait),
             ("udp", t.udp),
         ] {
             if v == 0 {

@@ -131,6 +131,10 @@ pub struct CoreStats {
     pub ct_inserts: u64,
     pub ct_expired: u64,
     pub ct_evictions: u64,
+    /// New FullNAT flows given a SNAT tuple the backend may still hold in TIME-WAIT, because
+    /// every port tried was in use (too few SNAT ports for the rate of connections the
+    /// backends close first).
+    pub snat_time_wait_reuses: u64,
     /// Neighbour table: entries (resolved or being resolved) and what it can hold.
     pub neighbors: u64,
     pub neighbors_capacity: u64,
@@ -205,6 +209,7 @@ impl CoreStats {
         self.ct_inserts += o.ct_inserts;
         self.ct_expired += o.ct_expired;
         self.ct_evictions += o.ct_evictions;
+        self.snat_time_wait_reuses += o.snat_time_wait_reuses;
         self.neighbors += o.neighbors;
         self.neighbors_capacity += o.neighbors_capacity;
         self.neighbor_evictions += o.neighbor_evictions;
@@ -241,6 +246,7 @@ impl CoreStats {
                           "failures": self.neighbor_failures},
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
+            "snat_time_wait_reuses": self.snat_time_wait_reuses,
             "per_vip": self.per_vip, "per_backend": self.per_backend,
             "l7": {"segments": self.l7_segments, "connections": self.l7.connections, "requests": self.l7.requests,
                    "responses": {"2xx": self.l7.responses[0], "3xx": self.l7.responses[1],

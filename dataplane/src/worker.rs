@@ -1074,19 +1074,8 @@ impl Worker {
         match s.mode {
             Mode::FullNat => {
                 let own = A::own(self).ok_or(DropReason::NoRoute)?;
-                let mut rev = FlowKey { src: baddr, dst: own, sport: b.port, dport: 0, proto: key.proto };
-                let mut found = false;
-                for _ in 0..64 {
-                    rev.dport = A::snat(self).take_next();
-                    let h = A::ct_ref(self).hash(&rev);
-                    if A::ct_ref(self).lookup(&rev, h).is_none() {
-                        found = true;
-                        break;
-                    }
-                }
-                if !found {
-                    return Err(DropReason::SnatPortsExhausted);
-                }
+                let rev = FlowKey { src: baddr, dst: own, sport: b.port, dport: 0, proto: key.proto };
+                let rev = self.free_snat_tuple(rev)?;
                 flow.rev = rev;
                 flow.has_rev = true;
                 flow.neigh_rev = self.neighbor_index(key.src.to_ip())?;
@@ -1108,6 +1097,37 @@ impl Worker {
         let (idx, _) = A::ct(self).insert(flow, now);
         self.inserted_this_burst = true;
         Ok(idx)
+    }
+
+    /// The reverse key of a new FullNAT flow: `rev` with the next SNAT port (round robin, so the
+    /// port tried first is the one this backend tuple saw longest ago) whose tuple no flow holds.
+    /// Tuples the backend still holds in TIME-WAIT are passed over; only when every port tried
+    /// is held, and one of them only by TIME-WAIT, is the oldest of those taken back (counted):
+    /// a stale ACK for some new connections beats refusing them.
+    fn free_snat_tuple<A: Family>(&mut self, mut rev: FlowKey<A>) -> Result<FlowKey<A>, DropReason> {
+        const TRIES: usize = 64;
+        let now = self.now;
+        let mut time_wait = None;
+        for _ in 0..TRIES {
+            rev.dport = A::snat(self).take_next();
+            let ct = A::ct_ref(self);
+            let Some((idx, _)) = ct.lookup(&rev, ct.hash(&rev)) else {
+                return Ok(rev);
+            };
+            if ct.is_expired(idx, now) {
+                A::ct(self).remove(idx);
+                A::ct(self).counters.expired += 1;
+                return Ok(rev);
+            }
+            if time_wait.is_none() && ct.flow(idx).state == FlowState::TcpTimeWait {
+                time_wait = Some((rev.dport, idx));
+            }
+        }
+        let (port, idx) = time_wait.ok_or(DropReason::SnatPortsExhausted)?;
+        A::ct(self).remove(idx);
+        self.stats.snat_time_wait_reuses += 1;
+        rev.dport = port;
+        Ok(rev)
     }
 
     fn pick_backend<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, key: &FlowKey<A>) -> Option<u32> {

@@ -47,6 +47,7 @@ const T_SYN: u64 = 5_000;
 const T_EST: u64 = 60_000;
 const T_FIN: u64 = 7_000;
 const T_CLOSED: u64 = 3_000;
+const T_TIME_WAIT: u64 = 9_000;
 const T_UDP: u64 = 4_000;
 
 const BOOT: &str = r#"
@@ -64,7 +65,7 @@ forwarding: {dsr_source_v4: 172.16.0.0/16, dsr_source_v6: "fd00:f17c::/112"}
 maglev: {table_size: 65537}
 conntrack:
   capacity: 8192
-  timeouts: {tcp_syn: 5, tcp_established: 60, tcp_fin: 7, tcp_closed: 3, udp: 4}
+  timeouts: {tcp_syn: 5, tcp_established: 60, tcp_fin: 7, tcp_closed: 3, tcp_time_wait: 9, udp: 4}
 "#;
 
 fn boot() -> Bootstrap {
@@ -772,6 +773,81 @@ fn fin_both_ways_then_closed_timeout() {
     // A new SYN from the same port is a new flow with a new SNAT port.
     let p = h.fwd(gone, &tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).frame());
     assert_eq!(p.sport, 1025);
+}
+
+/// Closes a FullNAT flow as a server that closes first does: its FIN, the client's, its ACK.
+fn close_backend_first(h: &mut H, now: u64, cport: u16, (b, bport, snat): (IpAddr, u16, u16)) {
+    h.fwd(now, &from_backend(b, bport, snat, FIN | ACK).frame());
+    h.fwd(now, &tcp(CLIENT4, cport, WEB_VIP, 80, FIN | ACK).frame());
+    h.fwd(now, &from_backend(b, bport, snat, ACK).frame());
+}
+
+/// A worker whose core owns only the 64 SNAT ports 1024..=1087 (core 0 of 1008).
+fn web_with_64_snat_ports() -> H {
+    let mut cfg = config();
+    cfg.cores = 1008;
+    H::with(cfg, fixed_services())
+}
+
+#[test]
+fn snat_ports_the_backend_holds_in_time_wait_are_passed_over() {
+    let mut h = web_with_64_snat_ports();
+    // Port 1024: closed by the backend first (TIME-WAIT there); 1025..=1087: by the client.
+    let first = handshake(&mut h, 0, CLIENT4, 40000, WEB_VIP, 80);
+    assert_eq!(first.2, 1024);
+    close_backend_first(&mut h, 10, 40000, first);
+    for i in 1..64u16 {
+        let t = handshake(&mut h, 20, CLIENT4, 40000 + i, WEB_VIP, 80);
+        assert_eq!(t.2, 1024 + i);
+        h.fwd(30, &tcp(CLIENT4, 40000 + i, WEB_VIP, 80, FIN | ACK).frame());
+        h.fwd(30, &from_backend(t.0, t.1, t.2, FIN | ACK).frame());
+    }
+    // The round robin wraps to 1024 once the client-closed flows are gone: 1024 is passed
+    // over while the backend's TIME-WAIT lasts, and its flow still carries stragglers.
+    let t = 30 + T_CLOSED;
+    let p = h.fwd(t, &tcp(CLIENT4, 41000, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1025);
+    h.fwd(t, &from_backend(first.0, first.1, 1024, ACK).frame());
+    // The same client port may take its own tuple over, as the backend lets it.
+    let p = h.fwd(t, &tcp(CLIENT4, 40000, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1024);
+    assert_eq!(h.w.stats.snat_time_wait_reuses, 0);
+}
+
+#[test]
+fn time_wait_tuples_are_reused_only_when_no_port_is_free_and_counted() {
+    let mut h = web_with_64_snat_ports();
+    for i in 0..64u16 {
+        let t = handshake(&mut h, 0, CLIENT4, 40000 + i, WEB_VIP, 80);
+        close_backend_first(&mut h, 10 + u64::from(i), 40000 + i, t);
+    }
+    // Every port in TIME-WAIT at the backend: the oldest (the round robin's next) is taken back.
+    let (_, _, snat) = handshake(&mut h, 100, CLIENT4, 41000, WEB_VIP, 80);
+    assert_eq!(snat, 1024);
+    assert_eq!(h.w.stats.snat_time_wait_reuses, 1);
+    // Its old client is no flow any more; the next port's TIME-WAIT still holds.
+    assert_eq!(h.dropped(100, &tcp(CLIENT4, 40000, WEB_VIP, 80, ACK).frame()), DropReason::NoFlow);
+    h.fwd(100, &tcp(CLIENT4, 40001, WEB_VIP, 80, ACK).frame());
+    // tcp_time_wait after its last packet a tuple is free again, without a count (1024 is
+    // in use; 1025's straggler above pushed its end to 100 + T_TIME_WAIT).
+    let p = h.fwd(100 + T_TIME_WAIT, &tcp(CLIENT4, 41001, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1025);
+    assert_eq!(h.w.stats.snat_time_wait_reuses, 1);
+}
+
+#[test]
+fn snat_ports_all_in_live_flows_drop_new_syns() {
+    let mut h = web_with_64_snat_ports();
+    for i in 0..64u16 {
+        handshake(&mut h, 0, CLIENT4, 40000 + i, WEB_VIP, 80);
+    }
+    let r = h.dropped(10, &tcp(CLIENT4, 41000, WEB_VIP, 80, SYN).frame());
+    assert_eq!(r, DropReason::SnatPortsExhausted);
+    // One closes and expires: its port is free for the next SYN.
+    h.fwd(20, &tcp(CLIENT4, 40005, WEB_VIP, 80, RST).frame());
+    let p = h.fwd(20 + T_CLOSED, &tcp(CLIENT4, 41000, WEB_VIP, 80, SYN).frame());
+    assert_eq!(p.sport, 1029);
+    assert_eq!(h.w.stats.snat_time_wait_reuses, 0);
 }
 
 #[test]

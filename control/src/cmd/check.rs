@@ -172,8 +172,8 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
     )?;
     writeln!(
         out,
-        "    timeouts: tcp syn {}s, established {}s, fin {}s, closed {}s; udp {}s",
-        t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_closed, t.udp
+        "    timeouts: tcp syn {}s, established {}s, fin {}s, closed {}s, time-wait {}s; udp {}s",
+        t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_closed, t.tcp_time_wait, t.udp
     )?;
     writeln!(out, "  maglev:     table size {}", boot.maglev.table_size)?;
     let n = &boot.neighbors;

@@ -129,9 +129,13 @@ pub enum FlowState {
     /// RST seen or both FINs: the flow lingers briefly for stragglers, then goes.
     TcpClosed = 4,
     Udp = 5,
+    /// Both FINs, the backend's first: the backend now holds the tuple in TIME-WAIT. Kept
+    /// as long (`tcp_time_wait`) so that the SNAT port allocator does not give the same tuple
+    /// to a new client meanwhile (a SYN on it would meet the old connection's ACK).
+    TcpTimeWait = 6,
 }
 
-pub const STATES: usize = 6;
+pub const STATES: usize = 7;
 
 /// Which of a flow's keys matched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +220,7 @@ impl TimeoutsMs {
         a[FlowState::TcpEstablished as usize] = t.tcp_established * 1000;
         a[FlowState::TcpFin as usize] = t.tcp_fin * 1000;
         a[FlowState::TcpClosed as usize] = t.tcp_closed * 1000;
+        a[FlowState::TcpTimeWait as usize] = t.tcp_time_wait * 1000;
         a[FlowState::Udp as usize] = t.udp * 1000;
         TimeoutsMs(a)
     }
@@ -662,16 +667,26 @@ pub fn tcp_next_state(state: FlowState, fins: &mut u8, dir: Dir, flags: u8) -> F
     }
     if flags & SYN != 0 && flags & ACK == 0 && dir == Dir::Fwd {
         // A new SYN on a closed flow (client port reuse) starts over; on a live one it is a
-        // retransmission.
-        if matches!(state, FlowState::TcpClosed | FlowState::Free) {
+        // retransmission. The same client port means the same client stack, whose sequence
+        // numbers (and timestamps) for the tuple only grow: the backend takes it over its
+        // TIME-WAIT.
+        if matches!(state, FlowState::TcpClosed | FlowState::TcpTimeWait | FlowState::Free) {
             *fins = 0;
             return FlowState::TcpSynSent;
         }
         return state;
     }
     if flags & FIN != 0 {
+        let before = *fins;
         *fins |= if dir == Dir::Fwd { 1 } else { 2 };
-        return if *fins == 3 { FlowState::TcpClosed } else { FlowState::TcpFin };
+        return match (before, *fins) {
+            // A retransmitted FIN changes nothing.
+            (3, _) => state,
+            // The client's FIN after the backend's: the backend closed first.
+            (2, 3) => FlowState::TcpTimeWait,
+            (_, 3) => FlowState::TcpClosed,
+            _ => FlowState::TcpFin,
+        };
     }
     match state {
         FlowState::TcpSynSent if flags & ACK != 0 => FlowState::TcpEstablished,
@@ -784,6 +799,35 @@ mod tests {
         let s = tcp_next_state(s, &mut fins, Dir::Fwd, SYN);
         assert_eq!((s, fins), (FlowState::TcpSynSent, 0));
         assert_eq!(tcp_next_state(FlowState::TcpEstablished, &mut fins, Dir::Rev, RST | ACK), FlowState::TcpClosed);
+    }
+
+    #[test]
+    fn backend_closing_first_leaves_time_wait() {
+        use tcp_flags::*;
+        let mut fins = 0;
+        let s = tcp_next_state(FlowState::TcpEstablished, &mut fins, Dir::Rev, FIN | ACK);
+        assert_eq!(s, FlowState::TcpFin);
+        // Retransmitted, still half closed.
+        let s = tcp_next_state(s, &mut fins, Dir::Rev, FIN | ACK);
+        assert_eq!(s, FlowState::TcpFin);
+        let s = tcp_next_state(s, &mut fins, Dir::Fwd, FIN | ACK);
+        assert_eq!(s, FlowState::TcpTimeWait);
+        // The backend's retransmitted FIN, the client's last ACK: still TIME-WAIT.
+        let s = tcp_next_state(s, &mut fins, Dir::Rev, FIN | ACK);
+        let s = tcp_next_state(s, &mut fins, Dir::Fwd, ACK);
+        assert_eq!(s, FlowState::TcpTimeWait);
+        // A retransmitted FIN after the client closed first does not turn into TIME-WAIT.
+        let mut fins = 0;
+        let s = tcp_next_state(FlowState::TcpEstablished, &mut fins, Dir::Fwd, FIN | ACK);
+        let s = tcp_next_state(s, &mut fins, Dir::Rev, FIN | ACK);
+        assert_eq!(tcp_next_state(s, &mut fins, Dir::Fwd, FIN | ACK), FlowState::TcpClosed);
+        // A RST ends TIME-WAIT at the backend (Linux without rfc1337), and so here.
+        let mut fins = 3;
+        assert_eq!(tcp_next_state(FlowState::TcpTimeWait, &mut fins, Dir::Fwd, RST), FlowState::TcpClosed);
+        // The same client port opening again takes the flow over, as the backend does.
+        let mut fins = 3;
+        assert_eq!(tcp_next_state(FlowState::TcpTimeWait, &mut fins, Dir::Fwd, SYN), FlowState::TcpSynSent);
+        assert_eq!(fins, 0);
     }
 
     proptest! {
