@@ -397,6 +397,11 @@ impl<A: Addr> Conntrack<A> {
         }
         let idx = slot & !REV_BIT;
         let f = &self.flows[idx as usize];
+        // A candidate taken earlier in the burst may name a record removed since (a live flow
+        // can be removed for another's sake: a SNAT tuple taken back), which still holds its keys.
+        if f.state == FlowState::Free {
+            return None;
+        }
         if slot & REV_BIT == 0 {
             (f.fwd == *key).then_some((idx, Dir::Fwd))
         } else {
@@ -721,6 +726,21 @@ mod tests {
         let h = ct.hash(k);
         let c = ct.candidate(h);
         ct.verify(c, k).or_else(|| if ct.needs_full_lookup(h, c) { ct.lookup(k, h) } else { None })
+    }
+
+    #[test]
+    fn a_candidate_taken_before_a_remove_matches_nothing() {
+        let mut ct = Conntrack::<u32>::new(16, timeouts(), 5).unwrap();
+        let (idx, _) = ct.insert(flow(1, true), 0);
+        let f = *ct.flow(idx);
+        let (cf, cr) = (ct.candidate(ct.hash(&f.fwd)), ct.candidate(ct.hash(&f.rev)));
+        assert_eq!(ct.verify(cf, &f.fwd), Some((idx, Dir::Fwd)));
+        // Removed before its deadline (as a SNAT tuple taken back is), the record keeps its
+        // keys on the free list; the stage-2 candidates must not find it.
+        ct.remove(idx);
+        assert_eq!(ct.verify(cf, &f.fwd), None);
+        assert_eq!(ct.verify(cr, &f.rev), None);
+        assert!(ct.lookup(&f.fwd, ct.hash(&f.fwd)).is_none());
     }
 
     #[test]
