@@ -5,7 +5,7 @@ use crate::error::ConfigError;
 use crate::model::ForwardingMode;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -124,7 +124,17 @@ pub struct PortConfig {
     /// IP MTU of the link; DSR encapsulation that would exceed it is refused with ICMP.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// FullNAT source addresses (LVS's local addresses), IPv4 and IPv6, at most 16 of each:
+    /// new flows take (address, port) pairs from them in turn instead of the port's own
+    /// address, so each backend has that many times the tuples (a tuple a backend holds in
+    /// TIME-WAIT comes round that much later). Fulcrum answers ARP/NDP and ping for them; ones
+    /// outside the port's prefix must be routed to it. Empty: the port's own addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snat_addresses: Vec<IpAddr>,
 }
+
+/// Most `snat_addresses` of one family on a port.
+pub const MAX_SNAT_ADDRESSES: usize = 16;
 
 fn default_mtu() -> u16 {
     1500
@@ -598,6 +608,59 @@ impl Bootstrap {
                 }
             }
         }
+        for (i, port) in self.ports.iter().enumerate() {
+            let mut counts = [0usize; 2];
+            for (k, &a) in port.snat_addresses.iter().enumerate() {
+                let f = format!("ports[{i}].snat_addresses[{k}]");
+                let (own, family) = match a {
+                    IpAddr::V4(v4) => {
+                        if v4.is_broadcast() {
+                            return fail(f, format!("{a} is not a unicast address"));
+                        }
+                        (port.ipv4.map(|n| IpAddr::V4(n.addr())), 0)
+                    }
+                    IpAddr::V6(_) => (port.ipv6.map(|n| IpAddr::V6(n.addr())), 1),
+                };
+                if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                    return fail(f, format!("{a} is not a unicast address"));
+                }
+                if own.is_none() {
+                    let v = if family == 0 { "ipv4" } else { "ipv6" };
+                    return fail(
+                        f,
+                        format!("{a} given but the port has no {v} address (return traffic is matched there)"),
+                    );
+                }
+                counts[family] += 1;
+                if counts[family] > MAX_SNAT_ADDRESSES {
+                    return fail(f, format!("more than {MAX_SNAT_ADDRESSES} addresses of one family"));
+                }
+                if let Some(j) = port.snat_addresses[..k].iter().position(|&b| b == a) {
+                    return fail(f, format!("{a} is listed twice (also snat_addresses[{j}])"));
+                }
+                for (j, other) in self.ports.iter().enumerate() {
+                    let theirs = other.ipv4.map(|n| IpAddr::V4(n.addr())) == Some(a)
+                        || other.ipv6.map(|n| IpAddr::V6(n.addr())) == Some(a);
+                    if j != i && (theirs || (j < i && other.snat_addresses.contains(&a))) {
+                        return fail(f, format!("{a} belongs to ports[{j}]"));
+                    }
+                }
+                if self.l7.as_ref().is_some_and(|l7| IpAddr::V4(l7.address) == a) {
+                    return fail(f, format!("{a} is the L7 address"));
+                }
+                for (j, pool) in self.vip_pools.iter().enumerate() {
+                    if let Some(l) = pool.cidrs.iter().position(|c| c.contains(&a)) {
+                        return fail(
+                            f,
+                            format!(
+                                "{a} is in VIP pool {:?} ({}, vip_pools[{j}].cidrs[{l}])",
+                                pool.name, pool.cidrs[l]
+                            ),
+                        );
+                    }
+                }
+            }
+        }
         let cap = self.conntrack.capacity;
         if cap == 0 {
             return fail("conntrack.capacity", "must be greater than 0");
@@ -798,6 +861,36 @@ mod tests {
             ("      ipv4: 10.10.0.1\n", "      ipv4: 10.10.0.2\n", "ports[0].next_hop.ipv4", "own address"),
             ("02:f1:00:00:00:01", "03:f1:00:00:00:01", "ports[0].mac", "multicast"),
             (
+                "    mtu: 1500\n",
+                "    mtu: 1500\n    snat_addresses: [10.10.0.20, 10.10.0.20]\n",
+                "ports[0].snat_addresses[1]",
+                "listed twice",
+            ),
+            (
+                "    mtu: 1500\n",
+                "    mtu: 1500\n    snat_addresses: [\"fd00:10::20\", 10.20.0.5]\n",
+                "ports[0].snat_addresses[1]",
+                "in VIP pool \"lab\"",
+            ),
+            (
+                "    mtu: 1500\n",
+                "    mtu: 1500\n    snat_addresses: [0.0.0.0]\n",
+                "ports[0].snat_addresses[0]",
+                "not a unicast",
+            ),
+            (
+                "    mtu: 1500\n",
+                "    mtu: 1500\n    snat_addresses: [\"ff02::1\"]\n",
+                "ports[0].snat_addresses[0]",
+                "not a unicast",
+            ),
+            (
+                "    mtu: 1500\n",
+                "    mtu: 1500\n    snat_addresses: [10.20.0.100]\n",
+                "ports[0].snat_addresses[0]",
+                "L7 address",
+            ),
+            (
                 "vip_pools:\n  - name: lab\n    cidrs:",
                 "vip_pools:\n  - name: lab\n    cidrs: [10.30.0.0/24]\n  - name: lab\n    cidrs:",
                 "vip_pools[1].name",
@@ -811,6 +904,23 @@ mod tests {
             }
             assert!(e.contains(msg), "{to:?}: {e}");
         }
+    }
+
+    #[test]
+    fn snat_addresses_of_both_families_parse_and_need_the_family_on_the_port() {
+        let b = parse(&lab_with(
+            "    mtu: 1500\n",
+            "    mtu: 1500\n    snat_addresses: [10.10.0.20, \"fd00:10::20\", 10.10.0.2]\n",
+        ))
+        .unwrap();
+        assert_eq!(b.ports[0].snat_addresses.len(), 3, "the port's own address may be one of them");
+        let v4_only = lab_with("    ipv6: fd00:10::2/64\n", "").replace("      ipv6: fd00:10::1\n", "");
+        let e = err(&v4_only.replace("    mtu: 1500\n", "    mtu: 1500\n    snat_addresses: [\"fd00:10::20\"]\n"));
+        assert!(e.contains("field ports[0].snat_addresses[0]: ") && e.contains("no ipv6 address"), "{e}");
+        let many: Vec<String> = (20..37).map(|i| format!("10.10.0.{i}")).collect();
+        let e =
+            err(&lab_with("    mtu: 1500\n", &format!("    mtu: 1500\n    snat_addresses: [{}]\n", many.join(", "))));
+        assert!(e.contains("field ports[0].snat_addresses[16]: ") && e.contains("more than 16"), "{e}");
     }
 
     #[test]

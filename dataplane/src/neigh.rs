@@ -743,6 +743,7 @@ mod tests {
                 mac: None,
             },
             mtu: 1500,
+            snat_addresses: vec![],
         };
         let i = Interface::from_config(&p);
         assert_eq!(i, iface());

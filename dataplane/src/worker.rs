@@ -12,7 +12,7 @@
 use crate::l4::conntrack::{tcp_flags, tcp_next_state, Addr, Conntrack, Dir, Flow, FlowKey, FlowState, TimeoutsMs};
 use crate::l4::hash::mix64;
 use crate::l4::icmp_error;
-use crate::l4::snat::{self, SnatPorts};
+use crate::l4::snat::{self, SnatAddrs, SnatPorts};
 use crate::l7::proxy::{Proxy, ProxyConfig};
 use crate::l7::stack::ConnKey;
 use crate::neigh::{self, Interface, NeighborRef, NeighborTable, RefState, Verdict};
@@ -61,6 +61,9 @@ pub struct WorkerConfig {
     pub snat_offset: u64,
     /// Entries of the ClientIP affinity table.
     pub affinity_capacity: usize,
+    /// FullNAT source addresses (`ports[].snat_addresses`); empty: the port's own address of
+    /// each family.
+    pub snat_addresses: Vec<IpAddr>,
     /// Static neighbours (the next hop's MAC when configured).
     pub static_neighbors: Vec<(IpAddr, [u8; 6])>,
     /// The bootstrap file's `neighbors` section.
@@ -116,6 +119,7 @@ impl WorkerConfig {
             seed,
             snat_offset: seed.rotate_left(29),
             affinity_capacity: 65536,
+            snat_addresses: port.snat_addresses.clone(),
             static_neighbors,
             neighbors: boot.neighbors.clone(),
             l7: boot.l7.as_ref().map(|c| L7Settings {
@@ -138,6 +142,27 @@ impl WorkerConfig {
 }
 
 /// A per-process random seed without a syscall per use (read once at start).
+/// A family's FullNAT source addresses: those of `listed` in the family, else the port's own.
+fn snat_sources<A: Addr>(listed: &[IpAddr], own: Option<A>) -> Vec<A> {
+    let mine: Vec<A> = listed.iter().filter_map(|&ip| A::from_ip(ip)).collect();
+    if mine.is_empty() {
+        own.into_iter().collect()
+    } else {
+        mine
+    }
+}
+
+/// Whether the neighbour code answers ARP/NDP (and ping) for `ip` besides the port's own
+/// address: the FullNAT source addresses always (they are this appliance's own), the VIPs and
+/// the L7 address while this appliance holds them.
+fn answers_for(snap: &Snapshot, l7: Option<u32>, s4: &SnatAddrs<u32>, s6: &SnatAddrs<u128>, ip: IpAddr) -> bool {
+    let held = snap.answers_vips && (snap.is_vip(ip) || l7.map(|a| IpAddr::V4(a.into())) == Some(ip));
+    held || match ip {
+        IpAddr::V4(a) => s4.contains(a.into()),
+        IpAddr::V6(a) => s6.contains(a.into()),
+    }
+}
+
 pub fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     // getrandom(2) through libc; falls back to the clock if it fails.
@@ -158,8 +183,8 @@ pub trait Family: Addr {
     const HAS_IP_CSUM: bool;
     fn ct(w: &mut Worker) -> &mut Conntrack<Self>;
     fn ct_ref(w: &Worker) -> &Conntrack<Self>;
-    fn own(w: &Worker) -> Option<Self>;
-    fn snat(w: &mut Worker) -> &mut SnatPorts;
+    /// The next FullNAT source (address, port) of this core; None without an address.
+    fn next_snat_tuple(w: &mut Worker) -> Option<(Self, u16)>;
     fn as_u128(self) -> u128;
 }
 
@@ -177,12 +202,8 @@ impl Family for u32 {
         &w.ct4
     }
     #[inline(always)]
-    fn own(w: &Worker) -> Option<u32> {
-        w.own4
-    }
-    #[inline(always)]
-    fn snat(w: &mut Worker) -> &mut SnatPorts {
-        &mut w.snat4
+    fn next_snat_tuple(w: &mut Worker) -> Option<(u32, u16)> {
+        w.snat_addrs4.next_tuple(&mut w.snat4)
     }
     #[inline(always)]
     fn as_u128(self) -> u128 {
@@ -204,12 +225,8 @@ impl Family for u128 {
         &w.ct6
     }
     #[inline(always)]
-    fn own(w: &Worker) -> Option<u128> {
-        w.own6
-    }
-    #[inline(always)]
-    fn snat(w: &mut Worker) -> &mut SnatPorts {
-        &mut w.snat6
+    fn next_snat_tuple(w: &mut Worker) -> Option<(u128, u16)> {
+        w.snat_addrs6.next_tuple(&mut w.snat6)
     }
     #[inline(always)]
     fn as_u128(self) -> u128 {
@@ -279,6 +296,10 @@ pub struct Worker {
     pub stats: CoreStats,
     snat4: SnatPorts,
     snat6: SnatPorts,
+    /// FullNAT source addresses, each paired with every port in turn (the port's own address
+    /// unless the bootstrap file lists others).
+    snat_addrs4: SnatAddrs<u32>,
+    snat_addrs6: SnatAddrs<u128>,
     own4: Option<u32>,
     own6: Option<u128>,
     affinity: Affinity,
@@ -362,6 +383,8 @@ impl Worker {
             proxy,
             snat4,
             snat6,
+            snat_addrs4: SnatAddrs::new(snat_sources(&cfg.snat_addresses, cfg.iface.ipv4.map(|(a, _)| u32::from(a)))),
+            snat_addrs6: SnatAddrs::new(snat_sources(&cfg.snat_addresses, cfg.iface.ipv6.map(|(a, _)| u128::from(a)))),
             own4: cfg.iface.ipv4.map(|(a, _)| u32::from(a)),
             own6: cfg.iface.ipv6.map(|(a, _)| u128::from(a)),
             affinity: Affinity { map: HashMap::with_capacity(cfg.affinity_capacity), capacity: cfg.affinity_capacity },
@@ -782,7 +805,7 @@ impl Worker {
             let class = match self.snap.lookup_v4(dst, proto, dport) {
                 VipMatch::Service(svc) => Class::Fwd4 { svc },
                 VipMatch::OtherPort => return drop(m, DropReason::UnknownVipPort),
-                VipMatch::NotVip if self.own4 == Some(dst) => {
+                VipMatch::NotVip if self.ours4(dst) => {
                     if !self.snat4.owns(dport) {
                         return handoff(m, snat::owner(dport, self.cfg.cores));
                     }
@@ -862,7 +885,7 @@ impl Worker {
         seg_len: usize,
         m: &mut Meta,
     ) {
-        let local = self.own4 == Some(dst) || self.l7_addr == Some(dst) || self.snap.is_vip(IpAddr::V4(dst.into()));
+        let local = self.ours4(dst) || self.l7_addr == Some(dst) || self.snap.is_vip(IpAddr::V4(dst.into()));
         if !local {
             return drop(m, DropReason::NotForUs);
         }
@@ -878,9 +901,8 @@ impl Worker {
     /// ARP: answered or learned from by the neighbour code.
     #[inline(never)]
     fn arp<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info) -> Verdict {
-        let snap = &self.snap;
-        let l7 = self.l7_addr.map(|a| IpAddr::V4(a.into()));
-        let is_vip = |ip| snap.answers_vips && (snap.is_vip(ip) || Some(ip) == l7);
+        let (snap, l7, s4, s6) = (&self.snap, self.l7_addr, &self.snat_addrs4, &self.snat_addrs6);
+        let is_vip = |ip| answers_for(snap, l7, s4, s6, ip);
         neigh::handle_arp(buf, l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats)
     }
 
@@ -919,7 +941,7 @@ impl Worker {
         let src = u128::from_be_bytes(f[l3 + 8..l3 + 24].try_into().unwrap());
         let dst = u128::from_be_bytes(f[l3 + 24..l3 + 40].try_into().unwrap());
         let dst_ip = Ipv6Addr::from(dst);
-        let ours = self.own6 == Some(dst);
+        let ours = self.ours6(dst);
         let local = ours || dst_ip == self.cfg.iface.ipv6_link_local || self.snap.is_vip(IpAddr::V6(dst_ip));
         let l4 = l3 + 40;
         m.l4 = l4 as u16;
@@ -962,8 +984,8 @@ impl Worker {
                     m.class = icmp_error::handle_v6(self, buf, l3);
                     return;
                 }
-                let snap = &self.snap;
-                let is_vip = |ip| snap.answers_vips && snap.is_vip(ip);
+                let (snap, l7, s4, s6) = (&self.snap, self.l7_addr, &self.snat_addrs4, &self.snat_addrs6);
+                let is_vip = |ip| answers_for(snap, l7, s4, s6, ip);
                 let v = neigh::handle_icmpv6_local(
                     buf,
                     l2,
@@ -1073,8 +1095,7 @@ impl Worker {
         flow.neigh_fwd = self.neighbor_index(b.addr)?;
         match s.mode {
             Mode::FullNat => {
-                let own = A::own(self).ok_or(DropReason::NoRoute)?;
-                let rev = FlowKey { src: baddr, dst: own, sport: b.port, dport: 0, proto: key.proto };
+                let rev = FlowKey { src: baddr, dst: baddr, sport: b.port, dport: 0, proto: key.proto };
                 let rev = self.free_snat_tuple(rev)?;
                 flow.rev = rev;
                 flow.has_rev = true;
@@ -1099,8 +1120,9 @@ impl Worker {
         Ok(idx)
     }
 
-    /// The reverse key of a new FullNAT flow: `rev` with the next SNAT port (round robin, so the
-    /// port tried first is the one this backend tuple saw longest ago) whose tuple no flow holds.
+    /// The reverse key of a new FullNAT flow: `rev` with the next SNAT address and port (round
+    /// robin, so the tuple tried first is the one this backend saw longest ago) that no flow holds.
+    /// No address of the family: `NoRoute`.
     /// Tuples the backend still holds in TIME-WAIT are passed over; only when every port tried
     /// is held, and one of them only by TIME-WAIT, is the oldest of those taken back (counted):
     /// a stale ACK for some new connections beats refusing them.
@@ -1109,7 +1131,7 @@ impl Worker {
         let now = self.now;
         let mut time_wait = None;
         for _ in 0..TRIES {
-            rev.dport = A::snat(self).take_next();
+            (rev.dst, rev.dport) = A::next_snat_tuple(self).ok_or(DropReason::NoRoute)?;
             let ct = A::ct_ref(self);
             let Some((idx, _)) = ct.lookup(&rev, ct.hash(&rev)) else {
                 return Ok(rev);
@@ -1120,13 +1142,13 @@ impl Worker {
                 return Ok(rev);
             }
             if time_wait.is_none() && ct.flow(idx).state == FlowState::TcpTimeWait {
-                time_wait = Some((rev.dport, idx));
+                time_wait = Some((rev.dst, rev.dport, idx));
             }
         }
-        let (port, idx) = time_wait.ok_or(DropReason::SnatPortsExhausted)?;
+        let (src, port, idx) = time_wait.ok_or(DropReason::SnatPortsExhausted)?;
         A::ct(self).remove(idx);
         self.stats.snat_time_wait_reuses += 1;
-        rev.dport = port;
+        (rev.dst, rev.dport) = (src, port);
         Ok(rev)
     }
 
@@ -1307,6 +1329,18 @@ impl Worker {
     }
 
     // --- used by the ICMP error path ---
+
+    /// Whether `dst` is one of our addresses that return traffic comes to: the port's own, or a
+    /// FullNAT source address.
+    #[inline(always)]
+    pub(crate) fn ours4(&self, dst: u32) -> bool {
+        self.own4 == Some(dst) || self.snat_addrs4.contains(dst)
+    }
+
+    #[inline(always)]
+    pub(crate) fn ours6(&self, dst: u128) -> bool {
+        self.own6 == Some(dst) || self.snat_addrs6.contains(dst)
+    }
 
     pub(crate) fn iface(&self) -> &Interface {
         &self.cfg.iface

@@ -494,8 +494,10 @@ fn assert_macs_to_next_hop(p: &Pkt) {
 /// Opens a FullNAT TCP flow (SYN, SYN-ACK, ACK) at `now`; returns (backend, backend port, SNAT port).
 fn handshake(h: &mut H, now: u64, client: &str, cport: u16, vip: &str, vport: u16) -> (IpAddr, u16, u16) {
     let syn = h.fwd(now, &tcp(client, cport, vip, vport, SYN).frame());
-    let own = if ip(vip).is_ipv4() { ip(LB4) } else { ip(LB6) };
-    assert_eq!(syn.src, own);
+    // The port's own address, or one of the FullNAT source addresses where a test lists them.
+    let own = syn.src;
+    assert!([LB4, LB6, SNAT_A, SNAT_B, SNAT_6].iter().any(|a| ip(a) == own), "SNAT source {own}");
+    assert_eq!(own.is_ipv4(), ip(vip).is_ipv4());
     let (b, bport, snat) = (syn.dst, syn.dport, syn.sport);
     let sa = tcp("0.0.0.0", bport, "0.0.0.0", snat, SYN | ACK);
     let sa = Seg { src: b, dst: own, ..sa };
@@ -1673,4 +1675,92 @@ fn standby_does_not_claim_vips_and_announces_them_on_takeover() {
     let (sent, _) = h.step(3021, &who_has_vip);
     assert_eq!(sent.len(), 1, "the leader answers ARP for the VIP");
     assert_eq!(h.w.stats.announcements, 3 * vips.len() as u64);
+}
+
+// --- FullNAT source addresses (ports[].snat_addresses) -----------------------------------------
+
+const SNAT_A: &str = "10.10.0.20";
+const SNAT_B: &str = "10.10.0.21";
+const SNAT_6: &str = "fd00:10::20";
+
+/// 64 SNAT ports (core 0 of 1008) with two IPv4 source addresses and one IPv6 one.
+fn web_with_snat_addresses() -> H {
+    let mut cfg = config();
+    cfg.cores = 1008;
+    cfg.snat_addresses = vec![ip(SNAT_A), ip(SNAT_B), ip(SNAT_6)];
+    H::with(cfg, fixed_services())
+}
+
+#[test]
+fn snat_addresses_take_turns_and_traffic_comes_back_through_each() {
+    let mut h = web_with_snat_addresses();
+    let mut got = Vec::new();
+    for i in 0..4u16 {
+        let p = h.fwd(0, &tcp(CLIENT4, 40000 + i, WEB_VIP, 80, SYN).frame());
+        assert_eq!(p.dst, ip(WEB_EP));
+        got.push((p.src, p.sport));
+    }
+    assert_eq!(got, [(ip(SNAT_A), 1024), (ip(SNAT_B), 1024), (ip(SNAT_A), 1025), (ip(SNAT_B), 1025)]);
+    // The backend answers the second address: back to the second client, from the VIP.
+    let sa = Seg { src: ip(WEB_EP), dst: ip(SNAT_B), ..tcp("0.0.0.0", 8080, "0.0.0.0", 1024, SYN | ACK) };
+    let back = h.fwd(0, &sa.frame());
+    assert_eq!((back.src, back.sport, back.dst, back.dport), (ip(WEB_VIP), 80, ip(CLIENT4), 40001));
+    // The port's own address is not a source any more: nothing comes back to it.
+    let stray = Seg { src: ip(WEB_EP), dst: ip(LB4), ..tcp("0.0.0.0", 8080, "0.0.0.0", 1024, SYN | ACK) };
+    assert_eq!(h.dropped(0, &stray.frame()), DropReason::NoFlow);
+    // IPv6 takes its own listed address.
+    let p = h.fwd(0, &tcp(CLIENT6, 40000, "fd00:20::10", 80, SYN).frame());
+    assert_eq!((p.src, p.sport), (ip(SNAT_6), 1024));
+    // Two addresses: 128 flows to one backend before the tuples run out.
+    for i in 4..128u16 {
+        handshake(&mut h, 1, CLIENT4, 40000 + i, WEB_VIP, 80);
+    }
+    assert_eq!(h.dropped(2, &tcp(CLIENT4, 41000, WEB_VIP, 80, SYN).frame()), DropReason::SnatPortsExhausted);
+}
+
+#[test]
+fn snat_addresses_answer_arp_ndp_and_ping() {
+    let mut h = web_with_snat_addresses();
+    for target in [SNAT_A, SNAT_B, LB4] {
+        let who_has = eth([0xff; 6], GW_MAC, 0x0806, &arp(1, GW_MAC, GW4, [0; 6], target));
+        let (sent, drops) = h.step(0, &who_has);
+        assert!(drops.is_empty() && sent.len() == 1, "{target}: {drops:?}");
+        let a = &sent[0][14..];
+        assert_eq!(
+            (&a[6..8], &a[8..14], &a[14..18]),
+            (&[0, 2][..], &LB_MAC[..], &ip4(target).octets()[..]),
+            "{target}"
+        );
+    }
+    let who_has_other = eth([0xff; 6], GW_MAC, 0x0806, &arp(1, GW_MAC, GW4, [0; 6], "10.10.0.22"));
+    assert_eq!(h.dropped(0, &who_has_other), DropReason::ArpNotForUs);
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'];
+    let c = !fold(sum16(&icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let ping = eth(LB_MAC, GW_MAC, 0x0800, &ip_packet(ip(CLIENT4), ip(SNAT_B), 1, &icmp, IPO));
+    let reply = h.fwd(0, &ping);
+    assert_eq!((reply.src, reply.dst, reply.l3[reply.l4_off]), (ip(SNAT_B), ip(CLIENT4), 0));
+    // Neighbour solicitation for the IPv6 source address, to its solicited-node group.
+    let target = ip6(SNAT_6);
+    let group: Ipv6Addr =
+        format!("ff02::1:ff{:02x}:{:02x}{:02x}", target.octets()[13], target.octets()[14], target.octets()[15])
+            .parse()
+            .unwrap();
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&target.octets());
+    ns.extend_from_slice(&[1, 1]);
+    ns.extend_from_slice(&GW_MAC);
+    let src = ip("fd00:10::1");
+    let c = l4_csum(src, IpAddr::V6(group), 58, &ns);
+    ns[2..4].copy_from_slice(&c.to_be_bytes());
+    let o = IpOpts { ttl: 255, ..IPO };
+    let frame = eth(
+        [0x33, 0x33, 0xff, target.octets()[13], target.octets()[14], target.octets()[15]],
+        GW_MAC,
+        0x86dd,
+        &ip_packet(src, IpAddr::V6(group), 58, &ns, o),
+    );
+    let na = h.fwd(0, &frame);
+    assert_eq!((na.src, na.l3[na.l4_off]), (ip(SNAT_6), 136));
+    assert_eq!(&na.l3[na.l4_off + 8..na.l4_off + 24], &target.octets()[..]);
 }

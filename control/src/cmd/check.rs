@@ -138,6 +138,10 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
             opt(&p.next_hop.ipv6),
             p.next_hop.mac.map(|m| format!(" (mac {m})")).unwrap_or_default()
         )?;
+        if !p.snat_addresses.is_empty() {
+            let a: Vec<String> = p.snat_addresses.iter().map(|a| a.to_string()).collect();
+            writeln!(out, "    FullNAT source addresses {}", a.join(", "))?;
+        }
     }
     let cores: Vec<String> = boot.workers.cores.iter().map(|c| c.to_string()).collect();
     writeln!(

@@ -3,8 +3,8 @@
 //! - an error sent to a VIP is about a packet we sent to the client (src = VIP): under FullNAT it
 //!   goes to the backend, with the quoted packet rewritten to what the backend sent; under DSR it
 //!   is encapsulated to the backend like the flow;
-//! - an error sent to our own address is about a packet we sent to a backend (src = SNAT
-//!   address): it goes to the client, quoting the packet as the client sent it.
+//! - an error sent to our own address or a SNAT address is about a packet we sent to a backend
+//!   (src = SNAT address): it goes to the client, quoting the packet as the client sent it.
 //!
 //! Without this, path MTU discovery breaks through the load balancer.
 
@@ -35,7 +35,7 @@ pub(crate) fn handle_v4<B: PacketBuf>(w: &mut Worker, buf: &mut B, l3: usize, ih
         return Class::Drop(DropReason::IcmpMalformed);
     }
     let outer_dst = u32::from_be_bytes(f[l3 + 16..l3 + 20].try_into().unwrap());
-    let to_us = w.iface().ipv4.is_some_and(|(a, _)| u32::from(a) == outer_dst);
+    let to_us = w.ours4(outer_dst);
     let r = translate::<u32, B>(w, buf, l3, l4, e3, e3 + eihl, end, to_us);
     if let Class::Tx = r {
         let f = buf.data_mut();
@@ -80,7 +80,7 @@ pub(crate) fn handle_v6<B: PacketBuf>(w: &mut Worker, buf: &mut B, l3: usize) ->
         return Class::Drop(DropReason::IcmpMalformed);
     }
     let outer_dst = u128::from_be_bytes(f[l3 + 24..l3 + 40].try_into().unwrap());
-    let to_us = w.iface().ipv6.is_some_and(|(a, _)| u128::from(a) == outer_dst);
+    let to_us = w.ours6(outer_dst);
     let r = translate::<u128, B>(w, buf, l3, l4, e3, e3 + 40, end, to_us);
     if let Class::Tx = r {
         let f = buf.data_mut();

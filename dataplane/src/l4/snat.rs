@@ -53,6 +53,51 @@ impl SnatPorts {
     }
 }
 
+/// Most FullNAT source addresses per family (`ports[].snat_addresses`): return traffic is
+/// matched against them by a scan.
+pub const MAX_ADDRESSES: usize = 16;
+
+/// A family's FullNAT source addresses (LVS's local addresses) and which one the next tuple
+/// takes. Each port of the core's share is paired with every address in turn before the next
+/// port is taken, so a backend sees a tuple (address, port) again only after ports x addresses
+/// new flows, and each address's tuples last that much longer in a backend's TIME-WAIT.
+#[derive(Clone, Debug)]
+pub struct SnatAddrs<A> {
+    addrs: Vec<A>,
+    next: usize,
+    port: u16,
+}
+
+impl<A: Copy + PartialEq> SnatAddrs<A> {
+    pub fn new(addrs: Vec<A>) -> SnatAddrs<A> {
+        SnatAddrs { addrs, next: 0, port: 0 }
+    }
+
+    /// The next (address, port): the first address takes a new port from `ports`.
+    #[inline]
+    pub fn next_tuple(&mut self, ports: &mut SnatPorts) -> Option<(A, u16)> {
+        let a = *self.addrs.get(self.next)?;
+        if self.next == 0 {
+            self.port = ports.take_next();
+        }
+        self.next += 1;
+        if self.next == self.addrs.len() {
+            self.next = 0;
+        }
+        Some((a, self.port))
+    }
+
+    /// Whether `a` is one of the addresses (return traffic comes back to them).
+    #[inline(always)]
+    pub fn contains(&self, a: A) -> bool {
+        self.addrs.contains(&a)
+    }
+
+    pub fn addrs(&self) -> &[A] {
+        &self.addrs
+    }
+}
+
 fn range(core: u16, cores: u16) -> (u16, u16) {
     let cores = cores.max(1) as u32;
     let chunk = PORTS / cores;
@@ -108,6 +153,22 @@ mod tests {
         assert!((FIRST_PORT..lo).contains(&first), "{first}");
         p.start_at(u64::from(lo - FIRST_PORT) - 1);
         assert_eq!((p.take_next(), p.take_next()), (lo - 1, FIRST_PORT), "the last L4 port, then the first");
+    }
+
+    #[test]
+    fn each_port_goes_with_every_address_before_the_next_port() {
+        let mut ports = SnatPorts::for_core(0, 1);
+        let mut a = SnatAddrs::new(vec![10u32, 11, 12]);
+        let got: Vec<(u32, u16)> = (0..7).map(|_| a.next_tuple(&mut ports).unwrap()).collect();
+        let p = FIRST_PORT;
+        assert_eq!(got, [(10, p), (11, p), (12, p), (10, p + 1), (11, p + 1), (12, p + 1), (10, p + 2)]);
+        assert!(a.contains(12) && !a.contains(13));
+        // One address: the port round robin unchanged.
+        let mut ports = SnatPorts::for_core(0, 1);
+        let mut one = SnatAddrs::new(vec![10u32]);
+        assert_eq!((one.next_tuple(&mut ports), one.next_tuple(&mut ports)), (Some((10, p)), Some((10, p + 1))));
+        // None (the family has no address): no tuple.
+        assert_eq!(SnatAddrs::<u32>::new(vec![]).next_tuple(&mut ports), None);
     }
 
     #[test]
