@@ -12,7 +12,8 @@
 # down on exit.
 #
 #   bash bench/lab/time-wait.sh [SECONDS] [RATE]
-#   (FULCRUM=path/to/fulcrum to pick a binary)
+#   (FULCRUM=path/to/fulcrum to pick a binary; RATE 0: as fast as the client goes;
+#   SNAT_ADDRESSES="10.10.0.20 10.10.0.21 ..." gives the port FullNAT source addresses)
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 SECS="${1:-50}"
@@ -24,6 +25,9 @@ lab_up
 # for tcp_time_wait (60 s), RATE x 60 of them.
 cp "$ROOT/config/examples/bootstrap.yaml" "$ROOT/config/examples/lab/manifests.yaml" "$TMP/"
 sed -i "s/^  capacity: 65536$/  capacity: 1048576/" "$TMP/bootstrap.yaml"
+if [ -n "${SNAT_ADDRESSES:-}" ]; then
+    sed -i "s/^    mtu: 1500$/    mtu: 1500\n    snat_addresses: [$(echo $SNAT_ADDRESSES | tr ' ' ',')]/" "$TMP/bootstrap.yaml"
+fi
 ip netns exec fl-lb "$FULCRUM" run --config "$TMP/bootstrap.yaml" --manifests "$TMP/manifests.yaml" \
     --device "net_af_xdp0,iface=veth-lb" >"$TMP/fulcrum.out" 2>"$TMP/fulcrum.err" &
 APPLIANCE=$!
@@ -38,14 +42,18 @@ for i in $(seq 100 115); do
     SRCS="$SRCS,10.10.0.$i"
 done
 client sysctl -qw net.ipv4.tcp_timestamps=0
+# All ports, so that the 16 addresses make about 500,000 distinct client tuples (Linux connects
+# from every other port), as many clients would, rather than reuse their own soon.
+client sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
 client nstat -n >/dev/null
 client python3 "$ROOT/bench/lab/new_conns.py" 10.20.0.10 "$SECS" 64 "${SRCS#,}" "$RATE" >"$TMP/client.json"
 client nstat -az TcpExtTCPSynRetrans TcpOutRsts >"$TMP/nstat"
 ip netns exec fl-lb curl -s 127.0.0.1:9100/metrics >"$TMP/metrics"
-python3 - "$TMP" "$(cut -d' ' -f1 /proc/loadavg)" "$FULCRUM" <<'PY'
+python3 - "$TMP" "$(cut -d' ' -f1 /proc/loadavg)" "$FULCRUM" "${SNAT_ADDRESSES:-}" <<'PY'
 import json, sys
 tmp, load, binary = sys.argv[1:4]
-out = {"bench": "time_wait", "fulcrum": binary, **json.loads(open(f"{tmp}/client.json").read())}
+out = {"bench": "time_wait", "fulcrum": binary, "snat_addresses": sys.argv[4].split(),
+       **json.loads(open(f"{tmp}/client.json").read())}
 nstat = {l.split()[0]: int(l.split()[1]) for l in open(f"{tmp}/nstat") if l[:1].isalpha() and not l.startswith("#")}
 out["client_syn_retransmits"] = nstat.get("TcpExtTCPSynRetrans", 0)
 out["client_resets"] = nstat.get("TcpOutRsts", 0)
