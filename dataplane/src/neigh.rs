@@ -155,7 +155,9 @@ fn write_arp(arp: &mut [u8], op: ArpOperation, sha: [u8; 6], spa: Ipv4Addr, tha:
     repr.emit(&mut ArpPacket::new_unchecked(&mut arp[..ARP_LEN]));
 }
 
-/// Answers or learns from an ARP packet (see the module conventions).
+/// Answers or learns from an ARP packet (see the module conventions). `answers_for`: the
+/// addresses besides the port's own that this appliance answers for (VIPs while it holds them,
+/// FullNAT source addresses).
 ///
 /// - Request for our IPv4 or a VIP: reply in place from `iface.mac`, learn the sender (if it
 ///   is on-link, as everything learned).
@@ -166,7 +168,7 @@ pub fn handle_arp<B: PacketBuf>(
     buf: &mut B,
     l2: &L2Info,
     iface: &Interface,
-    is_vip: &dyn Fn(IpAddr) -> bool,
+    answers_for: &dyn Fn(IpAddr) -> bool,
     neigh: &mut NeighborTable,
     now_ms: u64,
     stats: &mut CoreStats,
@@ -196,7 +198,7 @@ pub fn handle_arp<B: PacketBuf>(
     if Some(spa) == own {
         return Verdict::Drop(DropReason::ArpNotForUs);
     }
-    let for_us = Some(tpa) == own || (!tpa.is_unspecified() && is_vip(IpAddr::V4(tpa)));
+    let for_us = Some(tpa) == own || (!tpa.is_unspecified() && answers_for(IpAddr::V4(tpa)));
     let sender = IpAddr::V4(spa);
     // Off-link senders are never sent to directly: an entry for one would only take room.
     let learnable = iface.on_link(sender);
@@ -343,7 +345,7 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
     buf: &mut B,
     l2: &L2Info,
     iface: &Interface,
-    is_vip: &dyn Fn(IpAddr) -> bool,
+    answers_for: &dyn Fn(IpAddr) -> bool,
     neigh: &mut NeighborTable,
     now_ms: u64,
     stats: &mut CoreStats,
@@ -398,7 +400,7 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
                     return Verdict::Drop(DropReason::NdpMalformed);
                 }
                 let target = IpAddr::V6(target_addr);
-                if !(iface.owns(target) || is_vip(target)) {
+                if !(iface.owns(target) || answers_for(target)) {
                     return Verdict::Drop(DropReason::IcmpUnhandled);
                 }
                 let sll = ll(lladdr);
@@ -472,7 +474,7 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
         return Verdict::Drop(DropReason::IcmpMalformed);
     }
     let d = IpAddr::V6(dst);
-    if !(iface.owns(d) || is_vip(d)) || src.is_multicast() || src.is_unspecified() {
+    if !(iface.owns(d) || answers_for(d)) || src.is_multicast() || src.is_unspecified() {
         return Verdict::Drop(DropReason::IcmpUnhandled);
     }
     if !buf.set_len(l3 + IPV6_HLEN + plen) {

@@ -141,7 +141,6 @@ impl WorkerConfig {
     }
 }
 
-/// A per-process random seed without a syscall per use (read once at start).
 /// A family's FullNAT source addresses: those of `listed` in the family, else the port's own.
 fn snat_sources<A: Addr>(listed: &[IpAddr], own: Option<A>) -> Vec<A> {
     let mine: Vec<A> = listed.iter().filter_map(|&ip| A::from_ip(ip)).collect();
@@ -163,6 +162,7 @@ fn answers_for(snap: &Snapshot, l7: Option<u32>, s4: &SnatAddrs<u32>, s6: &SnatA
     }
 }
 
+/// A per-process random seed without a syscall per use (read once at start).
 pub fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     // getrandom(2) through libc; falls back to the clock if it fails.
@@ -902,8 +902,8 @@ impl Worker {
     #[inline(never)]
     fn arp<B: PacketBuf>(&mut self, buf: &mut B, l2: &ether::L2Info) -> Verdict {
         let (snap, l7, s4, s6) = (&self.snap, self.l7_addr, &self.snat_addrs4, &self.snat_addrs6);
-        let is_vip = |ip| answers_for(snap, l7, s4, s6, ip);
-        neigh::handle_arp(buf, l2, &self.cfg.iface, &is_vip, &mut self.neigh, self.now_ms, &mut self.stats)
+        let answers = |ip| answers_for(snap, l7, s4, s6, ip);
+        neigh::handle_arp(buf, l2, &self.cfg.iface, &answers, &mut self.neigh, self.now_ms, &mut self.stats)
     }
 
     /// ICMPv4 to a VIP or to us: errors about flows, else echo.
@@ -985,12 +985,12 @@ impl Worker {
                     return;
                 }
                 let (snap, l7, s4, s6) = (&self.snap, self.l7_addr, &self.snat_addrs4, &self.snat_addrs6);
-                let is_vip = |ip| answers_for(snap, l7, s4, s6, ip);
+                let answers = |ip| answers_for(snap, l7, s4, s6, ip);
                 let v = neigh::handle_icmpv6_local(
                     buf,
                     l2,
                     &self.cfg.iface,
-                    &is_vip,
+                    &answers,
                     &mut self.neigh,
                     self.now_ms,
                     &mut self.stats,
