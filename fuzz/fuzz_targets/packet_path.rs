@@ -3,14 +3,16 @@
 //!
 //! Input layout (see README.md):
 //!   byte 0   flags: bit 0 = fix the IPv4 header and transport checksums of every frame before
-//!            feeding it; bit 1 = worker of 2 cores (bit 2 picks core 1) instead of 1 of 1
+//!            feeding it; bit 1 = worker of 2 cores (bit 2 picks core 1) instead of 1 of 1;
+//!            bit 3 = FullNAT source addresses 10.10.0.20, 10.10.0.21, fd00:10::20 instead of
+//!            the port's own
 //!   byte 1   burst size - 1 (mod 32)
 //!   byte 2   time step between bursts: b * b * 16 ms (0 .. ~17 minutes, crosses timeouts)
 //!   then     frames: u16 big-endian length, then that many bytes (the rest if fewer);
 //!            frames over 2048 bytes are truncated; at most 256 frames.
 #![no_main]
 
-use fulcrum_fuzz::{burst_and_check, fix_frame, golden_worker};
+use fulcrum_fuzz::{burst_and_check, fix_frame, golden_snat_addresses, golden_worker_with};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -33,7 +35,8 @@ fuzz_target!(|data: &[u8]| {
         }
         frames.push(f);
     }
-    let mut worker = golden_worker(core, cores);
+    let snat = if flags & 8 != 0 { golden_snat_addresses() } else { vec![] };
+    let mut worker = golden_worker_with(core, cores, snat);
     let mut now = 1u64;
     for chunk in frames.chunks(burst) {
         let refs: Vec<&[u8]> = chunk.iter().map(|f| f.as_slice()).collect();

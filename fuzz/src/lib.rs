@@ -59,12 +59,24 @@ pub fn golden() -> &'static Golden {
 
 /// A fresh worker `core_index` of `cores` of the golden appliance (fixed seed, small tables).
 pub fn golden_worker(core_index: u16, cores: u16) -> Worker {
+    golden_worker_with(core_index, cores, vec![])
+}
+
+/// FullNAT source addresses for [`golden_worker_with`]: two IPv4 and one IPv6 in the golden
+/// port's prefixes.
+pub fn golden_snat_addresses() -> Vec<std::net::IpAddr> {
+    ["10.10.0.20", "10.10.0.21", "fd00:10::20"].iter().map(|a| a.parse().unwrap()).collect()
+}
+
+/// [`golden_worker`] with these FullNAT source addresses (`ports[].snat_addresses`).
+pub fn golden_worker_with(core_index: u16, cores: u16, snat_addresses: Vec<std::net::IpAddr>) -> Worker {
     let g = golden();
     let cfg = WorkerConfig {
         seed: 1,
         snat_offset: 0,
         ct_capacity: CT_CAPACITY,
         affinity_capacity: 64,
+        snat_addresses,
         ..WorkerConfig::from_bootstrap(&g.boot, core_index, cores)
     };
     Worker::new(cfg, g.snap.clone()).expect("worker")
