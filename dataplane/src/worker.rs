@@ -1126,6 +1126,7 @@ impl Worker {
     /// Tuples the backend still holds in TIME-WAIT are passed over; only when every port tried
     /// is held, and one of them only by TIME-WAIT, is the oldest of those taken back (counted):
     /// a stale ACK for some new connections beats refusing them.
+    #[inline(always)]
     fn free_snat_tuple<A: Family>(&mut self, mut rev: FlowKey<A>) -> Result<FlowKey<A>, DropReason> {
         const TRIES: usize = 64;
         let now = self.now;
