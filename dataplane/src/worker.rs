@@ -318,6 +318,9 @@ pub struct Worker {
     /// Announcements of the claimed addresses still to send, and when the next is due.
     announce_rounds: u8,
     next_announce_ms: u64,
+    /// Rounds left announcing the appliance's own addresses (see `announce_own_addresses`).
+    own_announce_rounds: u8,
+    next_own_announce_ms: u64,
     /// The HTTP reverse proxy (Ingress), when configured.
     proxy: Option<Box<Proxy>>,
     l7_addr: Option<u32>,
@@ -403,6 +406,8 @@ impl Worker {
             // leads); a lone appliance answers ARP from the start and announces nothing.
             announce_rounds: 0,
             next_announce_ms: 0,
+            own_announce_rounds: 0,
+            next_own_announce_ms: 0,
             now: 0,
             now_ms: 0,
             aged_ms: 0,
@@ -542,6 +547,9 @@ impl Worker {
         if self.announce_rounds > 0 && self.now_ms >= self.next_announce_ms {
             self.announce(port);
         }
+        if self.own_announce_rounds > 0 && self.now_ms >= self.next_own_announce_ms {
+            self.announce_own(port);
+        }
         self.run_proxy(port);
         let now = self.now;
         self.ct4.sweep(now, 8);
@@ -625,6 +633,46 @@ impl Worker {
         let snap = self.snap_ref();
         let mut tx: Burst<P::Buf> = Burst::new();
         for ip in snap.claimed_addresses(self.l7_addr.map(Into::into)) {
+            if tx.is_full() {
+                self.send(port, &mut tx);
+            }
+            let Some(mut b) = port.alloc() else { break };
+            let ok = match ip {
+                IpAddr::V4(a) => neigh::gratuitous_arp(&mut b, &self.cfg.iface, a),
+                IpAddr::V6(a) => neigh::unsolicited_na(&mut b, &self.cfg.iface, a),
+            };
+            if ok {
+                tx.push(b);
+                self.stats.announcements += 1;
+            }
+        }
+        self.send(port, &mut tx);
+    }
+
+    /// Announces the appliance's own addresses, the port's and the FullNAT source addresses,
+    /// by gratuitous ARP and unsolicited neighbour advertisement, three rounds a second apart
+    /// from the next poll on (worker 0 only: one announcement per appliance). Neighbours that
+    /// hold another MAC for one of them (a replaced appliance, source addresses moved from
+    /// another) follow at once instead of sending to the old MAC until their entry is
+    /// re-checked; those without an entry create none (Linux's default). `fulcrum run` calls it
+    /// at start.
+    pub fn announce_own_addresses(&mut self) {
+        if self.cfg.core_index == 0 {
+            self.own_announce_rounds = ANNOUNCE_ROUNDS;
+            self.next_own_announce_ms = 0;
+        }
+    }
+
+    fn announce_own<P: Port>(&mut self, port: &mut P) {
+        self.own_announce_rounds -= 1;
+        self.next_own_announce_ms = self.now_ms + ANNOUNCE_INTERVAL_MS;
+        let v4 =
+            self.own4.into_iter().chain(self.snat_addrs4.addrs().iter().copied().filter(|&a| Some(a) != self.own4));
+        let v6 =
+            self.own6.into_iter().chain(self.snat_addrs6.addrs().iter().copied().filter(|&a| Some(a) != self.own6));
+        let addrs: Vec<IpAddr> = v4.map(|a| IpAddr::V4(a.into())).chain(v6.map(|a| IpAddr::V6(a.into()))).collect();
+        let mut tx: Burst<P::Buf> = Burst::new();
+        for ip in addrs {
             if tx.is_full() {
                 self.send(port, &mut tx);
             }

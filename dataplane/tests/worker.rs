@@ -1764,3 +1764,47 @@ fn snat_addresses_answer_arp_ndp_and_ping() {
     assert_eq!((na.src, na.l3[na.l4_off]), (ip(SNAT_6), 136));
     assert_eq!(&na.l3[na.l4_off + 8..na.l4_off + 24], &target.octets()[..]);
 }
+
+/// At start (`fulcrum run` calls `announce_own_addresses`) worker 0 announces the port's own
+/// addresses and the FullNAT source addresses, three rounds a second apart; other workers
+/// stay quiet.
+#[test]
+fn own_and_source_addresses_are_announced_at_start() {
+    let mut h = web_with_snat_addresses();
+    h.w.announce_own_addresses();
+    let mut rounds = Vec::new();
+    for now in [0, 500, 1000, 2000, 3000] {
+        h.w.poll(&mut h.port, now);
+        let sent = h.port.take_tx();
+        let mut got: Vec<String> = sent
+            .iter()
+            .map(|f| match u16::from_be_bytes([f[12], f[13]]) {
+                // Gratuitous ARP: a broadcast request from us for the address itself.
+                0x0806 => {
+                    assert_eq!((&f[..6], &f[6..12], &f[20..22]), (&[0xff; 6][..], &LB_MAC[..], &[0, 1][..]));
+                    assert_eq!(&f[28..32], &f[38..42], "sender address = target address");
+                    Ipv4Addr::from(<[u8; 4]>::try_from(&f[28..32]).unwrap()).to_string()
+                }
+                // Unsolicited NA to all nodes, override set, target = the address.
+                0x86dd => {
+                    assert_eq!((&f[..6], f[54], f[58] & 0x20), (&[0x33, 0x33, 0, 0, 0, 1][..], 136, 0x20));
+                    Ipv6Addr::from(<[u8; 16]>::try_from(&f[62..78]).unwrap()).to_string()
+                }
+                t => panic!("unexpected ethertype {t:#06x}"),
+            })
+            .collect();
+        got.sort();
+        rounds.push(got);
+    }
+    let all: Vec<String> =
+        ["10.10.0.2", "10.10.0.20", "10.10.0.21", "fd00:10::2", "fd00:10::20"].map(String::from).into();
+    assert_eq!(rounds, [all.clone(), vec![], all.clone(), all, vec![]]);
+    // Another worker announces nothing (one announcement per appliance).
+    let mut cfg = config();
+    cfg.core_index = 1;
+    cfg.cores = 2;
+    let mut other = H::with(cfg, fixed_services());
+    other.w.announce_own_addresses();
+    other.w.poll(&mut other.port, 0);
+    assert!(other.port.take_tx().is_empty());
+}
