@@ -148,8 +148,11 @@ where
     let peers = producers.into_iter().zip(consumers).zip(news_out.into_iter().zip(news_in));
     let mut handles = Vec::with_capacity(n);
     for (i, (spec, ((outs, ins), (news_out, news_in)))) in specs.into_iter().zip(peers).enumerate() {
+        let announce = spec.config.announce_at_start;
         let mut worker = Worker::new(spec.config, shared.snapshot.current())?;
-        worker.announce_own_addresses();
+        if announce {
+            worker.announce_own_addresses();
+        }
         let shared = shared.clone();
         let news = NeighborNews { out: news_out.into_iter().flatten().collect(), incoming: news_in };
         let h = std::thread::Builder::new()

@@ -64,6 +64,9 @@ pub struct WorkerConfig {
     /// FullNAT source addresses (`ports[].snat_addresses`); empty: the port's own address of
     /// each family.
     pub snat_addresses: Vec<IpAddr>,
+    /// Whether the runtime has worker 0 announce the appliance's own addresses when it starts
+    /// (`Worker::announce_own_addresses`). On in `from_bootstrap`.
+    pub announce_at_start: bool,
     /// Static neighbours (the next hop's MAC when configured).
     pub static_neighbors: Vec<(IpAddr, [u8; 6])>,
     /// The bootstrap file's `neighbors` section.
@@ -120,6 +123,7 @@ impl WorkerConfig {
             snat_offset: seed.rotate_left(29),
             affinity_capacity: 65536,
             snat_addresses: port.snat_addresses.clone(),
+            announce_at_start: true,
             static_neighbors,
             neighbors: boot.neighbors.clone(),
             l7: boot.l7.as_ref().map(|c| L7Settings {
