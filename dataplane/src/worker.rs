@@ -635,8 +635,13 @@ impl Worker {
             return;
         }
         let snap = self.snap_ref();
+        self.send_announcements(port, snap.claimed_addresses(self.l7_addr.map(Into::into)));
+    }
+
+    /// A gratuitous ARP (IPv4) or an unsolicited neighbour advertisement (IPv6) for each address.
+    fn send_announcements<P: Port>(&mut self, port: &mut P, addrs: impl IntoIterator<Item = IpAddr>) {
         let mut tx: Burst<P::Buf> = Burst::new();
-        for ip in snap.claimed_addresses(self.l7_addr.map(Into::into)) {
+        for ip in addrs {
             if tx.is_full() {
                 self.send(port, &mut tx);
             }
@@ -674,23 +679,9 @@ impl Worker {
             self.own4.into_iter().chain(self.snat_addrs4.addrs().iter().copied().filter(|&a| Some(a) != self.own4));
         let v6 =
             self.own6.into_iter().chain(self.snat_addrs6.addrs().iter().copied().filter(|&a| Some(a) != self.own6));
+        // Collected first: the addresses are the worker's own fields (three rounds at start).
         let addrs: Vec<IpAddr> = v4.map(|a| IpAddr::V4(a.into())).chain(v6.map(|a| IpAddr::V6(a.into()))).collect();
-        let mut tx: Burst<P::Buf> = Burst::new();
-        for ip in addrs {
-            if tx.is_full() {
-                self.send(port, &mut tx);
-            }
-            let Some(mut b) = port.alloc() else { break };
-            let ok = match ip {
-                IpAddr::V4(a) => neigh::gratuitous_arp(&mut b, &self.cfg.iface, a),
-                IpAddr::V6(a) => neigh::unsolicited_na(&mut b, &self.cfg.iface, a),
-            };
-            if ok {
-                tx.push(b);
-                self.stats.announcements += 1;
-            }
-        }
-        self.send(port, &mut tx);
+        self.send_announcements(port, addrs);
     }
 
     fn send_solicitations<P: Port>(&mut self, port: &mut P) {
