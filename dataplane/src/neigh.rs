@@ -448,12 +448,18 @@ pub fn handle_icmpv6_local<B: PacketBuf>(
                     // An answer to a unicast solicitation (a probe) may leave the option out
                     // (RFC 4861 §7.2.4; Linux does): it confirms the MAC we asked at, which it
                     // came from, and changes none (§7.2.5).
-                    None if learnable
-                        && flags.contains(NdiscNeighborFlags::SOLICITED)
-                        && neigh.lookup(target) == Some(frame_src) =>
-                    {
-                        neigh.learn(target, frame_src, now_ms)
-                    }
+                    None if learnable && flags.contains(NdiscNeighborFlags::SOLICITED) => match neigh.lookup(target) {
+                        Some(m) if m == frame_src => neigh.learn(target, frame_src, now_ms),
+                        // The probe went out from another worker (the one whose entry holds
+                        // this MAC), and the answer reached this one: passed on as news, which
+                        // confirms the asker's entry, while this table is left as it is. Until
+                        // then the asker gave its entry up after its probes: an IPv6 client or
+                        // backend unreachable from that worker for seconds.
+                        None if iface.owns(IpAddr::V6(dst)) && is_unicast_mac(frame_src) => {
+                            neigh.tell_others(target, frame_src)
+                        }
+                        _ => {}
+                    },
                     _ => {}
                 }
                 Verdict::Consumed
@@ -1138,6 +1144,19 @@ mod tests {
         assert_eq!(c.icmp6(&bare_na(NdiscNeighborFlags::OVERRIDE, PEER_MAC)).0, Verdict::Consumed);
         assert_eq!(c.neigh.take_news().count(), 0);
         assert_eq!(c.neigh.mac_at(i), Some(PEER_MAC));
+        // The same answer to a probe another worker sent (this table has no MAC for the
+        // neighbour, or no entry): passed on as news for the asker, this table unchanged.
+        let client = ip6("fd00:10::9");
+        let bare_from_client = |flags| {
+            let mut na = vec![0u8; 32];
+            write_nd(&mut na, Icmpv6Message::NeighborAdvert, flags, client, PEER_MAC, client, t);
+            eth(MAC, PEER_MAC, None, ETHERTYPE_IPV6, &ipv6_icmp(client, t, 255, &na[..24]))
+        };
+        assert_eq!(c.icmp6(&bare_from_client(NdiscNeighborFlags::SOLICITED)).0, Verdict::Consumed);
+        assert_eq!(c.neigh.take_news().collect::<Vec<_>>(), [(IpAddr::V6(client), PEER_MAC)], "told the others");
+        assert!(!c.neigh.contains(client.into()), "this table unchanged");
+        assert_eq!(c.icmp6(&bare_from_client(NdiscNeighborFlags::OVERRIDE)).0, Verdict::Consumed);
+        assert_eq!(c.neigh.take_news().count(), 0, "unsolicited: nothing to confirm");
         // Unsolicited NA to all-nodes for an unknown neighbour: not learned.
         let other = ip6("fd00:10::8");
         let mut na = vec![0u8; 32];

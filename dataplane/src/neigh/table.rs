@@ -315,6 +315,15 @@ impl NeighborTable {
         }
     }
 
+    /// Passes (ip, mac) to the other workers as news without touching this table: an answer
+    /// that confirms another worker's entry only (see the bare neighbour advertisement in
+    /// `neigh::handle_icmpv6_local`).
+    pub fn tell_others(&mut self, ip: IpAddr, mac: [u8; 6]) {
+        if self.news.len() < Self::NEWS_CAPACITY {
+            self.news.push((ip, mac));
+        }
+    }
+
     /// As [`NeighborTable::learn`], for what another worker learned: kept, not passed on again.
     /// Returns whether the entry was taken.
     pub fn learn_quietly(&mut self, ip: IpAddr, mac: [u8; 6], now_ms: u64) -> bool {
