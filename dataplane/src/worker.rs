@@ -1060,8 +1060,7 @@ impl Worker {
             }
             stale => {
                 if let Some((idx, _)) = stale {
-                    A::ct(self).remove(idx);
-                    A::ct(self).counters.expired += 1;
+                    A::ct(self).remove_expired(idx);
                 }
                 match self.new_flow::<A>(&key, m, svc, ether::src_mac(buf.data())) {
                     Ok(idx) => *A::ct_ref(self).flow(idx),
@@ -1138,8 +1137,7 @@ impl Worker {
         flow.neigh_fwd = self.neighbor_index(b.addr)?;
         match s.mode {
             Mode::FullNat => {
-                let rev = FlowKey { src: baddr, dst: baddr, sport: b.port, dport: 0, proto: key.proto };
-                let rev = self.free_snat_tuple(rev)?;
+                let rev = self.free_snat_tuple(baddr, b.port, key.proto)?;
                 flow.rev = rev;
                 flow.has_rev = true;
                 flow.neigh_rev = self.neighbor_index(key.src.to_ip())?;
@@ -1163,16 +1161,18 @@ impl Worker {
         Ok(idx)
     }
 
-    /// The reverse key of a new FullNAT flow: `rev` with the next SNAT address and port (round
-    /// robin, so the tuple tried first is the one this backend saw longest ago) that no flow holds.
-    /// No address of the family: `NoRoute`.
-    /// Tuples the backend still holds in TIME-WAIT are passed over; only when every port tried
-    /// is held, and one of them only by TIME-WAIT, is the oldest of those taken back (counted):
-    /// a stale ACK for some new connections beats refusing them.
+    /// The reverse key of a new FullNAT flow to `backend:bport`: the next SNAT address and port
+    /// (round robin, so the tuple tried first is the one this backend saw longest ago) that no
+    /// flow holds. Tuples the backend still holds in TIME-WAIT are passed over; only when every
+    /// tuple tried is held, and one of them only by TIME-WAIT, is the oldest of those taken back
+    /// (counted): a stale ACK for some new connections beats refusing them. No address of the
+    /// family: `NoRoute`.
     #[inline(always)]
-    fn free_snat_tuple<A: Family>(&mut self, mut rev: FlowKey<A>) -> Result<FlowKey<A>, DropReason> {
+    fn free_snat_tuple<A: Family>(&mut self, backend: A, bport: u16, proto: u8) -> Result<FlowKey<A>, DropReason> {
         const TRIES: usize = 64;
         let now = self.now;
+        // Its address and port (dst, dport) are each tuple tried below.
+        let mut rev = FlowKey { src: backend, dst: backend, sport: bport, dport: 0, proto };
         let mut time_wait = None;
         for _ in 0..TRIES {
             (rev.dst, rev.dport) = A::next_snat_tuple(self).ok_or(DropReason::NoRoute)?;
@@ -1181,8 +1181,7 @@ impl Worker {
                 return Ok(rev);
             };
             if ct.is_expired(idx, now) {
-                A::ct(self).remove(idx);
-                A::ct(self).counters.expired += 1;
+                A::ct(self).remove_expired(idx);
                 return Ok(rev);
             }
             if time_wait.is_none() && ct.flow(idx).state == FlowState::TcpTimeWait {

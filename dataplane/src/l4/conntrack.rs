@@ -511,8 +511,7 @@ impl<A: Addr> Conntrack<A> {
                 continue;
             }
             if expired(f.deadline, now) {
-                self.remove(i);
-                self.counters.expired += 1;
+                self.remove_expired(i);
                 out.expired += 1;
                 return;
             }
@@ -616,6 +615,12 @@ impl<A: Addr> Conntrack<A> {
             return;
         }
         debug_assert!(false, "flow key not found in its buckets");
+    }
+
+    /// Removes a flow found past its deadline before the sweep reached it, counted as expired.
+    pub fn remove_expired(&mut self, idx: u32) {
+        self.remove(idx);
+        self.counters.expired += 1;
     }
 
     /// Removes a flow and returns its record to the free list.

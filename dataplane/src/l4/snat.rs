@@ -53,10 +53,6 @@ impl SnatPorts {
     }
 }
 
-/// Most FullNAT source addresses per family (`ports[].snat_addresses`): return traffic is
-/// matched against them by a scan.
-pub const MAX_ADDRESSES: usize = 16;
-
 /// A family's FullNAT source addresses (LVS's local addresses) and which one the next tuple
 /// takes. Each port of the core's share is paired with every address in turn before the next
 /// port is taken, so a backend sees a tuple (address, port) again only after ports x addresses
