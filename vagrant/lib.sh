@@ -77,8 +77,13 @@ offloads_off() {
 }
 
 # Addresses on a lab interface (idempotent). nodad: usable at once, the lab's MACs are unique.
+# keep_addr_on_down: Linux removes static IPv6 addresses when a link is set down (IPv4 ones
+# stay). A backend taken off the link and back (the e2e's health step) came back without its
+# IPv6 address and never answered a neighbour solicitation for it again; a real host's network
+# manager would have put the address back.
 set_addrs() {
     local ns="$1" dev="$2" ip4="$3" ip6="$4"
+    ns_sysctl "$ns" "net.ipv6.conf.$dev.keep_addr_on_down=1"
     nsx "$ns" ip link set "$dev" mtu "$LAB_MTU" up
     nsx "$ns" ip addr replace "$ip4/$LAB_PLEN4" dev "$dev"
     nsx "$ns" ip -6 addr replace "$ip6/$LAB_PLEN6" dev "$dev" nodad
