@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 33] = [
+    let per_core: [(&str, &str, &str, Get); 34] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -294,6 +294,12 @@ pub fn render_metrics(state: &ControlState) -> String {
             "counter",
             "New FullNAT flows given a SNAT tuple the backend may still hold in TIME-WAIT (every port tried was in use).",
             |c| c.snat_time_wait_reuses,
+        ),
+        (
+            "fulcrum_unreachable_backend_repicks_total",
+            "counter",
+            "New flows whose Maglev backend was behind an unreachable neighbour, sent to the next reachable backend instead.",
+            |c| c.unreachable_backend_repicks,
         ),
         ("fulcrum_neighbors", "gauge", "Neighbour table entries, resolved or being resolved.", |c| c.neighbors),
         (

@@ -519,6 +519,38 @@ fn lab_end_to_end() {
             *v6.entry(b.unwrap_or_default()).or_default() += 1;
         }
         assert_eq!(v6.keys().collect::<Vec<_>>(), ["be1", "be2", "be3"], "IPv6 connections answered by: {v6:?}");
+
+        // be3 loses its IPv6 address (a dead node whose endpoints the API still lists as
+        // ready): once both workers' questions for it have gone unanswered, every new IPv6
+        // connection is answered by be1 or be2; it gets its address back: be3 again.
+        let be3_v6 = |op: &str| {
+            let o = lab(&["exec", "be3", "ip", "-6", "addr", op, "fd00:10::13/64", "dev", "veth-be3", "nodad"]);
+            assert!(o.status.success(), "be3 addr {op}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        be3_v6("del");
+        let gone = Instant::now();
+        let (mut in_a_row, mut failed) = (0, 0);
+        while in_a_row < 20 {
+            assert!(gone.elapsed() < Duration::from_secs(40), "be3 gone: still {failed} connections failed");
+            match curl("http://[fd00:20::10]/") {
+                Some(b) => {
+                    assert_ne!(b, "be3");
+                    in_a_row += 1;
+                }
+                None => (in_a_row, failed) = (0, failed + 1),
+            }
+        }
+        eprintln!(
+            "be3's IPv6 address gone -> 20 connections in a row answered after {:?} ({failed} failed)",
+            gone.elapsed()
+        );
+        assert!(metric("fulcrum_unreachable_backend_repicks_total{").unwrap_or(0.0) >= 1.0, "flows passed over be3");
+        be3_v6("add");
+        let back = Instant::now();
+        while !backends_seen("http://[fd00:20::10]/", 6).contains("be3") {
+            assert!(back.elapsed() < Duration::from_secs(10), "be3 never came back over IPv6");
+        }
+        eprintln!("be3's IPv6 address back -> be3 answering again after {:?}", back.elapsed());
         assert!(who.as_deref().is_some_and(|w| w.contains("client=fd00:10::20")), "{who:?}");
     }
     // Kept when the test fails (certificates, manifests), removed when it passes.

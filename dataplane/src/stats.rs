@@ -135,6 +135,9 @@ pub struct CoreStats {
     /// every port tried was in use (too few SNAT ports for the rate of connections the
     /// backends close first).
     pub snat_time_wait_reuses: u64,
+    /// New flows Maglev gave a backend behind an unreachable neighbour, sent to the next
+    /// reachable backend of its table instead.
+    pub unreachable_backend_repicks: u64,
     /// Neighbour table: entries (resolved or being resolved) and what it can hold.
     pub neighbors: u64,
     pub neighbors_capacity: u64,
@@ -210,6 +213,7 @@ impl CoreStats {
         self.ct_expired += o.ct_expired;
         self.ct_evictions += o.ct_evictions;
         self.snat_time_wait_reuses += o.snat_time_wait_reuses;
+        self.unreachable_backend_repicks += o.unreachable_backend_repicks;
         self.neighbors += o.neighbors;
         self.neighbors_capacity += o.neighbors_capacity;
         self.neighbor_evictions += o.neighbor_evictions;
@@ -247,6 +251,7 @@ impl CoreStats {
             "conntrack": {"flows": self.ct_flows, "inserts": self.ct_inserts,
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "snat_time_wait_reuses": self.snat_time_wait_reuses,
+            "unreachable_backend_repicks": self.unreachable_backend_repicks,
             "per_vip": self.per_vip, "per_backend": self.per_backend,
             "l7": {"segments": self.l7_segments, "connections": self.l7.connections, "requests": self.l7.requests,
                    "responses": {"2xx": self.l7.responses[0], "3xx": self.l7.responses[1],

@@ -1054,6 +1054,7 @@ impl Worker {
         if hit.is_none() && (self.inserted_this_burst || A::ct_ref(self).needs_full_lookup(m.hash, m.cand)) {
             hit = A::ct_ref(self).lookup(&key, m.hash);
         }
+        let mut created = None;
         let flow = match hit {
             Some((idx, Dir::Fwd)) if !A::ct_ref(self).is_expired(idx, now) => {
                 A::ct(self).refresh(idx, Dir::Fwd, key.proto, m.tcp_flags, now)
@@ -1063,7 +1064,10 @@ impl Worker {
                     A::ct(self).remove_expired(idx);
                 }
                 match self.new_flow::<A>(&key, m, svc, ether::src_mac(buf.data())) {
-                    Ok(idx) => *A::ct_ref(self).flow(idx),
+                    Ok(idx) => {
+                        created = Some(idx);
+                        *A::ct_ref(self).flow(idx)
+                    }
                     Err(r) => return Class::Drop(r),
                 }
             }
@@ -1077,7 +1081,16 @@ impl Worker {
         }
         let mac = match self.neighbor_mac(flow.neigh_fwd, flow.rev.src) {
             Ok(mac) => mac,
-            Err(r) => return Class::Drop(r),
+            Err(r) => {
+                if let Some(idx) = created {
+                    // A flow whose first packet went nowhere is not kept: the client's
+                    // retransmission picks again, and passes over the backend if its neighbour
+                    // has turned out unreachable meanwhile (a kept flow would pin the client
+                    // to it until the client gave up).
+                    A::ct(self).remove(idx);
+                }
+                return Class::Drop(r);
+            }
         };
         let (l3, l4) = (m.l3 as usize, m.l4 as usize);
         if flow.mode == Mode::DsrIpip as u8 {
@@ -1115,7 +1128,22 @@ impl Worker {
             // table. DSR creates it: Maglev sends it to the same backend as before.
             return Err(DropReason::NoFlow);
         }
-        let bi = self.pick_backend(s, key).ok_or(DropReason::NoBackend)?;
+        let (mut bi, hash) = self.pick_backend(s, key).ok_or(DropReason::NoBackend)?;
+        let neigh_fwd = match self.reachable_neighbor(snap.backends[bi as usize].addr)? {
+            Some(r) => r,
+            None => match self.reachable_alternative(s, hash, bi)? {
+                Some((other, r)) => {
+                    bi = other;
+                    self.stats.unreachable_backend_repicks += 1;
+                    if s.affinity_ms.is_some() {
+                        self.remember_affinity(s, key, bi);
+                    }
+                    r
+                }
+                // None reachable: the pick stands, and its packets are dropped as unresolved.
+                None => self.neighbor_index(snap.backends[bi as usize].addr)?,
+            },
+        };
         let b = &snap.backends[bi as usize];
         let baddr = A::from_ip(b.addr).ok_or(DropReason::NoBackend)?;
         let mut flow = Flow::<A> {
@@ -1134,7 +1162,7 @@ impl Worker {
         if flow.state == FlowState::Free {
             flow.state = FlowState::TcpEstablished;
         }
-        flow.neigh_fwd = self.neighbor_index(b.addr)?;
+        flow.neigh_fwd = neigh_fwd;
         match s.mode {
             Mode::FullNat => {
                 let rev = self.free_snat_tuple(baddr, b.port, key.proto)?;
@@ -1195,11 +1223,16 @@ impl Worker {
         Ok(rev)
     }
 
-    fn pick_backend<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, key: &FlowKey<A>) -> Option<u32> {
+    /// The backend for a new flow, and the hash Maglev picked it by (the flow's, or with
+    /// ClientIP affinity the client address's).
+    fn pick_backend<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, key: &FlowKey<A>) -> Option<(u32, u64)> {
         let Some(timeout) = s.affinity_ms else {
-            return s.maglev.pick(key.hash(MAGLEV_SEED)).map(|o| s.backends.start + o);
+            let hash = key.hash(MAGLEV_SEED);
+            return s.maglev.pick(hash).map(|o| (s.backends.start + o, hash));
         };
         let client = key.src.as_u128();
+        let (w0, w1) = key.src.words();
+        let hash = mix64(w0 ^ mix64(w1 ^ MAGLEV_SEED));
         let now = self.now;
         let snap = self.snap_ref();
         if let Some(&(addr, port, deadline)) = self.affinity.map.get(&(s.stat_id, client)) {
@@ -1211,22 +1244,76 @@ impl Worker {
                 });
                 if let Some(i) = found {
                     self.affinity.map.insert((s.stat_id, client), (addr, port, now.wrapping_add(timeout)));
-                    return Some(i);
+                    return Some((i, hash));
                 }
             }
         }
-        let (w0, w1) = key.src.words();
-        let bi = s.maglev.pick(mix64(w0 ^ mix64(w1 ^ MAGLEV_SEED)))? + s.backends.start;
-        let b = &snap.backends[bi as usize];
+        let bi = s.maglev.pick(hash)? + s.backends.start;
+        self.remember_affinity(s, key, bi);
+        Some((bi, hash))
+    }
+
+    /// Keeps `key`'s client on backend `bi` of service `s` for the affinity timeout.
+    fn remember_affinity<A: Family>(&mut self, s: &crate::snapshot::ServiceEntry, key: &FlowKey<A>, bi: u32) {
+        let Some(timeout) = s.affinity_ms else { return };
+        let now = self.now;
+        let b = &self.snap_ref().backends[bi as usize];
         if self.affinity.map.len() >= self.affinity.capacity {
             // Full: drop expired entries once (rare; bounded by capacity), else forget nothing
             // new: Maglev on the client address still keeps the client on one backend.
             self.affinity.map.retain(|_, v| (now.wrapping_sub(v.2) as i32) < 0);
         }
         if self.affinity.map.len() < self.affinity.capacity {
-            self.affinity.map.insert((s.stat_id, client), (ip_to_u128(b.addr), b.port, now.wrapping_add(timeout)));
+            let entry = (ip_to_u128(b.addr), b.port, now.wrapping_add(timeout));
+            self.affinity.map.insert((s.stat_id, key.src.as_u128()), entry);
         }
-        Some(bi)
+    }
+
+    /// The neighbour entry for sending to `addr`, or none while that neighbour is unreachable
+    /// (see `NeighborTable::unreachable`). An unreachable one is still asked once a second, as
+    /// traffic would ask it, so that new flows go back to it once it answers.
+    fn reachable_neighbor(&mut self, addr: IpAddr) -> Result<Option<NeighborRef>, DropReason> {
+        let r = self.neighbor_index(addr)?;
+        if !self.neigh.unreachable(r, self.now_ms) {
+            return Ok(Some(r));
+        }
+        if !self.solicit.is_full() && self.neigh.should_solicit(r.idx, self.now_ms) {
+            self.solicit.push(r.idx);
+        }
+        Ok(None)
+    }
+
+    /// For a new flow whose backend `gone` is behind an unreachable neighbour: the first other
+    /// backend in the Maglev slots after the flow's own (`MaglevTable::after`) that is not, with
+    /// its neighbour entry. The same hash finds the same backend on every core and appliance
+    /// that sees the same neighbours, so a client's retransmissions and its later flows agree.
+    /// Looks at most `REPICK_SLOTS` slots (a rare path, but bounded: a flood of new flows
+    /// while most backends are gone must not scan the table each).
+    fn reachable_alternative(
+        &mut self,
+        s: &crate::snapshot::ServiceEntry,
+        hash: u64,
+        gone: u32,
+    ) -> Result<Option<(u32, NeighborRef)>, DropReason> {
+        const REPICK_SLOTS: usize = 64;
+        let snap = self.snap_ref();
+        // Backends found unreachable on the way, so each is looked up once.
+        let mut unreachable = [gone; 4];
+        let mut known = 1;
+        for o in s.maglev.after(hash).take(REPICK_SLOTS) {
+            let bi = s.backends.start + o;
+            if unreachable[..known].contains(&bi) {
+                continue;
+            }
+            if let Some(r) = self.reachable_neighbor(snap.backends[bi as usize].addr)? {
+                return Ok(Some((bi, r)));
+            }
+            if known < unreachable.len() {
+                unreachable[known] = bi;
+                known += 1;
+            }
+        }
+        Ok(None)
     }
 
     /// Stage 3, backend -> our address (FullNAT return).
@@ -1303,7 +1390,7 @@ impl Worker {
         match state {
             RefState::Resolved(mac) => Ok(mac),
             _ => {
-                if self.neigh.should_solicit(r.idx, self.now_ms) && !self.solicit.is_full() {
+                if !self.solicit.is_full() && self.neigh.should_solicit(r.idx, self.now_ms) {
                     self.solicit.push(r.idx);
                 }
                 Err(DropReason::NeighborUnresolved)

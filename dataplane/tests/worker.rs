@@ -1266,8 +1266,10 @@ fn unresolved_next_hop_solicits_then_flows() {
     let (sent, drops) = h.step(1001, &reply);
     assert!(sent.is_empty() && drops.is_empty(), "{sent:?} {drops:?}");
     let p = h.fwd(1002, &syn);
-    assert_eq!((p.dmac, p.dst, p.sport), (GW_MAC, ip(WEB_EP), 1024));
-    let r = h.fwd(1003, &from_backend(ip(WEB_EP), 8080, 1024, SYN | ACK).frame());
+    assert_eq!((p.dmac, p.dst), (GW_MAC, ip(WEB_EP)));
+    // The dropped SYNs kept no flow (each took a SNAT port in turn, given back at once).
+    assert_eq!(h.w.conntrack_v4().len(), 1);
+    let r = h.fwd(1003, &from_backend(ip(WEB_EP), 8080, p.sport, SYN | ACK).frame());
     assert_eq!((r.dmac, r.dst), (GW_MAC, ip(CLIENT4)));
 
     // IPv6: a neighbour solicitation for fd00:10::1 to its solicited-node group.
@@ -1807,4 +1809,109 @@ fn own_and_source_addresses_are_announced_at_start() {
     other.w.announce_own_addresses();
     other.w.poll(&mut other.port, 0);
     assert!(other.port.take_tx().is_empty());
+}
+
+/// An on-link backend that stops answering ARP (a dead node whose endpoints the API still lists
+/// as ready): after three unanswered requests a second apart, new flows Maglev gives it go to
+/// the next backend of the table instead (counted), the dropped SYNs kept no flow that would
+/// pin their clients to it, it is still asked once a second, and once it answers new flows go
+/// back to it. Before, a third of the new connections here waited out their SYN timeout.
+#[test]
+fn new_flows_pass_over_a_backend_that_stopped_answering() {
+    let mac = |i: u8| [0x02, 0xbe, 0, 0, 0, i];
+    let answer = |i: u8| {
+        let be = format!("10.10.0.1{i}");
+        eth(LB_MAC, mac(i), 0x0806, &arp(2, mac(i), &be, LB_MAC, LB4))
+    };
+    let asks_for = |sent: &[Vec<u8>], i: u8| {
+        let want = eth([0xff; 6], LB_MAC, 0x0806, &arp(1, LB_MAC, LB4, [0; 6], &format!("10.10.0.1{i}")));
+        sent.iter().filter(|f| **f == want).count()
+    };
+    let on_link = [("10.10.0.11", Ready), ("10.10.0.12", Ready), ("10.10.0.13", Ready)];
+    let mut h = H::new(multi(&on_link, None));
+    // The snapshot's backends are asked at once; be1 and be2 answer, be3 never does.
+    h.w.poll(&mut h.port, 0);
+    let sent = h.port.take_tx();
+    assert_eq!((asks_for(&sent, 1), asks_for(&sent, 2), asks_for(&sent, 3)), (1, 1, 1));
+    h.step(1, &answer(1));
+    h.step(1, &answer(2));
+    let syn = |port: u16| tcp(CLIENT4, port, MULTI_VIP, 80, SYN).frame();
+    let mut to_be3 = Vec::new();
+    for port in 40000..40060 {
+        let (sent, drops) = h.step(10, &syn(port));
+        match drops.as_slice() {
+            [] => assert_ne!(parse(&sent[0]).dst, ip("10.10.0.13")),
+            [DropReason::NeighborUnresolved] => to_be3.push(port),
+            d => panic!("port {port}: {d:?}"),
+        }
+    }
+    assert!(to_be3.len() >= 10, "{} of 60 flows to be3", to_be3.len());
+    assert_eq!(h.w.conntrack_v4().len() as usize, 60 - to_be3.len(), "no flow kept for the dropped SYNs");
+    // Retransmissions at 1 s and 2 s: still be3 (asked again each time), still dropped.
+    for t in [1_000, 2_000] {
+        let (sent, drops) = h.step(t, &syn(to_be3[0]));
+        assert_eq!((asks_for(&sent, 3), drops), (1, vec![DropReason::NeighborUnresolved]), "t={t}");
+    }
+    assert_eq!(h.w.stats.unreachable_backend_repicks, 0);
+    // A second after the third request: be3 is unreachable, its clients' SYNs go elsewhere,
+    // each port always to the same backend; be3 is still asked once a second.
+    let mut went = HashMap::new();
+    for (k, &port) in to_be3.iter().enumerate() {
+        let (sent, drops) = h.step(3_000 + k as u64, &syn(port));
+        assert!(drops.is_empty(), "port {port}: {drops:?}");
+        let fwd: Vec<Pkt> = sent.iter().filter(|f| f[12..14] == [8, 0]).map(|f| parse(f)).collect();
+        assert_eq!(fwd.len(), 1);
+        assert!(matches!(fwd[0].dst, d if d == ip("10.10.0.11") || d == ip("10.10.0.12")), "{:?}", fwd[0].dst);
+        assert_eq!(asks_for(&sent, 3), (k == 0) as usize, "be3 asked at 3 s, once");
+        went.insert(port, fwd[0].dst);
+    }
+    assert_eq!(h.w.stats.unreachable_backend_repicks, to_be3.len() as u64);
+    let (sent, _) = h.step(4_000, &syn(to_be3[0]));
+    assert_eq!(parse(sent.iter().find(|f| f[12..14] == [8, 0]).unwrap()).dst, went[&to_be3[0]], "same port, same flow");
+    assert_eq!(asks_for(&sent, 3), 0, "an established flow's packet asks nothing");
+    let both: HashSet<IpAddr> = went.values().copied().collect();
+    assert_eq!(both.len(), 2, "be3's flows shared by be1 and be2: {went:?}");
+    // be3 answers: new flows Maglev gives it reach it again, no more re-picks.
+    h.step(5_000, &answer(3));
+    let repicks = h.w.stats.unreachable_backend_repicks;
+    let mut to_be3_again = 0;
+    for port in 41000..41060 {
+        let p = h.fwd(5_001, &syn(port));
+        to_be3_again += (p.dst == ip("10.10.0.13")) as usize;
+    }
+    assert!(to_be3_again >= 10, "{to_be3_again} of 60 new flows to be3 after it answered");
+    assert_eq!(h.w.stats.unreachable_backend_repicks, repicks);
+}
+
+/// With ClientIP affinity, a client whose backend stopped answering goes to one other backend,
+/// and its next connections follow it there (the affinity remembers the backend it got).
+#[test]
+fn an_affine_client_of_an_unreachable_backend_stays_on_its_new_one() {
+    let mac = |i: u8| [0x02, 0xbe, 0, 0, 0, i];
+    let answer = |i: u8| eth(LB_MAC, mac(i), 0x0806, &arp(2, mac(i), &format!("10.10.0.1{i}"), LB_MAC, LB4));
+    let on_link = [("10.10.0.11", Ready), ("10.10.0.12", Ready), ("10.10.0.13", Ready)];
+    let mut h = H::new(multi(&on_link, Some(600)));
+    h.w.poll(&mut h.port, 0);
+    h.step(1, &answer(1));
+    h.step(1, &answer(2));
+    let syn = |client: &str, port: u16| tcp(client, port, MULTI_VIP, 80, SYN).frame();
+    // Clients whose affinity is be3 (unresolved: their SYNs are dropped).
+    let clients: Vec<String> = (1..60)
+        .map(|i| format!("198.51.100.{i}"))
+        .filter(|c| h.step(10, &syn(c, 40000)).1 == vec![DropReason::NeighborUnresolved])
+        .collect();
+    assert!(clients.len() >= 5, "{} clients on be3", clients.len());
+    for t in [1_000, 2_000] {
+        h.step(t, &syn(&clients[0], 40000));
+    }
+    for c in &clients {
+        // (The first also asks be3 again: its ARP request goes out beside it.)
+        let (sent, drops) = h.step(3_000, &syn(c, 40001));
+        assert!(drops.is_empty(), "{drops:?}");
+        let first = parse(sent.iter().find(|f| f[12..14] == [8, 0]).expect("forwarded")).dst;
+        assert_ne!(first, ip("10.10.0.13"));
+        for port in 40002..40006 {
+            assert_eq!(h.fwd(3_001, &syn(c, port)).dst, first, "client {c} port {port}");
+        }
+    }
 }

@@ -158,6 +158,17 @@ impl MaglevTable {
         Some(self.slots[reduce(flow_hash, self.slots.len() as u32) as usize])
     }
 
+    /// The backends of the slots after the one [`MaglevTable::pick`] takes for `flow_hash`,
+    /// in table order (wrapping round, each slot once): where a flow goes when its own backend
+    /// cannot take it. Every backend's slots lie spread over the table (each walks its own
+    /// permutation), so the next slots share that backend's flows among the others in
+    /// proportion to their shares, and the same hash always finds the same one.
+    pub fn after(&self, flow_hash: u64) -> impl Iterator<Item = u32> + '_ {
+        let n = self.slots.len();
+        let start = if n == 0 { 0 } else { reduce(flow_hash, n as u32) as usize + 1 };
+        (0..n.saturating_sub(1)).map(move |i| self.slots[(start + i) % n])
+    }
+
     pub fn slots(&self) -> &[u32] {
         &self.slots
     }
@@ -194,6 +205,30 @@ mod tests {
     fn primes() {
         assert!(is_prime(65537) && is_prime(2) && is_prime(655373));
         assert!(!is_prime(65536) && !is_prime(1) && !is_prime(0) && !is_prime(9));
+    }
+
+    #[test]
+    fn after_spreads_a_backends_flows_over_the_others() {
+        let t = table(&keys(4, 1), &[1; 4], 65537);
+        assert_eq!(t.after(0).count(), 65536, "every other slot once");
+        let mut seen = [0usize; 4];
+        let mut hash = 0x1234_5678_u64;
+        for _ in 0..40_000 {
+            hash = hash.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            if t.pick(hash) != Some(0) {
+                continue;
+            }
+            let first = reduce(hash, 65537) as usize;
+            assert_eq!(t.after(hash).next(), Some(t.slots()[(first + 1) % 65537]));
+            let next = t.after(hash).find(|&b| b != 0).expect("another backend");
+            seen[next as usize] += 1;
+        }
+        let moved: usize = seen.iter().sum();
+        assert!(moved > 9_000, "{moved} flows of backend 0");
+        for (b, &n) in seen.iter().enumerate().skip(1) {
+            assert!(n * 3 > moved * 85 / 100 && n * 3 < moved * 115 / 100, "backend {b}: {n} of {moved}");
+        }
+        assert_eq!(table(&[], &[], 7).after(1).count(), 0);
     }
 
     #[test]

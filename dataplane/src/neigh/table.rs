@@ -14,6 +14,9 @@
 //!   learned from the wire, or reserved ahead of traffic, takes only an idle slot, so senders
 //!   of ARP requests (or a snapshot's many endpoints) cannot push out the entries traffic uses.
 //! - A MAC seen in a client's first frame can serve as an unconfirmed hint, asked at once.
+//! - A neighbour that left three solicitations a second apart unanswered is unreachable (Linux's
+//!   FAILED) until it answers: new flows do not pick a backend behind it (see
+//!   [`NeighborTable::unreachable`]), though traffic that needs it goes on asking once a second.
 //! - A flow keeps a [`NeighborRef`]: the slot and its generation. A slot handed to another
 //!   address gets a new generation, so a flow's old reference is noticed and looked up again.
 
@@ -81,7 +84,8 @@ struct Entry {
     mac: Option<[u8; 6]>,
     is_static: bool,
     gen: u16,
-    /// Unanswered unicast questions since the entry went past its reachable time.
+    /// Unanswered questions: unicast ones since the entry went past its reachable time while
+    /// it has a MAC; broadcast ones (solicitations) while it has none.
     probes: u8,
     /// The MAC is a hint (see [`NeighborTable::hint`]), to be asked at once.
     unconfirmed: bool,
@@ -134,6 +138,9 @@ impl NeighborTable {
     pub const NONE: u16 = u16::MAX;
     /// Minimum interval between two solicitations (or probes) for the same neighbour.
     pub const SOLICIT_INTERVAL_MS: u64 = 1000;
+    /// Solicitations left unanswered, each for a whole interval, before a neighbour without a
+    /// MAC counts as unreachable (Linux's `mcast_solicit`: 3, a second apart).
+    pub const UNANSWERED_SOLICITS: u8 = 3;
     /// News kept between two [`NeighborTable::take_news`] (a loop iteration's worth); more in
     /// one iteration are not passed on (each worker then solicits for itself, as before).
     pub const NEWS_CAPACITY: usize = 64;
@@ -428,7 +435,8 @@ impl NeighborTable {
     }
 
     /// True at most once per second per unresolved neighbour: the caller then sends a
-    /// solicitation. Always false for resolved entries and [`Self::NONE`].
+    /// solicitation (and counts on it being sent: each counts towards
+    /// [`NeighborTable::unreachable`]). Always false for resolved entries and [`Self::NONE`].
     pub fn should_solicit(&mut self, idx: u16, now_ms: u64) -> bool {
         let Some(e) = self.entries.get_mut(idx as usize) else { return false };
         if e.mac.is_some() {
@@ -438,9 +446,23 @@ impl NeighborTable {
             Some(t) if now_ms.saturating_sub(t) < Self::SOLICIT_INTERVAL_MS => false,
             _ => {
                 e.solicited_ms = Some(now_ms);
+                e.probes = e.probes.saturating_add(1);
                 true
             }
         }
+    }
+
+    /// Whether `r`'s neighbour has no MAC and left [`Self::UNANSWERED_SOLICITS`] solicitations
+    /// unanswered, the last for a whole interval: a backend behind it is gone from the link
+    /// (a dead node whose endpoints the API still lists as ready, a host that lost its
+    /// address), and a new flow sent there would be dropped until the client gave up. False
+    /// for an entry since handed to another address (the caller looks that address up anyway).
+    pub fn unreachable(&self, r: NeighborRef, now_ms: u64) -> bool {
+        let Some(e) = self.entries.get(r.idx as usize) else { return false };
+        let asked_long_ago = e.solicited_ms.is_some_and(|t| now_ms.saturating_sub(t) >= Self::SOLICIT_INTERVAL_MS);
+        e.gen == r.gen
+            && e.mac.is_none()
+            && (e.probes > Self::UNANSWERED_SOLICITS || (e.probes == Self::UNANSWERED_SOLICITS && asked_long_ago))
     }
 
     /// Looks at the next entries for ones past their reachable time that traffic still uses:
@@ -613,6 +635,42 @@ mod tests {
         s.add_static(v4("10.10.0.1"), GW_MAC);
         assert_eq!(s.index_of(v4("10.10.0.2"), 0), NeighborRef::NONE);
         assert_eq!(s.add_static(v4("10.10.0.3"), GW_MAC), NeighborRef::NONE);
+    }
+
+    /// Unreachable: three solicitations a second apart, the last unanswered for a second; an
+    /// answer (or a hint) ends it; an entry that lost its MAC after unanswered unicast probes
+    /// counts its solicitations from nothing, as any unresolved one.
+    #[test]
+    fn three_unanswered_solicitations_make_a_neighbor_unreachable() {
+        let mut t = NeighborTable::with_reachability(4, 2_000, 2);
+        let a = t.index_of(v4("10.10.0.11"), 0);
+        let asks = |t: &mut NeighborTable, now| t.should_solicit(a.idx, now);
+        assert!(!t.unreachable(a, 0), "never asked");
+        assert!(asks(&mut t, 0) && !asks(&mut t, 999) && asks(&mut t, 1_000) && asks(&mut t, 2_500));
+        assert!(!t.unreachable(a, 3_499), "the third question not a second old");
+        assert!(t.unreachable(a, 3_500));
+        assert!(asks(&mut t, 3_500) && t.unreachable(a, 3_501), "asked again, still unreachable");
+        t.learn(v4("10.10.0.11"), PEER_MAC, 3_600);
+        assert!(!t.unreachable(a, 3_600) && !t.unreachable(a, 60_000));
+        // Past its reachable time and still used: two unicast probes unanswered, then given up
+        // (no MAC); reachable again until three broadcast solicitations go unanswered.
+        let g = (4_000..12_000)
+            .step_by(100)
+            .find(|&now| {
+                t.use_ref(a, now);
+                t.age(now, |_| true);
+                assert!(!t.unreachable(a, now), "t={now}: while probed by unicast");
+                t.mac_at(a.idx).is_none()
+            })
+            .expect("given up");
+        assert_eq!(t.counters.failures, 1);
+        assert!(asks(&mut t, g + 1_000) && asks(&mut t, g + 2_000) && asks(&mut t, g + 3_000));
+        assert!(!t.unreachable(a, g + 3_999) && t.unreachable(a, g + 4_000));
+        // A hint (a MAC from a frame) is a MAC to try: not unreachable.
+        t.hint(a, NEW_MAC, g + 4_001);
+        assert!(!t.unreachable(a, g + 4_001));
+        // A reference to a slot since given to another address is never unreachable.
+        assert!(!t.unreachable(NeighborRef { idx: a.idx, gen: a.gen.wrapping_add(1) }, g + 9_000));
     }
 
     /// Resolving ahead of traffic (a snapshot's endpoints) takes only idle room and marks
