@@ -240,6 +240,9 @@ pub struct L7Timeouts {
     /// From a connection's first byte (or the end of the previous response) to a complete
     /// request head: 408 after it, so slow clients cannot hold connections.
     pub header_ms: u64,
+    /// A new upstream connection not answered (SYN-ACK) within it: the request goes to another
+    /// endpoint of its route, and that endpoint is passed over for 10 s (504 when none is left).
+    pub connect_ms: u64,
     /// Waiting for an upstream's response head, from the request's last byte sent upstream
     /// (504 after it): an upload that keeps moving is not cut.
     pub upstream_ms: u64,
@@ -250,7 +253,8 @@ pub struct L7Timeouts {
 
 impl Default for L7Timeouts {
     fn default() -> Self {
-        L7Timeouts { header_ms: 10_000, upstream_ms: 30_000, idle_ms: 60_000 }
+        // connect_ms: Envoy's connect_timeout and HAProxy's usual `timeout connect` (5 s).
+        L7Timeouts { header_ms: 10_000, connect_ms: 5_000, upstream_ms: 30_000, idle_ms: 60_000 }
     }
 }
 
@@ -479,6 +483,9 @@ impl Bootstrap {
                     "l7.address",
                     format!("{} is the port's own address; give the L7 service an address of its own", l7.address),
                 );
+            }
+            if l7.timeouts.connect_ms == 0 {
+                return fail("l7.timeouts.connect_ms", "must be at least 1");
             }
             if !(1024..=1 << 20).contains(&l7.socket_buffer) {
                 return fail("l7.socket_buffer", "must be between 1024 and 1048576 bytes");
@@ -855,6 +862,7 @@ mod tests {
             ("maglev:", "neighbors:\n  capacity: 0\nmaglev:", "neighbors.capacity", "1 to 65534"),
             ("maglev:", "neighbors:\n  reachable_ms: 999\nmaglev:", "neighbors.reachable_ms", "at least 1000"),
             ("maglev:", "neighbors:\n  probes: 0\nmaglev:", "neighbors.probes", "greater than 0"),
+            ("connect_ms: 2000", "connect_ms: 0", "l7.timeouts.connect_ms", "at least 1"),
             ("mtu: 1500", "mtu: 1200", "ports[0].mtu", "1280"),
             ("      ipv4: 10.10.0.1\n", "      ipv4: 10.11.0.1\n", "ports[0].next_hop.ipv4", "not on-link"),
             ("      ipv6: fd00:10::1\n", "      ipv6: fd00:11::1\n", "ports[0].next_hop.ipv6", "not on-link"),

@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 34] = [
+    let per_core: [(&str, &str, &str, Get); 36] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -335,6 +335,18 @@ pub fn render_metrics(state: &ControlState) -> String {
             "counter",
             "Requests answered 503 because every upstream port of the core towards their endpoint was in use.",
             |c| c.l7.upstream_ports_exhausted,
+        ),
+        (
+            "fulcrum_l7_upstream_connect_failures_total",
+            "counter",
+            "Upstream connections refused, or not answered within l7.timeouts.connect_ms.",
+            |c| c.l7.upstream_connect_failures,
+        ),
+        (
+            "fulcrum_l7_upstream_resends_total",
+            "counter",
+            "Requests sent to another endpoint because theirs failed before taking a byte of them.",
+            |c| c.l7.upstream_resends,
         ),
         (
             "fulcrum_l7_socket_buffer_bytes",

@@ -65,7 +65,8 @@ fn lab_end_to_end() {
     make_ca(&dir);
     let secret_v1 = tls_secret(&dir, "v1", "lab");
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
-        + &secure_ingress(&secret_v1, "lab");
+        + &secure_ingress(&secret_v1, "lab")
+        + RETRY_MANIFESTS;
     std::fs::write(&manifests, &lab_manifests).unwrap();
     // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
     let child = appliance(
@@ -193,6 +194,17 @@ fn lab_end_to_end() {
     let name = first.strip_suffix(": hi").unwrap_or("?");
     assert!(ok && name.starts_with("be") && second == format!("{name}: hi!"), "WebSocket echo: {echo:?}");
     assert_eq!(l7("reset.lab", "/", &[]).0, "502", "an upstream that resets");
+    // An endpoint that refuses connections (RETRY_MANIFESTS: be2 on a port nothing listens
+    // on): every request answered by be1, the one that met the refusal sent there after it,
+    // the refusing endpoint passed over after that.
+    let answers: Vec<(String, String)> = (0..20).map(|_| l7("retry.lab", "/", &[])).collect();
+    assert!(answers.iter().all(|(code, body)| code == "200" && body.starts_with("be1")), "{answers:?}");
+    let scrape = admin("/metrics");
+    let sum = |name: &str| -> f64 {
+        scrape.lines().filter_map(|l| l.strip_prefix(name)?.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    };
+    assert_eq!(sum("fulcrum_l7_upstream_connect_failures_total{"), 1.0, "refused once, then passed over");
+    assert_eq!(sum("fulcrum_l7_upstream_resends_total{"), 1.0);
     // HTTPS: the Secret's certificate by SNI, HTTP redirected to HTTPS, and a certificate
     // swap that new handshakes see while an open TLS connection lives on.
     let ca = dir.join("ca.crt");
@@ -589,3 +601,52 @@ fn thread_cpus(pid: i32) -> Vec<(String, Vec<usize>)> {
     }
     out
 }
+
+/// A Service whose endpoints come in two EndpointSlices with the same port name, the second
+/// on a port nobody listens on (be2:8081: connections refused), behind the Ingress host
+/// `retry.lab`.
+const RETRY_MANIFESTS: &str = r#"---
+apiVersion: v1
+kind: Service
+metadata: {name: retry, namespace: lab}
+spec:
+  ports:
+    - {name: http, port: 80}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: retry-listening
+  namespace: lab
+  labels: {kubernetes.io/service-name: retry}
+addressType: IPv4
+endpoints:
+  - addresses: [10.10.0.11]
+ports:
+  - {name: http, protocol: TCP, port: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: retry-refusing
+  namespace: lab
+  labels: {kubernetes.io/service-name: retry}
+addressType: IPv4
+endpoints:
+  - addresses: [10.10.0.12]
+ports:
+  - {name: http, protocol: TCP, port: 8081}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: retry
+  namespace: lab
+spec:
+  ingressClassName: fulcrum
+  rules:
+    - host: retry.lab
+      http:
+        paths:
+          - {path: /, pathType: Prefix, backend: {service: {name: retry, port: {name: http}}}}
+"#;

@@ -259,6 +259,8 @@ impl CoreStats {
                    "errors_local": self.l7.errors_local, "upstream_connects": self.l7.upstream_connects,
                    "upstream_reused": self.l7.upstream_reused,
                    "upstream_ports_exhausted": self.l7.upstream_ports_exhausted,
+                   "upstream_connect_failures": self.l7.upstream_connect_failures,
+                   "upstream_resends": self.l7.upstream_resends,
                    "segments_unwanted": self.l7.segments_unwanted},
             "health": {"probes": self.l7.health_probes, "failures": self.l7.health_failures,
                        "transitions": self.l7.health_transitions, "down": self.health_down.len()},

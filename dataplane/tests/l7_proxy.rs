@@ -69,6 +69,7 @@ impl Lab {
             upstream_ports: (60000, 60999),
             limits,
             header_timeout_ms: 2_000,
+            connect_timeout_ms: 1_000,
             upstream_timeout_ms: 3_000,
             idle_timeout_ms: 10_000,
             socket_buffer: 8192,
@@ -955,4 +956,65 @@ fn requests_beyond_the_upstream_ports_of_an_endpoint_get_503_and_are_counted() {
     assert!(again.starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&again));
     assert_eq!(lab.proxy.stats.upstream_ports_exhausted, 1);
     assert_eq!(lab.proxy.stats.upstream_connects, 2, "the held ports were reused, not new ones");
+}
+
+/// An endpoint that refuses connections (nothing listens on its port): the request goes to the
+/// other endpoint and is answered, the refusing one is passed over by new requests for 10 s,
+/// then tried again. With no other endpoint: 502.
+#[test]
+fn a_refused_connection_sends_the_request_to_another_endpoint() {
+    let closed = SocketAddr::new(BE2.into(), 9);
+    let mut lab = Lab::new(
+        vec![
+            route("shop.example", "/", &[SocketAddr::new(BE1.into(), 8080), closed]),
+            route("closed.example", "/", &[closed]),
+        ],
+        Limits::default(),
+    );
+    let get = |lab: &mut Lab, h: SocketHandle, host: &str| {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        String::from_utf8_lossy(&lab.exchange(h, req.as_bytes(), 300, complete)).to_string()
+    };
+    let h = lab.connect(40000);
+    for i in 0..20 {
+        let resp = get(&mut lab, h, "shop.example");
+        assert!(resp.starts_with("HTTP/1.1 200 ") && resp.contains("\r\n\r\nbe1 "), "request {i}: {resp:?}");
+    }
+    let st = lab.proxy.stats;
+    assert_eq!((st.upstream_connect_failures, st.upstream_resends), (1, 1), "refused once, then passed over: {st:?}");
+    assert_eq!(st.responses[3], 0, "no 5xx");
+    // Ten seconds on, the endpoint is tried again (and refuses again). (A new client
+    // connection: the first one idled out meanwhile.)
+    lab.run_until(lab.now + 10_000);
+    let h = lab.connect(40001);
+    for _ in 0..20 {
+        assert!(get(&mut lab, h, "shop.example").starts_with("HTTP/1.1 200 "));
+    }
+    assert_eq!(lab.proxy.stats.upstream_connect_failures, 2, "{:?}", lab.proxy.stats);
+    // Its only endpoint refuses: 502, nothing to send it to.
+    assert!(get(&mut lab, h, "closed.example").starts_with("HTTP/1.1 502 "));
+    assert_eq!(lab.proxy.stats.upstream_resends, 2);
+}
+
+/// An endpoint off the link (its SYNs go unanswered): a request sent there goes to the other
+/// endpoint after the connect timeout (1 s here), long before the upstream timeout (3 s).
+#[test]
+fn an_unanswered_connection_sends_the_request_to_another_endpoint_after_the_connect_timeout() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    lab.cut.push(BE2);
+    let mut slow = 0;
+    for i in 0..8u16 {
+        let h = lab.connect(40000 + i);
+        let start = lab.now;
+        let resp = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n", 3_000, complete);
+        let took = lab.now - start;
+        let text = String::from_utf8_lossy(&resp);
+        assert!(text.starts_with("HTTP/1.1 200 ") && text.contains("\r\n\r\nbe1 "), "{text:?}");
+        assert!(took < 1_200, "request {i} took {took} ms");
+        slow += (took >= 1_000) as usize;
+    }
+    let st = lab.proxy.stats;
+    assert!(slow >= 1 && st.upstream_connect_failures >= 1, "be2 was tried and waited for: {slow} {st:?}");
+    assert_eq!(st.upstream_resends, st.upstream_connect_failures);
+    assert_eq!(slow as u64, st.upstream_resends, "only the requests that tried be2 waited");
 }

@@ -11,6 +11,14 @@
 //! head and stream the body, read the response head (502 if the upstream refuses, resets or
 //! sends garbage; 504 if it does not answer in time), stream the response, then read the next
 //! request or close. `Upgrade` requests (WebSocket) become a byte tunnel after `101`.
+//!
+//! An upstream that fails before a byte of the request reached it (its connection refused, or
+//! not answered within the connect timeout; a pooled connection closed under it) is not the
+//! client's error: the request goes to another endpoint of its route, at most `MAX_RESENDS`
+//! times (nginx's `proxy_next_upstream error timeout`, HAProxy's `retries` with `redispatch`),
+//! and an endpoint whose connection failed is passed over by new requests for
+//! `FAILED_ENDPOINT_MS` (nginx's `max_fails=1 fail_timeout=10s`). A request some of which was
+//! sent is never sent again: the upstream may have acted on it.
 
 mod health;
 use super::ack_pace::AckPace;
@@ -42,6 +50,9 @@ pub struct ProxyConfig {
     pub upstream_ports: (u16, u16),
     pub limits: Limits,
     pub header_timeout_ms: u64,
+    /// How long a new upstream connection may take to be answered (SYN to SYN-ACK) before
+    /// the request goes to another endpoint.
+    pub connect_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
     pub idle_timeout_ms: u64,
     pub socket_buffer: usize,
@@ -64,6 +75,10 @@ pub struct ProxyStats {
     /// their endpoint (`upstream_ports` wide per endpoint and core): raise the endpoints or the
     /// cores, not the timeouts.
     pub upstream_ports_exhausted: u64,
+    /// Upstream connections refused, or not answered within the connect timeout.
+    pub upstream_connect_failures: u64,
+    /// Requests sent to another endpoint because theirs failed before taking a byte.
+    pub upstream_resends: u64,
     pub segments_unwanted: u64,
     /// Health probes completed, failed, and endpoint up/down changes.
     pub health_probes: u64,
@@ -99,6 +114,8 @@ impl ProxyStats {
         self.upstream_connects += o.upstream_connects;
         self.upstream_reused += o.upstream_reused;
         self.upstream_ports_exhausted += o.upstream_ports_exhausted;
+        self.upstream_connect_failures += o.upstream_connect_failures;
+        self.upstream_resends += o.upstream_resends;
         self.segments_unwanted += o.segments_unwanted;
         self.health_probes += o.health_probes;
         self.health_failures += o.health_failures;
@@ -159,6 +176,8 @@ struct Client {
     /// Closing: when the connection is aborted if the client has not finished the close by
     /// then (set when closing starts).
     close_by: Option<u64>,
+    /// Times the current request was sent to another endpoint (see `Proxy::resend`).
+    resends: u8,
     /// How long its socket holds ACKs: longer once its requests are seen to come whole.
     ack: AckPace,
     /// Streaming a response body or tunnelling: when bytes last moved (ms). The deadline
@@ -185,6 +204,9 @@ struct Upstream {
     idle_since: Option<u64>,
     /// How long its socket holds ACKs: longer once its responses are seen to come whole.
     ack: AckPace,
+    /// Opened and not yet answered (SYN sent): a failure now is the endpoint's, not the
+    /// request's.
+    connecting: bool,
 }
 
 impl Upstream {
@@ -236,6 +258,10 @@ pub struct Proxy {
     /// the back (the warmest first), timed out from the front.
     idle: AHashMap<SocketAddrV4, VecDeque<usize>>,
     in_flight: AHashMap<SocketAddrV4, u32>,
+    /// Endpoints whose upstream connection failed (refused, or not answered in time), and
+    /// until when (ms) new requests pass them over. Empty almost always: the per-request pick
+    /// looks at it only when it is not.
+    failed: AHashMap<SocketAddrV4, u64>,
     /// Per endpoint, live upstream connections (each holds one of this core's upstream ports
     /// towards it): with all of them in use a request fails at once, instead of every request
     /// probing the whole port range (4,096 look-ups each) while the endpoint is saturated.
@@ -303,6 +329,7 @@ impl Proxy {
             idle: AHashMap::new(),
             ports_held: AHashMap::new(),
             in_flight: AHashMap::new(),
+            failed: AHashMap::new(),
             scratch: vec![0; SCRATCH].into_boxed_slice(),
             spare: SpareBufs::default(),
             stats: ProxyStats::default(),
@@ -418,6 +445,7 @@ impl Proxy {
                 relayed: 0,
                 started: None,
                 close_by: None,
+                resends: 0,
                 ack: AckPace::Quick,
                 progress_ms: now_ms,
                 wake_at: 0,
@@ -495,6 +523,11 @@ impl Proxy {
             if now_ms >= self.last_reap_ms + REAP_EVERY_MS {
                 self.last_reap_ms = now_ms;
                 self.reap_idle(now_ms);
+                if !self.failed.is_empty() {
+                    // Passed-over endpoints whose time is up: the per-request pick looks at
+                    // the list only while it is not empty.
+                    self.failed.retain(|_, until| *until > now_ms);
+                }
             }
             self.stack.due_shards(&mut due);
         }
@@ -760,7 +793,9 @@ impl Proxy {
         // `Arc` clone and drop per request are two atomic read-modify-writes, and each waits
         // for the core's earlier stores (to lines that are cold with many connections) to land.
         let picked = match self.router.route(host, r.target) {
-            Route::Backend(t) => pick(&mut self.rng, &self.in_flight, &t.endpoints_v4).ok_or(503),
+            Route::Backend(t) => {
+                pick(&mut self.rng, &self.in_flight, &t.endpoints_v4, (&self.failed, now), false).ok_or(503)
+            }
             Route::NotFound => Err(404),
             Route::BadRequest(_) => Err(400),
         };
@@ -796,16 +831,78 @@ impl Proxy {
         // What followed the head: the start of the body, perhaps the next request.
         c.buf = buf;
         c.buf.drain(..head_len);
+        c.resends = 0;
+        self.send_upstream(c, u, ep, now)
+    }
+
+    /// Puts client `c`'s request on upstream `u` (to `ep`, its head in the upstream's `out`)
+    /// and runs it.
+    fn send_upstream(&mut self, c: &mut Client, u: usize, ep: SocketAddrV4, now: u64) -> bool {
         c.up = Some(u);
-        let ushard = self.ups[u].as_ref().unwrap().sock.shard;
+        let up = self.ups[u].as_ref().unwrap();
+        let (ushard, connecting) = (up.sock.shard, up.connecting);
         self.attach(ushard, c.idx);
         c.endpoint = Some(ep);
         c.relayed = 0;
         *self.in_flight.entry(ep).or_default() += 1;
-        c.deadline = now + self.cfg.upstream_timeout_ms;
+        // A new connection is looked at again when its connect timeout is up.
+        let timeout = match connecting {
+            true => self.cfg.connect_timeout_ms.min(self.cfg.upstream_timeout_ms),
+            false => self.cfg.upstream_timeout_ms,
+        };
+        c.deadline = now + timeout;
         c.progress_ms = now;
         c.phase = Phase::Request;
         self.request(c, now)
+    }
+
+    /// Client `c`'s upstream failed before the request reached it (nothing of it was sent), so
+    /// the request goes to another endpoint, routed again from its head as it would be now;
+    /// with none left (or after `MAX_RESENDS`), the client gets `status`. `connect_failed`:
+    /// the endpoint refused or did not answer the connection, and new requests pass it over
+    /// for `FAILED_ENDPOINT_MS`; else (a connection closed before it took a byte) the same
+    /// endpoint may be taken again, on another connection.
+    fn resend(&mut self, c: &mut Client, now: u64, status: u16, connect_failed: bool) -> bool {
+        let (Some(u), Some(ep)) = (c.up, c.endpoint) else { return self.upstream_failed(c, status) };
+        if connect_failed {
+            self.stats.upstream_connect_failures += 1;
+            self.failed.insert(ep, now + FAILED_ENDPOINT_MS);
+        }
+        if c.resends >= MAX_RESENDS {
+            return self.upstream_failed(c, status);
+        }
+        let head = std::mem::take(&mut self.ups[u].as_mut().expect("live upstream").out);
+        self.release_upstream(c, false);
+        let next = {
+            let mut storage = [httparse::EMPTY_HEADER; 128];
+            // The head as written for the upstream: our forwarding headers added, limits
+            // already enforced on the client's.
+            let limits = Limits {
+                max_header_bytes: head.len(),
+                max_headers: storage.len(),
+                max_uri_bytes: head.len(),
+                max_body_bytes: u64::MAX,
+            };
+            match head::parse_request(&head, &limits, &mut storage) {
+                Ok(Some(r)) => match self.router.route(r.host.unwrap_or(""), r.target) {
+                    Route::Backend(t) => {
+                        pick(&mut self.rng, &self.in_flight, &t.endpoints_v4, (&self.failed, now), true)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        let Some(next) = next else { return self.upstream_failed(c, status) };
+        let Some(u) = self.upstream_for(next) else { return self.upstream_failed(c, status) };
+        let up = self.ups[u].as_mut().expect("live upstream");
+        self.spare.lend(&mut up.buf);
+        up.out = head;
+        up.out_off = 0;
+        up.buf.clear();
+        c.resends += 1;
+        self.stats.upstream_resends += 1;
+        self.send_upstream(c, u, next, now)
     }
 
     /// The next of this core's upstream ports not in use towards `ep`, and the connection's key.
@@ -861,22 +958,34 @@ impl Proxy {
             buf: Vec::new(),
             idle_since: None,
             ack: AckPace::Quick,
+            connecting: true,
         };
         Some(insert(&mut self.ups, &mut self.free_ups, up))
     }
 
     fn request(&mut self, c: &mut Client, now: u64) -> bool {
         let u = c.up.expect("a request has an upstream");
-        let (usock, state) = {
-            let up = self.ups[u].as_ref().unwrap();
-            (up.sock, self.stack.state(up.sock))
+        let (usock, state, connecting, unsent) = {
+            let up = self.ups[u].as_mut().unwrap();
+            let state = self.stack.state(up.sock);
+            if up.connecting && state != State::SynSent {
+                up.connecting = state == State::Closed;
+            }
+            (up.sock, state, up.connecting, up.out_off == 0)
         };
-        // The upstream refused or reset before answering.
+        // The upstream refused or reset before answering: another endpoint if none of the
+        // request was sent.
         if matches!(state, State::Closed | State::TimeWait | State::CloseWait | State::LastAck)
             && self.ups[u].as_ref().unwrap().buf.is_empty()
             && !self.stack.view(usock).can_recv()
         {
-            return self.upstream_failed(c, 502);
+            return match unsent {
+                true => self.resend(c, now, 502, connecting),
+                false => self.upstream_failed(c, 502),
+            };
+        }
+        if connecting && now >= c.progress_ms + self.cfg.connect_timeout_ms {
+            return self.resend(c, now, 504, true);
         }
         // 1. The head, then the body the client sends (as far as the upstream takes it).
         {
@@ -1402,8 +1511,45 @@ fn insert<T>(v: &mut Vec<Option<T>>, free: &mut Vec<usize>, x: T) -> usize {
     v.len() - 1
 }
 
+/// Re-sends of one request to other endpoints (see the module documentation).
+const MAX_RESENDS: u8 = 3;
+/// How long new requests pass over an endpoint whose connection failed.
+const FAILED_ENDPOINT_MS: u64 = 10_000;
+
+/// An endpoint for a request: power of two choices by requests in flight, passing over the
+/// endpoints that failed lately (`failed`, until when, and the time now) while others have
+/// not. Every endpoint failed lately: a new request tries its pick anyway, a re-send
+/// (`resend`) gets none.
+fn pick(
+    rng: &mut u64,
+    in_flight: &AHashMap<SocketAddrV4, u32>,
+    v4: &[SocketAddrV4],
+    (failed, now): (&AHashMap<SocketAddrV4, u64>, u64),
+    resend: bool,
+) -> Option<SocketAddrV4> {
+    let first = two_choices(rng, in_flight, v4)?;
+    if failed.is_empty() {
+        return Some(first);
+    }
+    let usable = |e: &SocketAddrV4| failed.get(e).is_none_or(|&until| until <= now);
+    if usable(&first) {
+        return Some(first);
+    }
+    // Rare (an endpoint failed in the last seconds): two more draws, then a scan.
+    for _ in 0..2 {
+        if let Some(e) = two_choices(rng, in_flight, v4).filter(usable) {
+            return Some(e);
+        }
+    }
+    let load = |e: &&SocketAddrV4| in_flight.get(*e).copied().unwrap_or(0);
+    match v4.iter().filter(|e| usable(e)).min_by_key(load) {
+        Some(e) => Some(*e),
+        None => (!resend).then_some(first),
+    }
+}
+
 /// Power of two choices, by requests in flight (`rng`: the proxy's xorshift state).
-fn pick(rng: &mut u64, in_flight: &AHashMap<SocketAddrV4, u32>, v4: &[SocketAddrV4]) -> Option<SocketAddrV4> {
+fn two_choices(rng: &mut u64, in_flight: &AHashMap<SocketAddrV4, u32>, v4: &[SocketAddrV4]) -> Option<SocketAddrV4> {
     match v4.len() {
         0 => None,
         1 => Some(v4[0]),

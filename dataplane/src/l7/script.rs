@@ -185,6 +185,7 @@ impl Session {
             upstream_ports: (60000, 60015),
             limits: Limits { max_header_bytes: 2048, max_headers: 32, max_uri_bytes: 1024, max_body_bytes: 1 << 20 },
             header_timeout_ms: HEADER_TIMEOUT_MS,
+            connect_timeout_ms: UPSTREAM_TIMEOUT_MS,
             upstream_timeout_ms: UPSTREAM_TIMEOUT_MS,
             idle_timeout_ms: IDLE_TIMEOUT_MS,
             socket_buffer: 2048,
