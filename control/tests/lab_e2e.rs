@@ -66,7 +66,7 @@ fn lab_end_to_end() {
     let secret_v1 = tls_secret(&dir, "v1", "lab");
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
         + &secure_ingress(&secret_v1, "lab")
-        + RETRY_MANIFESTS;
+        + &retry_manifests();
     std::fs::write(&manifests, &lab_manifests).unwrap();
     // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
     let child = appliance(
@@ -194,7 +194,7 @@ fn lab_end_to_end() {
     let name = first.strip_suffix(": hi").unwrap_or("?");
     assert!(ok && name.starts_with("be") && second == format!("{name}: hi!"), "WebSocket echo: {echo:?}");
     assert_eq!(l7("reset.lab", "/", &[]).0, "502", "an upstream that resets");
-    // An endpoint that refuses connections (RETRY_MANIFESTS: be2 on a port nothing listens
+    // An endpoint that refuses connections (`retry_manifests`: be2 on a port nothing listens
     // on): every request answered by be1, the one that met the refusal sent there after it,
     // the refusing endpoint passed over after that.
     let answers: Vec<(String, String)> = (0..20).map(|_| l7("retry.lab", "/", &[])).collect();
@@ -605,48 +605,23 @@ fn thread_cpus(pid: i32) -> Vec<(String, Vec<usize>)> {
 /// A Service whose endpoints come in two EndpointSlices with the same port name, the second
 /// on a port nobody listens on (be2:8081: connections refused), behind the Ingress host
 /// `retry.lab`.
-const RETRY_MANIFESTS: &str = r#"---
-apiVersion: v1
-kind: Service
-metadata: {name: retry, namespace: lab}
-spec:
-  ports:
-    - {name: http, port: 80}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: retry-listening
-  namespace: lab
-  labels: {kubernetes.io/service-name: retry}
-addressType: IPv4
-endpoints:
-  - addresses: [10.10.0.11]
-ports:
-  - {name: http, protocol: TCP, port: 8080}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: retry-refusing
-  namespace: lab
-  labels: {kubernetes.io/service-name: retry}
-addressType: IPv4
-endpoints:
-  - addresses: [10.10.0.12]
-ports:
-  - {name: http, protocol: TCP, port: 8081}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata:
-  name: retry
-  namespace: lab
-spec:
-  ingressClassName: fulcrum
-  rules:
-    - host: retry.lab
-      http:
-        paths:
-          - {path: /, pathType: Prefix, backend: {service: {name: retry, port: {name: http}}}}
-"#;
+fn retry_manifests() -> String {
+    let slice = |name: &str, addr: &str, port: u16| {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: lab, labels: {{kubernetes.io/service-name: retry}}}}\n\
+             addressType: IPv4\nendpoints: [{{addresses: [{addr}]}}]\n\
+             ports: [{{name: http, protocol: TCP, port: {port}}}]\n"
+        )
+    };
+    let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: retry, namespace: lab}\n\
+                   spec: {ports: [{name: http, port: 80}]}\n";
+    let ingress = "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: retry, namespace: lab}\n\
+                   spec:\n  ingressClassName: fulcrum\n  rules:\n    - host: retry.lab\n      http:\n        paths:\n\
+                   \x20         - {path: /, pathType: Prefix, backend: {service: {name: retry, port: {name: http}}}}\n";
+    format!(
+        "{service}{}{}{ingress}",
+        slice("retry-listening", "10.10.0.11", 8080),
+        slice("retry-refusing", "10.10.0.12", 8081)
+    )
+}
