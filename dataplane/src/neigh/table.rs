@@ -55,9 +55,10 @@ pub struct NeighborView {
     /// `02:f1:00:00:02:01`, or none while unresolved.
     pub mac: Option<MacAddr>,
     /// Linux's names: `permanent` (static), `incomplete` (no MAC: being asked, or given up
-    /// until traffic needs it), `reachable`, `stale` (past its reachable time), `probe` (asked
-    /// by unicast, unanswered so far), and `unconfirmed` (a MAC taken from a client's frame,
-    /// being checked).
+    /// until traffic needs it), `failed` (no MAC, and solicitations went unanswered: see
+    /// [`NeighborTable::unreachable`]), `reachable`, `stale` (past its reachable time), `probe`
+    /// (asked by unicast, unanswered so far), and `unconfirmed` (a MAC taken from a client's
+    /// frame, being checked).
     pub state: &'static str,
     /// Milliseconds since a packet last went out through it; none if never.
     pub used_ms_ago: Option<u64>,
@@ -65,7 +66,8 @@ pub struct NeighborView {
 
 impl NeighborView {
     /// Every `state` a view can have.
-    pub const STATES: [&'static str; 6] = ["permanent", "incomplete", "reachable", "stale", "probe", "unconfirmed"];
+    pub const STATES: [&'static str; 7] =
+        ["permanent", "incomplete", "failed", "reachable", "stale", "probe", "unconfirmed"];
 }
 
 /// What the table did on its own, for the counters.
@@ -97,6 +99,17 @@ struct Entry {
     /// When a solicitation was last asked for; `None` never.
     solicited_ms: Option<u64>,
     ip: IpAddr,
+}
+
+impl Entry {
+    /// No MAC, and [`NeighborTable::UNANSWERED_SOLICITS`] solicitations unanswered, the last
+    /// for a whole interval (see [`NeighborTable::unreachable`]).
+    fn unanswered(&self, now_ms: u64) -> bool {
+        let n = NeighborTable::UNANSWERED_SOLICITS;
+        let last_long_ago =
+            self.solicited_ms.is_some_and(|t| now_ms.saturating_sub(t) >= NeighborTable::SOLICIT_INTERVAL_MS);
+        self.mac.is_none() && (self.probes > n || (self.probes == n && last_long_ago))
+    }
 }
 
 /// Who may lose its slot when a new address finds the table full.
@@ -458,11 +471,7 @@ impl NeighborTable {
     /// address), and a new flow sent there would be dropped until the client gave up. False
     /// for an entry since handed to another address (the caller looks that address up anyway).
     pub fn unreachable(&self, r: NeighborRef, now_ms: u64) -> bool {
-        let Some(e) = self.entries.get(r.idx as usize) else { return false };
-        let asked_long_ago = e.solicited_ms.is_some_and(|t| now_ms.saturating_sub(t) >= Self::SOLICIT_INTERVAL_MS);
-        e.gen == r.gen
-            && e.mac.is_none()
-            && (e.probes > Self::UNANSWERED_SOLICITS || (e.probes == Self::UNANSWERED_SOLICITS && asked_long_ago))
+        self.entries.get(r.idx as usize).is_some_and(|e| e.gen == r.gen && e.unanswered(now_ms))
     }
 
     /// Looks at the next entries for ones past their reachable time that traffic still uses:
@@ -509,6 +518,7 @@ impl NeighborTable {
                 mac: e.mac.map(MacAddr),
                 state: match e {
                     e if e.is_static => "permanent",
+                    e if e.unanswered(now_ms) => "failed",
                     e if e.mac.is_none() => "incomplete",
                     e if e.probes > 0 => "probe",
                     e if e.unconfirmed => "unconfirmed",
@@ -666,6 +676,8 @@ mod tests {
         assert_eq!(t.counters.failures, 1);
         assert!(asks(&mut t, g + 1_000) && asks(&mut t, g + 2_000) && asks(&mut t, g + 3_000));
         assert!(!t.unreachable(a, g + 3_999) && t.unreachable(a, g + 4_000));
+        let state = |t: &NeighborTable, now| t.view(now)[0].state;
+        assert_eq!((state(&t, g + 3_999), state(&t, g + 4_000)), ("incomplete", "failed"), "as /neighbors shows it");
         // A hint (a MAC from a frame) is a MAC to try: not unreachable.
         t.hint(a, NEW_MAC, g + 4_001);
         assert!(!t.unreachable(a, g + 4_001));
