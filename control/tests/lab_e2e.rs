@@ -557,6 +557,20 @@ fn lab_end_to_end() {
             gone.elapsed()
         );
         assert!(metric("fulcrum_unreachable_backend_repicks_total{").unwrap_or(0.0) >= 1.0, "flows passed over be3");
+        // The appliance's `ip neigh` says why (copied about once a second).
+        let be3_failed = || {
+            let v: serde_json::Value = serde_json::from_str(&admin("/neighbors")).unwrap_or_default();
+            let cores = v["cores"].as_array().cloned().unwrap_or_default();
+            cores
+                .iter()
+                .flat_map(|c| c["entries"].as_array().cloned().unwrap_or_default())
+                .any(|e| e["ip"] == "fd00:10::13" && e["state"] == "failed")
+        };
+        let t = Instant::now();
+        while !be3_failed() {
+            assert!(t.elapsed() < Duration::from_secs(3), "/neighbors: {}", admin("/neighbors"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
         be3_v6("add");
         let back = Instant::now();
         while !backends_seen("http://[fd00:20::10]/", 6).contains("be3") {
