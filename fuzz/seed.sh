@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates the seed corpora under fuzz/corpus/ (gitignored) from the repository's fixtures:
 #   packet_path   one input per dataplane/tests/fixtures/*.in.pcap (all its frames, framed as
-#                 packet_path expects), raw and with the "fix checksums" flag, 1 and 2 cores
+#                 packet_path expects), raw and with the "fix checksums" flag, 1 and 2 cores,
+#                 the golden appliance and its on-link variant
 #   packet_frame  every single frame of every *.in.pcap and *.out.pcap
 #   manifests     config/examples/manifests/*.yaml, config/examples/broken/*.yaml (not bootstrap-*),
 #                 dataplane/tests/fixtures/manifests.yaml
@@ -44,9 +45,10 @@ for p in sorted(glob.glob(os.path.join(fx, "*.in.pcap"))):
     fs = frames(p)
     body = b"".join(struct.pack(">H", len(f)) + f for f in fs)
     # flags, burst size - 1, time step
-    for flags in (0, 1, 3, 7):
+    for flags in (0, 1, 3, 7, 17, 19):
         put("packet_path", bytes([flags, 31, 1]) + body)
     put("packet_path", bytes([1, 0, 40]) + body)   # one frame per burst, ~25 s apart
+    put("packet_path", bytes([17, 0, 15]) + body)  # on-link, one frame per burst, 3.6 s apart
 for p in sorted(glob.glob(os.path.join(fx, "*.pcap"))):
     for f in frames(p):
         put("packet_frame", f)

@@ -5,14 +5,15 @@
 //!   byte 0   flags: bit 0 = fix the IPv4 header and transport checksums of every frame before
 //!            feeding it; bit 1 = worker of 2 cores (bit 2 picks core 1) instead of 1 of 1;
 //!            bit 3 = FullNAT source addresses 10.10.0.20, 10.10.0.21, fd00:10::20 instead of
-//!            the port's own
+//!            the port's own; bit 4 = the golden appliance with on-link endpoints and no static
+//!            neighbour (`golden_on_link`: neighbours resolved, left unanswered, re-picked)
 //!   byte 1   burst size - 1 (mod 32)
 //!   byte 2   time step between bursts: b * b * 16 ms (0 .. ~17 minutes, crosses timeouts)
 //!   then     frames: u16 big-endian length, then that many bytes (the rest if fewer);
 //!            frames over 2048 bytes are truncated; at most 256 frames.
 #![no_main]
 
-use fulcrum_fuzz::{burst_and_check, fix_frame, golden_snat_addresses, golden_worker_with};
+use fulcrum_fuzz::{burst_and_check, fix_frame, golden_on_link_worker, golden_snat_addresses, golden_worker_with};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -36,7 +37,10 @@ fuzz_target!(|data: &[u8]| {
         frames.push(f);
     }
     let snat = if flags & 8 != 0 { golden_snat_addresses() } else { vec![] };
-    let mut worker = golden_worker_with(core, cores, snat);
+    let mut worker = match flags & 16 {
+        0 => golden_worker_with(core, cores, snat),
+        _ => golden_on_link_worker(core, cores, snat),
+    };
     let mut now = 1u64;
     for chunk in frames.chunks(burst) {
         let refs: Vec<&[u8]> = chunk.iter().map(|f| f.as_slice()).collect();

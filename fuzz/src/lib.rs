@@ -62,6 +62,47 @@ pub fn golden_worker(core_index: u16, cores: u16) -> Worker {
     golden_worker_with(core_index, cores, vec![])
 }
 
+/// The golden appliance with its endpoints on-link (10.10.0.0/24, fd00:10::/64; the web and
+/// web6 Services with three each) and no static MAC for the next hop: every neighbour is
+/// resolved from what the input brings (ARP replies, neighbour advertisements), so neighbours
+/// left unanswered become unreachable as time steps pass and new flows are re-picked.
+pub fn golden_on_link() -> &'static Golden {
+    static G: OnceLock<Golden> = OnceLock::new();
+    G.get_or_init(|| {
+        let boot = Bootstrap::parse(Path::new("fixtures/bootstrap.yaml"), GOLDEN_BOOTSTRAP).expect("golden bootstrap");
+        let three = |a: &str, b: &str, c: &str| {
+            format!(
+                "- addresses: [\"{a}\"]\n    conditions: {{ready: true}}\n  - addresses: [\"{b}\"]\n    \
+                 conditions: {{ready: true}}\n  - addresses: [\"{c}\"]"
+            )
+        };
+        let text = GOLDEN_MANIFESTS
+            .replace("- addresses: [\"10.30.0.11\"]", &three("10.10.0.11", "10.10.0.12", "10.10.0.31"))
+            .replace("- addresses: [\"fd00:30::11\"]", &three("fd00:10::11", "fd00:10::12", "fd00:10::31"))
+            .replace("10.30.0.", "10.10.0.")
+            .replace("fd00:30::", "fd00:10::");
+        let objects = Objects::parse(Path::new("fixtures/manifests.yaml"), &text).expect("on-link manifests");
+        let state = translate(&boot, &objects).expect("on-link translate");
+        let snap = Snapshot::compile(&boot, &state, 1).expect("on-link snapshot");
+        Golden { boot, snap: Arc::new(snap) }
+    })
+}
+
+/// A fresh worker of [`golden_on_link`] (as [`golden_worker_with`], no static neighbour).
+pub fn golden_on_link_worker(core_index: u16, cores: u16, snat_addresses: Vec<std::net::IpAddr>) -> Worker {
+    let g = golden_on_link();
+    let mut cfg = WorkerConfig {
+        seed: 1,
+        snat_offset: 0,
+        ct_capacity: CT_CAPACITY,
+        affinity_capacity: 64,
+        snat_addresses,
+        ..WorkerConfig::from_bootstrap(&g.boot, core_index, cores)
+    };
+    cfg.static_neighbors.clear();
+    Worker::new(cfg, g.snap.clone()).expect("worker")
+}
+
 /// FullNAT source addresses for [`golden_worker_with`]: two IPv4 and one IPv6 in the golden
 /// port's prefixes.
 pub fn golden_snat_addresses() -> Vec<std::net::IpAddr> {
