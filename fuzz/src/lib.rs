@@ -44,17 +44,35 @@ pub struct Golden {
     pub snap: Arc<Snapshot>,
 }
 
+impl Golden {
+    /// The golden bootstrap with these manifests, compiled.
+    fn compile(manifests: &str) -> Golden {
+        let boot = Bootstrap::parse(Path::new("fixtures/bootstrap.yaml"), GOLDEN_BOOTSTRAP).expect("golden bootstrap");
+        let objects = Objects::parse(Path::new("fixtures/manifests.yaml"), manifests).expect("manifests");
+        let state = translate(&boot, &objects).expect("translate");
+        let snap = Snapshot::compile(&boot, &state, 1).expect("snapshot");
+        Golden { boot, snap: Arc::new(snap) }
+    }
+
+    /// A fresh worker `core_index` of `cores` (fixed seed, small tables) with these FullNAT
+    /// source addresses (`ports[].snat_addresses`).
+    fn worker(&self, core_index: u16, cores: u16, snat_addresses: Vec<std::net::IpAddr>) -> Worker {
+        let cfg = WorkerConfig {
+            seed: 1,
+            snat_offset: 0,
+            ct_capacity: CT_CAPACITY,
+            affinity_capacity: 64,
+            snat_addresses,
+            ..WorkerConfig::from_bootstrap(&self.boot, core_index, cores)
+        };
+        Worker::new(cfg, self.snap.clone()).expect("worker")
+    }
+}
+
 /// The golden appliance, parsed and compiled once per process.
 pub fn golden() -> &'static Golden {
     static G: OnceLock<Golden> = OnceLock::new();
-    G.get_or_init(|| {
-        let boot = Bootstrap::parse(Path::new("fixtures/bootstrap.yaml"), GOLDEN_BOOTSTRAP).expect("golden bootstrap");
-        let objects =
-            Objects::parse(Path::new("fixtures/manifests.yaml"), GOLDEN_MANIFESTS).expect("golden manifests");
-        let state = translate(&boot, &objects).expect("golden translate");
-        let snap = Snapshot::compile(&boot, &state, 1).expect("golden snapshot");
-        Golden { boot, snap: Arc::new(snap) }
-    })
+    G.get_or_init(|| Golden::compile(GOLDEN_MANIFESTS))
 }
 
 /// A fresh worker `core_index` of `cores` of the golden appliance (fixed seed, small tables).
@@ -69,7 +87,6 @@ pub fn golden_worker(core_index: u16, cores: u16) -> Worker {
 pub fn golden_on_link() -> &'static Golden {
     static G: OnceLock<Golden> = OnceLock::new();
     G.get_or_init(|| {
-        let boot = Bootstrap::parse(Path::new("fixtures/bootstrap.yaml"), GOLDEN_BOOTSTRAP).expect("golden bootstrap");
         let three = |a: &str, b: &str, c: &str| {
             format!(
                 "- addresses: [\"{a}\"]\n    conditions: {{ready: true}}\n  - addresses: [\"{b}\"]\n    \
@@ -81,26 +98,15 @@ pub fn golden_on_link() -> &'static Golden {
             .replace("- addresses: [\"fd00:30::11\"]", &three("fd00:10::11", "fd00:10::12", "fd00:10::31"))
             .replace("10.30.0.", "10.10.0.")
             .replace("fd00:30::", "fd00:10::");
-        let objects = Objects::parse(Path::new("fixtures/manifests.yaml"), &text).expect("on-link manifests");
-        let state = translate(&boot, &objects).expect("on-link translate");
-        let snap = Snapshot::compile(&boot, &state, 1).expect("on-link snapshot");
-        Golden { boot, snap: Arc::new(snap) }
+        let mut g = Golden::compile(&text);
+        g.boot.ports[0].next_hop.mac = None;
+        g
     })
 }
 
-/// A fresh worker of [`golden_on_link`] (as [`golden_worker_with`], no static neighbour).
+/// A fresh worker of [`golden_on_link`] (as [`golden_worker_with`]).
 pub fn golden_on_link_worker(core_index: u16, cores: u16, snat_addresses: Vec<std::net::IpAddr>) -> Worker {
-    let g = golden_on_link();
-    let mut cfg = WorkerConfig {
-        seed: 1,
-        snat_offset: 0,
-        ct_capacity: CT_CAPACITY,
-        affinity_capacity: 64,
-        snat_addresses,
-        ..WorkerConfig::from_bootstrap(&g.boot, core_index, cores)
-    };
-    cfg.static_neighbors.clear();
-    Worker::new(cfg, g.snap.clone()).expect("worker")
+    golden_on_link().worker(core_index, cores, snat_addresses)
 }
 
 /// FullNAT source addresses for [`golden_worker_with`]: two IPv4 and one IPv6 in the golden
@@ -111,16 +117,7 @@ pub fn golden_snat_addresses() -> Vec<std::net::IpAddr> {
 
 /// [`golden_worker`] with these FullNAT source addresses (`ports[].snat_addresses`).
 pub fn golden_worker_with(core_index: u16, cores: u16, snat_addresses: Vec<std::net::IpAddr>) -> Worker {
-    let g = golden();
-    let cfg = WorkerConfig {
-        seed: 1,
-        snat_offset: 0,
-        ct_capacity: CT_CAPACITY,
-        affinity_capacity: 64,
-        snat_addresses,
-        ..WorkerConfig::from_bootstrap(&g.boot, core_index, cores)
-    };
-    Worker::new(cfg, g.snap.clone()).expect("worker")
+    golden().worker(core_index, cores, snat_addresses)
 }
 
 /// Frames of a classic pcap (as `fulcrum_dataplane::pcap::read_pcap_from`).
