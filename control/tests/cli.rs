@@ -125,6 +125,11 @@ fn check_without_manifests_summarises_the_bootstrap() {
     assert!(out.contains("established 600s") && out.contains("udp 30s"), "{out}");
     assert!(out.contains("maglev:     table size 65537"), "{out}");
     assert!(out.contains("neighbors:  4096 per core; re-checked 30000 ms after an answer"), "{out}");
+    assert!(
+        out.contains("l7:         10.20.0.100 (class fulcrum); http 80; https 443; socket buffers 16384 bytes"),
+        "{out}"
+    );
+    assert!(out.contains("timeouts: header 10000 ms, connect 2000 ms, upstream 15000 ms, idle 60000 ms"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("VIP ")), "no VIP table without manifests:\n{out}");
 }
 

@@ -185,7 +185,28 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
         out,
         "  neighbors:  {} per core; re-checked {} ms after an answer while in use, given up after {} unanswered",
         n.capacity, n.reachable_ms, n.probes
-    )
+    )?;
+    if let Some(l7) = &boot.l7 {
+        let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let (t, l) = (&l7.timeouts, &l7.limits);
+        writeln!(
+            out,
+            "  l7:         {} (class {}); http {}; https {}; socket buffers {} bytes",
+            l7.address,
+            l7.ingress_class,
+            ports(&l7.http_ports),
+            ports(&l7.https_ports),
+            l7.socket_buffer
+        )?;
+        writeln!(
+            out,
+            "    timeouts: header {} ms, connect {} ms, upstream {} ms, idle {} ms; limits: head {} bytes, {} headers, \
+             URI {} bytes, body {} bytes",
+            t.header_ms, t.connect_ms, t.upstream_ms, t.idle_ms, l.max_header_bytes, l.max_headers, l.max_uri_bytes,
+            l.max_body_bytes
+        )?;
+    }
+    Ok(())
 }
 
 fn proto_name(p: u8) -> &'static str {
