@@ -1132,21 +1132,17 @@ impl Worker {
             return Err(DropReason::NoFlow);
         }
         let (mut bi, hash) = self.pick_backend(s, key).ok_or(DropReason::NoBackend)?;
-        let neigh_fwd = match self.reachable_neighbor(snap.backends[bi as usize].addr)? {
-            Some(r) => r,
-            None => match self.reachable_alternative(s, hash, bi)? {
-                Some((other, r)) => {
-                    bi = other;
-                    self.stats.unreachable_backend_repicks += 1;
-                    if s.affinity_ms.is_some() {
-                        self.remember_affinity(s, key, bi);
-                    }
-                    r
+        let (mut neigh_fwd, reachable) = self.neighbor_for_new_flow(snap.backends[bi as usize].addr)?;
+        if !reachable {
+            // With no reachable one the pick stands, and its packets are dropped as unresolved.
+            if let Some((other, r)) = self.reachable_alternative(s, hash, bi)? {
+                (bi, neigh_fwd) = (other, r);
+                self.stats.unreachable_backend_repicks += 1;
+                if s.affinity_ms.is_some() {
+                    self.remember_affinity(s, key, bi);
                 }
-                // None reachable: the pick stands, and its packets are dropped as unresolved.
-                None => self.neighbor_index(snap.backends[bi as usize].addr)?,
-            },
-        };
+            }
+        }
         let b = &snap.backends[bi as usize];
         let baddr = A::from_ip(b.addr).ok_or(DropReason::NoBackend)?;
         let mut flow = Flow::<A> {
@@ -1272,18 +1268,24 @@ impl Worker {
         }
     }
 
-    /// The neighbour entry for sending to `addr`, or none while that neighbour is unreachable
-    /// (see `NeighborTable::unreachable`). An unreachable one is still asked once a second, as
+    /// The neighbour entry for sending to `addr`, and whether it is reachable (see
+    /// `NeighborTable::unreachable`). An unreachable one is still asked once a second, as
     /// traffic would ask it, so that new flows go back to it once it answers.
-    fn reachable_neighbor(&mut self, addr: IpAddr) -> Result<Option<NeighborRef>, DropReason> {
+    fn neighbor_for_new_flow(&mut self, addr: IpAddr) -> Result<(NeighborRef, bool), DropReason> {
         let r = self.neighbor_index(addr)?;
         if !self.neigh.unreachable(r, self.now_ms) {
-            return Ok(Some(r));
+            return Ok((r, true));
         }
-        if !self.solicit.is_full() && self.neigh.should_solicit(r.idx, self.now_ms) {
-            self.solicit.push(r.idx);
+        self.solicit_if_due(r.idx);
+        Ok((r, false))
+    }
+
+    /// Queues a solicitation for unresolved entry `idx` if its last one is a second old (and
+    /// the queue has room: a solicitation counted as sent must be sent).
+    fn solicit_if_due(&mut self, idx: u16) {
+        if !self.solicit.is_full() && self.neigh.should_solicit(idx, self.now_ms) {
+            self.solicit.push(idx);
         }
-        Ok(None)
     }
 
     /// For a new flow whose backend `gone` is behind an unreachable neighbour: the first other
@@ -1308,7 +1310,7 @@ impl Worker {
             if unreachable[..known].contains(&bi) {
                 continue;
             }
-            if let Some(r) = self.reachable_neighbor(snap.backends[bi as usize].addr)? {
+            if let (r, true) = self.neighbor_for_new_flow(snap.backends[bi as usize].addr)? {
                 return Ok(Some((bi, r)));
             }
             if known < unreachable.len() {
@@ -1393,9 +1395,7 @@ impl Worker {
         match state {
             RefState::Resolved(mac) => Ok(mac),
             _ => {
-                if !self.solicit.is_full() && self.neigh.should_solicit(r.idx, self.now_ms) {
-                    self.solicit.push(r.idx);
-                }
+                self.solicit_if_due(r.idx);
                 Err(DropReason::NeighborUnresolved)
             }
         }
