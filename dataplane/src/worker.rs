@@ -535,9 +535,8 @@ impl Worker {
         self.queue_some_backend_neighbors();
         while !self.solicit.is_full() {
             let Some(idx) = self.to_resolve.pop() else { break };
-            if self.neigh.mac_at(idx).is_none() && self.neigh.should_solicit(idx, self.now_ms) {
-                self.solicit.push(idx);
-            }
+            // (Resolved meanwhile: not due; `should_solicit` is false for an entry with a MAC.)
+            self.solicit_if_due(idx);
         }
         if self.now_ms != self.aged_ms {
             // Once a millisecond: a few entries past their reachable time asked again.
