@@ -21,47 +21,115 @@ fn due_slots(next_ms: u64, now_ms: u64) -> impl Iterator<Item = usize> {
     (next_ms..next_ms + n as u64).map(|ms| ms as usize % SLOTS)
 }
 
+/// Entries a chunk holds: a chunk is 1 KiB, so a slot's entries are written and read in line
+/// order.
+const CHUNK: usize = 63;
+
+/// A run of one slot's entries; chunks come from the wheel's pool and go back to it when their
+/// slot expires.
+struct Chunk {
+    len: u32,
+    /// The slot's next (older) chunk.
+    next: u32,
+    entries: [(u64, u32); CHUNK],
+}
+
+/// Each slot's entries sit in a list of fixed-size chunks from one pool, so the wheel holds
+/// memory for the entries it has, not for every slot's busiest moment: with a vector per slot,
+/// each slot kept the capacity of the most entries it ever held, and a worker whose whole burst
+/// of 20,000 connections filed timers into the same millisecond grew slot after slot to
+/// 20,000 entries (`fulcrum-bench l7 --conns 10000`: 8% of the worker in growing vectors and
+/// zeroing their pages, hundreds of megabytes held).
 pub struct TimerWheel {
-    slots: Vec<Vec<(u64, u32)>>,
+    /// Per slot, its newest chunk (the one being filled).
+    heads: Vec<u32>,
+    chunks: Vec<Chunk>,
+    /// Chunks given back, linked through `next`.
+    free: u32,
+    len: usize,
     /// The first millisecond not yet expired.
     next_ms: u64,
 }
 
 impl TimerWheel {
     pub fn new(now_ms: u64) -> TimerWheel {
-        TimerWheel { slots: (0..SLOTS).map(|_| Vec::new()).collect(), next_ms: now_ms }
+        TimerWheel { heads: vec![NIL; SLOTS], chunks: Vec::new(), free: NIL, len: 0, next_ms: now_ms }
     }
 
     /// Asks for `id` at `at_ms` (a time already past fires at the next `expire`); returns the
     /// time filed, which `expire` hands back.
     pub fn schedule(&mut self, at_ms: u64, id: u32) -> u64 {
         let at = at_ms.max(self.next_ms);
-        self.slots[at as usize % SLOTS].push((at, id));
+        self.push(at as usize % SLOTS, (at, id));
         at
+    }
+
+    fn push(&mut self, slot: usize, entry: (u64, u32)) {
+        let mut c = self.heads[slot];
+        if c == NIL || self.chunks[c as usize].len as usize == CHUNK {
+            c = self.take_chunk(c);
+            self.heads[slot] = c;
+        }
+        let chunk = &mut self.chunks[c as usize];
+        chunk.entries[chunk.len as usize] = entry;
+        chunk.len += 1;
+        self.len += 1;
+    }
+
+    /// An empty chunk from the pool (a new one when the pool is dry) whose next is `next`.
+    fn take_chunk(&mut self, next: u32) -> u32 {
+        let c = if self.free != NIL {
+            let c = self.free;
+            self.free = self.chunks[c as usize].next;
+            c
+        } else {
+            self.chunks.push(Chunk { len: 0, next: NIL, entries: [(0, 0); CHUNK] });
+            (self.chunks.len() - 1) as u32
+        };
+        let chunk = &mut self.chunks[c as usize];
+        (chunk.len, chunk.next) = (0, next);
+        c
     }
 
     /// Hands every entry due by `now_ms` to `fire` as (time asked for, id), in no set order.
     pub fn expire(&mut self, now_ms: u64, mut fire: impl FnMut(u64, u32)) {
         for slot in due_slots(self.next_ms, now_ms) {
-            self.slots[slot].retain(|&(at, id)| {
-                if at <= now_ms {
-                    fire(at, id);
-                    false
-                } else {
-                    true
+            // The slot's chunks are emptied and given back; entries a lap or more away are
+            // filed in it again.
+            let mut c = std::mem::replace(&mut self.heads[slot], NIL);
+            while c != NIL {
+                let (len, next) = (self.chunks[c as usize].len, self.chunks[c as usize].next);
+                self.len -= len as usize;
+                for k in 0..len as usize {
+                    let (at, id) = self.chunks[c as usize].entries[k];
+                    if at <= now_ms {
+                        fire(at, id);
+                    } else {
+                        self.push(slot, (at, id));
+                    }
                 }
-            });
+                // Given back only now: the pushes above must not take the chunk being read.
+                self.chunks[c as usize].next = self.free;
+                self.free = c;
+                c = next;
+            }
         }
         self.next_ms = self.next_ms.max(now_ms + 1);
     }
 
     /// Entries held, stale ones included.
     pub fn len(&self) -> usize {
-        self.slots.iter().map(Vec::len).sum()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Chunks made so far (in use or in the pool): what the wheel's memory grew to.
+    #[cfg(test)]
+    fn chunks_made(&self) -> usize {
+        self.chunks.len()
     }
 }
 
@@ -99,7 +167,7 @@ impl TimerHandle {
 /// their deadlines are seconds away (header, idle, FIN timeouts) and the connection usually goes
 /// long before, so an entry left to its time would outlive it by seconds. Each slot's entries
 /// form a doubly linked list through a slab, so that `cancel` is O(1). That costs misses the
-/// vectors do not (a schedule touches the slot's previous head, an expiry walks a list), which is
+/// chunks do not (a schedule touches the slot's previous head, an expiry walks a list), which is
 /// why the stack's shards, rescheduled on every segment with milliseconds-away timers, keep
 /// `TimerWheel`: with this wheel there, scheduling and expiring shard timers took 2.9% of the
 /// worker in `fulcrum-bench l7 --new-conn --clock worker` instead of 0.45% (perf), and the
@@ -283,6 +351,36 @@ mod tests {
         a_timer_beyond_one_lap_waits_for_its_lap::<DeadlineWheel>();
         a_gap_longer_than_a_lap_fires_everything_due_once::<TimerWheel>();
         a_gap_longer_than_a_lap_fires_everything_due_once::<DeadlineWheel>();
+    }
+
+    /// A burst of timers filed into one millisecond after another, lap after lap, reuses the
+    /// same chunks: the wheel's memory follows the entries it holds at once, not how many each
+    /// slot ever held.
+    #[test]
+    fn bursts_into_ever_new_slots_reuse_the_same_chunks() {
+        const BURST: u32 = 20_000;
+        let mut w = TimerWheel::new(0);
+        let mut now = 0;
+        let rounds = 3 * SLOTS as u64 / 7;
+        for round in 0..rounds {
+            for id in 0..BURST {
+                w.schedule(now + 3, id);
+            }
+            // One far timer per round stays filed over laps (moved from chunk to chunk).
+            w.schedule(now + 5 * SLOTS as u64, BURST + round as u32);
+            now += 7;
+            let fired = fired(&mut w, now);
+            assert_eq!(fired.iter().filter(|&&(_, id)| id < BURST).count(), BURST as usize, "round {round}");
+        }
+        let far_left = w.len();
+        assert_eq!(far_left as u64, rounds, "every far timer is still filed");
+        // One burst's chunks, plus the far timers' (at most one chunk per slot), plus one
+        // being refilled.
+        let bound = (BURST as usize).div_ceil(CHUNK) + far_left + 2;
+        assert!(w.chunks_made() <= bound, "{} chunks made, {bound} at most", w.chunks_made());
+        let all = fired(&mut w, now + 6 * SLOTS as u64);
+        assert_eq!(all.len(), far_left);
+        assert!(w.is_empty());
     }
 
     #[test]
