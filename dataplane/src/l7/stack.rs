@@ -129,8 +129,15 @@ struct Shard {
     dirty: bool,
     /// In `Stack::roomy`.
     roomy: bool,
-    /// The millisecond its timer wheel entry is for (older entries are stale).
-    timer: Option<u64>,
+    /// When its sockets next need a poll without new segments (smoltcp's `poll_at`, in
+    /// milliseconds), as of its last poll.
+    wanted: Option<u64>,
+    /// The millisecond of its timer wheel entry that counts (others are stale), never after
+    /// `wanted`. A later `wanted` leaves the entry in place, to file the new time when it fires
+    /// (see `due_shards`): a keep-alive connection's retransmission and delayed-ACK times move
+    /// later with every segment, and filing each move took an entry, and a cold look at the
+    /// shard when it expired, two or three times a request.
+    filed: Option<u64>,
 }
 
 /// Where a socket lies in memory (from [`Stack::socket_at`]): only to prefetch it, never
@@ -191,6 +198,8 @@ pub struct Stack {
     roomy: Vec<u32>,
     /// When shards' sockets next need a poll without new segments.
     timers: TimerWheel,
+    /// Shards whose entry fired before their time, with that time: filed again after expiry.
+    refile: Vec<(u64, u32)>,
     /// IP packets the shards sent, in order, until `poll_egress` hands them out.
     out: Vec<Vec<u8>>,
     /// Packet buffers to reuse.
@@ -231,6 +240,7 @@ impl Stack {
             scratch: Vec::new(),
             roomy: Vec::new(),
             timers: TimerWheel::new(0),
+            refile: Vec::new(),
             out,
             free,
             now,
@@ -265,7 +275,8 @@ impl Stack {
             listening: false,
             dirty: false,
             roomy: true,
-            timer: None,
+            wanted: None,
+            filed: None,
         });
         let i = (self.shards.len() - 1) as u32;
         self.roomy.push(i);
@@ -434,11 +445,9 @@ impl Stack {
             // microseconds rounded up to the wheel's milliseconds.
             let at = self.iface.poll_at(now, &s.sockets).map(|t| (t.total_micros().max(0) as u64).div_ceil(1000));
             let at = at.map(|t| t.max(now_ms + 1));
-            if at != s.timer {
-                s.timer = at;
-                if let Some(t) = at {
-                    self.timers.schedule(t, i);
-                }
+            s.wanted = at;
+            if let Some(t) = at.filter(|&t| s.filed.is_none_or(|f| t < f)) {
+                s.filed = Some(self.timers.schedule(t, i));
             }
         }
         for i in again {
@@ -450,14 +459,22 @@ impl Stack {
 
     /// Shards whose timers are due (retransmission, delayed ACK, keep-alive, TIME-WAIT).
     pub fn due_shards(&mut self, out: &mut Vec<u32>) {
-        let shards = &mut self.shards;
-        self.timers.expire(self.now.total_millis().max(0) as u64, |at, i| {
+        let (shards, refile) = (&mut self.shards, &mut self.refile);
+        let now_ms = self.now.total_millis().max(0) as u64;
+        self.timers.expire(now_ms, |at, i| {
             let s = &mut shards[i as usize];
-            if s.timer == Some(at) {
-                s.timer = None;
-                out.push(i);
+            if s.filed == Some(at) {
+                s.filed = None;
+                match s.wanted {
+                    Some(w) if w <= now_ms => out.push(i),
+                    Some(w) => refile.push((w, i)),
+                    None => {}
+                }
             }
         });
+        for (w, i) in self.refile.drain(..) {
+            self.shards[i as usize].filed = Some(self.timers.schedule(w, i));
+        }
     }
 
     /// A socket to read or change: its shard is polled at the end of this run (what the caller
@@ -603,6 +620,76 @@ mod tests {
         }
         check(&mut st, 40050..40100);
         check(&mut st, 41000..41050);
+    }
+
+    /// A connection whose retransmission time moves later with every acknowledged send keeps
+    /// one timer wheel entry, not one per move, and still retransmits when the last move says:
+    /// the entry that fires early is filed again for the later time, without a poll.
+    #[test]
+    fn a_timer_that_moves_later_keeps_one_entry_and_fires_at_its_last_time() {
+        let (backend, own) = (Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(10, 0, 0, 2));
+        let mut st = Stack::new(StackConfig {
+            l7_addr: Ipv4Addr::new(10, 0, 0, 100),
+            own_addr: own,
+            mtu: 1500,
+            rx_buffer: 4096,
+            tx_buffer: 4096,
+            seed: 1,
+        });
+        let mut server = Host::new(backend, 2);
+        let ls = server.socket(4096);
+        server.tcp(ls).listen(8080).unwrap();
+        let key = (u32::from(backend), 8080, 40000);
+        let r = st.connect((backend, 8080), 40000).unwrap();
+        // One millisecond: the stack's due shards and sends, then the server's answers (or
+        // nothing, when the link is cut). Returns the stack's segments carrying data.
+        let tick = |st: &mut Stack, server: &mut Host, now: u64, linked: bool| -> usize {
+            st.set_now(now);
+            let mut due = Vec::new();
+            st.due_shards(&mut due);
+            let mut sent = Vec::new();
+            st.poll_egress(&due, |p| sent.push(p.to_vec()));
+            let data = sent.iter().filter(|p| p.len() > 40).count();
+            if linked {
+                server.dev.rx.extend(sent);
+                server.poll(now);
+                for p in server.dev.tx.drain(..).collect::<Vec<_>>() {
+                    st.ingress(&p, key, false, false);
+                }
+            }
+            data
+        };
+        let mut now = 0;
+        while now < 100 {
+            now += 1;
+            tick(&mut st, &mut server, now, true);
+        }
+        assert_eq!(st.state(r), smoltcp::socket::tcp::State::Established);
+        // 50 sends 20 ms apart, each acknowledged: each moves the retransmission time later.
+        for k in 0..50u8 {
+            st.tcp(r).send_slice(&[k; 100]).unwrap();
+            for _ in 0..20 {
+                now += 1;
+                tick(&mut st, &mut server, now, true);
+                let _ = server.tcp(ls).recv(|d| (d.len(), ()));
+            }
+        }
+        assert!(st.timers.len() <= 2, "{} wheel entries for one connection", st.timers.len());
+        // One more send, never acknowledged: its retransmission comes one minimum RTO
+        // (smoltcp's 1 s, the round trip here being nothing) after it, not before.
+        st.tcp(r).send_slice(&[9; 100]).unwrap();
+        now += 1;
+        let sent_at = now;
+        assert_eq!(tick(&mut st, &mut server, now, false), 1, "the send");
+        let mut resent = None;
+        while now < sent_at + 1500 && resent.is_none() {
+            now += 1;
+            if tick(&mut st, &mut server, now, false) > 0 {
+                resent = Some(now - sent_at);
+            }
+        }
+        let after = resent.expect("retransmitted");
+        assert!((1000..=1002).contains(&after), "retransmitted {after} ms after the send");
     }
 
     /// The vendored smoltcp's one patch (vendor/README.md): a segment into a drained receive
