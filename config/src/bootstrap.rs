@@ -27,6 +27,8 @@ pub struct Bootstrap {
     pub maglev: MaglevConfig,
     #[serde(default)]
     pub neighbors: NeighborsConfig,
+    #[serde(default)]
+    pub passive_health: PassiveHealthConfig,
     /// Ingress (HTTP) serving; absent: L4 only.
     #[serde(default)]
     pub l7: Option<L7Config>,
@@ -376,6 +378,27 @@ impl Default for NeighborsConfig {
     }
 }
 
+/// Backends judged by the traffic itself: a TCP endpoint that leaves clients' SYNs unanswered
+/// (FullNAT, where its answers come back through the appliance) is passed over by new flows for
+/// a while, on each core that saw it, without an active health check.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case", default)]
+pub struct PassiveHealthConfig {
+    /// Client SYNs sent again on flows the endpoint never answered (a client re-sends after a
+    /// second or more) before new TCP flows pass over it; one answer starts the count over.
+    /// 0: off.
+    pub unanswered_syns: u8,
+    /// How long new flows pass over such an endpoint; after that the next flow tries it, and
+    /// one more unanswered SYN passes over it again.
+    pub pass_over_ms: u32,
+}
+
+impl Default for PassiveHealthConfig {
+    fn default() -> Self {
+        PassiveHealthConfig { unanswered_syns: 3, pass_over_ms: 10_000 }
+    }
+}
+
 /// Upper bound for `neighbors.capacity` (a flow keeps an entry's slot in 16 bits).
 pub const MAX_NEIGHBORS: u32 = 65534;
 
@@ -695,6 +718,16 @@ impl Bootstrap {
         if n.probes == 0 {
             return fail("neighbors.probes", "must be greater than 0");
         }
+        let h = &self.passive_health;
+        if h.unanswered_syns > 0 && h.pass_over_ms < 1000 {
+            return fail(
+                "passive_health.pass_over_ms",
+                format!(
+                    "{} is too short: must be at least 1000 (or unanswered_syns 0 to turn the check off)",
+                    h.pass_over_ms
+                ),
+            );
+        }
         let size = self.maglev.table_size;
         if size >= MAX_TABLE_SIZE {
             return fail("maglev.table_size", format!("{size} is too large: must be below {MAX_TABLE_SIZE} (2^24)"));
@@ -862,6 +895,12 @@ mod tests {
             ("maglev:", "neighbors:\n  capacity: 0\nmaglev:", "neighbors.capacity", "1 to 65534"),
             ("maglev:", "neighbors:\n  reachable_ms: 999\nmaglev:", "neighbors.reachable_ms", "at least 1000"),
             ("maglev:", "neighbors:\n  probes: 0\nmaglev:", "neighbors.probes", "greater than 0"),
+            (
+                "maglev:",
+                "passive_health:\n  pass_over_ms: 999\nmaglev:",
+                "passive_health.pass_over_ms",
+                "at least 1000",
+            ),
             ("connect_ms: 2000", "connect_ms: 0", "l7.timeouts.connect_ms", "at least 1"),
             ("mtu: 1500", "mtu: 1200", "ports[0].mtu", "1280"),
             ("      ipv4: 10.10.0.1\n", "      ipv4: 10.11.0.1\n", "ports[0].next_hop.ipv4", "not on-link"),

@@ -138,6 +138,13 @@ pub struct CoreStats {
     /// New flows Maglev gave a backend behind an unreachable neighbour, sent to the next
     /// reachable backend of its table instead.
     pub unreachable_backend_repicks: u64,
+    /// Client SYNs sent again on FullNAT flows whose endpoint never answered, and new TCP flows
+    /// sent past an endpoint passed over for them (`passive_health`).
+    pub unanswered_syns: u64,
+    pub unanswered_backend_repicks: u64,
+    /// The endpoints new TCP flows pass over now, copied out with the counters (per core, not
+    /// merged).
+    pub passed_over: Vec<(std::net::IpAddr, u16)>,
     /// Neighbour table: entries (resolved or being resolved) and what it can hold.
     pub neighbors: u64,
     pub neighbors_capacity: u64,
@@ -214,6 +221,8 @@ impl CoreStats {
         self.ct_evictions += o.ct_evictions;
         self.snat_time_wait_reuses += o.snat_time_wait_reuses;
         self.unreachable_backend_repicks += o.unreachable_backend_repicks;
+        self.unanswered_syns += o.unanswered_syns;
+        self.unanswered_backend_repicks += o.unanswered_backend_repicks;
         self.neighbors += o.neighbors;
         self.neighbors_capacity += o.neighbors_capacity;
         self.neighbor_evictions += o.neighbor_evictions;
@@ -252,6 +261,8 @@ impl CoreStats {
                           "expired": self.ct_expired, "evictions": self.ct_evictions},
             "snat_time_wait_reuses": self.snat_time_wait_reuses,
             "unreachable_backend_repicks": self.unreachable_backend_repicks,
+            "unanswered_syns": self.unanswered_syns,
+            "unanswered_backend_repicks": self.unanswered_backend_repicks,
             "per_vip": self.per_vip, "per_backend": self.per_backend,
             "l7": {"segments": self.l7_segments, "connections": self.l7.connections, "requests": self.l7.requests,
                    "responses": {"2xx": self.l7.responses[0], "3xx": self.l7.responses[1],

@@ -13,6 +13,7 @@ use crate::l4::conntrack::{tcp_flags, tcp_next_state, Addr, Conntrack, Dir, Flow
 use crate::l4::hash::mix64;
 use crate::l4::icmp_error;
 use crate::l4::snat::{self, SnatAddrs, SnatPorts};
+use crate::l4::unanswered::{self, UnansweredSyns};
 use crate::l7::proxy::{Proxy, ProxyConfig};
 use crate::l7::stack::ConnKey;
 use crate::neigh::{self, Interface, NeighborRef, NeighborTable, RefState, Verdict};
@@ -71,6 +72,8 @@ pub struct WorkerConfig {
     pub static_neighbors: Vec<(IpAddr, [u8; 6])>,
     /// The bootstrap file's `neighbors` section.
     pub neighbors: fulcrum_config::bootstrap::NeighborsConfig,
+    /// The bootstrap file's `passive_health` section.
+    pub passive_health: fulcrum_config::bootstrap::PassiveHealthConfig,
     /// The HTTP proxy's settings, when the bootstrap file has an `l7` section and the port an
     /// IPv4 address (upstream connections come from it).
     pub l7: Option<L7Settings>,
@@ -127,6 +130,7 @@ impl WorkerConfig {
             announce_at_start: true,
             static_neighbors,
             neighbors: boot.neighbors.clone(),
+            passive_health: boot.passive_health.clone(),
             l7: boot.l7.as_ref().map(|c| L7Settings {
                 addr: c.address,
                 http_ports: c.http_ports.clone(),
@@ -309,6 +313,10 @@ pub struct Worker {
     own4: Option<u32>,
     own6: Option<u128>,
     affinity: Affinity,
+    /// TCP endpoints that left clients' SYNs unanswered (FullNAT): passed over by new flows.
+    unanswered: UnansweredSyns,
+    /// The last millisecond `unanswered` was cleared of stale endpoints.
+    unanswered_swept_ms: u64,
     /// The neighbour slots of the IPv4 and IPv6 next hops, once looked up.
     next_hop_slot: (Option<NeighborSlot>, Option<NeighborSlot>),
     /// IPv6 flow keys of the burst being processed, by packet index.
@@ -398,6 +406,8 @@ impl Worker {
             own4: cfg.iface.ipv4.map(|(a, _)| u32::from(a)),
             own6: cfg.iface.ipv6.map(|(a, _)| u128::from(a)),
             affinity: Affinity { map: HashMap::with_capacity(cfg.affinity_capacity), capacity: cfg.affinity_capacity },
+            unanswered: UnansweredSyns::new(cfg.passive_health.unanswered_syns, cfg.passive_health.pass_over_ms as u64),
+            unanswered_swept_ms: 0,
             cfg,
             snap,
             ct4,
@@ -521,6 +531,7 @@ impl Worker {
         s.neighbor_table = self.neigh_view.clone();
         s.l7_latency_us = self.proxy.as_ref().map(|p| p.latency_us.clone());
         s.health_down = self.proxy.as_ref().map(|p| p.health_down()).unwrap_or_default();
+        s.passed_over = self.unanswered.passed_over_now(self.now_ms);
         if let Some(p) = self.proxy.as_ref() {
             p.fill_gauges(&mut s.l7);
         }
@@ -543,6 +554,10 @@ impl Worker {
             self.aged_ms = self.now_ms;
             let solicit = &mut self.solicit;
             self.neigh.age(self.now_ms, |idx| solicit.try_push(idx).is_ok());
+        }
+        if self.now_ms >= self.unanswered_swept_ms + 1000 {
+            self.unanswered_swept_ms = self.now_ms;
+            self.unanswered.forget_stale(self.now_ms);
         }
         if self.neigh_view_ms.is_none_or(|t| self.now_ms >= t + 1000) {
             // For `/neighbors`: once a second, off the packet path (it allocates).
@@ -1057,13 +1072,18 @@ impl Worker {
             hit = A::ct_ref(self).lookup(&key, m.hash);
         }
         let mut created = None;
-        let flow = match hit {
-            Some((idx, Dir::Fwd)) if !A::ct_ref(self).is_expired(idx, now) => {
+        let live = hit.filter(|&(idx, dir)| dir == Dir::Fwd && !A::ct_ref(self).is_expired(idx, now));
+        let flow = match live {
+            Some((idx, _)) if !(syn_only(m.tcp_flags) && self.syn_unanswered::<A>(idx)) => {
                 A::ct(self).refresh(idx, Dir::Fwd, key.proto, m.tcp_flags, now)
             }
-            stale => {
-                if let Some((idx, _)) = stale {
-                    A::ct(self).remove_expired(idx);
+            _ => {
+                match (live, hit) {
+                    // The SYN again of a flow whose endpoint is now passed over: the flow goes
+                    // and the SYN picks again.
+                    (Some((idx, _)), _) => A::ct(self).remove(idx),
+                    (None, Some((idx, _))) => A::ct(self).remove_expired(idx),
+                    (None, None) => {}
                 }
                 match self.new_flow::<A>(&key, m, svc, ether::src_mac(buf.data())) {
                     Ok(idx) => {
@@ -1112,6 +1132,30 @@ impl Worker {
         Class::Tx
     }
 
+    /// A client's SYN again on live flow `idx`. When the flow is FullNAT and still in SYN-SENT
+    /// with its last SYN `MIN_RESEND_MS` or more ago, its endpoint never answered (its SYN-ACK
+    /// or RST would have moved the flow on): a miss for the endpoint (`UnansweredSyns`).
+    /// Returns whether new flows pass over that endpoint now, so that this SYN picks again.
+    #[inline(never)]
+    fn syn_unanswered<A: Family>(&mut self, idx: u32) -> bool {
+        if !self.unanswered.enabled() {
+            return false;
+        }
+        let ct = A::ct_ref(self);
+        let f = ct.flow(idx);
+        if f.state != FlowState::TcpSynSent || f.mode != Mode::FullNat as u8 {
+            return false;
+        }
+        // The deadline is the last SYN's time plus the SYN-SENT timeout.
+        let last_syn = f.deadline.wrapping_sub(ct.timeouts().0[FlowState::TcpSynSent as usize]);
+        if self.now.wrapping_sub(last_syn) < unanswered::MIN_RESEND_MS {
+            return false;
+        }
+        let endpoint = (f.rev.src.to_ip(), f.rev.sport);
+        self.stats.unanswered_syns += 1;
+        self.unanswered.missed(endpoint, self.now_ms)
+    }
+
     /// Creates the flow for a miss: Maglev (or affinity) pick, SNAT port, neighbours, insert.
     #[inline(never)]
     fn new_flow<A: Family>(
@@ -1131,12 +1175,19 @@ impl Worker {
             return Err(DropReason::NoFlow);
         }
         let (mut bi, hash) = self.pick_backend(s, key).ok_or(DropReason::NoBackend)?;
+        let tcp = key.proto == PROTO_TCP;
         let (mut neigh_fwd, reachable) = self.neighbor_for_new_flow(snap.backends[bi as usize].addr)?;
-        if !reachable {
-            // With no reachable one the pick stands, and its packets are dropped as unresolved.
-            if let Some((other, r)) = self.reachable_alternative(s, hash, bi)? {
+        let passed_over = reachable && tcp && self.passed_over(bi);
+        if !reachable || passed_over {
+            // With no usable one the pick stands: its packets are dropped as unresolved, or
+            // sent to the endpoint that missed SYNs (it may answer after all).
+            if let Some((other, r)) = self.usable_alternative(s, hash, bi, tcp)? {
                 (bi, neigh_fwd) = (other, r);
-                self.stats.unreachable_backend_repicks += 1;
+                if passed_over {
+                    self.stats.unanswered_backend_repicks += 1;
+                } else {
+                    self.stats.unreachable_backend_repicks += 1;
+                }
                 if s.affinity_ms.is_some() {
                     self.remember_affinity(s, key, bi);
                 }
@@ -1287,33 +1338,47 @@ impl Worker {
         }
     }
 
-    /// For a new flow whose backend `gone` is behind an unreachable neighbour: the first other
-    /// backend in the Maglev slots after the flow's own (`MaglevTable::after`) that is not, with
-    /// its neighbour entry. The same hash finds the same backend on every core and appliance
-    /// that sees the same neighbours, so a client's retransmissions and its later flows agree.
-    /// Looks at most `REPICK_SLOTS` slots (a rare path, but bounded: a flood of new flows
-    /// while most backends are gone must not scan the table each).
-    fn reachable_alternative(
+    /// Whether new TCP flows pass over backend `bi` (its endpoint left SYNs unanswered).
+    #[inline(always)]
+    fn passed_over(&self, bi: u32) -> bool {
+        if !self.unanswered.enabled() {
+            return false;
+        }
+        let b = &self.snap_ref().backends[bi as usize];
+        self.unanswered.passed_over((b.addr, b.port), self.now_ms)
+    }
+
+    /// For a new flow whose backend `gone` is behind an unreachable neighbour or (`tcp`) passed
+    /// over for unanswered SYNs: the first other backend in the Maglev slots after the flow's
+    /// own (`MaglevTable::after`) that is neither, with its neighbour entry. The same hash finds
+    /// the same backend on every core and appliance that sees the same neighbours, so a
+    /// client's retransmissions and its later flows agree. Looks at most `REPICK_SLOTS` slots (a
+    /// rare path, but bounded: a flood of new flows while most backends are gone must not scan
+    /// the table each).
+    fn usable_alternative(
         &mut self,
         s: &crate::snapshot::ServiceEntry,
         hash: u64,
         gone: u32,
+        tcp: bool,
     ) -> Result<Option<(u32, NeighborRef)>, DropReason> {
         const REPICK_SLOTS: usize = 64;
         let snap = self.snap_ref();
-        // Backends found unreachable on the way, so each is looked up once.
-        let mut unreachable = [gone; 4];
+        // Backends found unusable on the way, so each is looked up once.
+        let mut unusable = [gone; 4];
         let mut known = 1;
         for o in s.maglev.after(hash).take(REPICK_SLOTS) {
             let bi = s.backends.start + o;
-            if unreachable[..known].contains(&bi) {
+            if unusable[..known].contains(&bi) {
                 continue;
             }
-            if let (r, true) = self.neighbor_for_new_flow(snap.backends[bi as usize].addr)? {
-                return Ok(Some((bi, r)));
+            if !(tcp && self.passed_over(bi)) {
+                if let (r, true) = self.neighbor_for_new_flow(snap.backends[bi as usize].addr)? {
+                    return Ok(Some((bi, r)));
+                }
             }
-            if known < unreachable.len() {
-                unreachable[known] = bi;
+            if known < unusable.len() {
+                unusable[known] = bi;
                 known += 1;
             }
         }
@@ -1330,7 +1395,13 @@ impl Worker {
         }
         let flow = match hit {
             Some((idx, Dir::Rev)) if !A::ct_ref(self).is_expired(idx, now) => {
-                A::ct(self).refresh(idx, Dir::Rev, key.proto, m.tcp_flags, now)
+                let answering = A::ct_ref(self).flow(idx).state == FlowState::TcpSynSent;
+                let flow = A::ct(self).refresh(idx, Dir::Rev, key.proto, m.tcp_flags, now);
+                if answering {
+                    // The endpoint answered a SYN (SYN-ACK or RST): it is alive.
+                    self.unanswered.answered((flow.rev.src.to_ip(), flow.rev.sport));
+                }
+                flow
             }
             _ => return Class::Drop(DropReason::NoFlow),
         };
@@ -1509,6 +1580,12 @@ impl Worker {
 
 /// Return traffic for another core's SNAT port; below the SNAT range nobody owns it.
 #[cold]
+/// A SYN without ACK or RST: a client opening (or re-opening) a connection.
+#[inline(always)]
+fn syn_only(flags: u8) -> bool {
+    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+}
+
 fn handoff(m: &mut Meta, owner: Option<u16>) {
     m.class = match owner {
         Some(c) => Class::Handoff(c),

@@ -1915,3 +1915,89 @@ fn an_affine_client_of_an_unreachable_backend_stays_on_its_new_one() {
         }
     }
 }
+
+/// Passive health (`passive_health`): an endpoint that is reachable (its next hop answers) but
+/// leaves SYNs unanswered, a hung or firewalled service, is passed over by new flows after its
+/// third SYN sent again unanswered, for `pass_over_ms`; the flows whose SYNs it ignored pick
+/// again on their next retransmission; a SYN-ACK from it starts its count over. Before, a
+/// third of the connections here waited out their clients' SYN retries.
+#[test]
+fn new_flows_pass_over_an_endpoint_that_leaves_syns_unanswered() {
+    let mut h = H::new(multi(&[(E1, Ready), (E2, Ready), (E3, Ready)], None));
+    let syn = |port: u16| tcp(CLIENT4, port, MULTI_VIP, 80, SYN).frame();
+    let e3 = ip(E3);
+    // 60 connections; E1 and E2 answer theirs, E3 answers none.
+    let mut to_e3 = Vec::new();
+    for port in 40000..40060 {
+        let p = h.fwd(10, &syn(port));
+        if p.dst == e3 {
+            to_e3.push(port);
+        } else {
+            h.fwd(11, &from_backend(p.dst, 8080, p.sport, SYN | ACK).frame());
+        }
+    }
+    assert!(to_e3.len() >= 10, "{} of 60 flows to E3", to_e3.len());
+    assert_eq!(h.w.stats.unanswered_syns, 0, "answered SYNs are no misses");
+    // A SYN seen again within 200 ms is a duplicate, not a retransmission.
+    assert_eq!(h.fwd(100, &syn(to_e3[0])).dst, e3);
+    assert_eq!(h.w.stats.unanswered_syns, 0);
+    // Retransmissions a second on: two misses leave E3 in place (the same flow, its SNAT port).
+    let first = h.fwd(1_010, &syn(to_e3[0]));
+    assert_eq!((first.dst, h.w.stats.unanswered_syns), (e3, 1));
+    assert_eq!(h.fwd(1_020, &syn(to_e3[1])).dst, e3);
+    assert_eq!(h.w.stats.unanswered_backend_repicks, 0);
+    // The third: E3 is passed over, and this SYN picks again.
+    let p = h.fwd(1_030, &syn(to_e3[2]));
+    assert_ne!(p.dst, e3);
+    assert_eq!((h.w.stats.unanswered_syns, h.w.stats.unanswered_backend_repicks), (3, 1));
+    assert_eq!(h.w.stats_copy().passed_over, [(e3, 8080)]);
+    // Every flow E3 ignored picks again on its next retransmission, each port to the same
+    // backend every time; new flows Maglev gives E3 go elsewhere too.
+    let mut went = HashMap::new();
+    for &port in &to_e3 {
+        let p = h.fwd(3_000, &syn(port));
+        assert_ne!(p.dst, e3, "port {port}");
+        went.insert(port, p.dst);
+    }
+    for &port in &to_e3 {
+        assert_eq!(h.fwd(3_001, &syn(port)).dst, went[&port], "port {port}: the re-picked flow");
+    }
+    let both: HashSet<IpAddr> = went.values().copied().collect();
+    assert_eq!(both.len(), 2, "E3's flows shared by E1 and E2: {went:?}");
+    let new_to_e3 = (41000..41060).filter(|&port| h.fwd(3_100, &syn(port)).dst == e3).count();
+    assert_eq!(new_to_e3, 0);
+    let repicks = h.w.stats.unanswered_backend_repicks;
+    assert!(repicks >= to_e3.len() as u64 + 10, "{repicks} re-picks");
+    // Ten seconds after the third miss, new flows Maglev gives E3 try it again; it answers one,
+    // which starts its count over: the next flow's unanswered SYN does not pass it over.
+    let mut tried = Vec::new();
+    for port in 42000..42060 {
+        let p = h.fwd(11_030, &syn(port));
+        if p.dst == e3 {
+            tried.push((port, p.sport));
+        }
+    }
+    assert!(tried.len() >= 10, "{} new flows to E3 after its time", tried.len());
+    assert!(h.w.stats_copy().passed_over.is_empty());
+    h.fwd(11_031, &from_backend(e3, 8080, tried[0].1, SYN | ACK).frame());
+    assert_eq!(h.fwd(12_100, &syn(tried[1].0)).dst, e3, "one miss after an answer");
+    assert_eq!(h.fwd(12_200, &syn(tried[2].0)).dst, e3, "two");
+    assert_ne!(h.fwd(12_300, &syn(tried[3].0)).dst, e3, "the third passes it over again");
+    assert_eq!(h.w.stats.unanswered_backend_repicks, repicks + 1);
+}
+
+/// `passive_health.unanswered_syns: 0` turns the check off: unanswered SYNs count for nothing.
+#[test]
+fn unanswered_syns_zero_turns_passive_health_off() {
+    let mut cfg = config();
+    cfg.passive_health.unanswered_syns = 0;
+    let mut h = H::with(cfg, multi(&[(E1, Ready), (E2, Ready), (E3, Ready)], None));
+    let syn = |port: u16| tcp(CLIENT4, port, MULTI_VIP, 80, SYN).frame();
+    let to_e3: Vec<u16> = (40000..40060).filter(|&port| h.fwd(10, &syn(port)).dst == ip(E3)).collect();
+    for t in [1_010, 3_010, 7_010] {
+        for &port in &to_e3 {
+            assert_eq!(h.fwd(t, &syn(port)).dst, ip(E3), "port {port} at {t}");
+        }
+    }
+    assert_eq!((h.w.stats.unanswered_syns, h.w.stats.unanswered_backend_repicks), (0, 0));
+}

@@ -6,3 +6,4 @@ pub mod hash;
 pub(crate) mod icmp_error;
 pub mod maglev;
 pub mod snat;
+pub mod unanswered;
