@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 36] = [
+    let per_core: [(&str, &str, &str, Get); 38] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -300,6 +300,18 @@ pub fn render_metrics(state: &ControlState) -> String {
             "counter",
             "New flows whose Maglev backend was behind an unreachable neighbour, sent to the next reachable backend instead.",
             |c| c.unreachable_backend_repicks,
+        ),
+        (
+            "fulcrum_unanswered_syns_total",
+            "counter",
+            "Client SYNs sent again on FullNAT flows whose endpoint never answered (passive_health).",
+            |c| c.unanswered_syns,
+        ),
+        (
+            "fulcrum_unanswered_backend_repicks_total",
+            "counter",
+            "New TCP flows whose Maglev backend was passed over for unanswered SYNs, sent to the next usable backend instead.",
+            |c| c.unanswered_backend_repicks,
         ),
         ("fulcrum_neighbors", "gauge", "Neighbour table entries, resolved or being resolved.", |c| c.neighbors),
         (
@@ -400,6 +412,17 @@ pub fn render_metrics(state: &ControlState) -> String {
         for state in NeighborView::STATES {
             let n = c.neighbor_table.iter().filter(|e| e.state == state).count();
             o.sample("fulcrum_neighbor_entries", &[("core", i.to_string()), ("state", state.to_string())], n);
+        }
+    }
+    o.family(
+        "fulcrum_backend_passed_over",
+        "gauge",
+        "TCP endpoints new flows pass over on a core, for SYNs they left unanswered (1 while passed over; absent otherwise).",
+    );
+    for (i, c) in cores.iter().enumerate() {
+        for (addr, port) in &c.passed_over {
+            let endpoint = std::net::SocketAddr::new(*addr, *port).to_string();
+            o.sample("fulcrum_backend_passed_over", &[("core", i.to_string()), ("endpoint", endpoint)], 1);
         }
     }
     o.family(
@@ -575,6 +598,8 @@ mod tests {
             c.neighbors = 3;
             c.neighbors_capacity = 4096;
             c.neighbor_probes = 7;
+            c.unanswered_syns = 4;
+            c.passed_over = vec![("10.10.0.13".parse().unwrap(), 8080), ("fd00:10::13".parse().unwrap(), 8080)];
             let mut t = fulcrum_dataplane::neigh::NeighborTable::new(8);
             t.add_static("10.10.0.1".parse().unwrap(), [2, 0, 0, 0, 0, 1]);
             t.index_of("10.10.0.11".parse().unwrap(), 10);
@@ -607,6 +632,12 @@ mod tests {
         assert!(matches!(find("fulcrum_neighbors", &[("core", "1")]), Some(Value::Gauge(v)) if v == 3.0));
         assert!(matches!(find("fulcrum_neighbors_capacity", &[("core", "1")]), Some(Value::Gauge(v)) if v == 4096.0));
         assert!(matches!(find("fulcrum_neighbor_probes_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 7.0));
+        assert!(matches!(find("fulcrum_unanswered_syns_total", &[("core", "1")]), Some(Value::Counter(v)) if v == 4.0));
+        for endpoint in ["10.10.0.13:8080", "[fd00:10::13]:8080"] {
+            let passed_over = find("fulcrum_backend_passed_over", &[("core", "1"), ("endpoint", endpoint)]);
+            assert!(matches!(passed_over, Some(Value::Gauge(v)) if v == 1.0), "{endpoint}: {passed_over:?}");
+        }
+        assert!(find("fulcrum_backend_passed_over", &[("core", "0")]).is_none());
         let entries = |state| find("fulcrum_neighbor_entries", &[("core", "1"), ("state", state)]);
         assert!(matches!(entries("incomplete"), Some(Value::Gauge(v)) if v == 2.0));
         assert!(matches!(entries("permanent"), Some(Value::Gauge(v)) if v == 1.0));

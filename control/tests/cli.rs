@@ -126,6 +126,12 @@ fn check_without_manifests_summarises_the_bootstrap() {
     assert!(out.contains("maglev:     table size 65537"), "{out}");
     assert!(out.contains("neighbors:  4096 per core; re-checked 30000 ms after an answer"), "{out}");
     assert!(
+        out.contains(
+            "passive health: a TCP endpoint passed over by new flows for 10000 ms after 3 SYNs sent again unanswered"
+        ),
+        "{out}"
+    );
+    assert!(
         out.contains("l7:         10.20.0.100 (class fulcrum); http 80; https 443; socket buffers 16384 bytes"),
         "{out}"
     );

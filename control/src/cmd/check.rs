@@ -186,6 +186,16 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
         "  neighbors:  {} per core; re-checked {} ms after an answer while in use, given up after {} unanswered",
         n.capacity, n.reachable_ms, n.probes
     )?;
+    let h = &boot.passive_health;
+    if h.unanswered_syns == 0 {
+        writeln!(out, "  passive health: off")?;
+    } else {
+        writeln!(
+            out,
+            "  passive health: a TCP endpoint passed over by new flows for {} ms after {} SYNs sent again unanswered (FullNAT)",
+            h.pass_over_ms, h.unanswered_syns
+        )?;
+    }
     if let Some(l7) = &boot.l7 {
         let ports = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
         let (t, l) = (&l7.timeouts, &l7.limits);
