@@ -43,7 +43,7 @@ have_cmd() { command -v "$1" >/dev/null 2>&1; }
 
 # Debian packages the lab needs (namespace lab: all roles on this host).
 lab_packages() {
-    echo iproute2 ethtool nginx-light python3 curl socat iputils-ping clang llvm libc6-dev linux-libc-dev wrk nghttp2-client
+    echo iproute2 ethtool nginx-light python3 curl socat iputils-ping clang llvm libc6-dev linux-libc-dev wrk nghttp2-client iptables
 }
 
 apt_install() {

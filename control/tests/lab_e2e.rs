@@ -574,6 +574,66 @@ fn lab_end_to_end() {
             assert!(back.elapsed() < Duration::from_secs(10), "be3 never came back over IPv6");
         }
         eprintln!("be3's IPv6 address back -> be3 answering again after {:?}", back.elapsed());
+
+        // be3's service hangs while its host stays up (its port's SYNs dropped by a firewall
+        // rule; be3 still answers ARP, so the neighbour table sees nothing wrong). Thirty
+        // connections at once, about a third of them Maglev's for be3: once their clients
+        // have sent SYNs again unanswered, each worker passes be3 over and those connections'
+        // next SYN goes to be1 or be2. Then 20 connections in a row are answered by be1 and
+        // be2 at once, and when the rule goes, be3 answers again after its pass-over time.
+        let be3_syns = |op: &str| {
+            let rule = ["INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP"];
+            let o = lab(&[&["exec", "be3", "iptables", op][..], &rule].concat());
+            assert!(o.status.success(), "be3 iptables {op}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        be3_syns("-A");
+        // Each connection's answer and time on one line (`echo $r` joins the body's line and
+        // the time), written at once so that lines of parallel connections do not mix.
+        let burst =
+            "for i in $(seq 30); do (r=$(curl -s -m 15 -w ' %{time_total}' http://10.20.0.10/); echo $r) & done; wait";
+        let (_, out) = client(&["sh", "-c", burst]);
+        let answers: Vec<(String, f64)> = out
+            .lines()
+            .filter_map(|l| {
+                let (who, secs) = l.trim().rsplit_once(' ')?;
+                Some((who.to_string(), secs.parse().ok()?))
+            })
+            .collect();
+        let slowest = answers.iter().map(|a| a.1).fold(0.0, f64::max);
+        let waited = answers.iter().filter(|a| a.1 > 0.9).count();
+        eprintln!(
+            "be3 hung: 30 connections at once answered, {waited} after SYNs sent again, the slowest in {slowest:.2} s"
+        );
+        assert_eq!(answers.len(), 30, "be3 hung: connections answered: {out}");
+        assert!(answers.iter().all(|a| a.0 == "be1" || a.0 == "be2"), "{out}");
+        assert!(waited >= 1 && slowest < 10.0, "{out}");
+        let (mut in_a_row, mut failed, hung) = (0, 0, Instant::now());
+        while in_a_row < 20 {
+            assert!(hung.elapsed() < Duration::from_secs(30), "be3 hung: still {failed} connections failed");
+            let t = Instant::now();
+            match curl("http://10.20.0.10/") {
+                Some(b) if t.elapsed() < Duration::from_millis(500) => {
+                    assert_ne!(b, "be3");
+                    in_a_row += 1;
+                }
+                _ => (in_a_row, failed) = (0, failed + 1),
+            }
+        }
+        eprintln!("be3 hung: then 20 connections in a row answered at once ({failed} slow or failed first)");
+        assert!(metric("fulcrum_unanswered_backend_repicks_total{").unwrap_or(0.0) >= 1.0, "flows passed over be3");
+        let metrics = admin("/metrics");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("fulcrum_backend_passed_over{") && l.contains("endpoint=\"10.10.0.13:8080\"")),
+            "be3 passed over in /metrics"
+        );
+        be3_syns("-D");
+        let back = Instant::now();
+        while !backends_seen("http://10.20.0.10/", 6).contains("be3") {
+            assert!(back.elapsed() < Duration::from_secs(20), "be3 never came back after its SYNs were answered again");
+        }
+        eprintln!("be3 answering SYNs again -> be3 answering again after {:?}", back.elapsed());
         assert!(who.as_deref().is_some_and(|w| w.contains("client=fd00:10::20")), "{who:?}");
     }
     // Kept when the test fails (certificates, manifests), removed when it passes.
