@@ -406,6 +406,8 @@ fn lab_end_to_end() {
     // MAC by default: a NIC replaced, a VM moved). Past its reachable time (2 s here) Fulcrum
     // asks the old MAC, gives up after three unanswered questions, asks by broadcast and sends
     // to the answer. Before, a third of the connections went to the old MAC until a restart.
+    // (If three SYNs sent to the old MAC go unanswered first, be1 is also passed over for its
+    // 10 s: hence the 30 s allowed.)
     let be1_mac = |mac: &str| {
         let o = lab(&["exec", "be1", "ip", "link", "set", "dev", "veth-be1", "address", mac]);
         assert!(o.status.success(), "be1 MAC {mac}: {}", String::from_utf8_lossy(&o.stderr));
@@ -418,7 +420,7 @@ fn lab_end_to_end() {
         if round.iter().all(Option::is_some) && round.iter().any(|b| b.as_deref() == Some("be1")) {
             break;
         }
-        assert!(changed.elapsed() < Duration::from_secs(20), "be1 unreachable since its MAC changed: {round:?}");
+        assert!(changed.elapsed() < Duration::from_secs(30), "be1 unreachable since its MAC changed: {round:?}");
     }
     eprintln!("be1's MAC changed -> every request answered, be1 among them, after {:?}", changed.elapsed());
     assert!(metric("fulcrum_neighbor_failures_total{").unwrap_or(0.0) >= 1.0, "be1's old MAC given up");
@@ -530,8 +532,11 @@ fn lab_end_to_end() {
         assert_eq!(v6.keys().collect::<Vec<_>>(), ["be1", "be2", "be3"], "IPv6 connections answered by: {v6:?}");
 
         // be3 loses its IPv6 address (a dead node whose endpoints the API still lists as
-        // ready): once both workers' questions for it have gone unanswered, every new IPv6
-        // connection is answered by be1 or be2; it gets its address back: be3 again.
+        // ready): once both workers have found it gone, by its unanswered SYNs (passive health)
+        // or by its unanswered neighbour solicitations, whichever comes first (the neighbour
+        // entry is only asked again past its reachable time), every new IPv6 connection is
+        // answered by be1 or be2; it gets its address back: be3 again, within the 10 s an
+        // endpoint passed over for SYNs waits.
         let be3_v6 = |op: &str| {
             let o = lab(&["exec", "be3", "ip", "-6", "addr", op, "fd00:10::13/64", "dev", "veth-be3", "nodad"]);
             assert!(o.status.success(), "be3 addr {op}: {}", String::from_utf8_lossy(&o.stderr));
@@ -553,25 +558,14 @@ fn lab_end_to_end() {
             "be3's IPv6 address gone -> 20 connections in a row answered after {:?} ({failed} failed)",
             gone.elapsed()
         );
-        assert!(metric("fulcrum_unreachable_backend_repicks_total{").unwrap_or(0.0) >= 1.0, "flows passed over be3");
-        // The appliance's `ip neigh` says why (copied about once a second).
-        let be3_failed = || {
-            let v: serde_json::Value = serde_json::from_str(&admin("/neighbors")).unwrap_or_default();
-            let cores = v["cores"].as_array().cloned().unwrap_or_default();
-            cores
-                .iter()
-                .flat_map(|c| c["entries"].as_array().cloned().unwrap_or_default())
-                .any(|e| e["ip"] == "fd00:10::13" && e["state"] == "failed")
-        };
-        let t = Instant::now();
-        while !be3_failed() {
-            assert!(t.elapsed() < Duration::from_secs(3), "/neighbors: {}", admin("/neighbors"));
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let unreachable = metric("fulcrum_unreachable_backend_repicks_total{").unwrap_or(0.0);
+        let unanswered = metric("fulcrum_unanswered_backend_repicks_total{").unwrap_or(0.0);
+        eprintln!("  re-picked past be3: {unreachable} as unreachable, {unanswered} for unanswered SYNs");
+        assert!(unreachable + unanswered >= 1.0, "flows passed over be3");
         be3_v6("add");
         let back = Instant::now();
         while !backends_seen("http://[fd00:20::10]/", 6).contains("be3") {
-            assert!(back.elapsed() < Duration::from_secs(10), "be3 never came back over IPv6");
+            assert!(back.elapsed() < Duration::from_secs(20), "be3 never came back over IPv6");
         }
         eprintln!("be3's IPv6 address back -> be3 answering again after {:?}", back.elapsed());
 
