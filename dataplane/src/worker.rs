@@ -327,6 +327,9 @@ pub struct Worker {
     /// After a snapshot switch: the next backend whose neighbour to check (a few thousand per
     /// loop iteration, so a switch to 100,000 backends does not stall a burst).
     resolve_cursor: Option<usize>,
+    /// Destinations of the proxy's packets dropped in its run because their neighbour is
+    /// unreachable (see `Proxy::host_unreachable`).
+    unreachable_upstreams: ArrayVec<u32, 8>,
     /// Neighbours to solicit after this burst (indices into `neigh`).
     solicit: ArrayVec<u16, 16>,
     /// Announcements of the claimed addresses still to send, and when the next is due.
@@ -419,6 +422,7 @@ impl Worker {
             to_resolve: Vec::new(),
             resolve_cursor: None,
             solicit: ArrayVec::new(),
+            unreachable_upstreams: ArrayVec::new(),
             // Only on taking the addresses over (a pair starts as standby and is told when it
             // leads); a lone appliance answers ARP from the start and announces nothing.
             announce_rounds: 0,
@@ -585,6 +589,9 @@ impl Worker {
         let mut tx: Burst<P::Buf> = Burst::new();
         proxy.run(self.now_ms, |ip| self.emit_proxy_packet(port, &mut tx, ip));
         self.send(port, &mut tx);
+        for addr in self.unreachable_upstreams.drain(..) {
+            proxy.host_unreachable(std::net::Ipv4Addr::from(addr));
+        }
         let st = proxy.stats;
         self.stats.l7 = st;
         self.proxy = Some(proxy);
@@ -607,9 +614,20 @@ impl Worker {
             self.send(port, tx);
         }
         let dst = u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]);
-        let mac = match self.neighbor_index(dst.to_ip()).and_then(|r| self.neighbor_mac(r, dst)) {
+        let r = match self.neighbor_index(dst.to_ip()) {
+            Ok(r) => r,
+            Err(e) => return self.stats.drop(e),
+        };
+        let mac = match self.neighbor_mac(r, dst) {
             Ok(m) => m,
-            Err(r) => return self.stats.drop(r),
+            Err(e) => {
+                if self.neigh.unreachable(r, self.now_ms) && !self.unreachable_upstreams.contains(&dst) {
+                    // Told to the proxy after its run (it is busy emitting): its connections
+                    // being opened there fail now rather than at their connect timeout.
+                    let _ = self.unreachable_upstreams.try_push(dst);
+                }
+                return self.stats.drop(e);
+            }
         };
         let Some(mut b) = port.alloc() else { return self.stats.drop(DropReason::TxFull) };
         if !b.set_len(14 + ip.len()) {

@@ -537,6 +537,21 @@ impl Proxy {
         self.stack.flush_removals();
     }
 
+    /// The worker could not send to `addr`: the neighbour in front of it (the host itself when
+    /// on-link, else the next hop) has stopped answering ARP (`NeighborTable::unreachable`).
+    /// Connections being opened there are given up now, as a kernel's `connect` fails with
+    /// EHOSTUNREACH, so their requests go to another endpoint at once (and the endpoints are
+    /// passed over for `FAILED_ENDPOINT_MS`, as for a refused connection) instead of after the
+    /// connect timeout. Rare (a connection's packet to a dead host), so a walk over the
+    /// upstream connections is fine.
+    pub fn host_unreachable(&mut self, addr: Ipv4Addr) {
+        for up in self.ups.iter().flatten() {
+            if up.connecting && *up.endpoint.ip() == addr && self.stack.state(up.sock) == State::SynSent {
+                self.stack.tcp(up.sock).abort();
+            }
+        }
+    }
+
     /// Starts loading what the steps of the clients `next` in `run`'s list will touch, in
     /// stages so that each load finds the address it needs already in cache: a client's slot
     /// eight steps ahead, its socket and upstream slot four ahead, the upstream's socket two

@@ -1,0 +1,192 @@
+//! The HTTP proxy on the worker, where it meets what only the worker knows: its neighbour
+//! table. Simulated client and backend (smoltcp hosts) exchange Ethernet frames with a real
+//! worker over an in-memory port.
+
+use fulcrum_config::bootstrap::Bootstrap;
+use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::model::{DesiredState, ObjectRef};
+use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use fulcrum_dataplane::port::MemoryPort;
+use fulcrum_dataplane::snapshot::Snapshot;
+use fulcrum_dataplane::worker::{Worker, WorkerConfig};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+const BOOTSTRAP: &str = r#"
+ports:
+  - name: t0
+    device: "memory"
+    mac: "02:f1:00:00:00:01"
+    ipv4: 10.10.0.2/24
+    next_hop: {ipv4: 10.10.0.1}
+workers: {cores: [0]}
+vip_pools: [{name: t, cidrs: [10.20.0.0/24]}]
+l7:
+  address: 10.20.0.100
+"#;
+
+const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 1);
+const BE1: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
+/// On the link in the tables, silent on it: never answers ARP.
+const BE2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 12);
+
+fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [2, 0xbe, o[0], o[1], o[2], o[3]]
+}
+
+fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    [&dst[..], &src[..], &[0x08, 0x00], ip].concat()
+}
+
+struct Lab {
+    w: Worker,
+    port: MemoryPort,
+    client: Host,
+    be1: Backend,
+    now: u64,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let boot = Bootstrap::parse(Path::new("l7_worker.yaml"), BOOTSTRAP).unwrap();
+        let endpoints = [BE1, BE2].iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
+        let l7 = L7State {
+            hosts: vec![L7Host {
+                host: HostMatch::Exact("shop.example".into()),
+                paths: vec![L7Path {
+                    path: "/".into(),
+                    path_type: PathType::Prefix,
+                    backend: L7Backend {
+                        service: ObjectRef { namespace: "t".into(), name: "web".into() },
+                        port: Some(80),
+                        unresolved: None,
+                        endpoints,
+                    },
+                    ingress: ObjectRef { namespace: "t".into(), name: "shop".into() },
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1).unwrap());
+        let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
+        (cfg.ct_capacity, cfg.ct_capacity_v6) = (1024, 1024);
+        // The router and be1 are known; be2 is left to ARP, which it never answers.
+        cfg.static_neighbors.push((IpAddr::V4(ROUTER), mac_of(ROUTER)));
+        cfg.static_neighbors.push((IpAddr::V4(BE1), mac_of(BE1)));
+        Lab {
+            w: Worker::new(cfg, snap).unwrap(),
+            port: MemoryPort::new(),
+            client: Host::new(CLIENT, 1),
+            be1: Backend::new(BE1, "be1"),
+            now: 1,
+        }
+    }
+
+    /// One millisecond: the hosts, then the worker, then the worker's frames to the hosts
+    /// (be2's are lost: the worker never learns its MAC, so it sends it nothing but ARP).
+    fn tick(&mut self) {
+        self.now += 1;
+        self.client.poll(self.now);
+        self.be1.host.poll(self.now);
+        self.be1.serve();
+        self.be1.host.poll(self.now);
+        for p in self.client.dev.tx.drain(..) {
+            self.port.push_rx(&frame(&p, LB_MAC, mac_of(ROUTER)));
+        }
+        for p in self.be1.host.dev.tx.drain(..) {
+            self.port.push_rx(&frame(&p, LB_MAC, mac_of(BE1)));
+        }
+        while self.w.poll(&mut self.port, self.now) > 0 {}
+        for f in self.port.take_tx() {
+            if f[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let dst = Ipv4Addr::new(f[30], f[31], f[32], f[33]);
+            if dst == CLIENT {
+                self.client.dev.rx.push_back(f[14..].to_vec());
+            } else if dst == BE1 {
+                self.be1.host.dev.rx.push_back(f[14..].to_vec());
+            }
+        }
+    }
+
+    /// A request on a new connection from `port`: the response and the milliseconds it took.
+    fn request(&mut self, port: u16) -> (String, u64) {
+        let h = self.client.connect((L7_ADDR, 80), port, 16384);
+        let start = self.now;
+        let mut sent = false;
+        let mut got = Vec::new();
+        while self.now < start + 20_000 {
+            self.tick();
+            let s = self.client.tcp(h);
+            if !sent && s.may_send() {
+                s.send_slice(b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n").unwrap();
+                sent = true;
+            }
+            while s.can_recv() {
+                let _ = s.recv(|d| {
+                    got.extend_from_slice(d);
+                    (d.len(), ())
+                });
+            }
+            if response_complete(&got).is_some() {
+                break;
+            }
+        }
+        self.client.close(h);
+        (String::from_utf8_lossy(&got).into_owned(), self.now - start)
+    }
+
+    fn connect_failures(&self) -> u64 {
+        self.w.proxy_stats().unwrap().upstream_connect_failures
+    }
+}
+
+/// A request whose upstream connection goes to an endpoint whose host does not answer ARP:
+/// the first waits the connect timeout (5 s, the default: by then the worker has asked twice,
+/// at the SYN and at its retransmission, and gives the neighbour up only a second after its
+/// third question, at the next retransmission), and the endpoint is passed over for 10 s. When
+/// a request tries it again, the neighbour is known unreachable: the worker tells the proxy as
+/// it drops the SYN, and the request goes to the other endpoint at once. Before, the proxy
+/// knew nothing of the neighbour table and waited the connect timeout each time.
+#[test]
+fn a_request_to_an_endpoint_whose_host_stopped_answering_arp_goes_elsewhere_without_waiting_the_connect_timeout() {
+    let mut lab = Lab::new();
+    let mut port = 40000;
+    let mut next = |lab: &mut Lab| {
+        port += 1;
+        let (resp, took) = lab.request(port);
+        assert!(resp.starts_with("HTTP/1.1 200 ") && resp.contains("\r\n\r\nbe1 "), "port {port}: {resp:?}");
+        took
+    };
+    // Requests until one tried be2: it waited the connect timeout.
+    let mut first = None;
+    for _ in 0..40 {
+        let took = next(&mut lab);
+        if lab.connect_failures() > 0 {
+            first = Some(took);
+            break;
+        }
+        assert!(took < 100, "a request to be1 took {took} ms");
+    }
+    let first = first.expect("no request tried be2");
+    assert!((5_000..5_100).contains(&first), "the first request to be2 took {first} ms");
+    let resends = lab.w.proxy_stats().unwrap().upstream_resends;
+    assert_eq!((lab.connect_failures(), resends), (1, 1));
+    // be2 is passed over for 10 s, then tried again: its neighbour is known unreachable now,
+    // so that request, like every other, is answered by be1 at once.
+    let failed_at = lab.now;
+    while lab.connect_failures() < 2 {
+        assert!(lab.now < failed_at + 30_000, "be2 never tried again");
+        let took = next(&mut lab);
+        assert!(took < 100, "a request took {took} ms {} ms after the first failure", lab.now - failed_at);
+    }
+    assert!(lab.now >= failed_at + 9_000, "be2 tried again {} ms after its failure", lab.now - failed_at);
+    assert_eq!(lab.connect_failures(), 2, "be2 tried again after its pass-over");
+}
