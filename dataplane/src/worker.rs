@@ -1185,8 +1185,7 @@ impl Worker {
     ) -> Result<u32, DropReason> {
         let snap = self.snap_ref();
         let s = &snap.services[svc as usize];
-        let syn = m.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
-        if key.proto == PROTO_TCP && s.mode == Mode::FullNat && !syn {
+        if key.proto == PROTO_TCP && s.mode == Mode::FullNat && !syn_only(m.tcp_flags) {
             // Mid-stream TCP without state: under FullNAT the backend cannot know the new
             // SNAT port anyway, and creating state for stray ACKs would let a flood fill the
             // table. DSR creates it: Maglev sends it to the same backend as before.
@@ -1596,14 +1595,14 @@ impl Worker {
     }
 }
 
-/// Return traffic for another core's SNAT port; below the SNAT range nobody owns it.
-#[cold]
 /// A SYN without ACK or RST: a client opening (or re-opening) a connection.
 #[inline(always)]
 fn syn_only(flags: u8) -> bool {
     flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
 }
 
+/// Return traffic for another core's SNAT port; below the SNAT range nobody owns it.
+#[cold]
 fn handoff(m: &mut Meta, owner: Option<u16>) {
     m.class = match owner {
         Some(c) => Class::Handoff(c),

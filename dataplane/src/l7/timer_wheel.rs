@@ -5,8 +5,9 @@
 //! every shard each millisecond costs O(shards) even when none is due (3.8% of a worker at 10,000
 //! connections); a binary heap costs O(log n) cache misses per reschedule, and a busy connection
 //! reschedules on every segment. A wheel inserts and expires in O(1). Entries are never removed
-//! on reschedule: the owner keeps the one time that counts (`Shard::timer`) and ignores stale
-//! entries as they expire, so the wheel holds at most one entry per reschedule within a lap.
+//! on reschedule: the owner keeps the one time that counts (`Shard::filed`) and ignores stale
+//! entries as they expire; it files a new entry only for an earlier time (a later one waits for
+//! the entry it has to come up), so a shard rarely holds more than one.
 //! The proxy's connections use `DeadlineWheel` (below), whose entries can be cancelled.
 
 /// Slots: one per millisecond, one lap. A timer further out than a lap sits in its slot and is
