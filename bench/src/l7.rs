@@ -11,9 +11,12 @@
 
 use crate::report;
 use fulcrum_config::bootstrap::Bootstrap;
-use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+use fulcrum_config::ingress::L7State;
 use fulcrum_config::model::{DesiredState, ObjectRef};
-use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, test_pki, Backend, Host, TlsClient};
+use fulcrum_dataplane::l7::sim::{
+    ethernet_frame, is_pure_ack, mac_of, one_route, response_complete, test_pki, Backend, Host, TlsClient,
+    APPLIANCE_BOOTSTRAP, APPLIANCE_MAC,
+};
 use fulcrum_dataplane::port::MemoryPort;
 use fulcrum_dataplane::snapshot::Snapshot;
 use fulcrum_dataplane::worker::{Worker, WorkerConfig};
@@ -66,19 +69,6 @@ pub enum Clock {
     Worker,
 }
 
-const BOOTSTRAP: &str = r#"
-ports:
-  - name: bench0
-    device: "memory"
-    mac: "02:f1:00:00:00:01"
-    ipv4: 10.10.0.2/24
-    next_hop: {ipv4: 10.10.0.1}
-workers: {cores: [0]}
-vip_pools: [{name: bench, cidrs: [10.20.0.0/24]}]
-l7:
-  address: 10.20.0.100
-"#;
-
 // The proxy tests' certificate (test-only key, `sim::test_pki`): clients ask for shop.example.
 const CA: &[u8] = test_pki::CA;
 const HOST: &str = test_pki::SHOP_HOST;
@@ -87,7 +77,7 @@ const HOST: &str = test_pki::SHOP_HOST;
 /// 10 ms delayed ACK, so that its last ACK is out before it goes.
 const TIME_WAIT_MS: u64 = 20;
 
-const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+const LB_MAC: [u8; 6] = APPLIANCE_MAC;
 const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 /// The router the clients are behind (the port's next hop).
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
@@ -109,20 +99,6 @@ fn client_host_of(a: Ipv4Addr) -> Option<usize> {
     (o[0] == 10 && o[1] == 30 && (1..=250).contains(&o[3])).then(|| o[2] as usize * 250 + o[3] as usize - 1)
 }
 
-fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [2, 0xbe, o[0], o[1], o[2], o[3]]
-}
-
-fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + ip.len());
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
-    f.extend_from_slice(&[0x08, 0x00]);
-    f.extend_from_slice(ip);
-    f
-}
-
 pub fn run(a: &L7Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.conns > 0 && a.backends > 0 && a.conns < 30_000,
@@ -139,27 +115,12 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         a.conns.div_ceil(per_endpoint)
     );
     let core = crate::pin(a.core);
-    let boot = Bootstrap::parse(Path::new("bench.yaml"), BOOTSTRAP)?;
+    let boot = Bootstrap::parse(Path::new("bench.yaml"), APPLIANCE_BOOTSTRAP)?;
     let backend_addrs: Vec<Ipv4Addr> = (0..a.backends).map(|i| Ipv4Addr::new(10, 10, 0, 100 + i as u8)).collect();
     let endpoints: Vec<SocketAddr> = backend_addrs.iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
     let l7 = L7State {
-        hosts: vec![L7Host {
-            host: HostMatch::Exact(HOST.into()),
-            paths: vec![L7Path {
-                path: "/".into(),
-                path_type: PathType::Prefix,
-                backend: L7Backend {
-                    service: ObjectRef { namespace: "bench".into(), name: "web".into() },
-                    port: Some(80),
-                    unresolved: None,
-                    endpoints,
-                },
-                ingress: ObjectRef { namespace: "bench".into(), name: "bench".into() },
-            }],
-            ..Default::default()
-        }],
         certificates: vec![test_pki::shop_certificate(ObjectRef { namespace: "bench".into(), name: "tls".into() })],
-        ..Default::default()
+        ..one_route(HOST, endpoints)
     };
     let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1)?);
     let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
@@ -327,14 +288,14 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // Hosts -> the worker's port, as Ethernet frames.
         for c in clients.iter_mut() {
             for p in c.dev.tx.drain(..) {
-                port.push_rx(&frame(&p, LB_MAC, mac_of(ROUTER)));
+                port.push_rx(&ethernet_frame(&p, LB_MAC, mac_of(ROUTER)));
                 frames_in += 1;
             }
         }
         for b in backends.iter_mut() {
             let mac = mac_of(b.host.addr);
             for p in b.host.dev.tx.drain(..) {
-                port.push_rx(&frame(&p, LB_MAC, mac));
+                port.push_rx(&ethernet_frame(&p, LB_MAC, mac));
                 frames_in += 1;
             }
         }

@@ -3,9 +3,10 @@
 //! worker over an in-memory port.
 
 use fulcrum_config::bootstrap::Bootstrap;
-use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
-use fulcrum_config::model::{DesiredState, ObjectRef};
-use fulcrum_dataplane::l7::sim::{response_complete, Backend, Host};
+use fulcrum_config::model::DesiredState;
+use fulcrum_dataplane::l7::sim::{
+    ethernet_frame, mac_of, one_route, response_complete, Backend, Host, APPLIANCE_BOOTSTRAP, APPLIANCE_MAC,
+};
 use fulcrum_dataplane::port::MemoryPort;
 use fulcrum_dataplane::snapshot::Snapshot;
 use fulcrum_dataplane::worker::{Worker, WorkerConfig};
@@ -13,35 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 
-const BOOTSTRAP: &str = r#"
-ports:
-  - name: t0
-    device: "memory"
-    mac: "02:f1:00:00:00:01"
-    ipv4: 10.10.0.2/24
-    next_hop: {ipv4: 10.10.0.1}
-workers: {cores: [0]}
-vip_pools: [{name: t, cidrs: [10.20.0.0/24]}]
-l7:
-  address: 10.20.0.100
-"#;
-
-const LB_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
 const L7_ADDR: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 30, 0, 1);
 const BE1: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
 /// On the link in the tables, silent on it: never answers ARP.
 const BE2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 12);
-
-fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
-    [2, 0xbe, o[0], o[1], o[2], o[3]]
-}
-
-fn frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    [&dst[..], &src[..], &[0x08, 0x00], ip].concat()
-}
 
 struct Lab {
     w: Worker,
@@ -53,26 +31,8 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
-        let boot = Bootstrap::parse(Path::new("l7_worker.yaml"), BOOTSTRAP).unwrap();
-        let endpoints = [BE1, BE2].iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect();
-        let l7 = L7State {
-            hosts: vec![L7Host {
-                host: HostMatch::Exact("shop.example".into()),
-                paths: vec![L7Path {
-                    path: "/".into(),
-                    path_type: PathType::Prefix,
-                    backend: L7Backend {
-                        service: ObjectRef { namespace: "t".into(), name: "web".into() },
-                        port: Some(80),
-                        unresolved: None,
-                        endpoints,
-                    },
-                    ingress: ObjectRef { namespace: "t".into(), name: "shop".into() },
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let boot = Bootstrap::parse(Path::new("appliance.yaml"), APPLIANCE_BOOTSTRAP).unwrap();
+        let l7 = one_route("shop.example", [BE1, BE2].iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect());
         let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1).unwrap());
         let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
         (cfg.ct_capacity, cfg.ct_capacity_v6) = (1024, 1024);
@@ -97,10 +57,10 @@ impl Lab {
         self.be1.serve();
         self.be1.host.poll(self.now);
         for p in self.client.dev.tx.drain(..) {
-            self.port.push_rx(&frame(&p, LB_MAC, mac_of(ROUTER)));
+            self.port.push_rx(&ethernet_frame(&p, APPLIANCE_MAC, mac_of(ROUTER)));
         }
         for p in self.be1.host.dev.tx.drain(..) {
-            self.port.push_rx(&frame(&p, LB_MAC, mac_of(BE1)));
+            self.port.push_rx(&ethernet_frame(&p, APPLIANCE_MAC, mac_of(BE1)));
         }
         while self.w.poll(&mut self.port, self.now) > 0 {}
         for f in self.port.take_tx() {

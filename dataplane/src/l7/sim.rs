@@ -10,6 +10,60 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpEndpoint};
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
+/// A one-port appliance with one worker on in-memory buffers, serving Ingress on 10.20.0.100
+/// (port 10.10.0.2/24, MAC `APPLIANCE_MAC`, next hop 10.10.0.1): what the L7 benchmark and the
+/// worker-level proxy tests run.
+pub const APPLIANCE_BOOTSTRAP: &str = r#"
+ports:
+  - name: mem0
+    device: "memory"
+    mac: "02:f1:00:00:00:01"
+    ipv4: 10.10.0.2/24
+    next_hop: {ipv4: 10.10.0.1}
+workers: {cores: [0]}
+vip_pools: [{name: mem, cidrs: [10.20.0.0/24]}]
+l7:
+  address: 10.20.0.100
+"#;
+
+/// `APPLIANCE_BOOTSTRAP`'s port MAC.
+pub const APPLIANCE_MAC: [u8; 6] = [2, 0xf1, 0, 0, 0, 1];
+
+/// The MAC a simulated host has: 02:be and its IPv4 address.
+pub fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [2, 0xbe, o[0], o[1], o[2], o[3]]
+}
+
+/// IPv4 packet `ip` in an Ethernet frame.
+pub fn ethernet_frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    [&dst[..], &src[..], &[0x08, 0x00], ip].concat()
+}
+
+/// Ingress for one host: `/` (Prefix) to `endpoints`, as Service bench/web port 80.
+pub fn one_route(host: &str, endpoints: Vec<std::net::SocketAddr>) -> fulcrum_config::ingress::L7State {
+    use fulcrum_config::ingress::{HostMatch, L7Backend, L7Host, L7Path, L7State, PathType};
+    use fulcrum_config::model::ObjectRef;
+    L7State {
+        hosts: vec![L7Host {
+            host: HostMatch::Exact(host.into()),
+            paths: vec![L7Path {
+                path: "/".into(),
+                path_type: PathType::Prefix,
+                backend: L7Backend {
+                    service: ObjectRef { namespace: "bench".into(), name: "web".into() },
+                    port: Some(80),
+                    unresolved: None,
+                    endpoints,
+                },
+                ingress: ObjectRef { namespace: "bench".into(), name: "bench".into() },
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// IP packets in and out of a simulated host.
 #[derive(Default)]
 pub struct Wire {
