@@ -467,6 +467,11 @@ pub struct Snapshot {
     vips4: Vip4Table,
     /// HTTP routes of the Ingresses of our class (empty without an `l7` bootstrap section).
     pub l7: Arc<Router>,
+    /// The routes' endpoint addresses (IPv4, the proxy's upstreams), each once: the workers
+    /// resolve their neighbours ahead, as for the L4 backends, so that a first request's SYN is
+    /// not dropped while its neighbour is asked (a second's wait for the retransmission). An
+    /// Ingress usually points at ClusterIP Services, whose endpoints no L4 VIP has.
+    pub l7_endpoints: Vec<IpAddr>,
     /// TLS for the HTTPS ports: the certificates of the Ingresses' TLS Secrets (None: none).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Certificates that could not be used, and why.
@@ -478,6 +483,16 @@ pub struct Snapshot {
     /// Endpoints to probe (Services with an active health check; IPv4 endpoints: the probes
     /// use the proxy's TCP stack), each (endpoint, check) once.
     pub health: Vec<HealthTarget>,
+}
+
+/// Every IPv4 endpoint address of the Ingress routes and the default backend, sorted, each once.
+fn l7_endpoint_addrs(l7: &fulcrum_config::ingress::L7State) -> Vec<IpAddr> {
+    let backends = l7.hosts.iter().flat_map(|h| h.paths.iter().map(|p| &p.backend)).chain(&l7.default_backend);
+    let mut v: Vec<IpAddr> =
+        backends.flat_map(|b| b.endpoints.iter().map(|e| e.ip())).filter(IpAddr::is_ipv4).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// One endpoint and the check to run against it.
@@ -516,6 +531,7 @@ impl Snapshot {
             vips: VipTable::new(&[]),
             vips4: Vip4Table::new(&[]),
             l7: Arc::new(Router::default()),
+            l7_endpoints: vec![],
             tls: None,
             tls_warnings: vec![],
             answers_vips: true,
@@ -597,6 +613,7 @@ impl Snapshot {
             vips: VipTable::new(&vip_entries),
             vips4: Vip4Table::new(&vip_entries),
             l7,
+            l7_endpoints: l7_endpoint_addrs(&state.l7),
             tls,
             tls_warnings,
             answers_vips: true,

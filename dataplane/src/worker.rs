@@ -459,8 +459,9 @@ impl Worker {
         self.resolve_cursor = Some(0);
     }
 
-    /// Queues the neighbours of every backend for resolution (the kernel would hold the first
-    /// packet while it resolves; we resolve ahead instead, so it is never dropped).
+    /// Queues the neighbours of every backend, and with the proxy of every Ingress endpoint, for
+    /// resolution (the kernel would hold the first packet while it resolves; we resolve ahead
+    /// instead, so it is never dropped).
     fn queue_backend_neighbors(&mut self) {
         self.to_resolve.clear();
         self.resolve_cursor = Some(0);
@@ -472,14 +473,19 @@ impl Worker {
     /// Backends checked per call of `queue_some_backend_neighbors`.
     const RESOLVE_STEP: usize = 4096;
 
-    /// Checks the next `RESOLVE_STEP` backends' neighbours (see `resolve_cursor`).
+    /// Checks the next `RESOLVE_STEP` backends' (then Ingress endpoints') neighbours (see
+    /// `resolve_cursor`).
     fn queue_some_backend_neighbors(&mut self) {
         let Some(from) = self.resolve_cursor else { return };
         let snap = self.snap_ref();
-        let to = (from + Self::RESOLVE_STEP).min(snap.backends.len());
-        self.resolve_cursor = (to < snap.backends.len()).then_some(to);
-        for b in &snap.backends[from..to] {
-            let Some(hop) = self.cfg.iface.route(b.addr) else { continue };
+        // The L4 backends, then (with the proxy) the Ingress routes' endpoints.
+        let l7: &[IpAddr] = if self.proxy.is_some() { &snap.l7_endpoints } else { &[] };
+        let all = snap.backends.len() + l7.len();
+        let to = (from + Self::RESOLVE_STEP).min(all);
+        self.resolve_cursor = (to < all).then_some(to);
+        for k in from..to {
+            let addr = snap.backends.get(k).map_or_else(|| l7[k - snap.backends.len()], |b| b.addr);
+            let Some(hop) = self.cfg.iface.route(addr) else { continue };
             let idx = self.neigh.reserve(hop, self.now_ms).idx;
             if idx != NeighborTable::NONE && self.neigh.mac_at(idx).is_none() && !self.to_resolve.contains(&idx) {
                 self.to_resolve.push(idx);

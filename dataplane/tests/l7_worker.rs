@@ -21,8 +21,17 @@ const BE1: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 11);
 /// On the link in the tables, silent on it: never answers ARP.
 const BE2: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 12);
 
+/// `from`'s ARP reply to the asker at `to_mac` / `to_ip`.
+fn arp_reply(from: Ipv4Addr, to_mac: &[u8], to_ip: &[u8]) -> Vec<u8> {
+    let head = [0, 1, 8, 0, 6, 4, 0, 2];
+    let arp = [&head[..], &mac_of(from), &from.octets(), to_mac, to_ip].concat();
+    [to_mac, &mac_of(from), &[0x08, 0x06], &arp].concat()
+}
+
 struct Lab {
     w: Worker,
+    /// be1's MAC is learned from its ARP answers, not configured.
+    be1_by_arp: bool,
     port: MemoryPort,
     client: Host,
     be1: Backend,
@@ -30,17 +39,25 @@ struct Lab {
 }
 
 impl Lab {
+    /// be1 and be2 behind the route, be1's MAC configured.
     fn new() -> Lab {
+        Lab::with(&[BE1, BE2], false)
+    }
+
+    fn with(endpoints: &[Ipv4Addr], be1_by_arp: bool) -> Lab {
         let boot = Bootstrap::parse(Path::new("appliance.yaml"), APPLIANCE_BOOTSTRAP).unwrap();
-        let l7 = one_route("shop.example", [BE1, BE2].iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect());
+        let l7 = one_route("shop.example", endpoints.iter().map(|&b| SocketAddr::new(b.into(), 8080)).collect());
         let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1).unwrap());
         let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
         (cfg.ct_capacity, cfg.ct_capacity_v6) = (1024, 1024);
         // The router and be1 are known; be2 is left to ARP, which it never answers.
         cfg.static_neighbors.push((IpAddr::V4(ROUTER), mac_of(ROUTER)));
-        cfg.static_neighbors.push((IpAddr::V4(BE1), mac_of(BE1)));
+        if !be1_by_arp {
+            cfg.static_neighbors.push((IpAddr::V4(BE1), mac_of(BE1)));
+        }
         Lab {
             w: Worker::new(cfg, snap).unwrap(),
+            be1_by_arp,
             port: MemoryPort::new(),
             client: Host::new(CLIENT, 1),
             be1: Backend::new(BE1, "be1"),
@@ -64,6 +81,9 @@ impl Lab {
         }
         while self.w.poll(&mut self.port, self.now) > 0 {}
         for f in self.port.take_tx() {
+            if f[12..14] == [0x08, 0x06] && f[21] == 1 && f[38..42] == BE1.octets() && self.be1_by_arp {
+                self.port.push_rx(&arp_reply(BE1, &f[22..28], &f[28..32]));
+            }
             if f[12..14] != [0x08, 0x00] {
                 continue;
             }
@@ -149,4 +169,17 @@ fn a_request_to_an_endpoint_whose_host_stopped_answering_arp_goes_elsewhere_with
     }
     assert!(lab.now >= failed_at + 9_000, "be2 tried again {} ms after its failure", lab.now - failed_at);
     assert_eq!(lab.connect_failures(), 2, "be2 tried again after its pass-over");
+}
+
+/// The Ingress routes' endpoints are resolved when the worker takes its tables, as the L4
+/// backends are: the first request to an endpoint on the link is answered at once. Before,
+/// the proxy's first SYN to it was dropped while its neighbour was asked, and the request
+/// waited a second for smoltcp's retransmission (an Ingress usually points at ClusterIP
+/// Services, whose endpoints no L4 VIP resolves).
+#[test]
+fn the_first_request_finds_its_endpoints_neighbour_resolved_ahead() {
+    let mut lab = Lab::with(&[BE1], true);
+    let (resp, took) = lab.request(40000);
+    assert!(resp.starts_with("HTTP/1.1 200 ") && resp.contains("\r\n\r\nbe1 "), "{resp:?}");
+    assert!(took < 100, "the first request took {took} ms");
 }
