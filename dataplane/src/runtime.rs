@@ -144,7 +144,7 @@ where
 {
     let n = specs.len();
     let (producers, consumers) = mesh::<P::Buf>(n, 4 * BURST);
-    let (news_out, news_in) = mesh::<(IpAddr, [u8; 6])>(n, NEWS_RING);
+    let (news_out, news_in) = mesh::<News>(n, NEWS_RING);
     let peers = producers.into_iter().zip(consumers).zip(news_out.into_iter().zip(news_in));
     let mut handles = Vec::with_capacity(n);
     for (i, (spec, ((outs, ins), (news_out, news_in)))) in specs.into_iter().zip(peers).enumerate() {
@@ -154,7 +154,7 @@ where
             worker.announce_own_addresses();
         }
         let shared = shared.clone();
-        let news = NeighborNews { out: news_out.into_iter().flatten().collect(), incoming: news_in };
+        let news = WorkerNews { out: news_out.into_iter().flatten().collect(), incoming: news_in };
         let h = std::thread::Builder::new()
             .name(format!("fulcrum-w{i}"))
             .spawn(move || run_worker(i, worker, spec.port, spec.cpu, outs, ins, news, shared, idle))?;
@@ -181,34 +181,52 @@ fn mesh<T>(n: usize, capacity: usize) -> (Vec<Vec<Option<rtrb::Producer<T>>>>, V
     (producers, consumers)
 }
 
-/// Neighbours learned by one worker, for every other: each worker has a table of its own, and
-/// an ARP or NDP answer reaches only the worker whose queue the NIC put it in (under RSS, queue
-/// 0 for ARP), whichever worker asked. Without this the others never resolved a neighbour whose
-/// answers went elsewhere and dropped its traffic as unresolved.
-struct NeighborNews {
-    out: Vec<rtrb::Producer<(IpAddr, [u8; 6])>>,
-    incoming: Vec<rtrb::Consumer<(IpAddr, [u8; 6])>>,
+/// What one worker learned that every other needs, since each keeps its tables alone.
+/// - Neighbours: an ARP or NDP answer reaches only the worker whose queue the NIC put it in
+///   (under RSS, queue 0 for ARP), whichever worker asked. Without this the others never
+///   resolved a neighbour whose answers went elsewhere and dropped its traffic as unresolved.
+/// - Passive health verdicts (`l4::unanswered`): an endpoint one worker found leaving SYNs
+///   unanswered is passed over by all, instead of each worker's clients waiting out their own
+///   misses first; an answer clears it everywhere.
+#[derive(Clone, Copy, Debug)]
+enum News {
+    Neighbor(IpAddr, [u8; 6]),
+    Health(crate::l4::unanswered::News),
 }
 
-/// Neighbour news in flight from one worker to another (a full ring drops news: the worker
-/// that misses it solicits for itself, a second later).
+struct WorkerNews {
+    out: Vec<rtrb::Producer<News>>,
+    incoming: Vec<rtrb::Consumer<News>>,
+}
+
+/// News in flight from one worker to another (a full ring drops news: the worker that misses
+/// it solicits for itself a second later, or judges the endpoint by its own flows).
 const NEWS_RING: usize = 256;
 
-impl NeighborNews {
-    /// Passes on what `w` learned from the wire, and takes what the others learned.
+impl WorkerNews {
+    /// Passes on what `w` learned, and takes what the others learned.
     fn exchange(&mut self, w: &mut Worker, now_ms: u64) {
         if self.out.is_empty() {
-            w.neigh.take_news(); // a worker alone: nobody to tell
+            // A worker alone: nobody to tell.
+            w.neigh.take_news();
+            w.unanswered.take_news();
             return;
         }
-        for news in w.neigh.take_news() {
+        let neighbors = w.neigh.take_news().map(|(ip, mac)| News::Neighbor(ip, mac));
+        let health = w.unanswered.take_news().map(News::Health);
+        for news in neighbors.chain(health) {
             for p in self.out.iter_mut() {
                 let _ = p.push(news);
             }
         }
         for c in self.incoming.iter_mut() {
-            while let Ok((ip, mac)) = c.pop() {
-                w.neigh.learn_quietly(ip, mac, now_ms);
+            while let Ok(news) = c.pop() {
+                match news {
+                    News::Neighbor(ip, mac) => {
+                        w.neigh.learn_quietly(ip, mac, now_ms);
+                    }
+                    News::Health(n) => w.unanswered.hear(n, now_ms),
+                }
             }
         }
     }
@@ -222,7 +240,7 @@ fn run_worker<P: Port>(
     cpu: Option<usize>,
     mut outs: Vec<Option<rtrb::Producer<P::Buf>>>,
     mut ins: Vec<rtrb::Consumer<P::Buf>>,
-    mut news: NeighborNews,
+    mut news: WorkerNews,
     shared: Arc<Shared>,
     idle: Idle,
 ) {

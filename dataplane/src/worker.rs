@@ -314,7 +314,8 @@ pub struct Worker {
     own6: Option<u128>,
     affinity: Affinity,
     /// TCP endpoints that left clients' SYNs unanswered (FullNAT): passed over by new flows.
-    unanswered: UnansweredSyns,
+    /// The runtime passes its verdicts between workers.
+    pub(crate) unanswered: UnansweredSyns,
     /// The last millisecond `unanswered` was cleared of stale endpoints.
     unanswered_swept_ms: u64,
     /// The neighbour slots of the IPv4 and IPv6 next hops, once looked up.

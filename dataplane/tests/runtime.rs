@@ -394,3 +394,39 @@ fn a_neighbour_one_worker_learns_is_learned_by_the_others() {
         );
     }
 }
+
+/// An endpoint one worker passes over for SYNs it left unanswered is passed over by the other
+/// worker too, from the verdict passed between them (the other worker saw none of its flows).
+#[test]
+fn an_endpoint_one_worker_passes_over_is_passed_over_by_the_others() {
+    let (boot, shared) = fixtures(2);
+    let (inputs, outputs, handles) = start_chan_workers(&boot, &shared, 2);
+    // One client's SYN on worker 0, sent again four times 300 ms apart: 10.30.0.11 never
+    // answers (nothing does here), so the third time passes it over.
+    let syn = tcp4([198, 51, 100, 7], 40000, [10, 20, 0, 10], 80, 0x02);
+    for _ in 0..4 {
+        inputs[0].send(syn.clone()).unwrap();
+        recv(&outputs[0]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let endpoint = (std::net::IpAddr::from([10, 30, 0, 11]), 8080);
+    let t = Instant::now();
+    loop {
+        let passed_over = |core: usize| shared.stats[core].lock().unwrap().passed_over.contains(&endpoint);
+        if passed_over(0) && passed_over(1) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "passed over on worker 0 {}, on worker 1 {}",
+            passed_over(0),
+            passed_over(1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(shared.stats[1].lock().unwrap().unanswered_syns, 0, "worker 1 saw no miss itself");
+    shared.stop();
+    for h in handles {
+        h.join().unwrap();
+    }
+}

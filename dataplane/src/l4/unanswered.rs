@@ -12,7 +12,9 @@
 //! without a proxy in the path.
 //!
 //! Per core, like everything on the worker: each core judges from the flows it sees (RSS keeps
-//! a client's retransmissions on its flow's core), so no state is shared.
+//! a client's retransmissions on its flow's core), and tells the others its verdicts (`News`,
+//! through the runtime's rings between workers), so that an endpoint one core found dead is
+//! passed over by all of them at once rather than after each core's own clients waited.
 
 use ahash::AHashMap;
 use std::net::IpAddr;
@@ -33,6 +35,14 @@ const STALE_MS: u64 = 60_000;
 /// An endpoint: its address and TCP port.
 pub type Endpoint = (IpAddr, u16);
 
+/// A verdict for the other workers: the endpoint is passed over for this many more
+/// milliseconds (each worker has its own clock), or (None) it answered.
+pub type News = (Endpoint, Option<u32>);
+
+/// News kept between two `take_news` (a loop iteration's worth); more is dropped (the other
+/// workers then judge by themselves, as before news existed).
+const NEWS_CAPACITY: usize = 64;
+
 #[derive(Clone, Copy, Debug)]
 struct Suspect {
     /// Unanswered SYNs since the endpoint last answered one.
@@ -47,11 +57,12 @@ pub struct UnansweredSyns {
     threshold: u8,
     pass_over_ms: u64,
     suspects: AHashMap<Endpoint, Suspect>,
+    news: Vec<News>,
 }
 
 impl UnansweredSyns {
     pub fn new(threshold: u8, pass_over_ms: u64) -> UnansweredSyns {
-        UnansweredSyns { threshold, pass_over_ms, suspects: AHashMap::new() }
+        UnansweredSyns { threshold, pass_over_ms, suspects: AHashMap::new(), news: Vec::new() }
     }
 
     pub fn enabled(&self) -> bool {
@@ -69,6 +80,9 @@ impl UnansweredSyns {
         s.last_miss_ms = now_ms;
         if s.misses >= self.threshold && s.passed_over_until <= now_ms {
             s.passed_over_until = now_ms + self.pass_over_ms;
+            if self.news.len() < NEWS_CAPACITY {
+                self.news.push((e, Some(self.pass_over_ms as u32)));
+            }
         }
         s.passed_over_until > now_ms
     }
@@ -76,8 +90,37 @@ impl UnansweredSyns {
     /// `e` answered a SYN (a SYN-ACK or a RST came back): its count starts over.
     #[inline]
     pub fn answered(&mut self, e: Endpoint) {
-        if !self.suspects.is_empty() {
-            self.suspects.remove(&e);
+        if !self.suspects.is_empty() && self.suspects.remove(&e).is_some() && self.news.len() < NEWS_CAPACITY {
+            self.news.push((e, None));
+        }
+    }
+
+    /// The verdicts reached here since the last call, for the other workers.
+    pub fn take_news(&mut self) -> std::vec::Drain<'_, News> {
+        self.news.drain(..)
+    }
+
+    /// Another worker's verdict: passed over for `ms` more (as if this worker had seen the
+    /// misses: one more here passes it over again when the time is up), or answered. Makes no
+    /// news of its own.
+    pub fn hear(&mut self, (e, verdict): News, now_ms: u64) {
+        if !self.enabled() {
+            return;
+        }
+        match verdict {
+            Some(ms) => {
+                if self.suspects.len() >= CAPACITY && !self.suspects.contains_key(&e) {
+                    return;
+                }
+                let s =
+                    self.suspects.entry(e).or_insert(Suspect { misses: 0, last_miss_ms: now_ms, passed_over_until: 0 });
+                s.misses = s.misses.max(self.threshold);
+                s.last_miss_ms = now_ms;
+                s.passed_over_until = s.passed_over_until.max(now_ms + ms as u64);
+            }
+            None => {
+                self.suspects.remove(&e);
+            }
         }
     }
 
@@ -145,6 +188,37 @@ mod tests {
         u.answered(ep(1));
         assert!(!u.passed_over(ep(1), 5001));
         assert!(u.passed_over_now(5001).is_empty());
+    }
+
+    #[test]
+    fn verdicts_go_to_the_other_workers_once_and_are_heard_there() {
+        let (mut a, mut b) = (UnansweredSyns::new(3, 10_000), UnansweredSyns::new(3, 10_000));
+        a.missed(ep(1), 1000);
+        a.missed(ep(1), 2000);
+        assert_eq!(a.take_news().count(), 0, "no verdict yet");
+        a.missed(ep(1), 3000);
+        a.missed(ep(1), 4000); // already passed over: no second verdict
+        let news: Vec<News> = a.take_news().collect();
+        assert_eq!(news, [(ep(1), Some(10_000))]);
+        // b's clock is its own: 500 ms behind.
+        for n in news {
+            b.hear(n, 2500);
+        }
+        assert!(b.passed_over(ep(1), 12_499) && !b.passed_over(ep(1), 12_500));
+        assert_eq!(b.take_news().count(), 0, "heard news is not passed on again");
+        // b's next miss after the time is up passes it over again at once.
+        assert!(b.missed(ep(1), 13_000));
+        // An answer at a is news too; b forgets the endpoint.
+        a.answered(ep(1));
+        a.answered(ep(2)); // never suspected: no news
+        let news: Vec<News> = a.take_news().collect();
+        assert_eq!(news, [(ep(1), None)]);
+        b.take_news().for_each(drop);
+        for n in news {
+            b.hear(n, 13_100);
+        }
+        assert!(!b.passed_over(ep(1), 13_100));
+        assert!(!b.missed(ep(1), 14_000), "counting starts over");
     }
 
     #[test]
