@@ -1365,7 +1365,7 @@ impl Worker {
     /// Whether new TCP flows pass over backend `bi` (its endpoint left SYNs unanswered).
     #[inline(always)]
     fn passed_over(&self, bi: u32) -> bool {
-        if !self.unanswered.enabled() {
+        if self.unanswered.is_empty() {
             return false;
         }
         let b = &self.snap_ref().backends[bi as usize];

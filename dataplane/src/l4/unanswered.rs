@@ -72,19 +72,29 @@ impl UnansweredSyns {
     /// A client sent again the SYN of a flow that `e` never answered. Returns whether new flows
     /// pass over `e` now (the flow of that SYN should pick again too).
     pub fn missed(&mut self, e: Endpoint, now_ms: u64) -> bool {
+        let (threshold, pass_over_ms) = (self.threshold, self.pass_over_ms);
+        let Some(s) = self.suspect(e, now_ms) else { return false };
+        s.misses = s.misses.saturating_add(1);
+        let verdict = s.misses >= threshold && s.passed_over_until <= now_ms;
+        if verdict {
+            s.passed_over_until = now_ms + pass_over_ms;
+        }
+        let passed_over = s.passed_over_until > now_ms;
+        if verdict && self.news.len() < NEWS_CAPACITY {
+            self.news.push((e, Some(pass_over_ms as u32)));
+        }
+        passed_over
+    }
+
+    /// `e`'s record, made if missing, its last miss now; None when the check is off, or the
+    /// table is full and `e` not in it.
+    fn suspect(&mut self, e: Endpoint, now_ms: u64) -> Option<&mut Suspect> {
         if !self.enabled() || (self.suspects.len() >= CAPACITY && !self.suspects.contains_key(&e)) {
-            return false;
+            return None;
         }
         let s = self.suspects.entry(e).or_insert(Suspect { misses: 0, last_miss_ms: now_ms, passed_over_until: 0 });
-        s.misses = s.misses.saturating_add(1);
         s.last_miss_ms = now_ms;
-        if s.misses >= self.threshold && s.passed_over_until <= now_ms {
-            s.passed_over_until = now_ms + self.pass_over_ms;
-            if self.news.len() < NEWS_CAPACITY {
-                self.news.push((e, Some(self.pass_over_ms as u32)));
-            }
-        }
-        s.passed_over_until > now_ms
+        Some(s)
     }
 
     /// `e` answered a SYN (a SYN-ACK or a RST came back): its count starts over.
@@ -104,24 +114,24 @@ impl UnansweredSyns {
     /// misses: one more here passes it over again when the time is up), or answered. Makes no
     /// news of its own.
     pub fn hear(&mut self, (e, verdict): News, now_ms: u64) {
-        if !self.enabled() {
-            return;
-        }
+        let threshold = self.threshold;
         match verdict {
             Some(ms) => {
-                if self.suspects.len() >= CAPACITY && !self.suspects.contains_key(&e) {
-                    return;
+                if let Some(s) = self.suspect(e, now_ms) {
+                    s.misses = s.misses.max(threshold);
+                    s.passed_over_until = s.passed_over_until.max(now_ms + ms as u64);
                 }
-                let s =
-                    self.suspects.entry(e).or_insert(Suspect { misses: 0, last_miss_ms: now_ms, passed_over_until: 0 });
-                s.misses = s.misses.max(self.threshold);
-                s.last_miss_ms = now_ms;
-                s.passed_over_until = s.passed_over_until.max(now_ms + ms as u64);
             }
             None => {
                 self.suspects.remove(&e);
             }
         }
+    }
+
+    /// No endpoint has missed a SYN (always so while the check is off).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.suspects.is_empty()
     }
 
     /// Whether new flows pass over `e` now. One branch while no endpoint missed a SYN.
