@@ -396,11 +396,14 @@ fn lab_end_to_end() {
         "new connections still went to be3: {seen:?}"
     );
     be3_link("up");
-    let t = Instant::now();
-    while !backends_seen("http://10.20.0.30/", 30).contains("be3") {
-        assert!(t.elapsed() < Duration::from_secs(10), "be3 never came back after its check passed again");
-    }
-    eprintln!("be3 back on the link -> back in the table after {:?}", t.elapsed());
+    let back = wait_for_backend(
+        "http://10.20.0.30/",
+        30,
+        "be3",
+        Duration::from_secs(10),
+        "be3 never came back after its check passed again",
+    );
+    eprintln!("be3 back on the link -> back in the table after {back:?}");
 
     // 5. be1's MAC changes and it announces nothing (Linux sends no gratuitous ARP for a new
     // MAC by default: a NIC replaced, a VM moved). Past its reachable time (2 s here) Fulcrum
@@ -563,11 +566,14 @@ fn lab_end_to_end() {
         eprintln!("  re-picked past be3: {unreachable} as unreachable, {unanswered} for unanswered SYNs");
         assert!(unreachable + unanswered >= 1.0, "flows passed over be3");
         be3_v6("add");
-        let back = Instant::now();
-        while !backends_seen("http://[fd00:20::10]/", 6).contains("be3") {
-            assert!(back.elapsed() < Duration::from_secs(20), "be3 never came back over IPv6");
-        }
-        eprintln!("be3's IPv6 address back -> be3 answering again after {:?}", back.elapsed());
+        let back = wait_for_backend(
+            "http://[fd00:20::10]/",
+            6,
+            "be3",
+            Duration::from_secs(20),
+            "be3 never came back over IPv6",
+        );
+        eprintln!("be3's IPv6 address back -> be3 answering again after {back:?}");
 
         // be3's service hangs while its host stays up (its port's SYNs dropped by a firewall
         // rule; be3 still answers ARP, so the neighbour table sees nothing wrong). Thirty
@@ -623,11 +629,14 @@ fn lab_end_to_end() {
             "be3 passed over in /metrics"
         );
         be3_syns("-D");
-        let back = Instant::now();
-        while !backends_seen("http://10.20.0.10/", 6).contains("be3") {
-            assert!(back.elapsed() < Duration::from_secs(20), "be3 never came back after its SYNs were answered again");
-        }
-        eprintln!("be3 answering SYNs again -> be3 answering again after {:?}", back.elapsed());
+        let back = wait_for_backend(
+            "http://10.20.0.10/",
+            6,
+            "be3",
+            Duration::from_secs(20),
+            "be3 never came back after its SYNs were answered again",
+        );
+        eprintln!("be3 answering SYNs again -> be3 answering again after {back:?}");
         assert!(who.as_deref().is_some_and(|w| w.contains("client=fd00:10::20")), "{who:?}");
     }
     // Kept when the test fails (certificates, manifests), removed when it passes.

@@ -173,3 +173,13 @@ pub fn hold_tls_connection(ca: &Path, flag: &Path) -> Child {
 pub fn backends_seen(url: &str, n: usize) -> std::collections::BTreeSet<String> {
     (0..n).filter_map(|_| curl(url)).collect()
 }
+
+/// Rounds of `n` new connections to `url` until backend `name` answers one of them; fails with
+/// `what` once `within` has passed. Returns how long it took.
+pub fn wait_for_backend(url: &str, n: usize, name: &str, within: Duration, what: &str) -> Duration {
+    let t = Instant::now();
+    while !backends_seen(url, n).contains(name) {
+        assert!(t.elapsed() < within, "{what}");
+    }
+    t.elapsed()
+}
