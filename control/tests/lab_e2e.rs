@@ -546,17 +546,7 @@ fn lab_end_to_end() {
         };
         be3_v6("del");
         let gone = Instant::now();
-        let (mut in_a_row, mut failed) = (0, 0);
-        while in_a_row < 20 {
-            assert!(gone.elapsed() < Duration::from_secs(40), "be3 gone: still {failed} connections failed");
-            match curl("http://[fd00:20::10]/") {
-                Some(b) => {
-                    assert_ne!(b, "be3");
-                    in_a_row += 1;
-                }
-                None => (in_a_row, failed) = (0, failed + 1),
-            }
-        }
+        let failed = twenty_in_a_row_without_be3("http://[fd00:20::10]/", Duration::from_secs(40), None, "be3 gone");
         eprintln!(
             "be3's IPv6 address gone -> 20 connections in a row answered after {:?} ({failed} failed)",
             gone.elapsed()
@@ -607,18 +597,12 @@ fn lab_end_to_end() {
         assert_eq!(answers.len(), 30, "be3 hung: connections answered: {out}");
         assert!(answers.iter().all(|a| a.0 == "be1" || a.0 == "be2"), "{out}");
         assert!(waited >= 1 && slowest < 10.0, "{out}");
-        let (mut in_a_row, mut failed, hung) = (0, 0, Instant::now());
-        while in_a_row < 20 {
-            assert!(hung.elapsed() < Duration::from_secs(30), "be3 hung: still {failed} connections failed");
-            let t = Instant::now();
-            match curl("http://10.20.0.10/") {
-                Some(b) if t.elapsed() < Duration::from_millis(500) => {
-                    assert_ne!(b, "be3");
-                    in_a_row += 1;
-                }
-                _ => (in_a_row, failed) = (0, failed + 1),
-            }
-        }
+        let failed = twenty_in_a_row_without_be3(
+            "http://10.20.0.10/",
+            Duration::from_secs(30),
+            Some(Duration::from_millis(500)),
+            "be3 hung",
+        );
         eprintln!("be3 hung: then 20 connections in a row answered at once ({failed} slow or failed first)");
         assert!(metric("fulcrum_unanswered_backend_repicks_total{").unwrap_or(0.0) >= 1.0, "flows passed over be3");
         let metrics = admin("/metrics");
@@ -641,6 +625,25 @@ fn lab_end_to_end() {
     }
     // Kept when the test fails (certificates, manifests), removed when it passes.
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// New connections to `url`, one after another, until 20 in a row are answered (each within
+/// `each_within` when given), none by be3; fails naming `what` once `within` has passed.
+/// Returns how many failed (or were slow) first.
+fn twenty_in_a_row_without_be3(url: &str, within: Duration, each_within: Option<Duration>, what: &str) -> usize {
+    let (mut in_a_row, mut failed, start) = (0, 0, Instant::now());
+    while in_a_row < 20 {
+        assert!(start.elapsed() < within, "{what}: still {failed} connections failed");
+        let t = Instant::now();
+        match curl(url) {
+            Some(b) if each_within.is_none_or(|limit| t.elapsed() < limit) => {
+                assert_ne!(b, "be3");
+                in_a_row += 1;
+            }
+            _ => (in_a_row, failed) = (0, failed + 1),
+        }
+    }
+    failed
 }
 
 /// `fulcrum run` in the appliance's namespace with this bootstrap and these manifests.
