@@ -139,6 +139,7 @@ fn memory_workers(boot: &Bootstrap, n: usize) -> Vec<WorkerSpec<MemoryPort>> {
             config: WorkerConfig::from_bootstrap(boot, i as u16, n as u16),
             cpu: None,
             port: MemoryPort::new(),
+            access_log: None,
         })
         .collect()
 }

@@ -13,6 +13,7 @@ use crate::report;
 use fulcrum_config::bootstrap::Bootstrap;
 use fulcrum_config::ingress::L7State;
 use fulcrum_config::model::{DesiredState, ObjectRef};
+use fulcrum_dataplane::l7::access_log::{AccessLog, Reader};
 use fulcrum_dataplane::l7::sim::{
     ethernet_frame, is_pure_ack, mac_of, one_route, response_complete, test_pki, Backend, Host, TlsClient,
     APPLIANCE_BOOTSTRAP, APPLIANCE_MAC,
@@ -61,6 +62,11 @@ pub struct L7Args {
     /// ran alone on a saturated core with its peers elsewhere.
     #[arg(long, value_enum, default_value_t = Clock::Rounds)]
     pub clock: Clock,
+    /// The proxy records every request for an access log (`l7.access_log`): the worker's
+    /// share, events handed to a ring, is timed; the bench reads the ring outside the worker's
+    /// time (in `fulcrum run` a writer thread on a control CPU reads, formats and writes).
+    #[arg(long)]
+    pub access_log: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +137,12 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         cfg.static_neighbors.push((IpAddr::V4(b), mac_of(b)));
     }
     let mut w = Worker::new(cfg, snap)?;
+    let mut log_ring = a.access_log.then(|| {
+        let (ring, events) = rtrb::RingBuffer::new(4 << 20);
+        w.set_access_log(AccessLog::new(0, ring, Instant::now()));
+        (events, Reader::new(0))
+    });
+    let mut logged = 0u64;
     let mut port = MemoryPort::new();
     let mut clients: Vec<Host> =
         (0..a.conns.div_ceil(CONNS_PER_CLIENT_HOST)).map(|k| Host::new(client_addr(k), 99 + k as u64)).collect();
@@ -310,6 +322,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         let dt = t.elapsed().as_nanos();
         worker_ns += dt;
         busy_ns += dt;
+        if let Some((events, reader)) = log_ring.as_mut() {
+            reader.drain(events, |r| logged += u64::from(r.status == 200));
+        }
         // The worker's frames -> the hosts.
         for f in port.take_tx() {
             frames_out += 1;
@@ -380,9 +395,21 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // socket waiting long for a peer's last ACK holds its buffers meanwhile).
         "proxy_sockets_at_end": gauges.sockets,
         "proxy_deadline_entries_at_end": gauges.deadline_entries,
+        "access_log": a.access_log,
+        "access_log_records": a.access_log.then_some(logged),
+        "access_log_dropped": a.access_log.then_some(gauges.access_log_dropped),
         "core": core,
         "loadavg": report::loadavg(),
     }));
+    if a.access_log && !a.handshake_only {
+        // Every request answered 200 left a record (the warm-up's too); those still in flight
+        // at the end have not.
+        let answered = done + a.warmup * a.conns as u64;
+        anyhow::ensure!(
+            logged + a.conns as u64 >= answered && logged <= answered + a.conns as u64,
+            "{logged} access log records of 200s for {answered} requests"
+        );
+    }
     anyhow::ensure!(st.errors_local == 0, "the proxy answered {} requests with errors", st.errors_local);
     anyhow::ensure!(st.tls.failures == 0, "{} TLS sessions failed", st.tls.failures);
     // The proxy's own count: a handshake is done on its side once the client's Finished is

@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 38] = [
+    let per_core: [(&str, &str, &str, Get); 40] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -359,6 +359,18 @@ pub fn render_metrics(state: &ControlState) -> String {
             "counter",
             "Requests sent to another endpoint because theirs failed before taking a byte of them.",
             |c| c.l7.upstream_resends,
+        ),
+        (
+            "fulcrum_l7_access_log_records_total",
+            "counter",
+            "Requests handed to the access log's writer.",
+            |c| c.l7.access_log_records,
+        ),
+        (
+            "fulcrum_l7_access_log_dropped_total",
+            "counter",
+            "Access log records dropped because the worker's ring to the writer was full (l7.access_log.ring_records).",
+            |c| c.l7.access_log_dropped,
         ),
         (
             "fulcrum_l7_socket_buffer_bytes",

@@ -7,6 +7,7 @@
 //! rejected whole (the last good snapshot keeps serving); from the API server, an object with a
 //! problem is left out (an Event says why) and everything else is served.
 
+use crate::access_log;
 use crate::admin::{self, ControlState};
 use crate::k8s::status::{self, EventLog};
 use crate::k8s::{Debounce, Kube};
@@ -153,7 +154,7 @@ fn publish(shared: &Shared, control: &ControlState, snap: Snapshot) -> (u64, Ins
 /// Runs the workers until SIGINT or SIGTERM (or `stop` is set). Returns the final counters.
 pub fn serve<P>(
     boot: &Bootstrap,
-    specs: Vec<WorkerSpec<P>>,
+    mut specs: Vec<WorkerSpec<P>>,
     opts: &ServeOptions,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<fulcrum_dataplane::stats::CoreStats>
@@ -161,6 +162,17 @@ where
     P: Port + Send + 'static,
     P::Buf: Send + 'static,
 {
+    // The access log first: a path that cannot be opened stops the start before anything runs.
+    let log_writer = match boot.l7.as_ref().and_then(|l7| l7.access_log.as_ref()) {
+        Some(cfg) => {
+            let (writer, rings) = access_log::Writer::open(cfg, specs.len())?;
+            for (spec, ring) in specs.iter_mut().zip(rings) {
+                spec.access_log = Some(ring);
+            }
+            Some(writer)
+        }
+        None => None,
+    };
     let kube = match &opts.input {
         Input::Kubernetes(k) => Some(k),
         Input::Manifests { .. } => None,
@@ -211,6 +223,11 @@ where
     let shared = Shared::new(Arc::new(first.snapshot), specs.len());
     *control.shared.lock().unwrap_or_else(|e| e.into_inner()) = Some(shared.clone());
     let idle = if boot.workers.idle_backoff { Idle::Backoff(Duration::from_millis(1)) } else { Idle::BusyPoll };
+    let log_stop = Arc::new(AtomicBool::new(false));
+    let log_writer = match log_writer {
+        Some(w) => Some(w.spawn(log_stop.clone()).context("cannot start the access log's writer")?),
+        None => None,
+    };
     let handles = runtime::spawn(specs, shared.clone(), idle).context("cannot start the workers")?;
     let admin_stop = Arc::new(AtomicBool::new(false));
     let admin = match boot.admin.listen {
@@ -330,6 +347,11 @@ where
     }
     if let Some(a) = admin {
         let _ = a.join();
+    }
+    // After the workers: their last records are written.
+    log_stop.store(true, Ordering::Release);
+    if let Some(w) = log_writer {
+        let _ = w.join();
     }
     Ok(shared.total_stats())
 }

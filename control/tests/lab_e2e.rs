@@ -53,11 +53,16 @@ fn lab_end_to_end() {
     let dir = std::env::temp_dir().join(format!("fulcrum-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     // The lab's bootstrap, with a short header timeout so that the slow-client check is quick,
-    // and a short neighbour reachable time for the MAC change in step 5.
+    // a short neighbour reachable time for the MAC change in step 5, and an access log.
     let boot = std::fs::read_to_string(repo().join("config/examples/bootstrap.yaml")).unwrap();
     assert!(boot.contains("header_ms: 10000"), "the example bootstrap sets l7.timeouts.header_ms");
+    assert!(boot.contains("    upstream_ms: 15000\n"), "the example bootstrap's l7 section ends there");
     assert!(!boot.contains("\nneighbors:"), "the example bootstrap keeps the neighbour defaults");
-    let boot = boot.replace("header_ms: 10000", "header_ms: 1500") + "neighbors:\n  reachable_ms: 2000\n";
+    let access_log = dir.join("access.log");
+    let boot = boot.replace("header_ms: 10000", "header_ms: 1500").replace(
+        "    upstream_ms: 15000\n",
+        &format!("    upstream_ms: 15000\n  access_log:\n    path: {}\n", access_log.display()),
+    ) + "neighbors:\n  reachable_ms: 2000\n";
     std::fs::write(dir.join("bootstrap.yaml"), boot).unwrap();
     let manifests = dir.join("manifests.yaml");
     // TLS for secure.lab: a CA made here and a certificate it signs, in a kubernetes.io/tls
@@ -208,6 +213,35 @@ fn lab_end_to_end() {
     assert!(answers.iter().all(|(code, body)| code == "200" && body.starts_with("be1")), "{answers:?}");
     assert_eq!(metric("fulcrum_l7_upstream_connect_failures_total{"), Some(1.0), "refused once, then passed over");
     assert_eq!(metric("fulcrum_l7_upstream_resends_total{"), Some(1.0));
+    // The access log: a JSON line for each request above, written by the writer thread.
+    let log_lines = || -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(&access_log).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("access log line {l:?}: {e}"))).collect()
+    };
+    let t = Instant::now();
+    while log_lines().iter().filter(|v| v["host"] == "retry.lab").count() < 20 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the retry.lab requests never reached the access log");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines = log_lines();
+    let find = |host: &str, status: u64| lines.iter().find(|v| v["host"] == host && v["status"] == status);
+    let web_ok = |v: &&serde_json::Value| v["host"] == "web.lab" && v["path"] == "/" && v["status"] == 200;
+    assert!(lines.iter().filter(web_ok).count() >= 60, "the 60 requests to web.lab");
+    let web = lines.iter().find(web_ok).unwrap();
+    assert!(web["client"].as_str().is_some_and(|c| c.starts_with("10.10.0.10:")), "{web}");
+    assert!(web["upstream"].as_str().is_some_and(|u| u.starts_with("10.10.0.1") && u.ends_with(":8080")), "{web}");
+    assert!(web["method"] == "GET" && web["tls"] == false && web["bytes_sent"].as_u64() > Some(0), "{web}");
+    assert!(web["duration_ms"].as_f64() > Some(0.0) && web["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{web}");
+    assert!(find("unknown.lab", 404).is_some_and(|v| v["upstream"].is_null()), "404: answered here");
+    assert!(find("empty.lab", 503).is_some(), "503");
+    assert!(lines.iter().any(|v| v["status"] == 431 && v["method"].is_null()), "431: no head read");
+    assert!(lines.iter().any(|v| v["status"] == 408 && v["method"].is_null()), "408: the slow client");
+    assert!(find("ws.lab", 101).is_some(), "the WebSocket upgrade");
+    assert!(find("reset.lab", 502).is_some_and(|v| !v["upstream"].is_null()), "502 names the endpoint that reset");
+    let resent: Vec<_> = lines.iter().filter(|v| v["host"] == "retry.lab" && v["resends"] == 1).collect();
+    assert_eq!(resent.len(), 1, "the request sent on after the refusal");
+    assert_eq!(resent[0]["upstream"], "10.10.0.11:8080", "and answered by be1");
+    assert_eq!(metric("fulcrum_l7_access_log_dropped_total{"), Some(0.0));
     // HTTPS: the Secret's certificate by SNI, HTTP redirected to HTTPS, and a certificate
     // swap that new handshakes see while an open TLS connection lives on.
     let ca = dir.join("ca.crt");

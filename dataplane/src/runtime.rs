@@ -10,6 +10,7 @@
 //! Each worker copies its counters out every ~100 ms for the control thread to read, and at once
 //! when a health check verdict changes (the control thread then rebuilds without the endpoint).
 
+use crate::l7::access_log::AccessLog;
 use crate::port::{Burst, Port, BURST};
 use crate::snapshot::Snapshot;
 use crate::stats::{CoreStats, DropReason};
@@ -134,6 +135,8 @@ pub struct WorkerSpec<P> {
     pub config: WorkerConfig,
     pub cpu: Option<usize>,
     pub port: P,
+    /// Its proxy's access log (see `l7::access_log`); None: requests are not logged.
+    pub access_log: Option<AccessLog>,
 }
 
 /// Starts one thread per spec. Worker i hands return traffic for core j to ring (i, j).
@@ -150,6 +153,9 @@ where
     for (i, (spec, ((outs, ins), (news_out, news_in)))) in specs.into_iter().zip(peers).enumerate() {
         let announce = spec.config.announce_at_start;
         let mut worker = Worker::new(spec.config, shared.snapshot.current())?;
+        if let Some(log) = spec.access_log {
+            worker.set_access_log(log);
+        }
         if announce {
             worker.announce_own_addresses();
         }

@@ -272,6 +272,8 @@ impl CoreStats {
                    "upstream_ports_exhausted": self.l7.upstream_ports_exhausted,
                    "upstream_connect_failures": self.l7.upstream_connect_failures,
                    "upstream_resends": self.l7.upstream_resends,
+                   "access_log_records": self.l7.access_log_records,
+                   "access_log_dropped": self.l7.access_log_dropped,
                    "segments_unwanted": self.l7.segments_unwanted},
             "health": {"probes": self.l7.health_probes, "failures": self.l7.health_failures,
                        "transitions": self.l7.health_transitions, "down": self.health_down.len()},

@@ -707,6 +707,13 @@ impl Worker {
     /// another) follow at once instead of sending to the old MAC until their entry is
     /// re-checked; those without an entry create none (Linux's default). `fulcrum run` calls it
     /// at start.
+    /// Hands the proxy's requests to an access log from now on (no proxy: nothing to log).
+    pub fn set_access_log(&mut self, log: crate::l7::access_log::AccessLog) {
+        if let Some(p) = self.proxy.as_mut() {
+            p.set_access_log(log);
+        }
+    }
+
     pub fn announce_own_addresses(&mut self) {
         if self.cfg.core_index == 0 {
             self.own_announce_rounds = ANNOUNCE_ROUNDS;

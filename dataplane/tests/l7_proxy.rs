@@ -5,13 +5,14 @@
 
 use fulcrum_config::ingress::{HostMatch, L7Backend, L7Certificate, L7Host, L7Path, L7State, PathType};
 use fulcrum_config::model::ObjectRef;
+use fulcrum_dataplane::l7::access_log::{AccessLog, Reader};
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig, ProxyStats};
 use fulcrum_dataplane::l7::router::Router;
 use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
 use rustls::pki_types::pem::PemObject;
 use smoltcp::iface::SocketHandle;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
 const L7: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 100);
@@ -498,6 +499,56 @@ fn errors_made_by_the_proxy() {
         "{:?}",
         String::from_utf8_lossy(&resp)
     );
+}
+
+#[test]
+fn every_request_is_logged_once_with_its_outcome() {
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let (ring, mut events) = rtrb::RingBuffer::new(1 << 16);
+    lab.proxy.set_access_log(AccessLog::new(2, ring, std::time::Instant::now()));
+    let (mut reader, mut records) = (Reader::new(2), std::collections::VecDeque::new());
+    let mut next = || {
+        reader.drain(&mut events, |r| records.push_back(r.clone()));
+        records.pop_front()
+    };
+    let client = |port| Some(SocketAddrV4::new(CLIENT, port));
+    let h = lab.connect(40000);
+    let got = lab.exchange(h, b"GET /item?x=1 HTTP/1.1\r\nHost: shop.example:80\r\n\r\n", 300, complete);
+    assert!(got.starts_with(b"HTTP/1.1 200 "), "{:?}", String::from_utf8_lossy(&got));
+    let r = next().expect("the 200's record");
+    assert_eq!((&r.method[..], &r.host[..], &r.target[..]), (&b"GET"[..], &b"shop.example:80"[..], &b"/item?x=1"[..]));
+    assert_eq!((r.core, r.client, r.tls, r.status, r.resends, r.cut), (2, client(40000), false, 200, 0, false));
+    assert_eq!(r.bytes_sent, got.len() as u64, "head and body, as the client got them");
+    assert!(r.upstream.is_some_and(|u| [BE1, BE2].contains(u.ip()) && u.port() == 8080), "{:?}", r.upstream);
+    // Answered here, on the same connection: no upstream.
+    let got = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n", 300, complete);
+    assert!(got.starts_with(b"HTTP/1.1 404 "));
+    let r = next().expect("the 404's record");
+    assert_eq!(
+        (r.status, r.upstream, r.bytes_sent, &r.host[..]),
+        (404, None, got.len() as u64, &b"nowhere.example"[..])
+    );
+    // A head that never comes whole: 408, with no request to show.
+    let h = lab.connect(40001);
+    let got = lab.exchange(h, b"GET / HTTP/1.1\r\nHost: sho", 3_000, complete);
+    assert!(got.starts_with(b"HTTP/1.1 408 "));
+    let r = next().expect("the 408's record");
+    assert_eq!((r.status, r.method.len(), r.target.len(), r.client), (408, 0, 0, client(40001)));
+    // The client goes while its request waits for a slow backend: status 0, nothing sent.
+    lab.backend_latency = 100;
+    let h = lab.connect(40002);
+    let got = lab.exchange(h, b"GET /slow HTTP/1.1\r\nHost: shop.example\r\n\r\n", 20, |_| false);
+    assert!(got.is_empty());
+    assert!(next().is_none(), "nothing before the request is over");
+    lab.client.tcp(h).abort();
+    lab.run_until(lab.now + 300);
+    let r = next().expect("the abandoned request's record");
+    assert_eq!((r.status, r.bytes_sent, &r.target[..]), (0, 0, &b"/slow"[..]));
+    assert!(r.upstream.is_some(), "it had gone upstream");
+    assert!(next().is_none(), "one record per request");
+    let mut st = ProxyStats::default();
+    lab.proxy.fill_gauges(&mut st);
+    assert_eq!((st.access_log_records, st.access_log_dropped), (4, 0));
 }
 
 #[test]

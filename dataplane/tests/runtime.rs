@@ -115,6 +115,7 @@ fn start_chan_workers(
             config: small_config(boot, core, n),
             cpu: None,
             port: ChanPort { rx: in_rx, tx: out_tx },
+            access_log: None,
         });
         inputs.push(in_tx);
         outputs.push(out_rx);
@@ -219,7 +220,12 @@ impl Port for ThreadPort {
 fn a_worker_attaches_its_port_to_its_thread_before_the_first_burst_and_detaches_after_the_last() {
     let (boot, shared) = fixtures(1);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let specs = vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port: ThreadPort(seen.clone()) }];
+    let specs = vec![WorkerSpec {
+        config: small_config(&boot, 0, 1),
+        cpu: None,
+        port: ThreadPort(seen.clone()),
+        access_log: None,
+    }];
     let handles = runtime::spawn(specs, shared.clone(), Idle::Backoff(Duration::from_micros(200))).unwrap();
     let t = Instant::now();
     while seen.lock().unwrap().len() < 2 {
@@ -265,7 +271,7 @@ impl Port for StallingPort {
 /// Runs one worker on `port` for `run`, and returns its loop times.
 fn loop_times_of(port: StallingPort, idle: Idle, run: Duration) -> fulcrum_dataplane::stats::LoopTimes {
     let (boot, shared) = fixtures(1);
-    let specs = vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port }];
+    let specs = vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port, access_log: None }];
     let handles = runtime::spawn(specs, shared.clone(), idle).unwrap();
     std::thread::sleep(run);
     shared.stop();
@@ -301,8 +307,12 @@ fn a_reader_holding_the_counters_does_not_stall_the_worker() {
     let (boot, shared) = fixtures(1);
     let (in_tx, in_rx) = channel();
     let (out_tx, out_rx) = channel();
-    let specs =
-        vec![WorkerSpec { config: small_config(&boot, 0, 1), cpu: None, port: ChanPort { rx: in_rx, tx: out_tx } }];
+    let specs = vec![WorkerSpec {
+        config: small_config(&boot, 0, 1),
+        cpu: None,
+        port: ChanPort { rx: in_rx, tx: out_tx },
+        access_log: None,
+    }];
     let handles = runtime::spawn(specs, shared.clone(), Idle::BusyPoll).unwrap();
     let client = [198, 51, 100, 7];
     {

@@ -215,6 +215,15 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
             t.header_ms, t.connect_ms, t.upstream_ms, t.idle_ms, l.max_header_bytes, l.max_headers, l.max_uri_bytes,
             l.max_body_bytes
         )?;
+        match &l7.access_log {
+            Some(log) => writeln!(
+                out,
+                "    access log: {} (a ring of {} bytes per worker)",
+                if log.path == "-" { "standard output" } else { &log.path },
+                log.ring_bytes
+            )?,
+            None => writeln!(out, "    access log: off")?,
+        }
     }
     Ok(())
 }

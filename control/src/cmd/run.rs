@@ -202,6 +202,7 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
             config: WorkerConfig::from_bootstrap(&boot, i as u16, workers),
             cpu: Some(cpu),
             port: port.queue(i as u16, i as u16)?,
+            access_log: None,
         });
     }
     eprintln!(

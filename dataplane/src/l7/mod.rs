@@ -1,6 +1,7 @@
 //! L7: HTTP routing by host and path (Ingress v1), HTTP/1.1 message handling, the worker's
 //! user-space TCP (smoltcp, sharded) and the reverse proxy on top of it.
 
+pub mod access_log;
 mod ack_pace;
 pub mod buffers;
 pub mod client_io;

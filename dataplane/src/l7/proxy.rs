@@ -21,6 +21,7 @@
 //! sent is never sent again: the upstream may have acted on it.
 
 mod health;
+use super::access_log::AccessLog;
 use super::ack_pace::AckPace;
 use super::client_io::{self as io, TlsSide};
 use super::http::body::BodyReader;
@@ -80,6 +81,9 @@ pub struct ProxyStats {
     /// Requests sent to another endpoint because theirs failed before taking a byte.
     pub upstream_resends: u64,
     pub segments_unwanted: u64,
+    /// Access log records handed to the writer, and dropped because its ring was full.
+    pub access_log_records: u64,
+    pub access_log_dropped: u64,
     /// Health probes completed, failed, and endpoint up/down changes.
     pub health_probes: u64,
     pub health_failures: u64,
@@ -117,6 +121,8 @@ impl ProxyStats {
         self.upstream_connect_failures += o.upstream_connect_failures;
         self.upstream_resends += o.upstream_resends;
         self.segments_unwanted += o.segments_unwanted;
+        self.access_log_records += o.access_log_records;
+        self.access_log_dropped += o.access_log_dropped;
         self.health_probes += o.health_probes;
         self.health_failures += o.health_failures;
         self.health_transitions += o.health_transitions;
@@ -209,6 +215,13 @@ struct Upstream {
     connecting: bool,
 }
 
+impl Client {
+    /// The client's address and port, as the access log shows them.
+    fn peer_addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(self.peer, self.key.1)
+    }
+}
+
 impl Upstream {
     /// Its byte buffers while it carries a request (see `SpareBufs`).
     fn lend_buffers(&mut self, spare: &mut SpareBufs) {
@@ -277,6 +290,8 @@ pub struct Proxy {
     pub latency_us: hdrhistogram::Histogram<u64>,
     probes: Vec<health::Probe>,
     last_probe_ms: u64,
+    /// Requests' records for the access log, when there is one (off: a branch per request).
+    access_log: Option<Box<AccessLog>>,
 }
 
 const SCRATCH: usize = 16 * 1024;
@@ -336,6 +351,7 @@ impl Proxy {
             latency_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
             probes: Vec::new(),
             last_probe_ms: 0,
+            access_log: None,
         }
     }
 
@@ -352,6 +368,14 @@ impl Proxy {
         st.sockets = self.stack.sockets_in_use() as u64;
         st.deadline_entries = self.deadlines.len() as u64;
         st.socket_buffer_bytes = self.stack.buffer_bytes() as u64;
+        if let Some(log) = &self.access_log {
+            (st.access_log_records, st.access_log_dropped) = (log.written, log.dropped);
+        }
+    }
+
+    /// Records every request from now on into `log` (see `access_log`).
+    pub fn set_access_log(&mut self, log: AccessLog) {
+        self.access_log = Some(Box::new(log));
     }
 
     pub fn set_router(&mut self, router: Arc<Router>) {
@@ -790,16 +814,24 @@ impl Proxy {
             }
         };
         self.stats.requests += 1;
-        c.started = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
+        c.started = Some(started);
         c.keep_alive = r.keep_alive;
         c.head_request = r.method.eq_ignore_ascii_case("HEAD");
         c.upgrade = r.upgrade.is_some();
         let host = r.host.unwrap_or("");
+        if let Some(log) = self.access_log.as_deref_mut() {
+            log.start(c.idx, started, c.peer_addr(), c.tls.is_some(), r.method, host, r.target);
+        }
         if c.tls.is_none() && self.router.https_redirect(host) {
             // A host with TLS: plain HTTP is sent to HTTPS (308 keeps the method and body).
             let location = format!("https://{host}{}", r.target);
             self.count_response(308);
+            let before = c.out.len();
             head::redirect_response(&location, &mut c.out);
+            if let Some(log) = self.access_log.as_deref_mut() {
+                log.answered(c.idx, c.peer_addr(), c.tls.is_some(), 308, c.out.len() - before);
+            }
             c.buf.clear();
             c.phase = Phase::Closing;
             return self.closing(c);
@@ -854,6 +886,9 @@ impl Proxy {
     /// and runs it.
     fn send_upstream(&mut self, c: &mut Client, u: usize, ep: SocketAddrV4, now: u64) -> bool {
         c.up = Some(u);
+        if let Some(log) = self.access_log.as_deref_mut() {
+            log.upstream(c.idx, ep, c.resends);
+        }
         let up = self.ups[u].as_ref().unwrap();
         let (ushard, connecting) = (up.sock.shard, up.connecting);
         self.attach(ushard, c.idx);
@@ -1058,14 +1093,22 @@ impl Proxy {
             let up_keep = res.keep_alive;
             if (100..200).contains(&status) && status != 101 {
                 // Interim (100 Continue): relay and read on.
+                let before = c.out.len();
                 head::write_client_response(&res, true, &mut c.out);
+                if let Some(log) = self.access_log.as_deref_mut() {
+                    log.response_head(c.idx, status, c.out.len() - before);
+                }
                 let mut rest = buf;
                 rest.drain(..head_len);
                 self.ups[u].as_mut().unwrap().buf = rest;
                 continue;
             }
             let client_keep = c.keep_alive && up_keep;
+            let before = c.out.len();
             head::write_client_response(&res, client_keep, &mut c.out);
+            if let Some(log) = self.access_log.as_deref_mut() {
+                log.response_head(c.idx, status, c.out.len() - before);
+            }
             c.keep_alive = client_keep;
             self.count_response(status);
             self.record_latency(c);
@@ -1076,6 +1119,10 @@ impl Proxy {
             c.progress_ms = now;
             c.deadline = now + self.cfg.idle_timeout_ms;
             if status == 101 && c.upgrade {
+                // Logged as it starts: a tunnel's bytes are not a response's.
+                if let Some(log) = self.access_log.as_deref_mut() {
+                    log.done(c.idx, c.peer_addr(), c.tls.is_some(), 0);
+                }
                 c.out.extend_from_slice(&rest);
                 c.phase = Phase::Tunnel;
                 return self.flush_client(c) && self.tunnel(c);
@@ -1182,6 +1229,9 @@ impl Proxy {
                         if !complete {
                             return self.abort(c);
                         }
+                        if let Some(log) = self.access_log.as_deref_mut() {
+                            log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed);
+                        }
                         c.keep_alive = false;
                         c.resp_body = None;
                         c.phase = Phase::Closing;
@@ -1214,6 +1264,9 @@ impl Proxy {
             return self.abort(c);
         }
         if c.resp_body.as_ref().is_some_and(BodyReader::is_done) {
+            if let Some(log) = self.access_log.as_deref_mut() {
+                log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed);
+            }
             let req_done = c.req_body.as_ref().is_none_or(BodyReader::is_done);
             self.release_upstream(c, req_done);
             c.resp_body = None;
@@ -1305,7 +1358,11 @@ impl Proxy {
         self.count_response(status);
         self.record_latency(c);
         let keep = status == 404 && c.keep_alive && c.buf.is_empty();
+        let before = c.out.len();
         head::error_response(status, keep, c.head_request, &mut c.out);
+        if let Some(log) = self.access_log.as_deref_mut() {
+            log.answered(c.idx, c.peer_addr(), c.tls.is_some(), status, c.out.len() - before);
+        }
         if keep {
             c.phase = Phase::Head;
             c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
@@ -1477,6 +1534,11 @@ impl Proxy {
     fn finish(&mut self, mut c: Client) {
         if c.up.is_some() {
             self.release_upstream(&mut c, false);
+        }
+        if let Some(log) = self.access_log.as_deref_mut() {
+            // A request still under way: the connection ended first (status 0 if no response
+            // head went out, else the part of the response sent).
+            log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed);
         }
         let s = self.stack.tcp(c.sock);
         if !matches!(s.state(), State::Closed | State::TimeWait) {
