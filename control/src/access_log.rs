@@ -151,33 +151,43 @@ impl Writer {
     }
 }
 
-/// One record as a JSON line (with its newline) in `out`. Text fields are shown as UTF-8,
-/// bytes that are not replaced (U+FFFD); empty ones (a request the proxy could not read) are
-/// null.
+/// One record as a JSON line (with its newline) in `out`, its keys in a fixed order (time
+/// first, as people read them). Text fields are shown as UTF-8, bytes that are not replaced
+/// (U+FFFD); empty ones (a request the proxy could not read) are null.
 pub fn format_line(r: &AccessRecord, at: SystemTime, out: &mut String) {
-    let text = |b: &[u8]| (!b.is_empty()).then(|| String::from_utf8_lossy(b).into_owned());
+    use std::fmt::Write as _;
+    // A JSON string (escaped by serde_json), or null.
+    let text = |b: &[u8]| -> String {
+        if b.is_empty() {
+            "null".into()
+        } else {
+            serde_json::to_string(&String::from_utf8_lossy(b)).expect("a string serializes")
+        }
+    };
+    let addr = |a: Option<std::net::SocketAddrV4>| a.map_or("null".into(), |a| format!("\"{a}\""));
     let ms = at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     let time = jiff::Timestamp::from_millisecond(ms).map(|t| format!("{t:.3}")).unwrap_or_default();
-    let mut v = serde_json::json!({
-        "time": time,
-        "core": r.core,
-        "client": r.client.map(|c| c.to_string()),
-        "tls": r.tls,
-        "method": text(&r.method),
-        "host": text(&r.host),
-        "path": text(&r.target),
-        "status": r.status,
-        "bytes_sent": r.bytes_sent,
-        "duration_ms": r.duration_us as f64 / 1000.0,
-        "upstream": r.upstream.map(|u| u.to_string()),
-        "resends": r.resends,
-    });
-    if r.cut {
-        v["cut"] = true.into();
-    }
     out.clear();
-    out.push_str(&v.to_string());
-    out.push('\n');
+    let _ = write!(
+        out,
+        "{{\"time\":\"{time}\",\"core\":{},\"client\":{},\"tls\":{},\"method\":{},\"host\":{},\"path\":{},\
+         \"status\":{},\"bytes_sent\":{},\"duration_ms\":{:.3},\"upstream\":{},\"resends\":{}",
+        r.core,
+        addr(r.client),
+        r.tls,
+        text(&r.method),
+        text(&r.host),
+        text(&r.target),
+        r.status,
+        r.bytes_sent,
+        r.duration_us as f64 / 1000.0,
+        addr(r.upstream),
+        r.resends,
+    );
+    if r.cut {
+        out.push_str(",\"cut\":true");
+    }
+    out.push_str("}\n");
 }
 
 #[cfg(test)]
@@ -221,6 +231,10 @@ mod tests {
         assert_eq!(v["duration_ms"].as_f64(), Some(1.234));
         assert_eq!(v["upstream"], "10.10.0.11:8080");
         assert!(v.get("cut").is_none());
+        assert!(line.starts_with("{\"time\":\"2026-11-18T11:06:40.123Z\",\"core\":1,"), "keys in order: {line}");
+        let long = AccessRecord { cut: true, ..record() };
+        format_line(&long, at, &mut line);
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&line).unwrap()["cut"], true);
         let unread =
             AccessRecord { method: vec![], host: vec![], target: vec![], upstream: None, status: 408, ..record() };
         format_line(&unread, at, &mut line);
