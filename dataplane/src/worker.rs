@@ -700,13 +700,6 @@ impl Worker {
         self.send(port, &mut tx);
     }
 
-    /// Announces the appliance's own addresses, the port's and the FullNAT source addresses,
-    /// by gratuitous ARP and unsolicited neighbour advertisement, three rounds a second apart
-    /// from the next poll on (worker 0 only: one announcement per appliance). Neighbours that
-    /// hold another MAC for one of them (a replaced appliance, source addresses moved from
-    /// another) follow at once instead of sending to the old MAC until their entry is
-    /// re-checked; those without an entry create none (Linux's default). `fulcrum run` calls it
-    /// at start.
     /// Hands the proxy's requests to an access log from now on (no proxy: nothing to log).
     pub fn set_access_log(&mut self, log: crate::l7::access_log::AccessLog) {
         if let Some(p) = self.proxy.as_mut() {
@@ -714,6 +707,13 @@ impl Worker {
         }
     }
 
+    /// Announces the appliance's own addresses, the port's and the FullNAT source addresses,
+    /// by gratuitous ARP and unsolicited neighbour advertisement, three rounds a second apart
+    /// from the next poll on (worker 0 only: one announcement per appliance). Neighbours that
+    /// hold another MAC for one of them (a replaced appliance, source addresses moved from
+    /// another) follow at once instead of sending to the old MAC until their entry is
+    /// re-checked; those without an entry create none (Linux's default). `fulcrum run` calls it
+    /// at start.
     pub fn announce_own_addresses(&mut self) {
         if self.cfg.core_index == 0 {
             self.own_announce_rounds = ANNOUNCE_ROUNDS;

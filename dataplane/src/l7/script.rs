@@ -20,8 +20,12 @@
 //!   client never sees an error from the proxy's TLS, and the proxy counts no more failed
 //!   sessions (`ProxyStats::tls`) than there were hostile clients;
 //! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
-//!   socket, no upstream and no deadline entry beyond what it held before the script (no leak).
+//!   socket, no upstream and no deadline entry beyond what it held before the script (no leak);
+//! - the access log has one record for every request head the proxy read, no record without
+//!   a valid status (or 0, no response), and as many responses of each class as the proxy
+//!   counted.
 
+use super::access_log::{AccessLog, Reader};
 use super::http::body::BodyReader;
 use super::http::head::{parse_response, Framing};
 use super::http::Limits;
@@ -128,6 +132,12 @@ struct Session {
     tls_hostile: u64,
     /// A TLS client that sent nothing hostile had its session fail: the proxy spoke bad TLS.
     tls_error: Option<String>,
+    /// The proxy's access log, read every tick: records with a request (method), records by
+    /// status class (0, 1xx-5xx), and the first status out of range.
+    log: (rtrb::Consumer<u8>, Reader),
+    logged_requests: u64,
+    logged_classes: [u64; 6],
+    bad_status: Option<u16>,
 }
 
 /// Runs `script` (any bytes) as a session; see the module's doc for what is checked.
@@ -194,6 +204,8 @@ impl Session {
         };
         let mut proxy = Proxy::new(cfg, router(0));
         proxy.set_tls(Some(server_tls()));
+        let (ring, events) = rtrb::RingBuffer::new(1 << 20);
+        proxy.set_access_log(AccessLog::new(0, ring, std::time::Instant::now()));
         let mut s = Session {
             proxy,
             client: Host::new(CLIENT, 3),
@@ -207,6 +219,10 @@ impl Session {
             cut: false,
             tls_hostile: 0,
             tls_error: None,
+            log: (events, Reader::new(0)),
+            logged_requests: 0,
+            logged_classes: [0; 6],
+            bad_status: None,
         };
         s.keep_listening();
         s
@@ -362,6 +378,19 @@ impl Session {
         }
         self.read_clients();
         self.keep_listening();
+        self.read_log();
+    }
+
+    fn read_log(&mut self) {
+        let (events, reader) = &mut self.log;
+        let (requests, classes, bad) = (&mut self.logged_requests, &mut self.logged_classes, &mut self.bad_status);
+        reader.drain(events, |r| {
+            *requests += u64::from(!r.method.is_empty());
+            match r.status {
+                0 | 100..=599 => classes[usize::from(r.status / 100)] += 1,
+                s => *bad = bad.or(Some(s)),
+            }
+        });
     }
 
     /// Clients that are not paused read what came; closed ones go from their slot.
@@ -458,6 +487,25 @@ impl Session {
             return Err(format!("{} deadline entries left with no connection", self.proxy.deadline_entries()));
         }
         let st = self.proxy.stats;
+        self.read_log();
+        let mut gauges = st;
+        self.proxy.fill_gauges(&mut gauges);
+        if let Some(s) = self.bad_status {
+            return Err(format!("an access log record with status {s}"));
+        }
+        if gauges.access_log_dropped > 0 || self.logged_requests != st.requests {
+            return Err(format!(
+                "the access log has {} records of requests ({} dropped); the proxy read {} request heads",
+                self.logged_requests, gauges.access_log_dropped, st.requests
+            ));
+        }
+        if self.logged_classes[2..] != st.responses {
+            return Err(format!(
+                "the access log's responses by class (2xx-5xx) are {:?}; the proxy counted {:?}",
+                &self.logged_classes[2..],
+                st.responses
+            ));
+        }
         if st.tls.failures > self.tls_hostile {
             return Err(format!(
                 "the proxy counted {} failed TLS sessions; only {} clients sent hostile records",
