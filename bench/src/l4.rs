@@ -244,6 +244,7 @@ fn worker(a: &L4Args) -> anyhow::Result<(Worker, Generator)> {
             mode,
             affinity: None,
             health: None,
+            source_ranges: Vec::new(),
             endpoints: (0..a.backends)
                 .map(|i| Endpoint {
                     addr: IpAddr::V4(Ipv4Addr::new(10, 30, (i >> 8) as u8, i as u8)),

@@ -120,6 +120,9 @@ pub struct VipService {
     pub mode: ForwardingMode,
     pub affinity: Option<ClientIpAffinity>,
     pub health: Option<HealthCheck>,
+    /// Clients allowed to open flows (`spec.loadBalancerSourceRanges`, host bits cleared,
+    /// sorted); empty: any client. A VIP's family with no range of its own admits nobody.
+    pub source_ranges: Vec<ipnet::IpNet>,
     /// Sorted by (addr, port) so that equal inputs give equal tables.
     pub endpoints: Vec<Endpoint>,
 }

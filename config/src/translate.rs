@@ -25,6 +25,9 @@ pub const ANNOTATION_FORWARDING: &str = "fulcrum.io/forwarding";
 pub const ANNOTATION_HEALTH: &str = "fulcrum.io/health-check";
 /// Services with the same value may share a VIP (on different ports).
 pub const ANNOTATION_SHARED_IP: &str = "fulcrum.io/allow-shared-ip";
+/// The legacy form of `spec.loadBalancerSourceRanges` (comma-separated CIDRs), read when the
+/// field is empty, as Kubernetes' cloud providers do.
+pub const ANNOTATION_SOURCE_RANGES: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 /// The label tying an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
@@ -292,6 +295,7 @@ fn validate_spec(boot: &Bootstrap, lb: &Lb<'_>) -> Result<(), ConfigError> {
     forwarding_mode(boot, lb)?;
     affinity(lb)?;
     health_check(lb)?;
+    source_ranges(lb)?;
     let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Err(lb.err("spec.ports", "a LoadBalancer Service needs at least one port"));
@@ -316,6 +320,7 @@ fn lb_services(
     let mode = forwarding_mode(boot, lb).map_err(invalid)?;
     let affinity = affinity(lb).map_err(invalid)?;
     let health = health_check(lb).map_err(invalid)?;
+    let source_ranges = source_ranges(lb).map_err(invalid)?;
     let ports = lb.spec.ports.as_deref().unwrap_or(&[]);
     if ports.is_empty() {
         return Err(invalid(lb.err("spec.ports", "a LoadBalancer Service needs at least one port")));
@@ -346,6 +351,7 @@ fn lb_services(
                     mode,
                     affinity: affinity.clone(),
                     health: health.clone(),
+                    source_ranges: source_ranges.clone(),
                     endpoints,
                 },
                 pi,
@@ -639,6 +645,37 @@ fn health_check(lb: &Lb<'_>) -> Result<Option<HealthCheck>, ConfigError> {
     }))
 }
 
+/// The clients a Service admits: `spec.loadBalancerSourceRanges`, else the legacy annotation;
+/// none: everyone. Each a CIDR (host bits allowed and cleared, as Kubernetes' validation
+/// takes them).
+fn source_ranges(lb: &Lb<'_>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let field: Vec<(String, String)> = match lb.spec.load_balancer_source_ranges.as_deref() {
+        Some(list) if !list.is_empty() => list
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("spec.loadBalancerSourceRanges[{i}]"), r.trim().to_string()))
+            .collect(),
+        _ => match lb.annotation(ANNOTATION_SOURCE_RANGES) {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(|r| (annotation_field(ANNOTATION_SOURCE_RANGES), r.to_string()))
+                .collect(),
+            None => Vec::new(),
+        },
+    };
+    let mut ranges = Vec::with_capacity(field.len());
+    for (name, text) in field {
+        let net: ipnet::IpNet =
+            text.parse().map_err(|_| lb.err(name, format!("{text:?} is not a CIDR (like 203.0.113.0/24)")))?;
+        ranges.push(net.trunc());
+    }
+    ranges.sort();
+    ranges.dedup();
+    Ok(ranges)
+}
+
 fn forwarding_mode(boot: &Bootstrap, lb: &Lb<'_>) -> Result<ForwardingMode, ConfigError> {
     match lb.annotation(ANNOTATION_FORWARDING) {
         None => Ok(boot.forwarding.default_mode),
@@ -846,6 +883,30 @@ mod tests {
     }
 
     const HTTP: &str = ", ports: [{name: http, port: 80, targetPort: 8080}]";
+
+    #[test]
+    fn source_ranges_from_the_field_or_the_annotation() {
+        let ranges = |docs: &[String]| -> Vec<String> {
+            let s = run(docs).unwrap();
+            s.services[0].source_ranges.iter().map(ToString::to_string).collect()
+        };
+        // Host bits cleared, sorted, duplicates gone; the field wins over the annotation.
+        let field = format!(", loadBalancerSourceRanges: [\"fd00:10::7/64\", 10.10.3.4/16, 10.10.0.0/16]{HTTP}");
+        let annotated = |v: &str| format!(", annotations: {{{ANNOTATION_SOURCE_RANGES}: \"{v}\"}}");
+        assert_eq!(ranges(&[svc("a", &annotated("192.0.2.0/24"), &field)]), ["10.10.0.0/16", "fd00:10::/64"]);
+        assert_eq!(
+            ranges(&[svc("a", &annotated(" 192.0.2.0/24, 198.51.100.0/24 "), HTTP)]),
+            ["192.0.2.0/24", "198.51.100.0/24"]
+        );
+        assert!(ranges(&[svc("a", "", HTTP)]).is_empty(), "none: any client");
+        let e = err(&[svc("a", "", &format!(", loadBalancerSourceRanges: [10.0.0.0/8, 10.1.2.3]{HTTP}"))]);
+        assert!(e.ends_with("Service demo/a: field spec.loadBalancerSourceRanges[1]: \"10.1.2.3\" is not a CIDR (like 203.0.113.0/24)"), "{e}");
+        let e = err(&[svc("a", &annotated("10.0.0.0/33"), HTTP)]);
+        assert!(
+            e.contains(&format!("field metadata.annotations[{ANNOTATION_SOURCE_RANGES:?}]: \"10.0.0.0/33\"")),
+            "{e}"
+        );
+    }
 
     #[test]
     fn allocation_is_ordered_stable_and_skips_requested_addresses() {

@@ -72,19 +72,21 @@ fn check_prints_the_vip_table_of_the_examples() {
     assert!(out.contains("bootstrap.yaml: ok"), "{out}");
     assert!(out.contains("manifests: ok: 8 VIP ports, 15 backends"), "{out}");
     let header = out.lines().find(|l| l.starts_with("VIP ")).expect("table header");
-    for col in ["PORT", "MODE", "SERVICE (PORT NAME)", "AFFINITY", "READY", "TERMINATING", "NOT-READY"] {
+    for col in ["PORT", "MODE", "SERVICE (PORT NAME)", "AFFINITY", "READY", "TERMINATING", "NOT-READY", "SOURCES"] {
         assert!(header.contains(col), "{header}");
     }
-    // VIP, port/proto, mode, service (port name), affinity, ready, terminating, not ready.
-    let expected: &[[&str; 8]] = &[
-        ["10.20.0.1", "53/UDP", "fullnat", "demo/dns-echo (dns)", "-", "1", "0", "1"],
-        ["10.20.0.10", "80/TCP", "fullnat", "demo/web (http)", "-", "2", "1", "0"],
-        ["10.20.0.20", "443/TCP", "dsr-ipip", "media/video", "-", "2", "0", "0"],
-        ["10.20.0.30", "443/TCP", "fullnat", "demo/api (https)", "-", "1", "0", "0"],
-        ["10.20.0.30", "9090/TCP", "fullnat", "demo/api (grpc)", "-", "1", "0", "0"],
-        ["10.20.0.40", "8080/TCP", "fullnat", "shop/cart (http)", "ClientIP 600s", "2", "0", "0"],
-        ["fd00:20::30", "443/TCP", "fullnat", "demo/api (https)", "-", "2", "0", "0"],
-        ["fd00:20::30", "9090/TCP", "fullnat", "demo/api (grpc)", "-", "2", "0", "0"],
+    // VIP, port/proto, mode, service (port name), affinity, ready, terminating, not ready,
+    // sources.
+    let api = "10.10.0.0/16,fd00:10::/64";
+    let expected: &[[&str; 9]] = &[
+        ["10.20.0.1", "53/UDP", "fullnat", "demo/dns-echo (dns)", "-", "1", "0", "1", "any"],
+        ["10.20.0.10", "80/TCP", "fullnat", "demo/web (http)", "-", "2", "1", "0", "any"],
+        ["10.20.0.20", "443/TCP", "dsr-ipip", "media/video", "-", "2", "0", "0", "any"],
+        ["10.20.0.30", "443/TCP", "fullnat", "demo/api (https)", "-", "1", "0", "0", api],
+        ["10.20.0.30", "9090/TCP", "fullnat", "demo/api (grpc)", "-", "1", "0", "0", api],
+        ["10.20.0.40", "8080/TCP", "fullnat", "shop/cart (http)", "ClientIP 600s", "2", "0", "0", "any"],
+        ["fd00:20::30", "443/TCP", "fullnat", "demo/api (https)", "-", "2", "0", "0", api],
+        ["fd00:20::30", "9090/TCP", "fullnat", "demo/api (grpc)", "-", "2", "0", "0", api],
     ];
     for e in expected {
         assert_eq!(row(&out, e[0], e[1]), e.to_vec());

@@ -71,7 +71,8 @@ fn lab_end_to_end() {
     let secret_v1 = tls_secret(&dir, "v1", "lab");
     let lab_manifests = std::fs::read_to_string(repo().join("config/examples/lab/manifests.yaml")).unwrap()
         + &secure_ingress(&secret_v1, "lab")
-        + &retry_manifests();
+        + &retry_manifests()
+        + &fenced_manifests();
     std::fs::write(&manifests, &lab_manifests).unwrap();
     // Manifests re-read only on SIGHUP here, so that the steps below test the signal.
     let child = appliance(
@@ -242,6 +243,19 @@ fn lab_end_to_end() {
     assert_eq!(resent.len(), 1, "the request sent on after the refusal");
     assert_eq!(resent[0]["upstream"], "10.10.0.11:8080", "and answered by be1");
     assert_eq!(metric("fulcrum_l7_access_log_dropped_total{"), Some(0.0));
+    // spec.loadBalancerSourceRanges (`fenced_manifests`: 10.20.0.13 admits 192.0.2.0/24 only):
+    // the client's connections are dropped and counted; with its network listed, answered.
+    let fenced = || client(&["curl", "-s", "-m", "2", "--fail", "http://10.20.0.13/"]).0;
+    let refused = "fulcrum_drops_total{core=\"0\",reason=\"source_not_allowed\"}";
+    assert!(!fenced(), "a client outside the source ranges got through");
+    assert!(metric(refused).unwrap_or(0.0) >= 1.0, "its SYNs counted as source_not_allowed");
+    assert!(client(&["curl", "-s", "-m", "2", "--fail", "http://10.20.0.10/"]).0, "other VIPs as before");
+    std::fs::write(&manifests, lab_manifests.replace("[192.0.2.0/24]", "[192.0.2.0/24, 10.10.0.0/24]")).unwrap();
+    hup();
+    assert!(fenced(), "the client's network listed: answered");
+    std::fs::write(&manifests, &lab_manifests).unwrap();
+    hup();
+    assert!(!fenced(), "and refused again once it is not");
     // HTTPS: the Secret's certificate by SNI, HTTP redirected to HTTPS, and a certificate
     // swap that new handshakes see while an open TLS connection lives on.
     let ca = dir.join("ca.crt");
@@ -716,6 +730,17 @@ fn thread_cpus(pid: i32) -> Vec<(String, Vec<usize>)> {
 /// A Service whose endpoints come in two EndpointSlices with the same port name, the second
 /// on a port nobody listens on (be2:8081: connections refused), behind the Ingress host
 /// `retry.lab`.
+/// A LoadBalancer Service on 10.20.0.13 (be1) that admits clients from 192.0.2.0/24 only.
+fn fenced_manifests() -> String {
+    "---\napiVersion: v1\nkind: Service\nmetadata: {name: fenced, namespace: lab}\n\
+     spec: {type: LoadBalancer, loadBalancerIP: 10.20.0.13, loadBalancerSourceRanges: [192.0.2.0/24],\n\
+     \x20      ports: [{name: http, port: 80, targetPort: 8080}]}\n\
+     ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+     metadata: {name: fenced, namespace: lab, labels: {kubernetes.io/service-name: fenced}}\n\
+     addressType: IPv4\nendpoints: [{addresses: [10.10.0.11]}]\nports: [{name: http, protocol: TCP, port: 8080}]\n"
+        .to_string()
+}
+
 fn retry_manifests() -> String {
     let slice = |name: &str, addr: &str, port: u16| {
         format!(

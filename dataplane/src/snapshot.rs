@@ -45,6 +45,12 @@ pub struct ServiceEntry {
     pub mode: Mode,
     /// ClientIP session affinity timeout, if any.
     pub affinity_ms: Option<u32>,
+    /// `spec.loadBalancerSourceRanges`: the clients that may open flows; empty: any.
+    pub source_ranges: Vec<ipnet::IpNet>,
+    /// The same as (network, mask) over addresses as `u128` (IPv4 mapped into IPv6, as the
+    /// fast path has them), checked once per new flow.
+    #[serde(skip)]
+    pub sources: Vec<(u128, u128)>,
     /// This service's backends: a range of `Snapshot::backends`.
     pub backends: Range<u32>,
     /// True when no endpoint is ready and the table was built from serving, terminating ones
@@ -91,6 +97,24 @@ struct VipSlot {
 const ANY_PORT: u16 = u16::MAX;
 
 #[inline(always)]
+/// A CIDR as (network, mask) over `ip_u128`'s addresses.
+fn mapped_range(net: ipnet::IpNet) -> (u128, u128) {
+    let (addr, len) = match net {
+        ipnet::IpNet::V4(n) => (IpAddr::V4(n.network()), 96 + u32::from(n.prefix_len())),
+        ipnet::IpNet::V6(n) => (IpAddr::V6(n.network()), u32::from(n.prefix_len())),
+    };
+    let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+    (ip_u128(addr) & mask, mask)
+}
+
+impl ServiceEntry {
+    /// Whether a client at `src` (as `ip_u128` has it) may open a flow.
+    #[inline]
+    pub fn admits(&self, src: u128) -> bool {
+        self.sources.is_empty() || self.sources.iter().any(|&(net, mask)| src & mask == net)
+    }
+}
+
 fn ip_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped().into(),
@@ -447,6 +471,8 @@ fn entries(state: &DesiredState, terminating_fallback: &[bool], ids: &mut Counte
             proto,
             mode: s.mode.into(),
             affinity_ms: s.affinity.as_ref().map(|a| a.timeout_seconds.saturating_mul(1000)),
+            source_ranges: s.source_ranges.clone(),
+            sources: s.source_ranges.iter().map(|&n| mapped_range(n)).collect(),
             backends: start..e.backends.len() as u32,
             terminating_fallback: terminating_fallback[si],
             maglev: MaglevTable::default(),
@@ -677,6 +703,7 @@ impl Snapshot {
                     "protocol": if s.proto == 6 { "TCP" } else { "UDP" },
                     "mode": match s.mode { Mode::FullNat => "fullnat", Mode::DsrIpip => "dsr-ipip" },
                     "session_affinity_timeout_s": s.affinity_ms.map(|ms| ms / 1000),
+                    "source_ranges": s.source_ranges,
                     "terminating_fallback": s.terminating_fallback,
                     "maglev_fingerprint": format!("{:016x}", fingerprint(s.maglev.slots())),
                     "backends": bs,
@@ -787,6 +814,7 @@ maglev: {table_size: 1009}
             mode: ForwardingMode::FullNat,
             affinity: None,
             health: None,
+            source_ranges: Vec::new(),
             endpoints: eps
                 .iter()
                 .map(|&(i, st)| Endpoint {

@@ -42,6 +42,7 @@ drop_reasons! {
     UnknownVipPort => "unknown_vip_port",
     UnsupportedProtocol => "unsupported_protocol",
     NoBackend => "no_backend",
+    SourceNotAllowed => "source_not_allowed",
     NoFlow => "no_flow",
     WrongCore => "wrong_core",
     ConntrackFull => "conntrack_full",

@@ -1199,6 +1199,11 @@ impl Worker {
     ) -> Result<u32, DropReason> {
         let snap = self.snap_ref();
         let s = &snap.services[svc as usize];
+        if !s.admits(key.src.as_u128()) {
+            // Outside spec.loadBalancerSourceRanges: no flow, as a cloud load balancer's
+            // firewall (checked per new flow only: a flow exists only if admitted).
+            return Err(DropReason::SourceNotAllowed);
+        }
         if key.proto == PROTO_TCP && s.mode == Mode::FullNat && !syn_only(m.tcp_flags) {
             // Mid-stream TCP without state: under FullNAT the backend cannot know the new
             // SNAT port anyway, and creating state for stray ACKs would let a flood fill the

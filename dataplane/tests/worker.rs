@@ -97,6 +97,7 @@ fn service(
         mode,
         affinity: None,
         health: None,
+        source_ranges: Vec::new(),
         endpoints: eps
             .iter()
             .map(|&(a, p, state)| Endpoint { addr: ip(a), port: p, state, weight: 1, target: None })
@@ -644,6 +645,47 @@ fn all_terminating_fall_back_and_none_drop_as_no_backend() {
         assert_eq!((p.dst, p.sport), (b, snat));
     }
     assert_eq!(h.w.stats.dropped(DropReason::NoBackend), 2);
+}
+
+// --- spec.loadBalancerSourceRanges -------------------------------------------------------------
+
+#[test]
+fn only_clients_in_the_source_ranges_open_flows() {
+    let net = |n: &str| -> ipnet::IpNet { n.parse().unwrap() };
+    let mut services = fixed_services();
+    let restrict = |services: &mut Vec<VipService>, name: &str, ranges: &[&str]| {
+        services.iter_mut().find(|s| s.service.name == name).unwrap().source_ranges =
+            ranges.iter().map(|r| net(r)).collect();
+    };
+    // web admits CLIENT4's /24; dns only another network; web6 has an IPv4 range only (its
+    // family none: nobody); dsr6 admits CLIENT6's /48.
+    restrict(&mut services, "web", &["198.51.100.0/24", "fd00:99::/64"]);
+    restrict(&mut services, "dns", &["192.0.2.0/24"]);
+    restrict(&mut services, "web6", &["198.51.100.0/24"]);
+    restrict(&mut services, "dsr6", &["2001:db8:100::/48"]);
+    let mut h = H::new(services.clone());
+    let p = h.fwd(0, &tcp(CLIENT4, 40000, "10.20.0.10", 80, SYN).frame());
+    assert_eq!((p.dst, p.dport), (ip("10.30.0.11"), 8080), "admitted");
+    let refused = [
+        tcp("203.0.113.9", 40001, "10.20.0.10", 80, SYN).frame(),
+        udp(CLIENT4, 40002, "10.20.0.11", 53, b"q").frame(),
+        tcp(CLIENT6, 40003, "fd00:20::10", 80, SYN).frame(),
+    ];
+    for f in &refused {
+        assert_eq!(h.dropped(1, f), DropReason::SourceNotAllowed);
+    }
+    let p = h.fwd(2, &tcp(CLIENT6, 40004, "fd00:20::12", 80, SYN).frame());
+    assert_eq!(p.proto, 41, "DSR to dsr6: IPv6 in IPv6 to its endpoint");
+    // Services without ranges admit anyone.
+    let p = h.fwd(3, &udp("2001:db8:200::9", 40005, "fd00:20::11", 53, b"q").frame());
+    assert_eq!(p.dst, ip("fd00:30::12"));
+    assert_eq!(h.w.stats.dropped(DropReason::SourceNotAllowed), 3);
+    // Narrowed while a flow is open: the flow goes on, the client opens no new one.
+    restrict(&mut services, "web", &["192.0.2.0/24"]);
+    h.w.set_snapshot(snapshot(services, 2));
+    let p = h.fwd(4, &tcp(CLIENT4, 40000, "10.20.0.10", 80, ACK).data(b"x").frame());
+    assert_eq!(p.dst, ip("10.30.0.11"), "the admitted flow lives on");
+    assert_eq!(h.dropped(5, &tcp(CLIENT4, 40006, "10.20.0.10", 80, SYN).frame()), DropReason::SourceNotAllowed);
 }
 
 // --- ClientIP affinity -------------------------------------------------------------------------

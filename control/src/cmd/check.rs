@@ -272,9 +272,19 @@ fn affinity(s: &ServiceEntry) -> String {
     s.affinity_ms.map_or("-".to_string(), |ms| format!("ClientIP {}s", ms / 1000))
 }
 
+/// `spec.loadBalancerSourceRanges`, or `any`.
+fn sources(s: &ServiceEntry) -> String {
+    if s.source_ranges.is_empty() {
+        "any".to_string()
+    } else {
+        s.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    }
+}
+
 fn vip_table(out: &mut String, snap: &Snapshot) -> std::fmt::Result {
-    let header = ["VIP", "PORT", "MODE", "SERVICE (PORT NAME)", "AFFINITY", "READY", "TERMINATING", "NOT-READY"];
-    let rows: Vec<[String; 8]> = snap
+    let header =
+        ["VIP", "PORT", "MODE", "SERVICE (PORT NAME)", "AFFINITY", "READY", "TERMINATING", "NOT-READY", "SOURCES"];
+    let rows: Vec<[String; 9]> = snap
         .services
         .iter()
         .map(|s| {
@@ -288,6 +298,7 @@ fn vip_table(out: &mut String, snap: &Snapshot) -> std::fmt::Result {
                 r.to_string(),
                 t.to_string(),
                 n.to_string(),
+                sources(s),
             ]
         })
         .collect();
@@ -300,8 +311,8 @@ fn vip_table(out: &mut String, snap: &Snapshot) -> std::fmt::Result {
     let line = |out: &mut String, cells: &[&str]| -> std::fmt::Result {
         let mut l = String::new();
         for (i, (c, wi)) in cells.iter().zip(&w).enumerate() {
-            // Counts right-aligned, text left-aligned.
-            if i >= 5 {
+            // Counts (READY to NOT-READY) right-aligned, text left-aligned.
+            if (5..8).contains(&i) {
                 write!(l, "{c:>wi$}  ")?;
             } else {
                 write!(l, "{c:<wi$}  ")?;
@@ -354,6 +365,7 @@ fn vip_json(snap: &Snapshot) -> serde_json::Value {
                 "service": s.service.to_string(),
                 "port_name": s.port_name,
                 "session_affinity_timeout_s": s.affinity_ms.map(|ms| ms / 1000),
+                "source_ranges": s.source_ranges,
                 "endpoints": {"ready": r, "terminating": t, "not_ready": n},
                 "terminating_fallback": s.terminating_fallback,
                 "backends": bs.iter().map(|b| json!({
