@@ -109,9 +109,16 @@ fn mapped_range(net: ipnet::IpNet) -> (u128, u128) {
 
 impl ServiceEntry {
     /// Whether a client at `src` (as `ip_u128` has it) may open a flow.
-    #[inline]
+    #[inline(always)]
     pub fn admits(&self, src: u128) -> bool {
-        self.sources.is_empty() || self.sources.iter().any(|&(net, mask)| src & mask == net)
+        self.sources.is_empty() || self.in_ranges(src)
+    }
+
+    /// Out of line: a service without ranges pays one test, not the loop's code in its path
+    /// (inlined, it cost 3.5% of `fulcrum-bench l4`'s new flows per second).
+    #[inline(never)]
+    fn in_ranges(&self, src: u128) -> bool {
+        self.sources.iter().any(|&(net, mask)| src & mask == net)
     }
 }
 
