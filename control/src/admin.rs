@@ -369,7 +369,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         (
             "fulcrum_l7_access_log_dropped_total",
             "counter",
-            "Access log records dropped because the worker's ring to the writer was full (l7.access_log.ring_records).",
+            "Access log records dropped because the worker's ring to the writer was full (l7.access_log.ring_bytes).",
             |c| c.l7.access_log_dropped,
         ),
         (

@@ -84,6 +84,15 @@ impl Enc<'_> {
         self.buf[self.n..self.n + b.len()].copy_from_slice(b);
         self.n += b.len();
     }
+    /// What every event starts with: its kind and length, the client slot, the request's
+    /// sequence number and a time.
+    fn header(&mut self, kind: u8, len: usize, slot: usize, seq: u32, ns: u64) {
+        self.put(&[kind]);
+        self.put(&(len as u16).to_le_bytes());
+        self.put(&(slot as u32).to_le_bytes());
+        self.put(&seq.to_le_bytes());
+        self.put(&ns.to_le_bytes());
+    }
     fn addr(&mut self, a: Option<SocketAddrV4>) {
         let (ip, port) = a.map_or((0, 0), |a| (u32::from(*a.ip()), a.port()));
         self.put(&ip.to_le_bytes());
@@ -158,11 +167,7 @@ impl AccessLog {
         let ns = self.ns(started);
         let len = START_FIXED + ml + hl + tl;
         let mut e = Enc { buf: &mut self.event[..], n: 0 };
-        e.put(&[START]);
-        e.put(&(len as u16).to_le_bytes());
-        e.put(&(slot as u32).to_le_bytes());
-        e.put(&seq.to_le_bytes());
-        e.put(&ns.to_le_bytes());
+        e.header(START, len, slot, seq, ns);
         e.addr(Some(peer));
         e.put(&[tls as u8, cut as u8, ml as u8, hl as u8]);
         e.put(&(tl as u16).to_le_bytes());
@@ -215,11 +220,7 @@ impl AccessLog {
         let State::Started(seq) = note.state else { return };
         let ns = self.ns(Instant::now());
         let mut e = Enc { buf: &mut self.event[..], n: 0 };
-        e.put(&[END]);
-        e.put(&(END_LEN as u16).to_le_bytes());
-        e.put(&(slot as u32).to_le_bytes());
-        e.put(&seq.to_le_bytes());
-        e.put(&ns.to_le_bytes());
+        e.header(END, END_LEN, slot, seq, ns);
         e.put(&note.status.to_le_bytes());
         e.put(&(note.head_bytes + body_bytes).to_le_bytes());
         e.addr(note.upstream);
