@@ -47,10 +47,10 @@ pub struct ServiceEntry {
     pub affinity_ms: Option<u32>,
     /// `spec.loadBalancerSourceRanges`: the clients that may open flows; empty: any.
     pub source_ranges: Vec<ipnet::IpNet>,
-    /// The same as (network, mask) over addresses as `u128` (IPv4 mapped into IPv6, as the
-    /// fast path has them), checked once per new flow.
+    /// The same as (network, mask, IPv4) over addresses as `u128` (IPv4 mapped into IPv6, as
+    /// the fast path has them), checked once per new flow.
     #[serde(skip)]
-    pub sources: Vec<(u128, u128)>,
+    pub sources: Vec<(u128, u128, bool)>,
     /// This service's backends: a range of `Snapshot::backends`.
     pub backends: Range<u32>,
     /// True when no endpoint is ready and the table was built from serving, terminating ones
@@ -96,15 +96,20 @@ struct VipSlot {
 
 const ANY_PORT: u16 = u16::MAX;
 
-#[inline(always)]
-/// A CIDR as (network, mask) over `ip_u128`'s addresses.
-fn mapped_range(net: ipnet::IpNet) -> (u128, u128) {
+/// A CIDR as (network, mask, IPv4) over `ip_u128`'s addresses.
+fn mapped_range(net: ipnet::IpNet) -> (u128, u128, bool) {
     let (addr, len) = match net {
         ipnet::IpNet::V4(n) => (IpAddr::V4(n.network()), 96 + u32::from(n.prefix_len())),
         ipnet::IpNet::V6(n) => (IpAddr::V6(n.network()), u32::from(n.prefix_len())),
     };
     let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
-    (ip_u128(addr) & mask, mask)
+    (ip_u128(addr) & mask, mask, net.addr().is_ipv4())
+}
+
+/// Whether `ip_u128`'s address is an IPv4 one (mapped: `::ffff:a.b.c.d`).
+#[inline(always)]
+fn is_mapped_v4(a: u128) -> bool {
+    a >> 32 == 0xffff
 }
 
 impl ServiceEntry {
@@ -118,10 +123,13 @@ impl ServiceEntry {
     /// (inlined, it cost 3.5% of `fulcrum-bench l4`'s new flows per second).
     #[inline(never)]
     fn in_ranges(&self, src: u128) -> bool {
-        self.sources.iter().any(|&(net, mask)| src & mask == net)
+        // A range admits its own family only (::/0 is not every IPv4 client too).
+        let v4 = is_mapped_v4(src);
+        self.sources.iter().any(|&(net, mask, fam4)| fam4 == v4 && src & mask == net)
     }
 }
 
+#[inline(always)]
 fn ip_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped().into(),
@@ -750,6 +758,36 @@ mod tests {
             })
             .max()
             .unwrap_or(0)
+    }
+
+    #[test]
+    fn source_ranges_match_their_family_and_prefix_only() {
+        let admits = |ranges: &[&str], src: &str| {
+            let sources = ranges.iter().map(|r| mapped_range(r.parse().unwrap())).collect();
+            let entry = ServiceEntry {
+                stat_id: 0,
+                service: ObjectRef { namespace: "t".into(), name: "s".into() },
+                port_name: String::new(),
+                vip: "10.20.0.10".parse().unwrap(),
+                port: 80,
+                proto: 6,
+                mode: Mode::FullNat,
+                affinity_ms: None,
+                source_ranges: Vec::new(),
+                sources,
+                backends: 0..0,
+                terminating_fallback: false,
+                maglev: MaglevTable::default(),
+            };
+            entry.admits(ip_u128(src.parse().unwrap()))
+        };
+        assert!(admits(&["0.0.0.0/0"], "203.0.113.9"));
+        assert!(!admits(&["0.0.0.0/0"], "2001:db8::1"), "an IPv4 range admits no IPv6 client");
+        assert!(admits(&["::/0"], "2001:db8::1"));
+        assert!(!admits(&["::/0"], "203.0.113.9"), "nor an IPv6 range an IPv4 client");
+        assert!(admits(&["203.0.113.9/32"], "203.0.113.9") && !admits(&["203.0.113.9/32"], "203.0.113.8"));
+        assert!(admits(&["2001:db8::1/128"], "2001:db8::1") && !admits(&["2001:db8::1/128"], "2001:db8::2"));
+        assert!(admits(&["10.0.0.0/8"], "10.255.0.1") && !admits(&["10.0.0.0/8"], "11.0.0.1"));
     }
 
     #[test]
