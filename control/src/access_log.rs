@@ -252,7 +252,7 @@ mod tests {
         let request = |log: &mut AccessLog, slot: usize, target: &str| {
             log.start(slot, Instant::now(), peer(), false, "GET", "web.lab", target);
             log.response_head(slot, 200, 80);
-            log.done(slot, peer(), false, 20);
+            log.done(slot, peer(), false, 20, None);
         };
         request(&mut logs[0], 0, "/zero");
         request(&mut logs[1], 0, "/one");

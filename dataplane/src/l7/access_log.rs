@@ -202,23 +202,32 @@ impl AccessLog {
     /// The proxy answered the request itself (`status`, `bytes` of response), and it is over.
     /// The endpoint noted, if any, is the one that failed. For a request whose head was never
     /// read, the end goes alone.
-    pub fn answered(&mut self, slot: usize, peer: SocketAddrV4, tls: bool, status: u16, bytes: usize) {
+    pub fn answered(
+        &mut self,
+        slot: usize,
+        peer: SocketAddrV4,
+        tls: bool,
+        status: u16,
+        bytes: usize,
+        at: Option<Instant>,
+    ) {
         let n = self.note(slot);
         if n.state == State::Idle {
             *n = Note { state: State::Started(0), ..Note::default() };
         }
         n.status = status;
         n.head_bytes += bytes as u64;
-        self.done(slot, peer, tls, 0);
+        self.done(slot, peer, tls, 0, at);
     }
 
-    /// The request on `slot` is over (`body_bytes` sent after its head): its end goes to the
-    /// writer. Nothing happens for a slot with no request under way.
-    pub fn done(&mut self, slot: usize, peer: SocketAddrV4, tls: bool, body_bytes: u64) {
+    /// The request on `slot` is over (`body_bytes` sent after its head; `at` the time if the
+    /// caller has just read the clock, else it is read here): its end goes to the writer.
+    /// Nothing happens for a slot with no request under way.
+    pub fn done(&mut self, slot: usize, peer: SocketAddrV4, tls: bool, body_bytes: u64, at: Option<Instant>) {
         let Some(n) = self.notes.get_mut(slot) else { return };
         let note = std::mem::take(n);
         let State::Started(seq) = note.state else { return };
-        let ns = self.ns(Instant::now());
+        let ns = self.ns(at.unwrap_or_else(Instant::now));
         let mut e = Enc { buf: &mut self.event[..], n: 0 };
         e.header(END, END_LEN, slot, seq, ns);
         e.put(&note.status.to_le_bytes());
@@ -395,8 +404,8 @@ mod tests {
         assert!(read(&mut reader, &mut rx).is_empty(), "nothing until the request is over");
         log.upstream(5, ep, 1);
         log.response_head(5, 200, 100);
-        log.done(5, peer(), true, 23);
-        log.done(5, peer(), true, 99);
+        log.done(5, peer(), true, 23, None);
+        log.done(5, peer(), true, 99, None);
         let got = read(&mut reader, &mut rx);
         assert_eq!(got.len(), 1, "one record per request");
         let r = &got[0];
@@ -420,9 +429,9 @@ mod tests {
         let mut reader = Reader::new(0);
         let long = format!("/{}", "x".repeat(2000));
         log.start(0, Instant::now(), peer(), false, "GET", "h", &long);
-        log.answered(0, peer(), false, 404, 150);
+        log.answered(0, peer(), false, 404, 150, None);
         // A 408 with no head read: a record without request fields.
-        log.answered(7, peer(), false, 408, 120);
+        log.answered(7, peer(), false, 408, 120, None);
         let got = read(&mut reader, &mut rx);
         assert_eq!((got[0].target.len(), got[0].cut, got[0].status, got[0].upstream), (TARGET_BYTES, true, 404, None));
         let r = &got[1];
@@ -441,21 +450,21 @@ mod tests {
         let mut reader = Reader::new(0);
         log.start(0, Instant::now(), peer(), false, "GET", "h", "/");
         log.start(1, Instant::now(), peer(), false, "GET", "h", "/x");
-        log.done(1, peer(), false, 0);
+        log.done(1, peer(), false, 0, None);
         assert_eq!((log.written, log.dropped), (0, 1), "the end found no room");
         assert!(read(&mut reader, &mut rx).is_empty());
-        log.done(0, peer(), false, 0);
+        log.done(0, peer(), false, 0, None);
         let got = read(&mut reader, &mut rx);
         assert_eq!(got.len(), 1);
         assert_eq!(&got[0].target[..], b"/", "the request that got in, with its own start");
         // The next request on the dropped one's slot is its own, whole.
         log.start(1, Instant::now(), peer(), false, "GET", "h", "/y");
-        log.done(1, peer(), false, 0);
+        log.done(1, peer(), false, 0, None);
         assert_eq!(&read(&mut reader, &mut rx)[0].target[..], b"/y");
         // A start that finds no room: neither half goes, one request counted.
         let long = format!("/{}", "z".repeat(100));
         log.start(2, Instant::now(), peer(), false, "GET", "h", &long);
-        log.done(2, peer(), false, 0);
+        log.done(2, peer(), false, 0, None);
         assert_eq!((log.written, log.dropped), (2, 2));
         assert!(read(&mut reader, &mut rx).is_empty());
     }
@@ -471,7 +480,7 @@ mod tests {
             let slot = (i % 3) as usize;
             log.start(slot, Instant::now(), peer(), false, "GET", "h", &format!("/{i}"));
             log.response_head(slot, 200 + (i % 3) as u16, i as usize);
-            log.done(slot, peer(), false, 0);
+            log.done(slot, peer(), false, 0, None);
             reader.drain(&mut rx, |r| got.push(r.clone()));
         }
         assert_eq!(got.len(), 200);
