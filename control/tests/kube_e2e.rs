@@ -220,6 +220,22 @@ fn kubernetes_end_to_end() {
     k.apply(&(service("api", "") + "---\n" + &slice("api", &["10.10.0.13"])));
     k.wait_lb_ips("service", "shop", "api", "10.20.0.2");
     assert_eq!(curl("http://10.20.0.2/").as_deref(), Some("be3"));
+    // spec.loadBalancerSourceRanges through the API server: a range without the lab client's
+    // network closes the VIP to it (its SYNs dropped, no flow); applied without the field, it
+    // serves again.
+    let fenced = service("api", "").replace("  ports:\n", "  loadBalancerSourceRanges: [\"192.0.2.0/24\"]\n  ports:\n");
+    assert_ne!(fenced, service("api", ""));
+    k.apply(&fenced);
+    let t = Instant::now();
+    while curl("http://10.20.0.2/").is_some() {
+        assert!(t.elapsed() < Duration::from_secs(15), "the source range never applied:\n{}", log());
+    }
+    eprintln!("source range applied -> client refused: {:?}", t.elapsed());
+    k.apply(&service("api", ""));
+    let t = Instant::now();
+    while curl("http://10.20.0.2/").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(15), "the VIP never opened again:\n{}", log());
+    }
     k.apply(&service("late", ""));
     let t = Instant::now();
     loop {
