@@ -139,6 +139,25 @@ fn check_without_manifests_summarises_the_bootstrap() {
     );
     assert!(out.contains("timeouts: header 10000 ms, connect 2000 ms, upstream 15000 ms, idle 60000 ms"), "{out}");
     assert!(!out.lines().any(|l| l.starts_with("VIP ")), "no VIP table without manifests:\n{out}");
+    assert!(out.contains("    access log: off"), "{out}");
+    // An access log: shown, with a warning when its directory is missing (not an error: the
+    // file is opened where fulcrum run runs).
+    let dir = std::env::temp_dir().join(format!("fulcrum-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let boot = std::fs::read_to_string(BOOTSTRAP).unwrap();
+    for (path, want) in [
+        (dir.join("access.log"), "(a ring of 4194304 bytes per worker)\n".to_string()),
+        (dir.join("gone/access.log"), format!("warning: {} is not a directory here", dir.join("gone").display())),
+    ] {
+        let with_log = boot.replace(
+            "    upstream_ms: 15000\n",
+            &format!("    upstream_ms: 15000\n  access_log:\n    path: {}\n", path.display()),
+        );
+        std::fs::write(dir.join("boot.yaml"), with_log).unwrap();
+        let out = ok(&["check", "--config", p(&dir.join("boot.yaml"))]);
+        assert!(out.contains(&format!("    access log: {} ", path.display())) && out.contains(&want), "{out}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

@@ -216,12 +216,22 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
             l.max_body_bytes
         )?;
         match &l7.access_log {
-            Some(log) => writeln!(
-                out,
-                "    access log: {} (a ring of {} bytes per worker)",
-                if log.path == "-" { "standard output" } else { &log.path },
-                log.ring_bytes
-            )?,
+            Some(log) => {
+                // Only a warning: the file is opened where `fulcrum run` runs, maybe elsewhere.
+                let dir = std::path::Path::new(&log.path).parent().filter(|d| !d.as_os_str().is_empty());
+                let missing = match dir {
+                    Some(d) if log.path != "-" && !d.is_dir() => {
+                        format!("; warning: {} is not a directory here, so fulcrum run would not start", d.display())
+                    }
+                    _ => String::new(),
+                };
+                writeln!(
+                    out,
+                    "    access log: {} (a ring of {} bytes per worker){missing}",
+                    if log.path == "-" { "standard output" } else { &log.path },
+                    log.ring_bytes
+                )?
+            }
             None => writeln!(out, "    access log: off")?,
         }
     }

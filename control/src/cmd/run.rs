@@ -215,7 +215,13 @@ pub fn run(a: &Args) -> anyhow::Result<()> {
         control: None,
     };
     let stats = serve(&boot, specs, &opts, Arc::new(AtomicBool::new(false)))?;
-    println!("{}", serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()}));
+    let last = serde_json::json!({"fulcrum": "stopped", "stats": stats.to_json()});
+    if boot.l7.as_ref().and_then(|l7| l7.access_log.as_ref()).is_some_and(|log| log.path == "-") {
+        // Standard output is the access log's: its readers expect nothing but request lines.
+        eprintln!("{last}");
+    } else {
+        println!("{last}");
+    }
     drop(port);
     drop(pool);
     drop(eal);
