@@ -139,7 +139,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut w = Worker::new(cfg, snap)?;
     let mut log_ring = a.access_log.then(|| {
         let (ring, events) = rtrb::RingBuffer::new(4 << 20);
-        w.set_access_log(AccessLog::new(0, ring, Instant::now()));
+        w.set_access_log(AccessLog::new(ring, Instant::now()));
         (events, Reader::new(0))
     });
     let mut logged = 0u64;

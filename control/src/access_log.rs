@@ -71,7 +71,7 @@ impl Writer {
         let (logs, rings) = (0..workers as u16)
             .map(|core| {
                 let (tx, rx) = rtrb::RingBuffer::new(cfg.ring_bytes);
-                (AccessLog::new(core, tx, epoch.1), (rx, Reader::new(core)))
+                (AccessLog::new(tx, epoch.1), (rx, Reader::new(core)))
             })
             .unzip();
         let w = Writer {

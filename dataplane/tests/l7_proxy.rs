@@ -505,7 +505,7 @@ fn errors_made_by_the_proxy() {
 fn every_request_is_logged_once_with_its_outcome() {
     let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
     let (ring, mut events) = rtrb::RingBuffer::new(1 << 16);
-    lab.proxy.set_access_log(AccessLog::new(2, ring, std::time::Instant::now()));
+    lab.proxy.set_access_log(AccessLog::new(ring, std::time::Instant::now()));
     let (mut reader, mut records) = (Reader::new(2), std::collections::VecDeque::new());
     let mut next = || {
         reader.drain(&mut events, |r| records.push_back(r.clone()));

@@ -62,7 +62,6 @@ struct Note {
 
 /// The worker's side: a note per client slot, and the ring to the writer.
 pub struct AccessLog {
-    core: u16,
     epoch: Instant,
     ring: rtrb::Producer<u8>,
     notes: Vec<Note>,
@@ -101,23 +100,10 @@ impl Enc<'_> {
 }
 
 impl AccessLog {
-    /// Core `core`'s log into `ring`; times count from `epoch` (the reader's too).
-    pub fn new(core: u16, ring: rtrb::Producer<u8>, epoch: Instant) -> AccessLog {
-        AccessLog {
-            core,
-            epoch,
-            ring,
-            notes: Vec::new(),
-            seq: 0,
-            event: Box::new([0; MAX_EVENT]),
-            written: 0,
-            dropped: 0,
-        }
-    }
-
-    /// The core it logs for.
-    pub fn core(&self) -> u16 {
-        self.core
+    /// A worker's log into `ring` (its core is the reader's to know); times count from
+    /// `epoch` (the reader's too).
+    pub fn new(ring: rtrb::Producer<u8>, epoch: Instant) -> AccessLog {
+        AccessLog { epoch, ring, notes: Vec::new(), seq: 0, event: Box::new([0; MAX_EVENT]), written: 0, dropped: 0 }
     }
 
     fn note(&mut self, slot: usize) -> &mut Note {
@@ -357,15 +343,11 @@ impl Reader {
 
     fn end(&mut self, e: &[u8]) -> AccessRecord {
         let (slot, seq, ended) = (u32_at(e, 3) as usize, u32_at(e, 7), u64_at(e, 11));
-        let mut r = match self.started.get_mut(slot).and_then(Option::take) {
-            Some((s, r)) if s == seq && seq != 0 => r,
-            other => {
-                // Not this request's: left in place for its own end.
-                if let (Some(o), Some(place)) = (other, self.started.get_mut(slot)) {
-                    *place = Some(o);
-                }
-                AccessRecord { started_ns: ended, core: self.core, ..AccessRecord::default() }
-            }
+        // Its own start, if that went in (a start of another sequence stays for its own end).
+        let place = self.started.get_mut(slot).filter(|p| seq != 0 && p.as_ref().is_some_and(|(s, _)| *s == seq));
+        let mut r = match place.and_then(Option::take) {
+            Some((_, r)) => r,
+            None => AccessRecord { started_ns: ended, core: self.core, ..AccessRecord::default() },
         };
         r.duration_us = ended.saturating_sub(r.started_ns) / 1000;
         r.status = u16_at(e, 19);
@@ -396,7 +378,7 @@ mod tests {
     fn a_request_goes_out_once_with_what_was_noted() {
         let (tx, mut rx) = rtrb::RingBuffer::new(4096);
         let epoch = Instant::now();
-        let mut log = AccessLog::new(3, tx, epoch);
+        let mut log = AccessLog::new(tx, epoch);
         let mut reader = Reader::new(3);
         let ep = SocketAddrV4::new(Ipv4Addr::new(10, 10, 0, 11), 8080);
         let started = Instant::now();
@@ -425,7 +407,7 @@ mod tests {
     #[test]
     fn long_fields_are_cut_and_said_so_and_unread_heads_have_none() {
         let (tx, mut rx) = rtrb::RingBuffer::new(1 << 16);
-        let mut log = AccessLog::new(0, tx, Instant::now());
+        let mut log = AccessLog::new(tx, Instant::now());
         let mut reader = Reader::new(0);
         let long = format!("/{}", "x".repeat(2000));
         log.start(0, Instant::now(), peer(), false, "GET", "h", &long);
@@ -446,7 +428,7 @@ mod tests {
     fn a_full_ring_drops_whole_requests_and_counts_them() {
         // Room for two starts (36 and 37 bytes), not for an end (43) after them.
         let (tx, mut rx) = rtrb::RingBuffer::new(80);
-        let mut log = AccessLog::new(0, tx, Instant::now());
+        let mut log = AccessLog::new(tx, Instant::now());
         let mut reader = Reader::new(0);
         log.start(0, Instant::now(), peer(), false, "GET", "h", "/");
         log.start(1, Instant::now(), peer(), false, "GET", "h", "/x");
@@ -472,7 +454,7 @@ mod tests {
     #[test]
     fn ends_pair_with_their_own_starts_across_slots_and_wraps() {
         let (tx, mut rx) = rtrb::RingBuffer::new(300);
-        let mut log = AccessLog::new(0, tx, Instant::now());
+        let mut log = AccessLog::new(tx, Instant::now());
         let mut reader = Reader::new(0);
         let mut got = Vec::new();
         // Interleaved requests on three slots, over a small ring that wraps many times.

@@ -838,9 +838,7 @@ impl Proxy {
             self.count_response(308);
             let before = c.out.len();
             head::redirect_response(&location, &mut c.out);
-            if let (Some(log), at) = (self.access_log.as_deref_mut(), self.step_clock) {
-                log.answered(c.idx, c.peer_addr(), c.tls.is_some(), 308, c.out.len() - before, at);
-            }
+            self.log_answered(c, 308, c.out.len() - before);
             c.buf.clear();
             c.phase = Phase::Closing;
             return self.closing(c);
@@ -1129,9 +1127,7 @@ impl Proxy {
             c.deadline = now + self.cfg.idle_timeout_ms;
             if status == 101 && c.upgrade {
                 // Logged as it starts: a tunnel's bytes are not a response's.
-                if let (Some(log), at) = (self.access_log.as_deref_mut(), self.step_clock) {
-                    log.done(c.idx, c.peer_addr(), c.tls.is_some(), 0, at);
-                }
+                self.log_done(c, 0);
                 c.out.extend_from_slice(&rest);
                 c.phase = Phase::Tunnel;
                 return self.flush_client(c) && self.tunnel(c);
@@ -1238,9 +1234,7 @@ impl Proxy {
                         if !complete {
                             return self.abort(c);
                         }
-                        if let (Some(log), at) = (self.access_log.as_deref_mut(), self.step_clock) {
-                            log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed, at);
-                        }
+                        self.log_done(c, c.relayed);
                         c.keep_alive = false;
                         c.resp_body = None;
                         c.phase = Phase::Closing;
@@ -1273,9 +1267,7 @@ impl Proxy {
             return self.abort(c);
         }
         if c.resp_body.as_ref().is_some_and(BodyReader::is_done) {
-            if let (Some(log), at) = (self.access_log.as_deref_mut(), self.step_clock) {
-                log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed, at);
-            }
+            self.log_done(c, c.relayed);
             let req_done = c.req_body.as_ref().is_none_or(BodyReader::is_done);
             self.release_upstream(c, req_done);
             c.resp_body = None;
@@ -1357,6 +1349,22 @@ impl Proxy {
         }
     }
 
+    /// Client `c`'s request is over, for the access log (`body_bytes` sent after its head):
+    /// it ended at the step's latest clock reading when there is one (`step_clock`; None
+    /// outside a step, as when a finished connection goes).
+    fn log_done(&mut self, c: &Client, body_bytes: u64) {
+        if let Some(log) = self.access_log.as_deref_mut() {
+            log.done(c.idx, c.peer_addr(), c.tls.is_some(), body_bytes, self.step_clock);
+        }
+    }
+
+    /// The proxy answered client `c`'s request itself: `bytes` of response with `status`.
+    fn log_answered(&mut self, c: &Client, status: u16, bytes: usize) {
+        if let Some(log) = self.access_log.as_deref_mut() {
+            log.answered(c.idx, c.peer_addr(), c.tls.is_some(), status, bytes, self.step_clock);
+        }
+    }
+
     fn count_response(&mut self, status: u16) {
         if (200..600).contains(&status) {
             self.stats.responses[(status / 100 - 2) as usize] += 1;
@@ -1371,9 +1379,7 @@ impl Proxy {
         let keep = status == 404 && c.keep_alive && c.buf.is_empty();
         let before = c.out.len();
         head::error_response(status, keep, c.head_request, &mut c.out);
-        if let (Some(log), at) = (self.access_log.as_deref_mut(), self.step_clock) {
-            log.answered(c.idx, c.peer_addr(), c.tls.is_some(), status, c.out.len() - before, at);
-        }
+        self.log_answered(c, status, c.out.len() - before);
         if keep {
             c.phase = Phase::Head;
             c.deadline = self.stack.now_ms() + self.cfg.header_timeout_ms;
@@ -1546,11 +1552,9 @@ impl Proxy {
         if c.up.is_some() {
             self.release_upstream(&mut c, false);
         }
-        if let Some(log) = self.access_log.as_deref_mut() {
-            // A request still under way: the connection ended first (status 0 if no response
-            // head went out, else the part of the response sent).
-            log.done(c.idx, c.peer_addr(), c.tls.is_some(), c.relayed, None);
-        }
+        // A request still under way: the connection ended first (status 0 if no response head
+        // went out, else the part of the response sent).
+        self.log_done(&c, c.relayed);
         let s = self.stack.tcp(c.sock);
         if !matches!(s.state(), State::Closed | State::TimeWait) {
             s.abort();

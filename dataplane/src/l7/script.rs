@@ -205,7 +205,7 @@ impl Session {
         let mut proxy = Proxy::new(cfg, router(0));
         proxy.set_tls(Some(server_tls()));
         let (ring, events) = rtrb::RingBuffer::new(1 << 20);
-        proxy.set_access_log(AccessLog::new(0, ring, std::time::Instant::now()));
+        proxy.set_access_log(AccessLog::new(ring, std::time::Instant::now()));
         let mut s = Session {
             proxy,
             client: Host::new(CLIENT, 3),
