@@ -391,6 +391,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         "socket_buffer_bytes": boot.l7.as_ref().map(|l| l.socket_buffer),
         // What the worker's socket-buffer pools hold at the end (in use or kept for reuse).
         "socket_buffers_held_bytes": gauges.socket_buffer_bytes,
+        "socket_buffers_lent_at_end": gauges.socket_buffers_lent,
         // The proxy's sockets at the end: its clients and upstreams, and closing ones (a
         // socket waiting long for a peer's last ACK holds its buffers meanwhile).
         "proxy_sockets_at_end": gauges.sockets,

@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 40] = [
+    let per_core: [(&str, &str, &str, Get); 41] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -375,8 +375,14 @@ pub fn render_metrics(state: &ControlState) -> String {
         (
             "fulcrum_l7_socket_buffer_bytes",
             "gauge",
-            "Bytes held for TCP socket buffers (in use or kept for reuse).",
+            "Bytes held for TCP socket buffers (lent to sockets or kept for reuse).",
             |c| c.l7.socket_buffer_bytes,
+        ),
+        (
+            "fulcrum_l7_socket_buffers_lent",
+            "gauge",
+            "TCP socket buffers lent now: one per receive or transmit ring with bytes in it (idle connections hold none).",
+            |c| c.l7.socket_buffers_lent,
         ),
         ("fulcrum_l7_client_connections", "gauge", "Client connections open on the proxy, plain and TLS.", |c| {
             c.l7.clients_open

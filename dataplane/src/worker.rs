@@ -278,7 +278,7 @@ struct Meta {
     l4: u16,
     tcp_flags: u8,
     hash: u64,
-    /// The conntrack candidate (stage 2); for a proxy segment, its TCP length (`proxy_later`).
+    /// The conntrack candidate (stage 2).
     cand: u32,
     /// IPv4 key; IPv6 keys live in `Worker::keys6` (keeps this array small to initialise).
     key4: FlowKey<u32>,
@@ -800,7 +800,7 @@ impl Worker {
         // packets' classifications it ran one at a time.
         if let Some(p) = self.proxy.as_ref() {
             for m in meta[..n].iter().filter(|m| matches!(m.class, Class::Proxy)) {
-                p.prefetch((m.key4.src, m.key4.sport, m.key4.dport), m.cand as usize);
+                p.prefetch((m.key4.src, m.key4.sport, m.key4.dport));
             }
         }
         // Stage 2: signature match in the bucket, prefetch the flow record.
@@ -930,7 +930,6 @@ impl Worker {
     #[inline(always)]
     fn proxy_later(&mut self, key: ConnKey, seg: &[u8], m: &mut Meta) {
         m.key4 = FlowKey { src: key.0, dst: 0, sport: key.1, dport: key.2, proto: PROTO_TCP };
-        m.cand = seg.len() as u32;
         // The stack checks the segment; the flags are kept for what follows its hand-over.
         m.tcp_flags = seg.get(13).copied().unwrap_or(0);
         m.class = Class::Proxy;

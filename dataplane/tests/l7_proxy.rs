@@ -282,6 +282,11 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
     assert!((1..=4).contains(&g.upstreams_open) && g.upstreams_idle == g.upstreams_open, "{g:?}");
     assert_eq!(g.sockets, 1 + g.upstreams_open, "{g:?}");
     assert_eq!(g.socket_buffer_bytes, 2 * (2 << 20));
+    // Every request answered and read, every response acknowledged: no ring holds bytes, no
+    // socket holds a buffer.
+    lab.run_until(lab.now + 50);
+    lab.proxy.fill_gauges(&mut g);
+    assert_eq!(g.socket_buffers_lent, 0, "{g:?}");
 }
 
 #[test]

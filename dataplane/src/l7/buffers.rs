@@ -19,6 +19,13 @@
 //! every buffer's first line fell in the same L1 set and in 8 of the L2's 2,048, so the lines
 //! the requests of a few hundred connections needed evicted each other however much cache was
 //! free.
+//!
+//! A socket holds a buffer from here only while it has bytes in it (`Stack` lends them on
+//! demand). Idle, it holds a stand-in of the same size from a [`BufferPool::reserved`] pool:
+//! address space that no memory backs and nothing reads or writes (smoltcp keeps the size
+//! for the window it advertises, and touches a ring's bytes only to store or hand out data).
+//! Each stand-in is the socket's own, so nothing is aliased, and an idle keep-alive connection
+//! costs no buffer memory and no cache lines.
 
 use std::alloc::{alloc, dealloc, Layout};
 use std::ptr::NonNull;
@@ -30,8 +37,24 @@ const CHUNK: usize = 2 << 20;
 /// 64-byte lines still spreads buffers over every set).
 const LINE: usize = 64;
 
+/// The size of one chunk of stand-ins: address space only, so larger (fewer mappings).
+const RESERVED_CHUNK: usize = 32 << 20;
+
+/// What a pool's chunks are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// Memory, from the allocator (huge pages where the kernel gives them).
+    Memory,
+    /// Address space only (`mmap` with `MAP_NORESERVE`): stand-ins for idle sockets' buffers.
+    /// With debug assertions (tests, fuzzing) it is `PROT_NONE`, so that a byte read or
+    /// written there is a crash, not a quiet page of memory; in release builds a stray access
+    /// would fault in a zero page of the socket's own stand-in and nothing else.
+    AddressSpace,
+}
+
 /// A pool of equal-sized buffers for one worker (not shared, not `Send`).
 pub struct BufferPool {
+    backing: Backing,
     size: usize,
     /// From one buffer's start to the next's in a chunk: an odd number of lines.
     stride: usize,
@@ -50,16 +73,26 @@ unsafe impl Send for BufferPool {}
 impl BufferPool {
     /// Buffers of `size` bytes (at least 1).
     pub fn new(size: usize) -> BufferPool {
+        BufferPool::with_backing(size, Backing::Memory, CHUNK)
+    }
+
+    /// Stand-ins of `size` bytes: address space that holds no memory (see the module's
+    /// comment). `held_bytes` counts the address space.
+    pub fn reserved(size: usize) -> BufferPool {
+        BufferPool::with_backing(size, Backing::AddressSpace, RESERVED_CHUNK)
+    }
+
+    fn with_backing(size: usize, backing: Backing, chunk_bytes: usize) -> BufferPool {
         let size = size.max(1);
         // Buffers larger than a chunk get a chunk of their own, rounded up to whole chunks.
-        let bytes = size.div_ceil(CHUNK) * CHUNK;
-        let chunk = Layout::from_size_align(bytes, CHUNK).expect("chunk layout");
+        let bytes = size.div_ceil(chunk_bytes) * chunk_bytes;
+        let chunk = Layout::from_size_align(bytes, CHUNK.min(chunk_bytes)).expect("chunk layout");
         let lines = size.div_ceil(LINE) | 1;
         // A buffer of a whole chunk or more has no room to move, and no neighbour in its chunk.
         let stride = if lines * LINE <= bytes { lines * LINE } else { size };
         let per_chunk = bytes / stride;
         let colours = (bytes - per_chunk * stride) / LINE + 1;
-        BufferPool { size, stride, per_chunk, colours, chunk, chunks: Vec::new(), free: Vec::new() }
+        BufferPool { backing, size, stride, per_chunk, colours, chunk, chunks: Vec::new(), free: Vec::new() }
     }
 
     /// Buffers handed out and not given back.
@@ -67,9 +100,15 @@ impl BufferPool {
         self.chunks.len() * self.per_chunk - self.free.len()
     }
 
-    /// Bytes of memory held (in use or free for reuse).
+    /// Bytes of memory held (in use or free for reuse); of address space, for a reserved pool.
     pub fn held_bytes(&self) -> usize {
         self.chunks.len() * self.chunk.size()
+    }
+
+    /// The buffer `take` hands out next, if one is free: to prefetch it.
+    #[inline(always)]
+    pub fn next(&self) -> Option<*const u8> {
+        self.free.last().map(|p| p.as_ptr() as *const u8)
     }
 
     /// A buffer (contents unspecified: earlier connections' bytes or zeroes).
@@ -116,12 +155,20 @@ impl BufferPool {
     }
 
     fn grow(&mut self) {
-        // SAFETY: the layout has a non-zero size.
-        let p = unsafe { alloc(self.chunk) };
-        let Some(chunk) = NonNull::new(p) else { std::alloc::handle_alloc_error(self.chunk) };
-        // Best effort: without THP (or with it `never`) the chunk is plain 4 KiB pages.
-        // SAFETY: the range is the allocation just made.
-        unsafe { libc::madvise(p.cast(), self.chunk.size(), libc::MADV_HUGEPAGE) };
+        let p = match self.backing {
+            Backing::Memory => {
+                // SAFETY: the layout has a non-zero size.
+                let p = unsafe { alloc(self.chunk) };
+                let Some(_) = NonNull::new(p) else { std::alloc::handle_alloc_error(self.chunk) };
+                // Best effort: without THP (or with it `never`) the chunk is plain 4 KiB pages.
+                // SAFETY: the range is the allocation just made.
+                unsafe { libc::madvise(p.cast(), self.chunk.size(), libc::MADV_HUGEPAGE) };
+                p
+            }
+            Backing::AddressSpace => reserve(self.chunk.size()),
+        };
+        // SAFETY: both arms return a non-null chunk.
+        let chunk = unsafe { NonNull::new_unchecked(p) };
         let first = self.colour(self.chunks.len());
         self.chunks.push(chunk);
         // Pushed in reverse so that the first buffer taken is the chunk's first: the pages
@@ -136,10 +183,34 @@ impl BufferPool {
 impl Drop for BufferPool {
     fn drop(&mut self) {
         for c in self.chunks.drain(..) {
-            // SAFETY: allocated in `grow` with this layout.
-            unsafe { dealloc(c.as_ptr(), self.chunk) };
+            match self.backing {
+                // SAFETY: allocated in `grow` with this layout.
+                Backing::Memory => unsafe { dealloc(c.as_ptr(), self.chunk) },
+                // SAFETY: mapped in `grow` with this size; no stand-in is in use any more.
+                Backing::AddressSpace => unsafe {
+                    libc::munmap(c.as_ptr().cast(), self.chunk.size());
+                },
+            }
         }
     }
+}
+
+/// `bytes` of address space that no memory backs until touched (nor, without debug
+/// assertions, counts against the kernel's overcommit limit), never in huge pages.
+fn reserve(bytes: usize) -> *mut u8 {
+    let prot = if cfg!(debug_assertions) { libc::PROT_NONE } else { libc::PROT_READ | libc::PROT_WRITE };
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+    // SAFETY: a fresh anonymous mapping; nothing else is at the address the kernel picks.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, prot, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        panic!(
+            "reserving {bytes} bytes of address space for idle sockets' buffers: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: the range is the mapping just made. Best effort, as above.
+    unsafe { libc::madvise(p, bytes, libc::MADV_NOHUGEPAGE) };
+    p.cast()
 }
 
 #[cfg(test)]
@@ -206,6 +277,32 @@ mod tests {
             // SAFETY: from this pool, given back once.
             unsafe { pool.give_back(p) };
         }
+        assert_eq!(pool.in_use(), 0);
+    }
+
+    /// Stand-ins: distinct, reused last-in-first-out, announced by `next`, and address space
+    /// only (32 MiB a chunk; nothing of it is touched here: with debug assertions a touch
+    /// would crash).
+    #[test]
+    fn stand_ins_are_distinct_address_space() {
+        let mut pool = BufferPool::reserved(16 << 10);
+        // SAFETY: never read or written; all given back before the pool is dropped.
+        let held: Vec<*mut u8> = (0..3000).map(|_| unsafe { pool.take() }.as_mut_ptr()).collect();
+        let mut sorted = held.clone();
+        sorted.sort();
+        assert!(sorted.windows(2).all(|w| w[1] as usize - w[0] as usize >= 16 << 10), "overlapping stand-ins");
+        assert_eq!(pool.in_use(), 3000);
+        assert_eq!(pool.held_bytes(), 2 * (32 << 20), "3,000 stand-ins of 16 KiB in two 32 MiB reservations");
+        for &p in &held {
+            // SAFETY: from this pool, given back once.
+            unsafe { pool.give_back(p) };
+        }
+        assert_eq!(pool.next(), Some(held[2999] as *const u8), "the last given back is lent next");
+        // SAFETY: given back below.
+        let again = unsafe { pool.take() }.as_mut_ptr();
+        assert_eq!(again, held[2999]);
+        // SAFETY: from this pool, given back once.
+        unsafe { pool.give_back(again) };
         assert_eq!(pool.in_use(), 0);
     }
 

@@ -61,7 +61,8 @@ impl TlsCounters {
 /// or a session that fails here is counted in `counters`.
 pub fn pump(stack: &mut Stack, sock: SockRef, tls: &mut Tls, counters: &mut TlsCounters) {
     let Some(t) = tls.as_mut() else { return };
-    let s = stack.tcp(sock);
+    // Records may go out (the handshake's, or data's): a transmit buffer is lent.
+    let s = stack.tcp_to_send(sock);
     while !t.failed && s.can_recv() && t.conn.wants_read() && t.plain_in.len() < PLAIN_LIMIT {
         let n = s
             .recv(|d| {
@@ -247,7 +248,7 @@ pub fn send(stack: &mut Stack, sock: SockRef, tls: &mut Tls, data: &[u8]) -> usi
             t.plain_out.extend_from_slice(&data[..n]);
             n
         }
-        None => stack.tcp(sock).send_slice(data).unwrap_or(0),
+        None => stack.tcp_to_send(sock).send_slice(data).unwrap_or(0),
     }
 }
 

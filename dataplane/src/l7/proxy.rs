@@ -29,7 +29,7 @@ use super::http::head::{self, ClientInfo};
 use super::http::Limits;
 use super::router::{Route, Router};
 use super::spare::SpareBufs;
-use super::stack::{prefetch_socket, prefetch_transmit, ConnKey, SockRef, SocketAt, Stack, StackConfig};
+use super::stack::{prefetch_socket, ConnKey, SockRef, SocketAt, Stack, StackConfig};
 use super::timer_wheel::{DeadlineWheel, TimerHandle};
 use ahash::AHashMap;
 use smallvec::SmallVec;
@@ -88,10 +88,12 @@ pub struct ProxyStats {
     pub health_probes: u64,
     pub health_failures: u64,
     pub health_transitions: u64,
-    /// Bytes held for socket buffers, in use or kept for reuse (a gauge: the peak of open
-    /// sockets times their buffer size, in 2 MiB steps). Filled in the worker's copy of its
-    /// counters for the control thread, not per loop.
+    /// Bytes held for socket buffers, lent or kept for reuse (a gauge: the peak of rings
+    /// holding bytes at once times the buffer size, in 2 MiB steps), and the buffers lent now
+    /// (a ring holds one only while it has bytes in it; idle connections hold none). Filled
+    /// in the worker's copy of its counters for the control thread, not per loop.
     pub socket_buffer_bytes: u64,
+    pub socket_buffers_lent: u64,
     /// Gauges filled in the same copy (`Proxy::fill_gauges`): client connections open (plain
     /// and TLS), upstream connections open (carrying a request or pooled) and of those
     /// pooled, and the stack's sockets (closing ones and health probes' included).
@@ -127,6 +129,7 @@ impl ProxyStats {
         self.health_failures += o.health_failures;
         self.health_transitions += o.health_transitions;
         self.socket_buffer_bytes += o.socket_buffer_bytes;
+        self.socket_buffers_lent += o.socket_buffers_lent;
         self.clients_open += o.clients_open;
         self.upstreams_open += o.upstreams_open;
         self.upstreams_idle += o.upstreams_idle;
@@ -374,6 +377,8 @@ impl Proxy {
         st.sockets = self.stack.sockets_in_use() as u64;
         st.deadline_entries = self.deadlines.len() as u64;
         st.socket_buffer_bytes = self.stack.buffer_bytes() as u64;
+        let (rx, tx) = self.stack.buffers_lent();
+        st.socket_buffers_lent = (rx + tx) as u64;
         if let Some(log) = &self.access_log {
             (st.access_log_records, st.access_log_dropped) = (log.written, log.dropped);
         }
@@ -404,13 +409,12 @@ impl Proxy {
             || (dst == self.cfg.own_addr && (self.cfg.upstream_ports.0..=self.cfg.upstream_ports.1).contains(&dport))
     }
 
-    /// Starts loading the state `ingress` will touch for the segment of connection `key` (peer
-    /// address, peer port, local port: the caller has parsed them already) that is `seg_len`
-    /// bytes long with its TCP header, so that a burst's look-ups overlap. No effect on what
-    /// `ingress` does.
+    /// Starts loading the state `ingress` will touch for a segment of connection `key` (peer
+    /// address, peer port, local port: the caller has parsed them already), so that a burst's
+    /// look-ups overlap. No effect on what `ingress` does.
     #[inline]
-    pub fn prefetch(&self, key: ConnKey, seg_len: usize) {
-        self.stack.prefetch(key, seg_len);
+    pub fn prefetch(&self, key: ConnKey) {
+        self.stack.prefetch(key);
     }
 
     /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no
@@ -594,10 +598,6 @@ impl Proxy {
         }
         if let Some(c) = next.get(3).and_then(|&n| self.clients[n].as_ref()) {
             prefetch_socket(c.sock_at);
-            if c.phase == Phase::Request {
-                // Waiting for a response head: it goes to the client's transmit ring.
-                prefetch_transmit(c.sock_at);
-            }
             if let Some(u) = c.up {
                 crate::mem::prefetch_all(self.ups.as_ptr().wrapping_add(u));
             }
@@ -979,12 +979,11 @@ impl Proxy {
     /// An idle pooled connection to `ep`, or a new one.
     fn upstream_for(&mut self, ep: SocketAddrV4) -> Option<usize> {
         while let Some(u) = self.idle.get_mut(&ep).and_then(VecDeque::pop_back) {
-            // Its socket, and the transmit ring's lines the request head goes to, load while
-            // its shard list is updated and the head is written out (misses that cannot be
-            // started sooner: the endpoint is known only once the request is routed).
+            // Its socket loads while its shard list is updated and the head is written out (a
+            // miss that cannot be started sooner: the endpoint is known only once the request
+            // is routed).
             let (sock, at) = self.ups[u].as_ref().map(|up| (up.sock, up.sock_at)).expect("pooled upstream");
             prefetch_socket(at);
-            prefetch_transmit(at);
             self.unfile_pooled(u);
             if clean_keep_alive(self.stack.view(sock)) {
                 self.ups[u].as_mut().unwrap().idle_since = None;
@@ -1047,10 +1046,12 @@ impl Proxy {
         // 1. The head, then the body the client sends (as far as the upstream takes it).
         {
             let up = self.ups[u].as_mut().unwrap();
-            let s = self.stack.tcp(up.sock);
-            if up.out_off < up.out.len() && s.may_send() {
-                if let Ok(n) = s.send_slice(&up.out[up.out_off..]) {
-                    up.out_off += n;
+            if up.out_off < up.out.len() {
+                let s = self.stack.tcp_to_send(up.sock);
+                if s.may_send() {
+                    if let Ok(n) = s.send_slice(&up.out[up.out_off..]) {
+                        up.out_off += n;
+                    }
                 }
             }
         }
@@ -1169,7 +1170,7 @@ impl Proxy {
         let reader = c.req_body.as_mut().expect("request body reader");
         // First what came with the head.
         if !c.buf.is_empty() {
-            let s = self.stack.tcp(usock);
+            let s = self.stack.tcp_to_send(usock);
             let room = s.send_capacity() - s.send_queue();
             let take = c.buf.len().min(room);
             let n = reader.feed(&c.buf[..take]).map_err(body_status)?;
@@ -1198,7 +1199,7 @@ impl Proxy {
             }
             let take = reader.feed(&self.scratch[..n]).map_err(body_status)?;
             io::discard(&mut self.stack, c.sock, &mut c.tls, take);
-            let _ = self.stack.tcp(usock).send_slice(&self.scratch[..take]);
+            let _ = self.stack.tcp_to_send(usock).send_slice(&self.scratch[..take]);
             moved += take;
             if take < n {
                 break; // the next request's bytes stay in the socket
@@ -1301,7 +1302,7 @@ impl Proxy {
             a = io::peek(&mut self.stack, c.sock, &c.tls, &mut self.scratch[..room.min(SCRATCH)]);
             if a > 0 {
                 io::discard(&mut self.stack, c.sock, &mut c.tls, a);
-                let _ = self.stack.tcp(usock).send_slice(&self.scratch[..a]);
+                let _ = self.stack.tcp_to_send(usock).send_slice(&self.scratch[..a]);
             }
         }
         // Upstream -> client.

@@ -20,7 +20,10 @@
 //!   client never sees an error from the proxy's TLS, and the proxy counts no more failed
 //!   sessions (`ProxyStats::tls`) than there were hostile clients;
 //! - once every peer has closed and the timeouts have passed, the proxy holds no client, no
-//!   socket, no upstream and no deadline entry beyond what it held before the script (no leak);
+//!   socket, no upstream and no deadline entry beyond what it held before the script, and no
+//!   more socket buffers lent than the sockets left have rings (no leak); with debug
+//!   assertions an idle ring's stand-in is unreadable, so a byte smoltcp placed in a ring
+//!   that was not lent a buffer is a crash;
 //! - the access log has one record for every request head the proxy read, no record without
 //!   a valid status (or 0, no response), and as many responses of each class as the proxy
 //!   counted.
@@ -482,6 +485,11 @@ impl Session {
             self.tick(if self.now - start < 200 { 1 } else { 50 });
         }
         let settle_ms = self.now - start;
+        // Every socket that went gave back the buffers lent to its rings.
+        let (sockets, (rx, tx)) = (self.proxy.stack.sockets_in_use(), self.proxy.stack.buffers_lent());
+        if rx > sockets || tx > sockets {
+            return Err(format!("{rx} receive and {tx} transmit buffers lent to {sockets} sockets"));
+        }
         // Every client takes its deadline entry with it: none is left with no client.
         if self.proxy.deadline_entries() != 0 {
             return Err(format!("{} deadline entries left with no connection", self.proxy.deadline_entries()));

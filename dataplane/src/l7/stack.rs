@@ -42,18 +42,15 @@ pub struct SockRef {
     pub handle: SocketHandle,
 }
 
-/// A demux entry: the socket, and where its state and receive ring lie, so that `prefetch`
-/// can start loading them from the one look-up it makes anyway (reading them from the shard
-/// would wait for the shard's line first).
+/// A demux entry: the socket, and where its state lies, so that `prefetch` can start loading
+/// it from the one look-up it makes anyway (reading it from the shard would wait for the
+/// shard's line first).
 #[derive(Clone, Copy, Debug)]
 struct Demuxed {
     r: SockRef,
     /// The `tcp::Socket` in its shard's socket set (each set's storage is allocated for
     /// exactly its sockets and never grows, so it does not move).
     sock: usize,
-    /// The receive ring's first byte: where a segment into a drained ring goes (the vendored
-    /// smoltcp's patch).
-    rx: usize,
 }
 
 /// (remote address, remote port, local port): unique, since the stack's local addresses
@@ -117,11 +114,28 @@ impl<'a> Device for Io<'a> {
     }
 }
 
+/// One socket's buffers. Each socket has a stand-in for each of its two rings, its own for
+/// its life (address space only: `BufferPool::reserved`); a ring with bytes in it has a
+/// buffer of memory lent from the stack's pools instead, given back as soon as the ring is
+/// empty again. An idle keep-alive connection then holds no buffer memory, and the buffers
+/// in use are the few that the last requests used, still in cache, instead of one pair per
+/// connection read cold (16 KiB each; 655 MB at 10,000 proxied connections before).
+#[derive(Clone, Copy, Debug, Default)]
+struct Lent {
+    handle: SocketHandle,
+    stand_in_rx: usize,
+    stand_in_tx: usize,
+    /// The buffer lent for the receive ring, or 0 while it has its stand-in.
+    rx: usize,
+    /// The buffer lent for the transmit ring, or 0.
+    tx: usize,
+}
+
 struct Shard {
     sockets: SocketSet<'static>,
-    /// Per socket, the addresses of its receive and transmit buffers (from the stack's pools),
-    /// given back when the socket is removed.
-    lent: Vec<(SocketHandle, usize, usize)>,
+    /// The first `used` are its sockets' buffers (in the shard itself: one line fewer to
+    /// load than a list of its own).
+    lent: [Lent; SHARD_SOCKETS],
     used: usize,
     /// A socket in Listen state (at most one per shard).
     listening: bool,
@@ -141,32 +155,17 @@ struct Shard {
 }
 
 /// Where a socket lies in memory (from [`Stack::socket_at`]): only to prefetch it, never
-/// read through, so a stale one costs a useless prefetch and nothing else.
+/// read through, so a stale one costs a useless prefetch and nothing else. (Its rings need
+/// none: a ring about to take bytes gets the buffer its pool gave back last, in cache.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketAt {
     sock: usize,
-    /// Its transmit ring.
-    tx: usize,
 }
 
 /// Starts loading a socket's lines (`at` from [`Stack::socket_at`]) before it is worked on.
-/// Its rings are left to the callers that know which bytes will be touched (`prefetch`,
-/// `prefetch_transmit`): prefetching both sockets' rings on every proxy step was more lines in
-/// flight than the core has fill buffers (x0.97 at 10,000 connections).
 #[inline(always)]
 pub fn prefetch_socket(at: SocketAt) {
     crate::mem::prefetch_all(at.sock as *const tcp::Socket);
-}
-
-/// How much of a ring's start is prefetched for the bytes about to go there: an HTTP head
-/// or a keep-alive request's segment (4 lines; 2 were slower at 10,000 connections).
-const RING_PREFETCH_BYTES: usize = 256;
-
-/// Starts loading the first lines of a socket's transmit ring, where what is sent next goes
-/// when the ring is empty (smoltcp starts an empty one over): a head about to be written.
-#[inline(always)]
-pub fn prefetch_transmit(at: SocketAt) {
-    crate::mem::prefetch_bytes(at.tx as *const u8, RING_PREFETCH_BYTES);
 }
 
 /// Socket buffer sizes and addresses.
@@ -180,6 +179,31 @@ pub struct StackConfig {
     pub rx_buffer: usize,
     pub tx_buffer: usize,
     pub seed: u64,
+}
+
+/// How much of a lent buffer's start is prefetched: an HTTP head or a keep-alive request's
+/// segment (4 lines; 2 were slower at 10,000 connections).
+const RING_PREFETCH_BYTES: usize = 256;
+
+/// Starts loading the first lines of the buffer `pool` lends next, where the next ring to get
+/// one places its bytes (a ring given a buffer starts at its first byte). A buffer given back
+/// just now is in cache already; one given back long ago (a transmit ring's, held until the
+/// peer acknowledged) is not, and is needed a request or so later.
+#[inline(always)]
+fn prefetch_next(pool: &BufferPool) {
+    if let Some(p) = pool.next() {
+        crate::mem::prefetch_bytes(p, RING_PREFETCH_BYTES);
+    }
+}
+
+/// Whether an IPv4 packet's TCP segment carries payload (true when the headers do not say:
+/// lending a buffer is never wrong, only a little work).
+fn tcp_payload(ip: &[u8]) -> bool {
+    let ihl = usize::from(ip.first().map_or(0, |b| b & 0x0f)) * 4;
+    match (ip.get(2..4), ip.get(ihl + 12)) {
+        (Some(len), Some(&off)) => usize::from(u16::from_be_bytes([len[0], len[1]])) > ihl + usize::from(off >> 4) * 4,
+        _ => true,
+    }
 }
 
 pub struct Stack {
@@ -207,8 +231,12 @@ pub struct Stack {
     now: Instant,
     // Declared after `shards`: fields drop in order, so the sockets holding these buffers go
     // first.
+    /// Buffers lent to rings with bytes in them (see `Lent`).
     rx_buffers: BufferPool,
     tx_buffers: BufferPool,
+    /// Sockets' own stand-ins for idle rings.
+    rx_stand_ins: BufferPool,
+    tx_stand_ins: BufferPool,
 }
 
 impl Stack {
@@ -232,6 +260,8 @@ impl Stack {
             iface,
             rx_buffers: BufferPool::new(cfg.rx_buffer),
             tx_buffers: BufferPool::new(cfg.tx_buffer),
+            rx_stand_ins: BufferPool::reserved(cfg.rx_buffer),
+            tx_stand_ins: BufferPool::reserved(cfg.tx_buffer),
             cfg,
             shards: Vec::new(),
             demux: AHashMap::new(),
@@ -247,14 +277,19 @@ impl Stack {
         }
     }
 
-    /// Bytes held for socket buffers (in use or kept for the next connections).
+    /// Bytes of memory held for socket buffers (lent to rings now, or kept for the next).
     pub fn buffer_bytes(&self) -> usize {
         self.rx_buffers.held_bytes() + self.tx_buffers.held_bytes()
     }
 
-    /// Sockets alive (each holds a receive and a transmit buffer), listeners included.
+    /// Buffers lent to rings now: receive, transmit.
+    pub fn buffers_lent(&self) -> (usize, usize) {
+        (self.rx_buffers.in_use(), self.tx_buffers.in_use())
+    }
+
+    /// Sockets alive (each holds two stand-ins), listeners included.
     pub fn sockets_in_use(&self) -> usize {
-        self.rx_buffers.in_use()
+        self.rx_stand_ins.in_use()
     }
 
     pub fn set_now(&mut self, now_ms: u64) {
@@ -270,7 +305,7 @@ impl Stack {
             // Room for exactly the shard's sockets: a growing Vec would hold 4 slots of ~470
             // bytes for one socket.
             sockets: SocketSet::new(Vec::with_capacity(SHARD_SOCKETS)),
-            lent: Vec::new(),
+            lent: [Lent::default(); SHARD_SOCKETS],
             used: 0,
             listening: false,
             dirty: false,
@@ -304,11 +339,12 @@ impl Stack {
         self.new_shard()
     }
 
-    /// A new socket on buffers from the pools, and their addresses (see `add` and `discard`).
+    /// A new socket on its stand-ins, and their addresses (see `add` and `discard`).
     fn socket(&mut self) -> (tcp::Socket<'static>, usize, usize) {
-        // SAFETY: the buffers go back to the pools only when the socket is gone (`discard`,
-        // `flush_removals`), and the pools outlive every socket (field order of `Stack`).
-        let (rx, tx) = unsafe { (self.rx_buffers.take(), self.tx_buffers.take()) };
+        // SAFETY: the stand-ins go back to their pools only when the socket is gone
+        // (`discard`, `flush_removals`), and the pools outlive every socket (field order of
+        // `Stack`).
+        let (rx, tx) = unsafe { (self.rx_stand_ins.take(), self.tx_stand_ins.take()) };
         let (rx_at, tx_at) = (rx.as_mut_ptr() as usize, tx.as_mut_ptr() as usize);
         let mut s = tcp::Socket::new(tcp::SocketBuffer::new(rx), tcp::SocketBuffer::new(tx));
         s.set_nagle_enabled(false);
@@ -320,7 +356,7 @@ impl Stack {
     fn add(&mut self, shard: u32, sock: (tcp::Socket<'static>, usize, usize)) -> SocketHandle {
         let s = &mut self.shards[shard as usize];
         let handle = s.sockets.add(sock.0);
-        s.lent.push((handle, sock.1, sock.2));
+        s.lent[s.used] = Lent { handle, stand_in_rx: sock.1, stand_in_tx: sock.2, rx: 0, tx: 0 };
         s.used += 1;
         // A shard that fills stays in `roomy` until `shard_with_room` passes it (its check is
         // the one that counts), so filling one costs no search of the list.
@@ -332,33 +368,95 @@ impl Stack {
         drop(sock.0);
         // SAFETY: the socket that held them is gone; each is given back once.
         unsafe {
-            self.rx_buffers.give_back(sock.1 as *mut u8);
-            self.tx_buffers.give_back(sock.2 as *mut u8);
+            self.rx_stand_ins.give_back(sock.1 as *mut u8);
+            self.tx_stand_ins.give_back(sock.2 as *mut u8);
         }
     }
 
-    /// Prefetches what `ingress` will touch for this connection's segment of `seg_len` bytes
-    /// (TCP header included): its shard (the socket set's lines `poll_ingress_single` reads),
-    /// its socket, and the receive ring's lines from its start, where a drained ring places
-    /// the payload (at most 4 lines).
+    /// Lends socket `r` a receive buffer if it has its stand-in: before a segment with
+    /// payload is processed (the only time smoltcp writes to the receive ring).
+    fn lend_rx(&mut self, r: SockRef) {
+        let s = &mut self.shards[r.shard as usize];
+        let Some(l) = s.lent[..s.used].iter_mut().find(|l| l.handle == r.handle) else { return };
+        if l.rx != 0 {
+            return;
+        }
+        // SAFETY: held by the socket until `give_back_idle` or `flush_removals` returns it.
+        let buf = unsafe { self.rx_buffers.take() };
+        prefetch_next(&self.rx_buffers);
+        let at = buf.as_mut_ptr() as usize;
+        match s.sockets.get_mut::<tcp::Socket>(r.handle).swap_recv_storage(buf) {
+            Ok(()) => l.rx = at,
+            // A stand-in is swapped in only for an idle ring, and bytes go in only after this:
+            // not reached. Then the socket keeps its stand-in (memory on first touch).
+            // SAFETY: the socket refused it; given back once.
+            Err(b) => unsafe { self.rx_buffers.give_back(b.as_mut_ptr()) },
+        }
+    }
+
+    /// Lends socket `r` a transmit buffer if it has its stand-in: before the caller may write
+    /// to it (`tcp`).
+    fn lend_tx(&mut self, r: SockRef) {
+        let s = &mut self.shards[r.shard as usize];
+        let Some(l) = s.lent[..s.used].iter_mut().find(|l| l.handle == r.handle) else { return };
+        if l.tx != 0 {
+            return;
+        }
+        // SAFETY: as in `lend_rx`.
+        let buf = unsafe { self.tx_buffers.take() };
+        prefetch_next(&self.tx_buffers);
+        let at = buf.as_mut_ptr() as usize;
+        match s.sockets.get_mut::<tcp::Socket>(r.handle).swap_send_storage(buf) {
+            Ok(()) => l.tx = at,
+            // SAFETY: the socket refused it; given back once.
+            Err(b) => unsafe { self.tx_buffers.give_back(b.as_mut_ptr()) },
+        }
+    }
+
+    /// Takes back the buffers lent to shard `i`'s sockets whose rings are empty again (all
+    /// read; all sent and acknowledged), putting their stand-ins back.
+    fn give_back_idle(&mut self, i: u32) {
+        let s = &mut self.shards[i as usize];
+        for l in s.lent[..s.used].iter_mut().filter(|l| l.rx != 0 || l.tx != 0) {
+            let sock = s.sockets.get_mut::<tcp::Socket>(l.handle);
+            if l.rx != 0 && sock.recv_storage_idle() {
+                // SAFETY: the stand-in is this socket's own and not in use (the socket has the
+                // lent buffer, which it lets go of here); the pool outlives the socket.
+                let stand_in = unsafe { std::slice::from_raw_parts_mut(l.stand_in_rx as *mut u8, self.cfg.rx_buffer) };
+                if sock.swap_recv_storage(stand_in).is_ok() {
+                    // SAFETY: the socket no longer holds it; lent once, given back once.
+                    unsafe { self.rx_buffers.give_back(l.rx as *mut u8) };
+                    prefetch_next(&self.rx_buffers);
+                    l.rx = 0;
+                }
+            }
+            if l.tx != 0 && sock.send_storage_idle() {
+                // SAFETY: as above.
+                let stand_in = unsafe { std::slice::from_raw_parts_mut(l.stand_in_tx as *mut u8, self.cfg.tx_buffer) };
+                if sock.swap_send_storage(stand_in).is_ok() {
+                    // SAFETY: as above.
+                    unsafe { self.tx_buffers.give_back(l.tx as *mut u8) };
+                    prefetch_next(&self.tx_buffers);
+                    l.tx = 0;
+                }
+            }
+        }
+    }
+
+    /// Prefetches what `ingress` will touch for this connection's segment: its shard (the
+    /// socket set's lines `poll_ingress_single` reads) and its socket. (The receive buffer a
+    /// payload goes to is lent then: the one given back last, prefetched when it was.)
     #[inline]
-    pub fn prefetch(&self, key: ConnKey, seg_len: usize) {
+    pub fn prefetch(&self, key: ConnKey) {
         if let Some(d) = self.demux.get(&key) {
             crate::mem::prefetch_all(&self.shards[d.r.shard as usize] as *const Shard);
             crate::mem::prefetch_all(d.sock as *const tcp::Socket);
-            crate::mem::prefetch_bytes(d.rx as *const u8, seg_len.clamp(1, RING_PREFETCH_BYTES));
         }
     }
 
     /// The demux entry for socket `r` (just added to its shard).
     fn demuxed(&self, r: SockRef) -> Demuxed {
-        Demuxed { r, sock: self.view(r) as *const tcp::Socket as usize, rx: self.rings(r).0 }
-    }
-
-    /// Where socket `r`'s receive and transmit rings lie (from its shard's `lent`).
-    fn rings(&self, r: SockRef) -> (usize, usize) {
-        let lent = &self.shards[r.shard as usize].lent;
-        lent.iter().find(|l| l.0 == r.handle).map_or((0, 0), |l| (l.1, l.2))
+        Demuxed { r, sock: self.view(r) as *const tcp::Socket as usize }
     }
 
     /// Takes one IP packet (a TCP segment to the L7 address or to an upstream connection's
@@ -383,6 +481,9 @@ impl Stack {
             }
             None => return None,
         };
+        if tcp_payload(ip) {
+            self.lend_rx(r);
+        }
         let s = &mut self.shards[r.shard as usize];
         let mut io = Io { rx: Some(ip), tx: &mut self.out, free: &mut self.free, mtu: self.cfg.mtu };
         self.iface.poll_ingress_single(self.now, &mut io, &mut s.sockets);
@@ -441,6 +542,11 @@ impl Stack {
                     break;
                 }
             }
+            // Every socket with news passes here after its segments and its caller's reads
+            // and writes (both mark the shard): where rings that emptied give their buffers
+            // back.
+            self.give_back_idle(i);
+            let s = &mut self.shards[i as usize];
             // Anything left is for a timer (or for the next poll, when capped): smoltcp's
             // microseconds rounded up to the wheel's milliseconds.
             let at = self.iface.poll_at(now, &s.sockets).map(|t| (t.total_micros().max(0) as u64).div_ceil(1000));
@@ -477,11 +583,19 @@ impl Stack {
         }
     }
 
-    /// A socket to read or change: its shard is polled at the end of this run (what the caller
-    /// does may open the window, queue data or close it).
+    /// A socket to read or change, but not to send on (see `tcp_to_send`): its shard is polled
+    /// at the end of this run (what the caller does may open the window or close it).
     pub fn tcp(&mut self, r: SockRef) -> &mut tcp::Socket<'static> {
         self.mark(r.shard);
         self.shards[r.shard as usize].sockets.get_mut::<tcp::Socket>(r.handle)
+    }
+
+    /// A socket to queue bytes on (and to read or change): it is lent a transmit buffer if
+    /// its ring has none. Bytes queued through `tcp` would go to the ring's stand-in: a crash
+    /// with debug assertions, a page of memory the socket keeps without them.
+    pub fn tcp_to_send(&mut self, r: SockRef) -> &mut tcp::Socket<'static> {
+        self.lend_tx(r);
+        self.tcp(r)
     }
 
     /// How long the socket may hold back an ACK for the peer's next segments (see `ack_pace`).
@@ -500,7 +614,7 @@ impl Stack {
     /// Where socket `r` lies, for [`prefetch_socket`]. Right while the socket lives: a
     /// shard's socket storage is allocated once, and never grows (see `prefetch`).
     pub fn socket_at(&self, r: SockRef) -> SocketAt {
-        SocketAt { sock: self.view(r) as *const tcp::Socket as usize, tx: self.rings(r).1 }
+        SocketAt { sock: self.view(r) as *const tcp::Socket as usize }
     }
 
     /// A socket to look at only: its shard is not marked for a poll (see `tcp`).
@@ -549,12 +663,19 @@ impl Stack {
                     s.roomy = true;
                     self.roomy.push(r.shard);
                 }
-                if let Some(i) = s.lent.iter().position(|l| l.0 == r.handle) {
-                    let (_, rx, tx) = s.lent.swap_remove(i);
-                    // SAFETY: the socket that held them was just dropped; given back once.
+                if let Some(i) = s.lent[..=s.used].iter().position(|l| l.handle == r.handle) {
+                    let l = s.lent[i];
+                    s.lent.swap(i, s.used);
+                    // SAFETY: the socket that held them was just dropped; each given back once.
                     unsafe {
-                        self.rx_buffers.give_back(rx as *mut u8);
-                        self.tx_buffers.give_back(tx as *mut u8);
+                        self.rx_stand_ins.give_back(l.stand_in_rx as *mut u8);
+                        self.tx_stand_ins.give_back(l.stand_in_tx as *mut u8);
+                        if l.rx != 0 {
+                            self.rx_buffers.give_back(l.rx as *mut u8);
+                        }
+                        if l.tx != 0 {
+                            self.tx_buffers.give_back(l.tx as *mut u8);
+                        }
                     }
                 }
                 if self.demux.get(&key).is_some_and(|d| d.r == r) {
@@ -581,7 +702,7 @@ mod tests {
     /// `prefetch` loads what the demux entry says; the entry must say where the socket and its
     /// receive ring are, also after sockets went and their slots and buffers were reused.
     #[test]
-    fn demux_entries_and_socket_at_point_at_their_sockets_and_rings() {
+    fn demux_entries_and_socket_at_point_at_their_sockets() {
         let mut st = Stack::new(StackConfig {
             l7_addr: Ipv4Addr::new(10, 0, 0, 100),
             own_addr: Ipv4Addr::new(10, 0, 0, 2),
@@ -597,9 +718,9 @@ mod tests {
                 let d = *st.demux.get(&key).expect("demuxed");
                 let sock = st.view(d.r) as *const _ as usize;
                 assert_eq!(d.sock, sock, "port {port}: socket address");
-                let lent = st.shards[d.r.shard as usize].lent.iter().find(|l| l.0 == d.r.handle).unwrap();
-                assert_eq!(st.socket_at(d.r), SocketAt { sock, tx: lent.2 }, "port {port}: socket_at");
-                assert_eq!(d.rx, lent.1, "port {port}: receive ring");
+                let s = &st.shards[d.r.shard as usize];
+                assert!(s.lent[..s.used].iter().any(|l| l.handle == d.r.handle), "port {port}: its buffers");
+                assert_eq!(st.socket_at(d.r), SocketAt { sock }, "port {port}: socket_at");
             }
         };
         for port in 40000..40100 {
@@ -667,7 +788,7 @@ mod tests {
         assert_eq!(st.state(r), smoltcp::socket::tcp::State::Established);
         // 50 sends 20 ms apart, each acknowledged: each moves the retransmission time later.
         for k in 0..50u8 {
-            st.tcp(r).send_slice(&[k; 100]).unwrap();
+            st.tcp_to_send(r).send_slice(&[k; 100]).unwrap();
             for _ in 0..20 {
                 now += 1;
                 tick(&mut st, &mut server, now, true);
@@ -677,7 +798,7 @@ mod tests {
         assert!(st.timers.len() <= 2, "{} wheel entries for one connection", st.timers.len());
         // One more send, never acknowledged: its retransmission comes one minimum RTO
         // (smoltcp's 1 s, the round trip here being nothing) after it, not before.
-        st.tcp(r).send_slice(&[9; 100]).unwrap();
+        st.tcp_to_send(r).send_slice(&[9; 100]).unwrap();
         now += 1;
         let sent_at = now;
         assert_eq!(tick(&mut st, &mut server, now, false), 1, "the send");
@@ -690,6 +811,109 @@ mod tests {
         }
         let after = resent.expect("retransmitted");
         assert!((1000..=1002).contains(&after), "retransmitted {after} ms after the send");
+    }
+
+    /// Buffers are lent to rings with bytes in them only: a connection that sent its request
+    /// and read its response holds none, so buffer memory follows the bytes in flight, not the
+    /// connections open (200 here, one at a time: one buffer each way, where one per socket
+    /// took 2 chunks each way), and a buffer given back is the next one lent. Bytes held out
+    /// of order keep their buffer until the hole is filled and they are read.
+    #[test]
+    fn buffers_are_lent_to_rings_with_bytes_only() {
+        let (backend, own) = (Ipv4Addr::new(10, 0, 0, 7), Ipv4Addr::new(10, 0, 0, 2));
+        let mut st = Stack::new(StackConfig {
+            l7_addr: Ipv4Addr::new(10, 0, 0, 100),
+            own_addr: own,
+            mtu: 1500,
+            rx_buffer: 16384,
+            tx_buffer: 16384,
+            seed: 1,
+        });
+        let mut server = Host::new(backend, 2);
+        const N: u16 = 200;
+        let listeners: Vec<_> = (0..N)
+            .map(|_| {
+                let h = server.socket(4096);
+                server.tcp(h).listen(8080).unwrap();
+                server.tcp(h).set_nagle_enabled(false);
+                h
+            })
+            .collect();
+        let conns: Vec<_> = (0..N).map(|i| st.connect((backend, 8080), 40000 + i).unwrap()).collect();
+        // The stack's due shards and sends to the server, and what the server sends back
+        // (unless `hold` keeps it for the test to deliver).
+        let mut now = 0;
+        let mut tick = |st: &mut Stack, server: &mut Host, hold: bool| -> Vec<Vec<u8>> {
+            now += 1;
+            st.set_now(now);
+            let mut due = Vec::new();
+            st.due_shards(&mut due);
+            let mut sent = Vec::new();
+            st.poll_egress(&due, |p| sent.push(p.to_vec()));
+            server.dev.rx.extend(sent);
+            server.poll(now);
+            let back: Vec<Vec<u8>> = server.dev.tx.drain(..).collect();
+            if hold {
+                return back;
+            }
+            for p in back {
+                let port = u16::from_be_bytes([p[22], p[23]]);
+                st.ingress(&p, (u32::from(backend), 8080, port), false, false);
+            }
+            Vec::new()
+        };
+        for _ in 0..50 {
+            tick(&mut st, &mut server, false);
+        }
+        assert!(conns.iter().all(|&r| st.state(r) == smoltcp::socket::tcp::State::Established));
+        assert_eq!(st.buffers_lent(), (0, 0), "handshakes carry no bytes");
+        let peer = |server: &mut Host, port: u16| {
+            *listeners.iter().find(|&&h| server.tcp(h).remote_endpoint().is_some_and(|e| e.port == port)).unwrap()
+        };
+        let mut last_rx = None;
+        for (i, &r) in conns.iter().enumerate() {
+            let port = 40000 + i as u16;
+            st.tcp_to_send(r).send_slice(&[7; 300]).unwrap();
+            assert_eq!(st.buffers_lent().1, 1, "a transmit buffer for the request");
+            // Sent, acknowledged (the server's delayed ACK), answered.
+            for _ in 0..30 {
+                tick(&mut st, &mut server, false);
+            }
+            assert_eq!(st.buffers_lent().1, 0, "connection {i}: acknowledged, its transmit buffer went back");
+            let h = peer(&mut server, port);
+            assert_eq!(server.tcp(h).recv(|d| (d.len(), d.len())).unwrap(), 300);
+            server.tcp(h).send_slice(&[8; 500]).unwrap();
+            tick(&mut st, &mut server, false);
+            assert_eq!(st.buffers_lent(), (1, 0), "connection {i}: a receive buffer for the response");
+            let rx = st.shards[r.shard as usize].lent[0].rx;
+            if let Some(last) = last_rx {
+                assert_eq!(rx, last, "connection {i}: not the buffer given back last");
+            }
+            last_rx = Some(rx);
+            assert_eq!(st.tcp(r).recv(|d| (d.len(), d.len())).unwrap(), 500);
+            tick(&mut st, &mut server, false);
+            assert_eq!(st.buffers_lent(), (0, 0), "connection {i}: read, its receive buffer went back");
+        }
+        assert_eq!(st.sockets_in_use(), N as usize);
+        assert_eq!(st.buffer_bytes(), 2 * (2 << 20), "one chunk each way for {N} connections");
+
+        // Two segments from the server; the second arrives first.
+        let (r, h) = (conns[0], peer(&mut server, 40000));
+        server.tcp(h).send_slice(&[1; 100]).unwrap();
+        let first = tick(&mut st, &mut server, true);
+        server.tcp(h).send_slice(&[2; 100]).unwrap();
+        let second = tick(&mut st, &mut server, true);
+        assert_eq!((first.len(), second.len()), (1, 1), "one segment each");
+        st.ingress(&second[0], (u32::from(backend), 8080, 40000), false, false);
+        assert!(!st.view(r).can_recv(), "out of order: nothing to read yet");
+        tick(&mut st, &mut server, true);
+        assert_eq!(st.buffers_lent().0, 1, "bytes held out of order keep their buffer");
+        st.ingress(&first[0], (u32::from(backend), 8080, 40000), false, false);
+        let mut got = Vec::new();
+        st.tcp(r).recv(|d| (d.len(), got.extend_from_slice(d))).unwrap();
+        assert_eq!(got, [[1u8; 100], [2u8; 100]].concat(), "both, in order");
+        tick(&mut st, &mut server, false);
+        assert_eq!(st.buffers_lent(), (0, 0));
     }
 
     /// The vendored smoltcp's one patch (vendor/README.md): a segment into a drained receive

@@ -121,6 +121,7 @@ impl Proxy {
                 "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: fulcrum-health-check\r\nConnection: close\r\n\r\n",
                 target.endpoint
             );
+            let s = self.stack.tcp_to_send(a.sock);
             if s.send_slice(req.as_bytes()).is_ok_and(|n| n == req.len()) {
                 a.sent = true;
                 self.stack.mark_dirty(a.sock);

@@ -1235,6 +1235,44 @@ impl<'a> Socket<'a> {
         !self.rx_buffer.is_empty()
     }
 
+    /// FULCRUM PATCH (see vendor/README.md): puts `storage` under the receive buffer in place
+    /// of the memory it has, when the buffer holds nothing (nothing in order to read, nothing
+    /// out of order in the assembler) and `storage` is as large, so that the window and its
+    /// scale do not change. Lets an application lend an idle connection's buffer to another.
+    /// Gives `storage` back when the buffer is not idle or the sizes differ.
+    pub fn swap_recv_storage(&mut self, storage: &'a mut [u8]) -> Result<(), &'a mut [u8]> {
+        if !self.rx_buffer.is_empty()
+            || !self.assembler.is_empty()
+            || storage.len() != self.rx_buffer.capacity()
+        {
+            return Err(storage);
+        }
+        self.rx_buffer = SocketBuffer::new(storage);
+        Ok(())
+    }
+
+    /// FULCRUM PATCH (see vendor/README.md): as `swap_recv_storage`, for the transmit buffer:
+    /// only when it holds nothing (all sent data acknowledged, nothing queued).
+    pub fn swap_send_storage(&mut self, storage: &'a mut [u8]) -> Result<(), &'a mut [u8]> {
+        if !self.tx_buffer.is_empty() || storage.len() != self.tx_buffer.capacity() {
+            return Err(storage);
+        }
+        self.tx_buffer = SocketBuffer::new(storage);
+        Ok(())
+    }
+
+    /// FULCRUM PATCH: whether `swap_recv_storage` would take new storage now.
+    #[inline]
+    pub fn recv_storage_idle(&self) -> bool {
+        self.rx_buffer.is_empty() && self.assembler.is_empty()
+    }
+
+    /// FULCRUM PATCH: whether `swap_send_storage` would take new storage now.
+    #[inline]
+    pub fn send_storage_idle(&self) -> bool {
+        self.tx_buffer.is_empty()
+    }
+
     fn send_impl<'b, F, R>(&'b mut self, f: F) -> Result<R, SendError>
     where
         F: FnOnce(&'b mut SocketBuffer<'a>) -> (usize, R),
