@@ -254,11 +254,26 @@ pub struct L7Limits {
     pub max_uri_bytes: usize,
     /// Request body (413 beyond).
     pub max_body_bytes: u64,
+    /// Client connections open at once on each worker core, handshakes included (nginx's
+    /// `worker_connections`). A SYN that would open one more is dropped and counted
+    /// (`fulcrum_drops_total{reason="l7_connection_limit"}`): the client sends it again (TCP's
+    /// backoff), as to a full listen backlog, and the connections open are not disturbed.
+    pub max_connections: usize,
 }
+
+/// Per worker core: an idle connection costs about 1.5 KiB (its socket, slot and table
+/// entries; no buffer), so 100,000 of them about 150 MiB.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 
 impl Default for L7Limits {
     fn default() -> Self {
-        L7Limits { max_header_bytes: 16 * 1024, max_headers: 100, max_uri_bytes: 8 * 1024, max_body_bytes: 1 << 30 }
+        L7Limits {
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 1 << 30,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
     }
 }
 
@@ -556,6 +571,9 @@ impl Bootstrap {
             }
             if l7.limits.max_header_bytes < 256 || l7.limits.max_headers == 0 {
                 return fail("l7.limits", "max_header_bytes must be at least 256 and max_headers at least 1");
+            }
+            if l7.limits.max_connections == 0 {
+                return fail("l7.limits.max_connections", "must be at least 1 (connections per worker core)");
             }
         }
         if self.ports.is_empty() {
@@ -943,6 +961,12 @@ mod tests {
                 "at least 1000",
             ),
             ("connect_ms: 2000", "connect_ms: 0", "l7.timeouts.connect_ms", "at least 1"),
+            (
+                "    upstream_ms: 15000\n",
+                "    upstream_ms: 15000\n  limits:\n    max_connections: 0\n",
+                "l7.limits.max_connections",
+                "at least 1",
+            ),
             (
                 "    upstream_ms: 15000\n",
                 "    upstream_ms: 15000\n  access_log:\n    path: /tmp/a.log\n    ring_bytes: 4096\n",

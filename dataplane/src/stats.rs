@@ -52,6 +52,7 @@ drop_reasons! {
     TooBigForEncap => "too_big_for_encap",
     TxFull => "tx_full",
     HandoffFull => "handoff_full",
+    L7ConnectionLimit => "l7_connection_limit",
 }
 
 /// Packets and bytes.

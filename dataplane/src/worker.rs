@@ -86,6 +86,8 @@ pub struct L7Settings {
     pub http_ports: Vec<u16>,
     pub https_ports: Vec<u16>,
     pub limits: crate::l7::http::Limits,
+    /// Client connections per core (`l7.limits.max_connections`).
+    pub max_connections: usize,
     pub header_timeout_ms: u64,
     pub connect_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
@@ -141,6 +143,7 @@ impl WorkerConfig {
                     max_uri_bytes: c.limits.max_uri_bytes,
                     max_body_bytes: c.limits.max_body_bytes,
                 },
+                max_connections: c.limits.max_connections,
                 header_timeout_ms: c.timeouts.header_ms,
                 connect_timeout_ms: c.timeouts.connect_ms,
                 upstream_timeout_ms: c.timeouts.upstream_ms,
@@ -379,6 +382,7 @@ impl Worker {
                     own_addr: own,
                     upstream_ports,
                     limits: l7.limits.clone(),
+                    max_connections: l7.max_connections,
                     header_timeout_ms: l7.header_timeout_ms,
                     connect_timeout_ms: l7.connect_timeout_ms,
                     upstream_timeout_ms: l7.upstream_timeout_ms,
@@ -940,11 +944,12 @@ impl Worker {
     fn hand_to_proxy<B: PacketBuf>(&mut self, buf: &mut B, l3: usize, m: &mut Meta) {
         let now = self.now_ms;
         let p = self.proxy.as_mut().expect("checked by the caller");
-        m.class = if p.ingress(&buf.data()[l3..], now) {
-            self.stats.l7_segments += 1;
-            Class::Consumed
-        } else {
-            Class::Drop(DropReason::NoFlow)
+        m.class = match p.ingress(&buf.data()[l3..], now) {
+            Ok(()) => {
+                self.stats.l7_segments += 1;
+                Class::Consumed
+            }
+            Err(reason) => Class::Drop(reason),
         };
         if m.class == Class::Consumed && m.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
             self.hint_on_link_client(IpAddr::V4(m.key4.src.into()), ether::src_mac(buf.data()));

@@ -69,6 +69,7 @@ impl Lab {
             own_addr: OWN,
             upstream_ports: (60000, 60999),
             limits,
+            max_connections: 1000,
             header_timeout_ms: 2_000,
             connect_timeout_ms: 1_000,
             upstream_timeout_ms: 3_000,
@@ -116,7 +117,7 @@ impl Lab {
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
             let dport = u16::from_be_bytes([p[22], p[23]]);
             if self.proxy.wants(dst, dport) {
-                self.proxy.ingress(p, now);
+                let _ = self.proxy.ingress(p, now);
             }
         }
         let mut out = Vec::new();
@@ -287,6 +288,35 @@ fn requests_are_routed_streamed_and_upstreams_reused() {
     lab.run_until(lab.now + 50);
     lab.proxy.fill_gauges(&mut g);
     assert_eq!(g.socket_buffers_lent, 0, "{g:?}");
+}
+
+/// `max_connections`: a SYN past the limit is dropped and counted, the connections open are
+/// served as before, and once one closes the waiting client's next SYN (its own
+/// retransmission) gets in and is served.
+#[test]
+fn syns_past_max_connections_wait_until_a_connection_closes() {
+    let mut lab = Lab::with_config(vec![route("shop.example", "/", &eps())], Limits::default(), |c| {
+        c.max_connections = 2;
+    });
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    let (a, b) = (lab.connect(40500), lab.connect(40501));
+    for h in [a, b] {
+        assert!(lab.exchange(h, req, 200, complete).starts_with(b"HTTP/1.1 200"));
+    }
+    let c = lab.connect(40502);
+    lab.run_until(lab.now + 100);
+    assert_eq!(lab.client.tcp(c).state(), smoltcp::socket::tcp::State::SynSent, "not accepted");
+    assert_eq!(lab.proxy.stats.connections_over_limit, 1, "its SYN dropped and counted");
+    assert_eq!(lab.proxy.client_count(), 2);
+    assert!(lab.exchange(a, req, 200, complete).starts_with(b"HTTP/1.1 200"), "the open ones go on");
+    lab.client.tcp(a).close();
+    lab.run_until(lab.now + 100);
+    assert_eq!(lab.proxy.client_count(), 1, "the closed one went");
+    // smoltcp sends its SYN again 1 s, then 2 s more, after the first.
+    let resp = lab.exchange(c, req, 4000, complete);
+    assert!(resp.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+    assert!(lab.proxy.stats.connections_over_limit >= 1);
+    assert_eq!(lab.proxy.stats.connections, 3);
 }
 
 #[test]

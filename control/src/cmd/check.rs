@@ -211,9 +211,16 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
         writeln!(
             out,
             "    timeouts: header {} ms, connect {} ms, upstream {} ms, idle {} ms; limits: head {} bytes, {} headers, \
-             URI {} bytes, body {} bytes",
-            t.header_ms, t.connect_ms, t.upstream_ms, t.idle_ms, l.max_header_bytes, l.max_headers, l.max_uri_bytes,
-            l.max_body_bytes
+             URI {} bytes, body {} bytes, {} connections per core",
+            t.header_ms,
+            t.connect_ms,
+            t.upstream_ms,
+            t.idle_ms,
+            l.max_header_bytes,
+            l.max_headers,
+            l.max_uri_bytes,
+            l.max_body_bytes,
+            l.max_connections
         )?;
         match &l7.access_log {
             Some(log) => {

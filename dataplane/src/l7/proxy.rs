@@ -31,6 +31,7 @@ use super::router::{Route, Router};
 use super::spare::SpareBufs;
 use super::stack::{prefetch_socket, ConnKey, SockRef, SocketAt, Stack, StackConfig};
 use super::timer_wheel::{DeadlineWheel, TimerHandle};
+use crate::stats::DropReason;
 use ahash::AHashMap;
 use smallvec::SmallVec;
 use smoltcp::socket::tcp::State;
@@ -50,6 +51,9 @@ pub struct ProxyConfig {
     /// This core's local ports for upstream connections.
     pub upstream_ports: (u16, u16),
     pub limits: Limits,
+    /// Client connections open at once, handshakes included: a SYN beyond is dropped and
+    /// counted (`ProxyStats::connections_over_limit`).
+    pub max_connections: usize,
     pub header_timeout_ms: u64,
     /// How long a new upstream connection may take to be answered (SYN to SYN-ACK) before
     /// the request goes to another endpoint.
@@ -81,6 +85,8 @@ pub struct ProxyStats {
     /// Requests sent to another endpoint because theirs failed before taking a byte.
     pub upstream_resends: u64,
     pub segments_unwanted: u64,
+    /// SYNs dropped because `max_connections` client connections were open.
+    pub connections_over_limit: u64,
     /// Access log records handed to the writer, and dropped because its ring was full.
     pub access_log_records: u64,
     pub access_log_dropped: u64,
@@ -123,6 +129,7 @@ impl ProxyStats {
         self.upstream_connect_failures += o.upstream_connect_failures;
         self.upstream_resends += o.upstream_resends;
         self.segments_unwanted += o.segments_unwanted;
+        self.connections_over_limit += o.connections_over_limit;
         self.access_log_records += o.access_log_records;
         self.access_log_dropped += o.access_log_dropped;
         self.health_probes += o.health_probes;
@@ -417,13 +424,14 @@ impl Proxy {
         self.stack.prefetch(key);
     }
 
-    /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). Returns false if no
-    /// connection wants it (counted; a RST is not sent for it).
-    pub fn ingress(&mut self, ip: &[u8], now_ms: u64) -> bool {
+    /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). The reason to drop it
+    /// (for the caller to count) if no connection wants it (`NoFlow`; no RST is sent) or it
+    /// is a SYN past `max_connections` (`L7ConnectionLimit`).
+    pub fn ingress(&mut self, ip: &[u8], now_ms: u64) -> Result<(), DropReason> {
         self.stack.set_now(now_ms);
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
         if ip.len() < ihl + 20 {
-            return false;
+            return Err(DropReason::NoFlow);
         }
         let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
@@ -434,13 +442,20 @@ impl Proxy {
         if dst == self.cfg.l7_addr && https && self.tls.is_none() && syn {
             // No certificate at all: nothing to serve on the HTTPS port.
             self.stats.segments_unwanted += 1;
-            return false;
+            return Err(DropReason::NoFlow);
         }
         let listen = dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || https);
         let key = (u32::from(src), sport, dport);
+        if syn && listen && self.clients.len() - self.free_clients.len() >= self.cfg.max_connections {
+            // A SYN again for a connection being accepted is the stack's to answer.
+            if self.stack.lookup(key).is_none() {
+                self.stats.connections_over_limit += 1;
+                return Err(DropReason::L7ConnectionLimit);
+            }
+        }
         let Some((sock, made)) = self.stack.ingress(ip, key, syn, listen) else {
             self.stats.segments_unwanted += 1;
-            return false;
+            return Err(DropReason::NoFlow);
         };
         if made {
             // A new connection: the stack made its listening socket.
@@ -492,7 +507,7 @@ impl Proxy {
             c.idx = idx;
             (c.wake_at, c.timer) = (wake_at, timer);
         }
-        true
+        Ok(())
     }
 
     /// Runs the connections: after a burst's segments went in, and on every loop for timers.
