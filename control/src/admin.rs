@@ -274,7 +274,7 @@ pub fn render_metrics(state: &ControlState) -> String {
         .unwrap_or_default();
     let core = |i: usize| vec![("core", i.to_string())];
     type Get = fn(&CoreStats) -> u64;
-    let per_core: [(&str, &str, &str, Get); 41] = [
+    let per_core: [(&str, &str, &str, Get); 42] = [
         ("fulcrum_rx_packets_total", "counter", "Packets received.", |c| c.rx.packets),
         ("fulcrum_rx_bytes_total", "counter", "Bytes received.", |c| c.rx.bytes),
         ("fulcrum_tx_packets_total", "counter", "Packets sent.", |c| c.tx.packets),
@@ -377,6 +377,12 @@ pub fn render_metrics(state: &ControlState) -> String {
             "gauge",
             "Bytes held for TCP socket buffers (lent to sockets or kept for reuse).",
             |c| c.l7.socket_buffer_bytes,
+        ),
+        (
+            "fulcrum_l7_handshakes_evicted_total",
+            "counter",
+            "Client connections still in their TCP handshake given up, oldest first, to make room for a new one at l7.limits.max_connections.",
+            |c| c.l7.handshakes_evicted,
         ),
         (
             "fulcrum_l7_socket_buffers_lent",

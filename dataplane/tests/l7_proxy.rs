@@ -319,6 +319,75 @@ fn syns_past_max_connections_wait_until_a_connection_closes() {
     assert_eq!(lab.proxy.stats.connections, 3);
 }
 
+/// A SYN to the L7 address's port 80 from `src:sport` that no host will follow up (spoofed):
+/// the proxy's SYN-ACK goes nowhere.
+fn spoofed_syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port: sport,
+        dst_port: 80,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(1000),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: None,
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: L7,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.header_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + tcp.header_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut p, &caps);
+    tcp.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &IpAddress::Ipv4(src), &IpAddress::Ipv4(L7), &caps);
+    buf
+}
+
+/// At `max_connections`, a new connection takes the place of the oldest one still in its
+/// handshake (a spoofed SYN's), not of an established one; with none in a handshake, the SYN
+/// is dropped. So spoofed SYNs cannot keep a real client out.
+#[test]
+fn at_max_connections_the_oldest_handshake_makes_room() {
+    let mut lab = Lab::with_config(vec![route("shop.example", "/", &eps())], Limits::default(), |c| {
+        c.max_connections = 3;
+    });
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    let a = lab.connect(40600);
+    assert!(lab.exchange(a, req, 200, complete).starts_with(b"HTTP/1.1 200"));
+    let now = lab.now;
+    let spoofer = Ipv4Addr::new(198, 51, 100, 7);
+    for port in [1000, 1001] {
+        lab.proxy.ingress(&spoofed_syn(spoofer, port), now).unwrap();
+    }
+    assert_eq!(lab.proxy.client_count(), 3, "at the limit: one established, two in their handshake");
+    // A real client gets in, in the place of the first spoofed SYN; then another, in the
+    // place of the second.
+    for (i, port) in [40601, 40602].into_iter().enumerate() {
+        let h = lab.connect(port);
+        let resp = lab.exchange(h, req, 200, complete);
+        assert!(resp.starts_with(b"HTTP/1.1 200"), "client {i}: {}", String::from_utf8_lossy(&resp));
+        assert_eq!(lab.proxy.stats.handshakes_evicted, i as u64 + 1);
+        assert_eq!(lab.proxy.client_count(), 3);
+    }
+    assert_eq!(lab.proxy.stats.connections_over_limit, 0);
+    // All three established: a spoofed SYN now is dropped, and the three go on.
+    let now = lab.now;
+    let refused = lab.proxy.ingress(&spoofed_syn(spoofer, 1002), now);
+    assert_eq!(refused, Err(fulcrum_dataplane::stats::DropReason::L7ConnectionLimit));
+    assert_eq!((lab.proxy.stats.connections_over_limit, lab.proxy.stats.handshakes_evicted), (1, 2));
+    assert!(lab.exchange(a, req, 200, complete).starts_with(b"HTTP/1.1 200"), "the first client goes on");
+}
+
 #[test]
 fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
     let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());

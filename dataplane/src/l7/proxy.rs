@@ -85,8 +85,13 @@ pub struct ProxyStats {
     /// Requests sent to another endpoint because theirs failed before taking a byte.
     pub upstream_resends: u64,
     pub segments_unwanted: u64,
-    /// SYNs dropped because `max_connections` client connections were open.
+    /// SYNs dropped because `max_connections` client connections were open, none of them
+    /// still in its handshake.
     pub connections_over_limit: u64,
+    /// Client connections still in their handshake (SYN received, no ACK yet) given up to
+    /// make room for a new one at `max_connections`: the oldest first, as BSD's SYN cache
+    /// does, so that spoofed SYNs cannot keep real clients out (see `ingress`).
+    pub handshakes_evicted: u64,
     /// Access log records handed to the writer, and dropped because its ring was full.
     pub access_log_records: u64,
     pub access_log_dropped: u64,
@@ -130,6 +135,7 @@ impl ProxyStats {
         self.upstream_resends += o.upstream_resends;
         self.segments_unwanted += o.segments_unwanted;
         self.connections_over_limit += o.connections_over_limit;
+        self.handshakes_evicted += o.handshakes_evicted;
         self.access_log_records += o.access_log_records;
         self.access_log_dropped += o.access_log_dropped;
         self.health_probes += o.health_probes;
@@ -256,6 +262,10 @@ pub struct Proxy {
     /// being run): the next new connection takes one instead of searching.
     free_clients: Vec<usize>,
     free_ups: Vec<usize>,
+    /// Client connections in the order they were made, from the oldest whose handshake may
+    /// not be complete (entries behind it may be stale: checked when they come up): the
+    /// connection given up when a SYN finds `max_connections` open (`evict_oldest_handshake`).
+    accepting: VecDeque<(usize, ConnKey)>,
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
     /// run when that shard received segments. Pooled upstreams are filed here too, as
     /// `IDLE_UPSTREAM | index`, so that one closed by its server is found when its FIN arrives.
@@ -347,6 +357,7 @@ impl Proxy {
             clients: Vec::new(),
             ups: Vec::new(),
             free_clients: Vec::new(),
+            accepting: VecDeque::new(),
             free_ups: Vec::new(),
             by_shard: Vec::new(),
             deadlines: DeadlineWheel::new(0),
@@ -446,12 +457,20 @@ impl Proxy {
         }
         let listen = dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || https);
         let key = (u32::from(src), sport, dport);
-        if syn && listen && self.clients.len() - self.free_clients.len() >= self.cfg.max_connections {
-            // A SYN again for a connection being accepted is the stack's to answer.
-            if self.stack.lookup(key).is_none() {
-                self.stats.connections_over_limit += 1;
-                return Err(DropReason::L7ConnectionLimit);
-            }
+        // At the limit, a new connection takes the place of the oldest one still in its
+        // handshake, if any. A flood of spoofed SYNs then holds at most the limit, each for as
+        // long as it takes the flood to make that many more (100,000 at a million SYNs a
+        // second: 0.1 s), while a real client completes its handshake in a round trip; where
+        // every connection is established, the SYN is dropped and the client sends it again.
+        // (A SYN again for a connection being accepted is the stack's to answer.)
+        if syn
+            && listen
+            && self.clients.len() - self.free_clients.len() >= self.cfg.max_connections
+            && self.stack.lookup(key).is_none()
+            && !self.evict_oldest_handshake()
+        {
+            self.stats.connections_over_limit += 1;
+            return Err(DropReason::L7ConnectionLimit);
         }
         let Some((sock, made)) = self.stack.ingress(ip, key, syn, listen) else {
             self.stats.segments_unwanted += 1;
@@ -502,6 +521,14 @@ impl Proxy {
             };
             let idx = insert(&mut self.clients, &mut self.free_clients, c);
             self.attach(sock.shard, idx);
+            self.accepting.push_back((idx, key));
+            // Connections established (or gone) since leave the front.
+            while let Some(&(i, k)) = self.accepting.front() {
+                if i == idx || self.in_handshake(i, k) {
+                    break;
+                }
+                self.accepting.pop_front();
+            }
             let (wake_at, timer) = self.deadlines.schedule(now_ms + self.cfg.header_timeout_ms, idx as u32);
             let c = self.clients[idx].as_mut().unwrap();
             c.idx = idx;
@@ -1560,6 +1587,27 @@ impl Proxy {
         }
         self.stack.tcp(c.sock).abort();
         self.stack.mark_dirty(c.sock);
+        false
+    }
+
+    /// Whether client slot `i` holds connection `key` and its handshake is not complete.
+    fn in_handshake(&self, i: usize, key: ConnKey) -> bool {
+        self.clients[i]
+            .as_ref()
+            .is_some_and(|c| c.key == key && matches!(self.stack.state(c.sock), State::Listen | State::SynReceived))
+    }
+
+    /// Gives up the oldest client connection still in its handshake (its socket reset, its
+    /// slot freed); false if there is none.
+    fn evict_oldest_handshake(&mut self) -> bool {
+        while let Some((i, key)) = self.accepting.pop_front() {
+            if self.in_handshake(i, key) {
+                let c = self.clients[i].take().expect("checked above");
+                self.finish(c);
+                self.stats.handshakes_evicted += 1;
+                return true;
+            }
+        }
         false
     }
 
