@@ -67,6 +67,48 @@ pub struct L7Args {
     /// time (in `fulcrum run` a writer thread on a control CPU reads, formats and writes).
     #[arg(long)]
     pub access_log: bool,
+    /// Spoofed SYNs to the L7 address's port per round of all clients, from random addresses
+    /// in 198.18.0.0/15 that never answer: a SYN flood beside the clients (handled in the
+    /// worker's timed time).
+    #[arg(long, default_value_t = 0)]
+    pub syn_flood: u64,
+    /// `l7.limits.max_connections` for the worker (client connections at once).
+    #[arg(long, default_value_t = fulcrum_config::bootstrap::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+}
+
+/// A SYN to `dst:dport` from `src:sport` as an Ethernet frame from the router, its checksums
+/// right: what a flooder with a spoofed source sends.
+fn spoofed_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port: sport,
+        dst_port: dport,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(sport as i32 * 7919),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: true,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.header_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + tcp.header_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut p, &caps);
+    tcp.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &caps);
+    ethernet_frame(&buf, LB_MAC, mac_of(ROUTER))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +172,9 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     };
     let snap = Arc::new(Snapshot::compile(&boot, &DesiredState { l7, ..Default::default() }, 1)?);
     let mut cfg = WorkerConfig::from_bootstrap(&boot, 0, 1);
+    if let Some(l7) = cfg.l7.as_mut() {
+        l7.max_connections = a.max_connections;
+    }
     cfg.ct_capacity = 1024;
     cfg.ct_capacity_v6 = 1024;
     cfg.static_neighbors.push((IpAddr::V4(ROUTER), mac_of(ROUTER)));
@@ -188,6 +233,7 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
     let mut busy_ns = 0u128;
     let mut rounds = 0u64;
     let mut closing: Vec<(usize, SocketHandle, Option<u64>)> = Vec::new();
+    let (mut flood_rng, mut spoofed) = (0x9e37_79b9_7f4a_7c15u64, 0u64);
     let wall = Instant::now();
     // When the timed requests began (the warm-up's end).
     let mut timed_from = wall;
@@ -311,6 +357,15 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
                 frames_in += 1;
             }
         }
+        for _ in 0..a.syn_flood {
+            // xorshift64: a source address in 198.18.0.0/15 and a port, each SYN its own.
+            flood_rng ^= flood_rng << 13;
+            flood_rng ^= flood_rng >> 7;
+            flood_rng ^= flood_rng << 17;
+            let src = Ipv4Addr::from(0xc612_0000 | (flood_rng as u32 & 0x1_ffff));
+            port.push_rx(&spoofed_syn(src, 1024 + (flood_rng >> 40) as u16 % 60000, L7_ADDR, port_no));
+            spoofed += 1;
+        }
         // The worker: everything received, then its housekeeping (the proxy runs there).
         let t = Instant::now();
         loop {
@@ -353,6 +408,14 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         None
     };
     let rps = done as f64 / worker_s;
+    // The SYN flood (the whole run): spoofed SYNs sent, connections in their handshake given
+    // up for newer ones at the limit, SYNs dropped there.
+    let flood = serde_json::json!({
+        "per_round": a.syn_flood,
+        "spoofed_syns": spoofed,
+        "handshakes_evicted": st.handshakes_evicted,
+        "syns_dropped_at_limit": st.connections_over_limit,
+    });
     report::print(serde_json::json!({
         "bench": "l7",
         "conns": a.conns,
@@ -392,6 +455,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
         // What the worker's socket-buffer pools hold at the end (in use or kept for reuse).
         "socket_buffers_held_bytes": gauges.socket_buffer_bytes,
         "socket_buffers_lent_at_end": gauges.socket_buffers_lent,
+        "max_connections": a.max_connections,
+        "syn_flood": flood,
         // The proxy's sockets at the end: its clients and upstreams, and closing ones (a
         // socket waiting long for a peer's last ACK holds its buffers meanwhile).
         "proxy_sockets_at_end": gauges.sockets,

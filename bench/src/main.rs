@@ -1,4 +1,6 @@
 //! Fulcrum's benchmarks and traffic generators. Every result is one JSON line on stdout.
+// serde_json's `json!` recurses once per key: `l7`'s result line has outgrown the default 128.
+#![recursion_limit = "256"]
 
 use clap::{Parser, Subcommand};
 

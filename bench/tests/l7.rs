@@ -59,3 +59,35 @@ fn more_connections_than_the_upstream_ports_of_the_endpoints_is_refused_up_front
     assert!(stderr.contains("--conns 5000 needs at least 2 --backends"), "{stderr}");
     assert!(out.stdout.is_empty(), "no result line for a run that cannot complete");
 }
+
+/// Under a SYN flood at `--max-connections`, new client connections still get in (each in
+/// the place of the oldest spoofed handshake) and every request is answered.
+#[test]
+fn l7_bench_under_a_syn_flood_serves_every_request() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fulcrum-bench"))
+        .args([
+            "l7",
+            "--conns",
+            "8",
+            "--requests",
+            "300",
+            "--backends",
+            "2",
+            "--new-conn",
+            "--syn-flood",
+            "16",
+            "--max-connections",
+            "64",
+        ])
+        .output()
+        .expect("run fulcrum-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["errors_local"], 0);
+    assert!(v["requests"].as_u64().unwrap() >= 300);
+    let f = &v["syn_flood"];
+    let (spoofed, evicted) = (f["spoofed_syns"].as_u64().unwrap(), f["handshakes_evicted"].as_u64().unwrap());
+    assert!(spoofed > 1000 && evicted > spoofed / 2, "the table full of spoofed handshakes: {v}");
+    assert_eq!(v["max_connections"], 64);
+}
