@@ -5,17 +5,19 @@
 # and one address's port space makes too few distinct tuples.
 #
 #   python3 new_conns.py VIP SECS CONC SRC[,SRC...] [RATE]
-import asyncio, json, socket, sys, time
+#   (NEW_CONNS_HOST sets the Host header: for the L7 address, a host its Ingresses route)
+import asyncio, json, os, socket, sys, time
 
 VIP, SECS, CONC, SRCS = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
 RATE = float(sys.argv[5]) if len(sys.argv) > 5 else 0  # connections/s in all, 0: as fast as it goes
+HOST = os.environ.get("NEW_CONNS_HOST", "x").encode()
 lat, errors = [], 0
 async def one(loop, src):
     s = socket.socket(); s.setblocking(False); s.bind((src, 0))
     t = time.perf_counter()
     try:
         await asyncio.wait_for(loop.sock_connect(s, (VIP, 80)), 10)
-        await loop.sock_sendall(s, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        await loop.sock_sendall(s, b"GET / HTTP/1.0\r\nHost: " + HOST + b"\r\n\r\n")
         while await asyncio.wait_for(loop.sock_recv(s, 4096), 10):
             pass
         return time.perf_counter() - t
