@@ -294,12 +294,17 @@ pub struct L7Timeouts {
     /// A kept-alive client connection with no request; also a response body or WebSocket
     /// tunnel with no byte moving either way (cut after it, as nginx's proxy_read_timeout).
     pub idle_ms: u64,
+    /// On SIGTERM, how long `fulcrum run` lets client connections finish the request under
+    /// way before it stops (idle ones are closed at once, new ones refused; ingress-nginx's
+    /// graceful shutdown, Envoy's drain time); 0: stop at once. SIGINT, or a second SIGTERM,
+    /// stops at once.
+    pub drain_ms: u64,
 }
 
 impl Default for L7Timeouts {
     fn default() -> Self {
         // connect_ms: Envoy's connect_timeout and HAProxy's usual `timeout connect` (5 s).
-        L7Timeouts { header_ms: 10_000, connect_ms: 5_000, upstream_ms: 30_000, idle_ms: 60_000 }
+        L7Timeouts { header_ms: 10_000, connect_ms: 5_000, upstream_ms: 30_000, idle_ms: 60_000, drain_ms: 10_000 }
     }
 }
 

@@ -151,6 +151,40 @@ fn publish(shared: &Shared, control: &ControlState, snap: Snapshot) -> (u64, Ins
     (g, Instant::now())
 }
 
+/// The graceful stop on SIGTERM (`l7.timeouts.drain_ms`), as ingress-nginx's on a pod's
+/// SIGTERM: the workers refuse new client connections, close idle ones and the others after
+/// their response, while the appliance keeps its addresses (and the Lease, released after);
+/// done when no client connection is left, at `limit`, or at SIGINT or a second SIGTERM
+/// (`flags`: stop, term), whichever comes first. The L4 path forwards as before meanwhile.
+fn drain_l7(shared: &Shared, flags: [&AtomicBool; 2], control: &ControlState, limit: Duration) {
+    let open = |shared: &Shared| shared.total_stats().l7.clients_open;
+    if open(shared) == 0 {
+        return;
+    }
+    flags[1].store(false, Ordering::Relaxed);
+    shared.drain();
+    eprintln!(
+        "fulcrum: draining {} client connections (up to {} ms; a second signal stops at once)",
+        open(shared),
+        limit.as_millis()
+    );
+    let start = Instant::now();
+    // The workers copy their counters every 100 ms: the count lags, never leads.
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        control.tick();
+        let left = open(shared);
+        if left == 0 {
+            eprintln!("fulcrum: drained in {} ms", start.elapsed().as_millis());
+            return;
+        }
+        if flags.iter().any(|f| f.load(Ordering::Relaxed)) || start.elapsed() >= limit {
+            eprintln!("fulcrum: stopping with {left} client connections still open");
+            return;
+        }
+    }
+}
+
 /// Runs the workers until SIGINT or SIGTERM (or `stop` is set). Returns the final counters.
 pub fn serve<P>(
     boot: &Bootstrap,
@@ -237,8 +271,11 @@ where
 
     let hup = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())?;
+    // SIGINT (Ctrl-C) stops at once; SIGTERM (systemd's and Kubernetes' stop) drains the L7
+    // proxies first (`drain_l7`).
+    let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())?;
 
     let mut seen = match &opts.input {
         Input::Manifests { path, .. } => fingerprint(path),
@@ -249,7 +286,7 @@ where
     let mut down: Vec<HealthTarget> = Vec::new();
     // A published generation not yet running on every worker, and when it was published.
     let mut pending: Option<(u64, Instant)> = None;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && !term.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(if pending.is_some() { 1 } else { 20 }));
         control.tick();
         if let Some((g, at)) = pending {
@@ -330,6 +367,10 @@ where
                 eprintln!("fulcrum: {}", shared.total_stats().to_json());
             }
         }
+    }
+    let drain_ms = boot.l7.as_ref().map_or(0, |l7| l7.timeouts.drain_ms);
+    if drain_ms > 0 && !stop.load(Ordering::Relaxed) {
+        drain_l7(&shared, [&stop, &term], &control, Duration::from_millis(drain_ms));
     }
     shared.stop();
     admin_stop.store(true, Ordering::Relaxed);

@@ -671,6 +671,48 @@ fn lab_end_to_end() {
         eprintln!("be3 answering SYNs again -> be3 answering again after {back:?}");
         assert!(who.as_deref().is_some_and(|w| w.contains("client=fd00:10::20")), "{who:?}");
     }
+    // Last: SIGTERM drains the L7 proxy (l7.timeouts.drain_ms, 10 s by default). A download
+    // under way (192 KiB of /big.bin at 64 KiB/s, about 3 s) completes, a new connection
+    // meanwhile is refused, and fulcrum exits 0 as soon as the download is done.
+    {
+        let download = std::thread::spawn(|| {
+            client(&[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{size_download} %{http_code}",
+                "-H",
+                "Host: web.lab",
+                "-r",
+                "0-196607",
+                "http://10.20.0.100/big.bin",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(800));
+        let t = Instant::now();
+        // The appliance running now (step 3 may have started a second one).
+        let now_running = teardown.0.as_ref().expect("the appliance").id() as i32;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(now_running, libc::SIGTERM) };
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, _) =
+            client(&["curl", "-s", "-m", "1", "-o", "/dev/null", "-H", "Host: web.lab", "http://10.20.0.100/"]);
+        assert!(!ok, "a new connection while draining was served");
+        let (ok, out) = download.join().unwrap();
+        assert!(ok && out.trim() == "196608 206", "the download under way at SIGTERM: {out:?}");
+        let mut c = teardown.0.take().unwrap();
+        let status = loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                break s;
+            }
+            assert!(t.elapsed() < Duration::from_secs(8), "fulcrum still running {:?} after SIGTERM", t.elapsed());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "fulcrum after draining: {status}");
+        eprintln!("drain: the download completed and fulcrum exited 0, {:?} after SIGTERM", t.elapsed());
+    }
     // Kept when the test fails (certificates, manifests), removed when it passes.
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -71,6 +71,8 @@ impl SnapshotCell {
 pub struct Shared {
     pub snapshot: SnapshotCell,
     pub stop: AtomicBool,
+    /// Set before `stop` for a graceful stop: each worker's L7 proxy drains (`Proxy::drain`).
+    pub drain: AtomicBool,
     /// Each worker's latest counters.
     pub stats: Vec<Mutex<CoreStats>>,
     /// Generation each worker is running (for "all workers switched" checks).
@@ -82,6 +84,7 @@ impl Shared {
         Arc::new(Shared {
             snapshot: SnapshotCell::new(snapshot),
             stop: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
             stats: (0..workers).map(|_| Mutex::new(CoreStats::default())).collect(),
             running_generation: (0..workers).map(|_| AtomicU64::new(0)).collect(),
         })
@@ -98,6 +101,11 @@ impl Shared {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// Starts a graceful stop of the workers' L7 proxies (see `Proxy::drain`); `stop` ends it.
+    pub fn drain(&self) {
+        self.drain.store(true, Ordering::Release);
     }
 }
 
@@ -280,6 +288,7 @@ fn run_worker<P: Port>(
     // time is from one poll to the next, less that pause, at no extra clock read.
     let mut last_top: Option<Instant> = None;
     let mut chosen_pause = Duration::ZERO;
+    let mut draining = false;
     while !shared.stop.load(Ordering::Relaxed) {
         let top = Instant::now();
         if let Some(t) = last_top {
@@ -287,6 +296,10 @@ fn run_worker<P: Port>(
         }
         chosen_pause = Duration::ZERO;
         let now_ms = (top - start).as_millis() as u64 + 1;
+        if !draining && shared.drain.load(Ordering::Relaxed) {
+            draining = true;
+            w.drain_l7();
+        }
         let g = shared.snapshot.generation();
         if g != generation {
             w.set_snapshot(shared.snapshot.current());

@@ -53,6 +53,7 @@ drop_reasons! {
     TxFull => "tx_full",
     HandoffFull => "handoff_full",
     L7ConnectionLimit => "l7_connection_limit",
+    L7Draining => "l7_draining",
 }
 
 /// Packets and bytes.

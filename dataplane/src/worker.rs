@@ -651,6 +651,13 @@ impl Worker {
         tx.push(b);
     }
 
+    /// Starts the HTTP proxy's graceful stop (`Proxy::drain`); nothing without an `l7` section.
+    pub fn drain_l7(&mut self) {
+        if let Some(p) = self.proxy.as_mut() {
+            p.drain();
+        }
+    }
+
     /// The HTTP proxy's counters (None without an `l7` section).
     pub fn proxy_stats(&self) -> Option<crate::l7::proxy::ProxyStats> {
         self.proxy.as_ref().map(|p| p.stats)

@@ -388,6 +388,53 @@ fn at_max_connections_the_oldest_handshake_makes_room() {
     assert!(lab.exchange(a, req, 200, complete).starts_with(b"HTTP/1.1 200"), "the first client goes on");
 }
 
+/// `drain` (a graceful stop): a connection idle between requests is closed at once, the
+/// request under way is answered in full with `Connection: close` and its connection closed
+/// after it, and new connections are refused; once the clients close their side, none is left.
+#[test]
+fn drain_closes_idle_connections_finishes_the_request_under_way_and_refuses_new_ones() {
+    use smoltcp::socket::tcp::State;
+    let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());
+    let req = b"GET / HTTP/1.1\r\nHost: shop.example\r\n\r\n";
+    let idle = lab.connect(40700);
+    assert!(lab.exchange(idle, req, 200, complete).starts_with(b"HTTP/1.1 200"));
+    // The busy client's request waits 30 ms at the backend.
+    lab.backend_latency = 30;
+    let busy = lab.connect(40701);
+    while lab.client.tcp(busy).state() != State::Established {
+        lab.tick();
+    }
+    lab.client.tcp(busy).send_slice(req).unwrap();
+    for _ in 0..10 {
+        lab.tick();
+    }
+    assert!(!lab.client.tcp(busy).can_recv(), "no response yet");
+    lab.proxy.drain();
+    assert!(lab.proxy.draining());
+    let resp = lab.exchange(busy, b"", 200, complete);
+    let text = String::from_utf8_lossy(&resp).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    for _ in 0..20 {
+        lab.tick();
+    }
+    for (name, h) in [("idle", idle), ("busy", busy)] {
+        assert_eq!(lab.client.tcp(h).state(), State::CloseWait, "{name}: the proxy closed its side");
+    }
+    let now = lab.now;
+    assert_eq!(
+        lab.proxy.ingress(&spoofed_syn(Ipv4Addr::new(10, 10, 0, 10), 40702), now),
+        Err(fulcrum_dataplane::stats::DropReason::L7Draining),
+        "a new connection is refused"
+    );
+    lab.client.tcp(idle).close();
+    lab.client.tcp(busy).close();
+    for _ in 0..50 {
+        lab.tick();
+    }
+    assert_eq!(lab.proxy.client_count(), 0, "every client connection ended");
+}
+
 #[test]
 fn pooled_upstreams_go_when_their_server_closes_them_or_they_idle_out() {
     let mut lab = Lab::new(vec![route("shop.example", "/", &eps())], Limits::default());

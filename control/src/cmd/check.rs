@@ -210,12 +210,13 @@ fn bootstrap_summary(out: &mut String, boot: &Bootstrap, mem: &ConntrackMemory) 
         )?;
         writeln!(
             out,
-            "    timeouts: header {} ms, connect {} ms, upstream {} ms, idle {} ms; limits: head {} bytes, {} headers, \
-             URI {} bytes, body {} bytes, {} connections per core",
+            "    timeouts: header {} ms, connect {} ms, upstream {} ms, idle {} ms, drain {} ms; limits: head {} bytes, \
+             {} headers, URI {} bytes, body {} bytes, {} connections per core",
             t.header_ms,
             t.connect_ms,
             t.upstream_ms,
             t.idle_ms,
+            t.drain_ms,
             l.max_header_bytes,
             l.max_headers,
             l.max_uri_bytes,

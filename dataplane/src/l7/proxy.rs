@@ -266,6 +266,8 @@ pub struct Proxy {
     /// not be complete (entries behind it may be stale: checked when they come up): the
     /// connection given up when a SYN finds `max_connections` open (`evict_oldest_handshake`).
     accepting: VecDeque<(usize, ConnKey)>,
+    /// Stopping (`drain`): no new connection, none kept alive past its current request.
+    draining: bool,
     /// Per shard, the clients with a socket there (theirs or their upstream's): the ones to
     /// run when that shard received segments. Pooled upstreams are filed here too, as
     /// `IDLE_UPSTREAM | index`, so that one closed by its server is found when its FIN arrives.
@@ -358,6 +360,7 @@ impl Proxy {
             ups: Vec::new(),
             free_clients: Vec::new(),
             accepting: VecDeque::new(),
+            draining: false,
             free_ups: Vec::new(),
             by_shard: Vec::new(),
             deadlines: DeadlineWheel::new(0),
@@ -463,6 +466,9 @@ impl Proxy {
         // second: 0.1 s), while a real client completes its handshake in a round trip; where
         // every connection is established, the SYN is dropped and the client sends it again.
         // (A SYN again for a connection being accepted is the stack's to answer.)
+        if syn && listen && self.draining && self.stack.lookup(key).is_none() {
+            return Err(DropReason::L7Draining);
+        }
         if syn
             && listen
             && self.clients.len() - self.free_clients.len() >= self.cfg.max_connections
@@ -867,7 +873,7 @@ impl Proxy {
         let started = std::time::Instant::now();
         c.started = Some(started);
         self.step_clock = Some(started);
-        c.keep_alive = r.keep_alive;
+        c.keep_alive = r.keep_alive && !self.draining;
         c.head_request = r.method.eq_ignore_ascii_case("HEAD");
         c.upgrade = r.upgrade.is_some();
         let host = r.host.unwrap_or("");
@@ -1588,6 +1594,39 @@ impl Proxy {
         self.stack.tcp(c.sock).abort();
         self.stack.mark_dirty(c.sock);
         false
+    }
+
+    /// Starts a graceful stop, as nginx's on SIGQUIT: new connections are refused (their SYNs
+    /// dropped, `DropReason::L7Draining`), connections idle between requests (or still being
+    /// accepted) are closed now, and the others after the response under way (sent with
+    /// `Connection: close`). The caller stops the worker once `client_count` is 0, or at its
+    /// deadline.
+    pub fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        for i in 0..self.clients.len() {
+            let Some(mut c) = self.clients[i].take() else { continue };
+            c.keep_alive = false;
+            let idle = c.phase == Phase::Head && c.buf.is_empty() && !io::can_recv(&mut self.stack, c.sock, &c.tls);
+            let keep = if idle {
+                c.phase = Phase::Closing;
+                self.closing(&mut c)
+            } else {
+                true
+            };
+            if keep {
+                self.clients[i] = Some(c);
+            } else {
+                self.finish(c);
+            }
+        }
+    }
+
+    /// Whether `drain` was called.
+    pub fn draining(&self) -> bool {
+        self.draining
     }
 
     /// Whether client slot `i` holds connection `key` and its handshake is not complete.
