@@ -15,7 +15,7 @@ use fulcrum_config::ingress::L7State;
 use fulcrum_config::model::{DesiredState, ObjectRef};
 use fulcrum_dataplane::l7::access_log::{AccessLog, Reader};
 use fulcrum_dataplane::l7::sim::{
-    ethernet_frame, is_pure_ack, mac_of, one_route, response_complete, test_pki, Backend, Host, TlsClient,
+    ethernet_frame, is_pure_ack, mac_of, one_route, response_complete, tcp_syn, test_pki, Backend, Host, TlsClient,
     APPLIANCE_BOOTSTRAP, APPLIANCE_MAC,
 };
 use fulcrum_dataplane::port::MemoryPort;
@@ -75,40 +75,6 @@ pub struct L7Args {
     /// `l7.limits.max_connections` for the worker (client connections at once).
     #[arg(long, default_value_t = fulcrum_config::bootstrap::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
-}
-
-/// A SYN to `dst:dport` from `src:sport` as an Ethernet frame from the router, its checksums
-/// right: what a flooder with a spoofed source sends.
-fn spoofed_syn(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
-    let tcp = TcpRepr {
-        src_port: sport,
-        dst_port: dport,
-        control: TcpControl::Syn,
-        seq_number: TcpSeqNumber(sport as i32 * 7919),
-        ack_number: None,
-        window_len: 64240,
-        window_scale: Some(7),
-        max_seg_size: Some(1460),
-        sack_permitted: true,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &[],
-    };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: dst,
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.header_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; ip.buffer_len() + tcp.header_len()];
-    let caps = ChecksumCapabilities::default();
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.emit(&mut p, &caps);
-    tcp.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &caps);
-    ethernet_frame(&buf, LB_MAC, mac_of(ROUTER))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -363,7 +329,8 @@ pub fn run(a: &L7Args) -> anyhow::Result<()> {
             flood_rng ^= flood_rng >> 7;
             flood_rng ^= flood_rng << 17;
             let src = Ipv4Addr::from(0xc612_0000 | (flood_rng as u32 & 0x1_ffff));
-            port.push_rx(&spoofed_syn(src, 1024 + (flood_rng >> 40) as u16 % 60000, L7_ADDR, port_no));
+            let syn = tcp_syn((src, 1024 + (flood_rng >> 40) as u16 % 60000), (L7_ADDR, port_no));
+            port.push_rx(&ethernet_frame(&syn, LB_MAC, mac_of(ROUTER)));
             spoofed += 1;
         }
         // The worker: everything received, then its housekeeping (the proxy runs there).

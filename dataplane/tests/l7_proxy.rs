@@ -9,7 +9,7 @@ use fulcrum_dataplane::l7::access_log::{AccessLog, Reader};
 use fulcrum_dataplane::l7::http::Limits;
 use fulcrum_dataplane::l7::proxy::{Proxy, ProxyConfig, ProxyStats};
 use fulcrum_dataplane::l7::router::Router;
-use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, Backend, Host, TlsClient};
+use fulcrum_dataplane::l7::sim::{is_pure_ack, response_complete, tcp_syn, Backend, Host, TlsClient};
 use rustls::pki_types::pem::PemObject;
 use smoltcp::iface::SocketHandle;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -322,35 +322,7 @@ fn syns_past_max_connections_wait_until_a_connection_closes() {
 /// A SYN to the L7 address's port 80 from `src:sport` that no host will follow up (spoofed):
 /// the proxy's SYN-ACK goes nowhere.
 fn spoofed_syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
-    use smoltcp::phy::ChecksumCapabilities;
-    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
-    let tcp = TcpRepr {
-        src_port: sport,
-        dst_port: 80,
-        control: TcpControl::Syn,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: None,
-        window_len: 64240,
-        window_scale: None,
-        max_seg_size: Some(1460),
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &[],
-    };
-    let ip = Ipv4Repr {
-        src_addr: src,
-        dst_addr: L7,
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.header_len(),
-        hop_limit: 64,
-    };
-    let mut buf = vec![0u8; ip.buffer_len() + tcp.header_len()];
-    let caps = ChecksumCapabilities::default();
-    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
-    ip.emit(&mut p, &caps);
-    tcp.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &IpAddress::Ipv4(src), &IpAddress::Ipv4(L7), &caps);
-    buf
+    tcp_syn((src, sport), (L7, 80))
 }
 
 /// At `max_connections`, a new connection takes the place of the oldest one still in its

@@ -35,6 +35,42 @@ pub fn mac_of(ip: Ipv4Addr) -> [u8; 6] {
     [2, 0xbe, o[0], o[1], o[2], o[3]]
 }
 
+/// A TCP SYN from `src` to `dst` as an IPv4 packet, checksums right, with the options a
+/// Linux client sends but timestamps (MSS 1460, window scale 7, SACK permitted): a client's
+/// first segment, or a flooder's with a spoofed source that will never follow it up.
+pub fn tcp_syn(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber};
+    let tcp = TcpRepr {
+        src_port: src.1,
+        dst_port: dst.1,
+        control: TcpControl::Syn,
+        seq_number: TcpSeqNumber(i32::from(src.1).wrapping_mul(7919)),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: true,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    let ip = Ipv4Repr {
+        src_addr: src.0,
+        dst_addr: dst.0,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.header_len(),
+        hop_limit: 64,
+    };
+    let mut buf = vec![0u8; ip.buffer_len() + tcp.header_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+    ip.emit(&mut p, &caps);
+    let (s, d) = (IpAddress::Ipv4(src.0), IpAddress::Ipv4(dst.0));
+    tcp.emit(&mut TcpPacket::new_unchecked(p.payload_mut()), &s, &d, &caps);
+    buf
+}
+
 /// IPv4 packet `ip` in an Ethernet frame.
 pub fn ethernet_frame(ip: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     [&dst[..], &src[..], &[0x08, 0x00], ip].concat()
