@@ -381,8 +381,13 @@ fn drain_closes_idle_connections_finishes_the_request_under_way_and_refuses_new_
         lab.tick();
     }
     assert!(!lab.client.tcp(busy).can_recv(), "no response yet");
+    let mut g = ProxyStats::default();
+    lab.proxy.fill_gauges(&mut g);
+    assert!(g.upstreams_idle >= 1, "the idle client's upstream is pooled: {g:?}");
     lab.proxy.drain();
     assert!(lab.proxy.draining());
+    lab.proxy.fill_gauges(&mut g);
+    assert_eq!(g.upstreams_idle, 0, "pooled upstreams closed at once: {g:?}");
     let resp = lab.exchange(busy, b"", 200, complete);
     let text = String::from_utf8_lossy(&resp).to_string();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
@@ -405,6 +410,8 @@ fn drain_closes_idle_connections_finishes_the_request_under_way_and_refuses_new_
         lab.tick();
     }
     assert_eq!(lab.proxy.client_count(), 0, "every client connection ended");
+    lab.proxy.fill_gauges(&mut g);
+    assert_eq!((g.upstreams_open, g.upstreams_idle), (0, 0), "the busy client's upstream was not pooled: {g:?}");
 }
 
 #[test]

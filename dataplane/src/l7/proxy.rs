@@ -1462,7 +1462,7 @@ impl Proxy {
         self.detach(ushard, c.idx);
         let up = self.ups[u].as_mut().expect("live upstream");
         let s = self.stack.tcp(up.sock);
-        if reusable && clean_keep_alive(s) {
+        if reusable && !self.draining && clean_keep_alive(s) {
             let now = self.stack.now_ms();
             up.idle_since = Some(now);
             set_pace(&mut self.stack, up.sock, &mut up.ack, AckPace::after_whole_exchange);
@@ -1599,13 +1599,19 @@ impl Proxy {
     /// Starts a graceful stop, as nginx's on SIGQUIT: new connections are refused (their SYNs
     /// dropped, `DropReason::L7Draining`), connections idle between requests (or still being
     /// accepted) are closed now, and the others after the response under way (sent with
-    /// `Connection: close`). The caller stops the worker once `client_count` is 0, or at its
-    /// deadline.
+    /// `Connection: close`). Pooled upstream connections are closed now, and those of the
+    /// requests under way when their request is done. The caller stops the worker once
+    /// `client_count` is 0, or at its deadline.
     pub fn drain(&mut self) {
         if self.draining {
             return;
         }
         self.draining = true;
+        let pooled: Vec<usize> = self.idle.values_mut().flat_map(|q| q.drain(..)).collect();
+        for u in pooled {
+            self.unfile_pooled(u);
+            self.drop_upstream(u, true);
+        }
         for i in 0..self.clients.len() {
             let Some(mut c) = self.clients[i].take() else { continue };
             c.keep_alive = false;
