@@ -440,7 +440,7 @@ impl Proxy {
 
     /// Takes one IPv4 packet carrying TCP (`ip` from the IP header on). The reason to drop it
     /// (for the caller to count) if no connection wants it (`NoFlow`; no RST is sent) or it
-    /// is a SYN past `max_connections` (`L7ConnectionLimit`).
+    /// is a SYN past `max_connections` (`L7ConnectionLimit`) or while draining (`L7Draining`).
     pub fn ingress(&mut self, ip: &[u8], now_ms: u64) -> Result<(), DropReason> {
         self.stack.set_now(now_ms);
         let ihl = ((ip[0] & 0x0f) as usize) * 4;
@@ -460,15 +460,16 @@ impl Proxy {
         }
         let listen = dst == self.cfg.l7_addr && (self.cfg.http_ports.contains(&dport) || https);
         let key = (u32::from(src), sport, dport);
+        // Draining (`drain`): no new connection. (Here and below, a SYN again for a connection
+        // being accepted is the stack's to answer.)
+        if syn && listen && self.draining && self.stack.lookup(key).is_none() {
+            return Err(DropReason::L7Draining);
+        }
         // At the limit, a new connection takes the place of the oldest one still in its
         // handshake, if any. A flood of spoofed SYNs then holds at most the limit, each for as
         // long as it takes the flood to make that many more (100,000 at a million SYNs a
         // second: 0.1 s), while a real client completes its handshake in a round trip; where
         // every connection is established, the SYN is dropped and the client sends it again.
-        // (A SYN again for a connection being accepted is the stack's to answer.)
-        if syn && listen && self.draining && self.stack.lookup(key).is_none() {
-            return Err(DropReason::L7Draining);
-        }
         if syn
             && listen
             && self.clients.len() - self.free_clients.len() >= self.cfg.max_connections

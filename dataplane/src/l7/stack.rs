@@ -114,12 +114,6 @@ impl<'a> Device for Io<'a> {
     }
 }
 
-/// One socket's buffers. Each socket has a stand-in for each of its two rings, its own for
-/// its life (address space only: `BufferPool::reserved`); a ring with bytes in it has a
-/// buffer of memory lent from the stack's pools instead, given back as soon as the ring is
-/// empty again. An idle keep-alive connection then holds no buffer memory, and the buffers
-/// in use are the few that the last requests used, still in cache, instead of one pair per
-/// connection read cold (16 KiB each; 655 MB at 10,000 proxied connections before).
 /// A socket's two rings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Ring {
@@ -127,6 +121,12 @@ enum Ring {
     Tx,
 }
 
+/// One socket's buffers. Each socket has a stand-in for each of its two rings, its own for
+/// its life (address space only: `BufferPool::reserved`); a ring with bytes in it has a
+/// buffer of memory lent from the stack's pools instead, given back as soon as the ring is
+/// empty again. An idle keep-alive connection then holds no buffer memory, and the buffers
+/// in use are the few that the last requests used, still in cache, instead of one pair per
+/// connection read cold (16 KiB each; 655 MB at 10,000 proxied connections before).
 #[derive(Clone, Copy, Debug, Default)]
 struct Lent {
     handle: SocketHandle,
