@@ -82,6 +82,11 @@ impl ControlState {
     /// Ready for traffic: every worker runs the current snapshot (or a newer one being picked up).
     fn ready(&self) -> Result<String, String> {
         let Some(shared) = self.shared() else { return Err("workers not started".into()) };
+        // Stopping: health checkers (a Kubernetes readiness probe, an upstream load balancer)
+        // take the appliance out while its connections finish.
+        if shared.drain.load(Ordering::Acquire) {
+            return Err("draining: stopping on SIGTERM, new connections refused".into());
+        }
         let g = shared.snapshot.generation();
         let behind = shared.running_generation.iter().filter(|r| r.load(Ordering::Acquire) == 0).count();
         if behind > 0 {
@@ -601,6 +606,25 @@ mod tests {
                 {"ip": "fd00:10::12", "mac": null, "state": "incomplete", "used_ms_ago": 700},
             ])
         );
+    }
+
+    /// /readyz: not before every worker runs a snapshot, ready then, not ready again once the
+    /// workers drain for a stop (so that health checkers take the appliance out meanwhile).
+    #[test]
+    fn ready_once_every_worker_runs_a_snapshot_and_not_while_draining() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let boot = fulcrum_config::Bootstrap::load(&root.join("config/examples/bootstrap.yaml")).unwrap();
+        let state = fulcrum_config::load_desired(&boot, &root.join("config/examples/lab/manifests.yaml")).unwrap();
+        let shared = Shared::new(Arc::new(Snapshot::compile(&boot, &state, 3).unwrap()), 2);
+        let control = ControlState::new(None);
+        assert_eq!(control.ready(), Err("workers not started".into()));
+        *control.shared.lock().unwrap() = Some(shared.clone());
+        shared.running_generation[0].store(3, Ordering::Release);
+        assert!(control.ready().unwrap_err().contains("1 worker(s) have not taken a snapshot"));
+        shared.running_generation[1].store(3, Ordering::Release);
+        assert_eq!(control.ready(), Ok("ok: snapshot 3 on 2 worker(s)".into()));
+        shared.drain();
+        assert!(control.ready().unwrap_err().starts_with("draining"), "{:?}", control.ready());
     }
 
     /// The lab's tables with some traffic counted, rendered, and read back by a Prometheus text

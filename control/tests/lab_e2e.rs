@@ -672,8 +672,9 @@ fn lab_end_to_end() {
         assert!(who.as_deref().is_some_and(|w| w.contains("client=fd00:10::20")), "{who:?}");
     }
     // Last: SIGTERM drains the L7 proxy (l7.timeouts.drain_ms, 10 s by default). A download
-    // under way (192 KiB of /big.bin at 64 KiB/s, about 3 s) completes, a new connection
-    // meanwhile is refused, and fulcrum exits 0 as soon as the download is done.
+    // under way (192 KiB of /big.bin at 64 KiB/s, about 3 s) completes, /readyz says draining
+    // and a new connection is refused meanwhile, and fulcrum exits 0 as soon as the download
+    // is done.
     {
         let download = std::thread::spawn(|| {
             client(&[
@@ -697,6 +698,8 @@ fn lab_end_to_end() {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(now_running, libc::SIGTERM) };
         std::thread::sleep(Duration::from_millis(300));
+        let ready = admin("/readyz");
+        assert!(ready.starts_with("draining"), "/readyz while draining: {ready:?}");
         let (ok, _) =
             client(&["curl", "-s", "-m", "1", "-o", "/dev/null", "-H", "Host: web.lab", "http://10.20.0.100/"]);
         assert!(!ok, "a new connection while draining was served");
