@@ -158,14 +158,14 @@ fn publish(shared: &Shared, control: &ControlState, snap: Snapshot) -> (u64, Ins
 /// (`flags`: stop, term), whichever comes first. The L4 path forwards as before meanwhile.
 fn drain_l7(shared: &Shared, flags: [&AtomicBool; 2], control: &ControlState, limit: Duration) {
     let open = |shared: &Shared| shared.total_stats().l7.clients_open;
-    if open(shared) == 0 {
+    let at_start = open(shared);
+    if at_start == 0 {
         return;
     }
     flags[1].store(false, Ordering::Relaxed);
     shared.drain();
     eprintln!(
-        "fulcrum: draining {} client connections (up to {} ms; a second signal stops at once)",
-        open(shared),
+        "fulcrum: draining {at_start} client connections (up to {} ms; a second signal stops at once)",
         limit.as_millis()
     );
     let start = Instant::now();

@@ -155,20 +155,19 @@ impl BufferPool {
     }
 
     fn grow(&mut self) {
-        let p = match self.backing {
+        let chunk = match self.backing {
             Backing::Memory => {
                 // SAFETY: the layout has a non-zero size.
                 let p = unsafe { alloc(self.chunk) };
-                let Some(_) = NonNull::new(p) else { std::alloc::handle_alloc_error(self.chunk) };
+                let Some(chunk) = NonNull::new(p) else { std::alloc::handle_alloc_error(self.chunk) };
                 // Best effort: without THP (or with it `never`) the chunk is plain 4 KiB pages.
                 // SAFETY: the range is the allocation just made.
                 unsafe { libc::madvise(p.cast(), self.chunk.size(), libc::MADV_HUGEPAGE) };
-                p
+                chunk
             }
             Backing::AddressSpace => reserve(self.chunk.size()),
         };
-        // SAFETY: both arms return a non-null chunk.
-        let chunk = unsafe { NonNull::new_unchecked(p) };
+        let p = chunk.as_ptr();
         let first = self.colour(self.chunks.len());
         self.chunks.push(chunk);
         // Pushed in reverse so that the first buffer taken is the chunk's first: the pages
@@ -197,7 +196,7 @@ impl Drop for BufferPool {
 
 /// `bytes` of address space that no memory backs until touched (nor, without debug
 /// assertions, counts against the kernel's overcommit limit), never in huge pages.
-fn reserve(bytes: usize) -> *mut u8 {
+fn reserve(bytes: usize) -> NonNull<u8> {
     let prot = if cfg!(debug_assertions) { libc::PROT_NONE } else { libc::PROT_READ | libc::PROT_WRITE };
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
     // SAFETY: a fresh anonymous mapping; nothing else is at the address the kernel picks.
@@ -210,7 +209,7 @@ fn reserve(bytes: usize) -> *mut u8 {
     }
     // SAFETY: the range is the mapping just made. Best effort, as above.
     unsafe { libc::madvise(p, bytes, libc::MADV_NOHUGEPAGE) };
-    p.cast()
+    NonNull::new(p.cast()).expect("mmap without MAP_FIXED maps nothing at address 0")
 }
 
 #[cfg(test)]

@@ -1617,12 +1617,7 @@ impl Proxy {
             let Some(mut c) = self.clients[i].take() else { continue };
             c.keep_alive = false;
             let idle = c.phase == Phase::Head && c.buf.is_empty() && !io::can_recv(&mut self.stack, c.sock, &c.tls);
-            let keep = if idle {
-                c.phase = Phase::Closing;
-                self.closing(&mut c)
-            } else {
-                true
-            };
+            let keep = !idle || self.close(&mut c);
             if keep {
                 self.clients[i] = Some(c);
             } else {
